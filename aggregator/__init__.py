@@ -1,0 +1,1 @@
+"""The aggregator: admits domains, computes the consensus Z over shared users and streams it back."""

@@ -1,0 +1,1 @@
+"""cdimf command line and orchestration: in-process engine, reproduction, simulation."""

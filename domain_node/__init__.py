@@ -1,0 +1,1 @@
+"""The domain node: owns one domain's interactions, trains local iALS and talks to the aggregator."""

@@ -1,0 +1,149 @@
+"""One domain's local CDIMF model: iALS factors, ADMM duals and the last consensus, as plain arrays."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from common.admm import dual_update, proximal_target
+from common.ials import (
+    FLOAT,
+    Proximal,
+    as_csr32,
+    frequency_ridge,
+    ials_epoch,
+    ials_loss,
+    init_factors,
+    row_counts,
+)
+from common.params import IALSParams
+
+
+@dataclass
+class TrainerState:
+    """Everything needed to resume a domain's training exactly."""
+
+    users: np.ndarray
+    items: np.ndarray
+    duals: np.ndarray
+    consensus: np.ndarray | None
+    receiver_consensus: np.ndarray | None
+    epochs: int
+    exchanges: int
+
+
+class DomainTrainer:
+    """Trains one domain's iALS locally and takes part in the ADMM consensus on its shared rows.
+
+    `shared_rows` are this domain's user rows (with interactions) that other domains hold too:
+    they are pushed as X + U and pulled towards Z - U. `receiver_rows` are rows with no
+    interactions here that other domains hold: they only receive Z and are scored with it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train: sp.csr_matrix,
+        params: IALSParams,
+        rho: float,
+        shared_rows: np.ndarray | None = None,
+        receiver_rows: np.ndarray | None = None,
+    ) -> None:
+        self.name = name
+        self.params = params
+        self.rho = float(rho)
+        self.train = as_csr32(train)
+        self.train_t = as_csr32(self.train.T)
+        n_users, n_items = self.train.shape
+        user_counts = row_counts(self.train)
+        self.shared_rows = _checked_rows(shared_rows, n_users, "shared_rows")
+        self.receiver_rows = _checked_rows(receiver_rows, n_users, "receiver_rows")
+        if np.any(user_counts[self.receiver_rows] > 0):
+            raise ValueError(f"domain {name}: receiver rows must have no interactions")
+        self.user_ridge = frequency_ridge(user_counts, n_items, params.lam, params.alpha, params.nu)
+        self.item_ridge = frequency_ridge(row_counts(self.train_t), n_users, params.lam, params.alpha, params.nu)
+        rng = np.random.default_rng(params.seed)
+        self.state = TrainerState(
+            users=init_factors(n_users, params.rank, params.sigma, rng),
+            items=init_factors(n_items, params.rank, params.sigma, rng),
+            duals=np.zeros((len(self.shared_rows), params.rank), dtype=FLOAT),
+            consensus=None,
+            receiver_consensus=None,
+            epochs=0,
+            exchanges=0,
+        )
+
+    def proximal(self) -> Proximal | None:
+        """The proximal term on shared rows (target Z - U), or None before the first Z or when rho = 0."""
+        state = self.state
+        if self.rho == 0.0 or state.consensus is None or len(self.shared_rows) == 0:
+            return None
+        return Proximal(self.shared_rows, proximal_target(state.consensus, state.duals), self.rho)
+
+    def local_epochs(self, n_epochs: int) -> None:
+        """Run n local iALS epochs (users with the proximal term, then items)."""
+        state = self.state
+        for _ in range(n_epochs):
+            state.users, state.items = ials_epoch(
+                self.train,
+                self.train_t,
+                state.users,
+                state.items,
+                self.params.alpha,
+                self.user_ridge,
+                self.item_ridge,
+                self.proximal(),
+                self.params.threads,
+            )
+            state.epochs += 1
+
+    def contribution(self) -> np.ndarray:
+        """What this domain sends: X + U on its shared rows."""
+        return (self.state.users[self.shared_rows] + self.state.duals).astype(FLOAT)
+
+    def receive_consensus(self, consensus: np.ndarray, receiver_consensus: np.ndarray | None = None) -> None:
+        """Take a new Z for the shared rows (dual step U += X - Z) and for the receiver rows."""
+        state = self.state
+        expected = (len(self.shared_rows), self.params.rank)
+        if consensus.shape != expected:
+            raise ValueError(f"domain {self.name}: consensus has shape {consensus.shape}, expected {expected}")
+        if not np.all(np.isfinite(consensus)):
+            raise ValueError(f"domain {self.name}: consensus holds NaN or Inf")
+        if receiver_consensus is not None:
+            want = (len(self.receiver_rows), self.params.rank)
+            if receiver_consensus.shape != want:
+                raise ValueError(
+                    f"domain {self.name}: receiver consensus has shape {receiver_consensus.shape}, expected {want}"
+                )
+            state.receiver_consensus = receiver_consensus.astype(FLOAT, copy=True)
+        state.duals = dual_update(state.duals, state.users[self.shared_rows], consensus)
+        state.consensus = consensus.astype(FLOAT, copy=True)
+        state.exchanges += 1
+
+    def scoring_users(self) -> np.ndarray:
+        """User vectors for ranking: local factors, with cold (receiver) rows scored by their consensus."""
+        users = self.state.users.copy()
+        if self.state.receiver_consensus is not None and len(self.receiver_rows):
+            users[self.receiver_rows] = self.state.receiver_consensus
+        return users
+
+    def loss(self) -> float:
+        """The local objective including the current proximal term."""
+        state = self.state
+        return ials_loss(
+            self.train, state.users, state.items, self.params.alpha, self.user_ridge, self.item_ridge, self.proximal()
+        )
+
+
+def _checked_rows(rows: np.ndarray | None, n_rows: int, field: str) -> np.ndarray:
+    """Sorted unique int64 row ids within range, or a clear error naming the field."""
+    if rows is None:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1:
+        raise ValueError(f"{field} must be one-dimensional")
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
+        raise ValueError(f"{field} has a row outside 0..{n_rows - 1}")
+    if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+        raise ValueError(f"{field} must be sorted and unique")
+    return rows

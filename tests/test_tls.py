@@ -1,0 +1,250 @@
+"""Mutual TLS against a real grpc.aio server on 127.0.0.1: who gets in, who is refused, and how."""
+
+import asyncio
+import datetime
+import stat
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common import tls
+
+PROBE_METHOD = "/cdimf.test.Probe/Speak"
+DOMAIN_HEADER = "x-cdimf-domain"
+CALL_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation CA with aggregator, domain and operator certificates, plus hostile ones."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca = tls.create_ca()
+    ca.write(folder / "ca.pem", folder / "ca.key")
+    tls.issue_aggregator_certificate(ca, ["127.0.0.1"]).write(folder / "aggregator.pem", folder / "aggregator.key")
+    for domain in ("sport", "cloth"):
+        tls.issue_domain_certificate(ca, domain).write(folder / f"{domain}.pem", folder / f"{domain}.key")
+    tls.issue_operator_certificate(ca).write(folder / "operator.pem", folder / "operator.key")
+    # the same identity, correctly signed, but its window closed nine days ago
+    ten_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    tls.issue_domain_certificate(ca, "sport", not_before=ten_days_ago, days=1).write(
+        folder / "sport-expired.pem", folder / "sport-expired.key"
+    )
+    # the same identity from a CA the federation does not trust
+    rogue = tls.create_ca("rogue CA")
+    rogue.write(folder / "rogue-ca.pem", folder / "rogue-ca.key")
+    tls.issue_domain_certificate(rogue, "sport").write(folder / "sport-rogue.pem", folder / "sport-rogue.key")
+    tls.issue_aggregator_certificate(rogue, ["127.0.0.1"]).write(
+        folder / "aggregator-rogue.pem", folder / "aggregator-rogue.key"
+    )
+    return folder
+
+
+class ProbeServer:
+    """A grpc.aio server with the health service and one test method guarded by require_domain."""
+
+    def __init__(self, insecure: bool) -> None:
+        """Prepare an unstarted server; `insecure` is passed to require_domain."""
+        self.insecure = insecure
+        self.accepted: list[str] = []  # the "state" a refused call must not change
+        self.port = 0
+        self.server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(self.speak)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("cdimf.test.Probe", {"Speak": handler})]
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    async def speak(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Accept the call only for the domain its certificate names, recording who got in."""
+        claimed = dict(context.invocation_metadata()).get(DOMAIN_HEADER, "")
+        domain = await tls.require_domain(context, claimed, insecure=self.insecure)
+        self.accepted.append(domain)
+        return domain.encode()
+
+
+@asynccontextmanager
+async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
+    """Run a ProbeServer on 127.0.0.1 with mutual TLS from `pki`, or plaintext when None."""
+    probe = ProbeServer(insecure=pki is None)
+    if pki is None:
+        probe.port = probe.server.add_insecure_port("127.0.0.1:0")
+    else:
+        credentials = tls.server_credentials(pki / "aggregator.pem", pki / "aggregator.key", pki / "ca.pem")
+        probe.port = probe.server.add_secure_port("127.0.0.1:0", credentials)
+    await probe.server.start()
+    try:
+        yield probe
+    finally:
+        await probe.server.stop(None)
+
+
+def raw_credentials(ca: Path, certificate: Path | None, key: Path | None) -> grpc.ChannelCredentials:
+    """Channel credentials built straight from files, without tls.py's consistency checks,
+    so that a hostile client can present anything."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=certificate.read_bytes() if certificate else None,
+    )
+
+
+async def speak(port: int, credentials: grpc.ChannelCredentials | None, claimed: str) -> tuple[grpc.StatusCode, str]:
+    """Call the probe method claiming `claimed`; return (status code, reply or error detail)."""
+    target = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
+    async with channel:
+        try:
+            reply = await channel.unary_unary(PROBE_METHOD)(
+                b"", metadata=[(DOMAIN_HEADER, claimed)], timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details() or ""
+        return grpc.StatusCode.OK, reply.decode()
+
+
+def test_certificates_carry_identity_and_validity(pki: Path) -> None:
+    """Each certificate names its party in CN and URI SAN, is issued by the CA, and keys are 0600."""
+    ca = tls.load_certificate(pki / "ca.pem")
+    sport = tls.load_issued(pki / "sport.pem", pki / "sport.key")
+    sport.certificate.verify_directly_issued_by(ca)
+    assert tls.party_identity(sport.certificate) == tls.PartyIdentity("domain", "sport")
+    assert tls.party_identity(tls.load_certificate(pki / "aggregator.pem")).kind == "aggregator"
+    assert tls.party_identity(tls.load_certificate(pki / "operator.pem")).kind == "operator"
+    expired = tls.load_certificate(pki / "sport-expired.pem")
+    assert expired.not_valid_after_utc < datetime.datetime.now(datetime.UTC)
+    for key in pki.glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    with pytest.raises(tls.TLSMaterialError, match="does not belong to certificate"):
+        tls.load_issued(pki / "sport.pem", pki / "cloth.key")
+    with pytest.raises(tls.TLSMaterialError, match="is not issued by the CA"):
+        tls.server_credentials(pki / "sport-rogue.pem", pki / "sport-rogue.key", pki / "ca.pem")
+    with pytest.raises(ValueError, match="reserved"):
+        tls.issue_domain_certificate(tls.create_ca(), "aggregator")
+
+
+def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
+    """Valid certificate passes; no cert, rogue CA and expired fail the handshake; another
+    domain's certificate and a non-domain certificate get PERMISSION_DENIED; nothing refused
+    reaches the state."""
+
+    async def scenario() -> None:
+        async with probe_server(pki) as probe:
+            ca = pki / "ca.pem"
+            valid = tls.channel_credentials(ca, pki / "sport.pem", pki / "sport.key")
+            assert await speak(probe.port, valid, "sport") == (grpc.StatusCode.OK, "sport")
+            assert probe.accepted == ["sport"]
+
+            # Handshake refusals: the server closes the TLS connection before any HTTP/2 frame,
+            # which gRPC reports to the client as UNAVAILABLE. Each hostile credential differs
+            # from an accepted one in exactly the property under test.
+            handshake_refused = {
+                "no certificate": raw_credentials(ca, None, None),
+                "certificate from another CA": raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"),
+                "expired certificate": raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"),
+            }
+            for case, credentials in handshake_refused.items():
+                code, detail = await speak(probe.port, credentials, "sport")
+                assert code == grpc.StatusCode.UNAVAILABLE, (case, code, detail)
+
+            # Authenticated, but speaking for someone else: refused by require_domain itself.
+            cloth = tls.channel_credentials(ca, pki / "cloth.pem", pki / "cloth.key")
+            code, detail = await speak(probe.port, cloth, "sport")
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert "'cloth' cannot speak for domain 'sport'" in detail
+            operator = tls.channel_credentials(ca, pki / "operator.pem", pki / "operator.key")
+            code, detail = await speak(probe.port, operator, "sport")
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert "cdimf://operator/operator" in detail
+
+            # The server is still up and the refused calls left no trace.
+            assert await speak(probe.port, cloth, "cloth") == (grpc.StatusCode.OK, "cloth")
+            assert probe.accepted == ["sport", "cloth"]
+
+    asyncio.run(scenario())
+
+
+def test_client_refuses_an_aggregator_from_another_ca(pki: Path) -> None:
+    """A node that trusts the federation CA does not talk to a server with a rogue certificate."""
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        credentials = tls.server_credentials(pki / "aggregator-rogue.pem", pki / "aggregator-rogue.key", pki / "rogue-ca.pem")
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        try:
+            channel_credentials = tls.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_health_service_answers_over_mutual_tls(pki: Path) -> None:
+    """The aggregator's own certificate can probe its health endpoint (what a HEALTHCHECK does)."""
+
+    async def scenario() -> None:
+        async with probe_server(pki) as probe:
+            credentials = tls.channel_credentials(pki / "ca.pem", pki / "aggregator.pem", pki / "aggregator.key")
+            async with grpc.aio.secure_channel(f"localhost:{probe.port}", credentials) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                await probe.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    asyncio.run(scenario())
+
+
+def test_plaintext_only_when_explicitly_insecure(pki: Path) -> None:
+    """On a plaintext server the check is a no-op only with insecure=True; without it there is
+    no certificate and the call is UNAUTHENTICATED."""
+
+    async def scenario() -> None:
+        async with probe_server(None) as probe:
+            assert await speak(probe.port, None, "sport") == (grpc.StatusCode.OK, "sport")
+            probe.insecure = False
+            code, detail = await speak(probe.port, None, "sport")
+            assert code == grpc.StatusCode.UNAUTHENTICATED, detail
+            assert probe.accepted == ["sport"]
+
+    asyncio.run(scenario())
+
+
+def test_blocking_variant_on_a_synchronous_server(pki: Path) -> None:
+    """require_domain_blocking gives the same answers on a thread-pool grpc.server."""
+    def speak_blocking(request: bytes, context: grpc.ServicerContext) -> bytes:
+        claimed = dict(context.invocation_metadata()).get(DOMAIN_HEADER, "")
+        return tls.require_domain_blocking(context, claimed).encode()
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(
+            "cdimf.test.Probe", {"Speak": grpc.unary_unary_rpc_method_handler(speak_blocking)}
+        )]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.server_credentials(pki / "aggregator.pem", pki / "aggregator.key", pki / "ca.pem")
+    )
+    server.start()
+    try:
+        credentials = tls.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            call = channel.unary_unary(PROBE_METHOD)
+            assert call(b"", metadata=[(DOMAIN_HEADER, "sport")], timeout=CALL_TIMEOUT_S) == b"sport"
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"", metadata=[(DOMAIN_HEADER, "cloth")], timeout=CALL_TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.stop(None)

@@ -3,6 +3,8 @@
 import asyncio
 import datetime
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import tls
@@ -248,3 +251,68 @@ def test_blocking_variant_on_a_synchronous_server(pki: Path) -> None:
             assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         server.stop(None)
+
+
+def run_certs(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m cdimf.certs` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "cdimf.certs", *arguments], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_certs_command_writes_a_working_federation(tmp_path: Path) -> None:
+    """`cdimf certs` writes every party's files (keys 0600) and they work for mutual TLS."""
+    out = tmp_path / "certs"
+    finished = run_certs("--out", str(out), "--domains", "sport,cloth", "--aggregator-host", "agg.example.org",
+                         "--domain-host", "sport=10.200.0.2", "--days", "30")
+    assert finished.returncode == 0, finished.stderr
+    expected = {f"{stem}.{suffix}" for stem in ("ca", "aggregator", "sport", "cloth", "operator") for suffix in ("pem", "key")}
+    assert {path.name for path in out.iterdir()} == expected
+    for key in out.glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    sport = tls.load_certificate(out / "sport.pem")
+    assert tls.party_identity(sport) == tls.PartyIdentity("domain", "sport")
+    assert sport.not_valid_after_utc - sport.not_valid_before_utc == datetime.timedelta(days=30)
+    hosts = [str(name.value) for name in sport.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+             if not isinstance(name, x509.UniformResourceIdentifier)]
+    assert "10.200.0.2" in hosts and "agg.example.org" not in hosts
+    aggregator_names = tls.load_certificate(out / "aggregator.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "agg.example.org" in aggregator_names
+
+    # the written files are exactly what the servers and clients load
+    async def scenario() -> None:
+        async with probe_server(out) as probe:
+            credentials = tls.channel_credentials(out / "ca.pem", out / "cloth.pem", out / "cloth.key")
+            assert await speak(probe.port, credentials, "cloth") == (grpc.StatusCode.OK, "cloth")
+            code, _ = await speak(probe.port, credentials, "sport")
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+
+    asyncio.run(scenario())
+
+
+def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) -> None:
+    """A second run refuses to replace the CA, --if-missing keeps a complete set, bad names write nothing."""
+    out = tmp_path / "certs"
+    assert run_certs("--out", str(out), "--domains", "sport,cloth").returncode == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    again = run_certs("--out", str(out), "--domains", "sport,cloth")
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    kept = run_certs("--out", str(out), "--domains", "sport,cloth", "--if-missing")
+    assert kept.returncode == 0, kept.stderr
+    # a set that lacks a requested domain is not "complete": refused, nothing added
+    partial = run_certs("--out", str(out), "--domains", "sport,cloth,books", "--if-missing")
+    assert partial.returncode == 2 and "ca.pem" in partial.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+    (out / "cloth.pem").write_bytes((out / "sport.pem").read_bytes())
+    swapped = run_certs("--out", str(out), "--domains", "sport,cloth", "--if-missing")
+    assert swapped.returncode == 2 and "cloth.key does not belong" in swapped.stderr
+
+    for bad in (["--domains", "sport,Cloth"], ["--domains", "sport,aggregator"], ["--domains", "sport,sport"],
+                ["--domains", "sport", "--domain-host", "cloth=h"], ["--domains", "sport", "--days", "0"]):
+        fresh = tmp_path / "fresh"
+        refused = run_certs("--out", str(fresh), *bad)
+        assert refused.returncode == 2, (bad, refused.stderr)
+        assert not fresh.exists(), bad

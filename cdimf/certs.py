@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 
 from common import tls
+from common.pseudonyms import load_secret
 
 DEFAULT_DAYS = 365
 CA_DAYS_FACTOR = 10  # the CA outlives the party certificates so that they can be renewed under it
+SECRET_FILE = "federation.secret"
+SECRET_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--operator", default="operator", help="name in the operator (control API) certificate")
     parser.add_argument("--days", type=_positive_days, default=DEFAULT_DAYS, help="validity of party certificates in days")
     parser.add_argument(
+        "--federation-secret", action="store_true",
+        help=f"also write {SECRET_FILE} (random, 0600): the pseudonym key shared by the domains, never the aggregator",
+    )
+    parser.add_argument(
         "--if-missing", action="store_true",
         help="if every file already exists and fits the CA, keep them and succeed (for one-shot container jobs)",
     )
@@ -82,13 +90,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
-    """Register the `certs` subcommand; its handler is `run`, stored as the `func` default."""
+    """Register the `certs` subcommand; its handler is `run`, stored as the `handler` default."""
     parser = subparsers.add_parser(
         "certs", help="create a federation CA and per-party TLS certificates",
         description=__doc__,
     )
     configure_parser(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(handler=run)
     return parser
 
 
@@ -153,9 +161,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = _plan(args)
         targets = [path for planned in plan for path in planned.paths(folder)]
+        if args.federation_secret:
+            targets.append(folder / SECRET_FILE)
         existing = [path for path in targets if path.exists()]
         if existing and args.if_missing and len(existing) == len(targets):
             _check_existing(folder, plan)
+            if args.federation_secret:
+                load_secret(secret_file=folder / SECRET_FILE)
             print(f"cdimf certs: kept the existing certificates in {folder}")
             return 0
         if existing:
@@ -170,12 +182,17 @@ def run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for planned, certificate in issued:
         certificate.write(*planned.paths(folder))
+    if args.federation_secret:
+        # hex keeps the file printable and free of the newline bytes load_secret strips
+        tls.write_private_file(folder / SECRET_FILE, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
     print(f"cdimf certs: wrote {len(targets)} files to {folder}")
     print("  ca.pem            -> every host (trust anchor); keep ca.key offline, it signs new parties")
     print("  aggregator.pem/.key -> the aggregator host")
     for planned in plan[2:-1]:
         print(f"  {planned.stem}.pem/.key -> the node host of domain {planned.stem!r}")
     print("  operator.pem/.key -> whoever starts and follows runs (cdimf train)")
+    if args.federation_secret:
+        print(f"  {SECRET_FILE} -> every domain node host, never the aggregator")
     return 0
 
 

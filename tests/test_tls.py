@@ -16,6 +16,7 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import tls
+from common.pseudonyms import load_secret
 
 PROBE_METHOD = "/cdimf.test.Probe/Speak"
 DOMAIN_HEADER = "x-cdimf-domain"
@@ -264,12 +265,13 @@ def test_certs_command_writes_a_working_federation(tmp_path: Path) -> None:
     """`cdimf certs` writes every party's files (keys 0600) and they work for mutual TLS."""
     out = tmp_path / "certs"
     finished = run_certs("--out", str(out), "--domains", "sport,cloth", "--aggregator-host", "agg.example.org",
-                         "--domain-host", "sport=10.200.0.2", "--days", "30")
+                         "--domain-host", "sport=10.200.0.2", "--days", "30", "--federation-secret")
     assert finished.returncode == 0, finished.stderr
     expected = {f"{stem}.{suffix}" for stem in ("ca", "aggregator", "sport", "cloth", "operator") for suffix in ("pem", "key")}
-    assert {path.name for path in out.iterdir()} == expected
-    for key in out.glob("*.key"):
-        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert {path.name for path in out.iterdir()} == expected | {"federation.secret"}
+    for private in [*out.glob("*.key"), out / "federation.secret"]:
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    assert len(load_secret(secret_file=out / "federation.secret")) == 64
     sport = tls.load_certificate(out / "sport.pem")
     assert tls.party_identity(sport) == tls.PartyIdentity("domain", "sport")
     assert sport.not_valid_after_utc - sport.not_valid_before_utc == datetime.timedelta(days=30)

@@ -1,0 +1,360 @@
+"""Codec between numpy arrays and the chunked streams of the federation protocol.
+
+A matrix travels as MatrixChunk messages, each a slice of whole rows of raw little-endian
+float32 (or float16) with the total shape, its row offset, its row count, dtype and a crc32 of
+its bytes. Registrations (pseudonyms + holder flags) and memberships (roles + holder masks)
+travel the same way. Decoders check every chunk as it arrives and raise ChunkError with a
+message that says what was wrong; servers map it to INVALID_ARGUMENT.
+"""
+
+import zlib
+from collections.abc import AsyncIterable, Iterable, Iterator
+
+import numpy as np
+
+from protos.v1 import federation_pb2 as pb
+
+# Payload per chunk: far below gRPC's 4 MB default message limit, large enough that the
+# per-message overhead is amortised.
+CHUNK_BYTES = 1 << 20
+PSEUDONYM_BYTES = 32
+# Refuse to allocate more than this many matrix elements for a stream nobody announced.
+DEFAULT_MAX_ELEMENTS = 1 << 31
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+}
+_DTYPE_BY_NAME = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+class ChunkError(ValueError):
+    """A chunked stream is malformed: missing, overlapping or out-of-order chunks, bad shape or values."""
+
+
+def wire_dtype(name: str | int) -> int:
+    """The proto DType for 'float32'/'float16' (or a DType value, DTYPE_UNSPECIFIED = float32)."""
+    if isinstance(name, int):
+        if name == pb.DTYPE_UNSPECIFIED:
+            return pb.DTYPE_FLOAT32
+        if name not in _DTYPES:
+            raise ChunkError(f"unknown dtype value {name}")
+        return name
+    if name not in _DTYPE_BY_NAME:
+        raise ChunkError(f"unknown dtype {name!r}, expected one of {sorted(_DTYPE_BY_NAME)}")
+    return _DTYPE_BY_NAME[name]
+
+
+def rows_per_chunk(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Whole rows that fit one chunk's payload (at least one)."""
+    return max(1, chunk_bytes // max(1, row_bytes))
+
+
+def _slices(total: int, step: int) -> Iterator[tuple[int, int]]:
+    """(offset, rows) of consecutive slices covering `total` rows; one empty slice when total is 0."""
+    if total == 0:
+        yield 0, 0
+        return
+    for offset in range(0, total, step):
+        yield offset, min(step, total - offset)
+
+
+def _copy_header(header: pb.Header | None) -> pb.Header | None:
+    return None if header is None else pb.Header(run_id=header.run_id, domain=header.domain, round=header.round)
+
+
+def encode_matrix(
+    matrix: np.ndarray,
+    header: pb.Header | None = None,
+    dtype: str | int = "float32",
+    chunk_bytes: int = CHUNK_BYTES,
+    row_index: np.ndarray | None = None,
+) -> Iterator[pb.MatrixChunk]:
+    """Yield the chunks of a 2-D float matrix (at least one chunk, even for 0 rows).
+
+    Every chunk carries `header`. Values are sent as little-endian float32, or float16 when
+    asked (lossy; values beyond float16's range become inf and are refused by the decoder).
+    With `row_index`, the streamed matrix is matrix[row_index], gathered chunk by chunk so the
+    whole selection is never copied at once.
+    """
+    if matrix.ndim != 2:
+        raise ChunkError(f"expected a 2-D matrix, got shape {matrix.shape}")
+    code = wire_dtype(dtype)
+    item = _DTYPES[code]
+    total_rows, cols = matrix.shape
+    if row_index is not None:
+        total_rows = len(row_index)
+    if cols < 1:
+        raise ChunkError(f"a matrix needs >= 1 column, got shape {matrix.shape}")
+    step = rows_per_chunk(cols * item.itemsize, chunk_bytes)
+    for offset, rows in _slices(total_rows, step):
+        block = matrix[offset : offset + rows] if row_index is None else matrix[row_index[offset : offset + rows]]
+        data = np.ascontiguousarray(block, dtype=item).tobytes()
+        yield pb.MatrixChunk(
+            header=_copy_header(header),
+            total_rows=total_rows,
+            cols=cols,
+            row_offset=offset,
+            rows=rows,
+            dtype=code,
+            crc32=zlib.crc32(data),
+            data=data,
+        )
+
+
+class _RowStream:
+    """Checks the row bookkeeping of a chunked stream: same totals, contiguous in-order slices."""
+
+    def __init__(self, what: str, expected_rows: int | None) -> None:
+        self.what = what
+        self.expected_rows = expected_rows
+        self.total_rows: int | None = None
+        self.next_row = 0
+        self.chunks = 0
+        self.header: pb.Header | None = None
+
+    def admit(self, header: pb.Header, total_rows: int, row_offset: int, rows: int) -> None:
+        """Validate one chunk's place in the stream, before its payload is looked at."""
+        index = self.chunks
+        if self.total_rows is None:
+            if self.expected_rows is not None and total_rows != self.expected_rows:
+                raise ChunkError(f"{self.what}: {total_rows} rows announced, expected {self.expected_rows}")
+            self.total_rows = total_rows
+            self.header = _copy_header(header)
+        elif total_rows != self.total_rows:
+            raise ChunkError(f"{self.what}: chunk {index} announces {total_rows} rows, earlier chunks {self.total_rows}")
+        elif header != self.header:
+            raise ChunkError(f"{self.what}: chunk {index} has header {_show(header)}, earlier chunks {_show(self.header)}")
+        if row_offset < self.next_row:
+            raise ChunkError(f"{self.what}: chunk {index} at row {row_offset} overlaps rows already received (< {self.next_row})")
+        if row_offset > self.next_row:
+            raise ChunkError(f"{self.what}: chunk {index} at row {row_offset} is out of order or rows {self.next_row}..{row_offset - 1} are missing")
+        if rows == 0 and total_rows > 0:
+            raise ChunkError(f"{self.what}: chunk {index} is empty")
+        if row_offset + rows > total_rows:
+            raise ChunkError(f"{self.what}: chunk {index} rows {row_offset}..{row_offset + rows - 1} exceed the {total_rows} announced")
+        self.next_row = row_offset + rows
+        self.chunks += 1
+
+    def finish(self) -> pb.Header:
+        """Check that the stream was complete; returns its header."""
+        if self.total_rows is None or self.header is None:
+            raise ChunkError(f"{self.what}: empty stream, no chunk received")
+        if self.next_row != self.total_rows:
+            raise ChunkError(f"{self.what}: stream ended after {self.next_row} of {self.total_rows} rows")
+        return self.header
+
+
+def _show(header: pb.Header | None) -> str:
+    if header is None:
+        return "none"
+    return f"(run_id={header.run_id!r}, domain={header.domain!r}, round={header.round})"
+
+
+def _check_crc(what: str, index: int, payload: bytes, expected: int) -> None:
+    actual = zlib.crc32(payload)
+    if actual != expected:
+        raise ChunkError(f"{what}: chunk {index} checksum mismatch (crc32 {actual:#010x}, announced {expected:#010x})")
+
+
+class MatrixAssembler:
+    """Assembles MatrixChunk messages into one float32 matrix, checking each chunk on arrival.
+
+    expected_rows/expected_cols (when given) must match the announced shape; the output array is
+    allocated once from the first chunk, so memory stays at one matrix plus one chunk.
+    """
+
+    def __init__(
+        self,
+        what: str = "matrix",
+        expected_rows: int | None = None,
+        expected_cols: int | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        self.stream = _RowStream(what, expected_rows)
+        self.what = what
+        self.expected_cols = expected_cols
+        self.max_elements = max_elements
+        self.matrix: np.ndarray | None = None
+        self.dtype: int | None = None
+
+    def add(self, chunk: pb.MatrixChunk) -> None:
+        """Check one chunk and copy its rows into place."""
+        what, index = self.what, self.stream.chunks
+        if chunk.dtype not in _DTYPES:
+            raise ChunkError(f"{what}: chunk {index} has unknown dtype {chunk.dtype}")
+        if self.matrix is None:
+            if chunk.cols < 1:
+                raise ChunkError(f"{what}: chunk 0 announces {chunk.cols} columns, need >= 1")
+            if self.expected_cols is not None and chunk.cols != self.expected_cols:
+                raise ChunkError(f"{what}: {chunk.cols} columns announced, expected {self.expected_cols}")
+            if chunk.total_rows * chunk.cols > self.max_elements:
+                raise ChunkError(f"{what}: shape ({chunk.total_rows}, {chunk.cols}) exceeds {self.max_elements} elements")
+        elif chunk.cols != self.matrix.shape[1] or chunk.dtype != self.dtype:
+            raise ChunkError(f"{what}: chunk {index} changes columns or dtype mid-stream")
+        self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
+        item = _DTYPES[chunk.dtype]
+        expected_bytes = chunk.rows * chunk.cols * item.itemsize
+        if len(chunk.data) != expected_bytes:
+            raise ChunkError(f"{what}: chunk {index} holds {len(chunk.data)} bytes, {chunk.rows} x {chunk.cols} {item.name} need {expected_bytes}")
+        _check_crc(what, index, chunk.data, chunk.crc32)
+        block = np.frombuffer(chunk.data, dtype=item).reshape(chunk.rows, chunk.cols)
+        # sum is finite iff every value is (inf - inf and nan propagate); one pass, no mask array
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = block.sum(dtype=np.float32)
+        if not np.isfinite(total) and not np.isfinite(block).all():
+            bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) + chunk.row_offset
+            raise ChunkError(f"{what}: chunk {index} holds NaN or Inf (first at row {bad})")
+        if self.matrix is None:
+            self.matrix = np.empty((chunk.total_rows, chunk.cols), dtype=np.float32)
+            self.dtype = chunk.dtype
+        self.matrix[chunk.row_offset : chunk.row_offset + chunk.rows] = block
+
+    def result(self) -> tuple[np.ndarray, pb.Header]:
+        """The complete matrix and the stream's header; raises if rows are missing."""
+        header = self.stream.finish()
+        assert self.matrix is not None
+        return self.matrix, header
+
+
+def decode_matrix(
+    chunks: Iterable[pb.MatrixChunk],
+    what: str = "matrix",
+    expected_rows: int | None = None,
+    expected_cols: int | None = None,
+) -> tuple[np.ndarray, pb.Header]:
+    """Assemble a whole chunk stream (see MatrixAssembler)."""
+    assembler = MatrixAssembler(what, expected_rows, expected_cols)
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.result()
+
+
+async def decode_matrix_async(
+    chunks: AsyncIterable[pb.MatrixChunk],
+    what: str = "matrix",
+    expected_rows: int | None = None,
+    expected_cols: int | None = None,
+) -> tuple[np.ndarray, pb.Header]:
+    """Assemble a chunk stream from an async iterator (a grpc.aio request or response stream)."""
+    assembler = MatrixAssembler(what, expected_rows, expected_cols)
+    async for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.result()
+
+
+def encode_registration(
+    pseudonyms: np.ndarray, holder: np.ndarray, header: pb.Header | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.PseudonymChunk]:
+    """Yield PseudonymChunk messages for a domain's rows: (n, 32) uint8 digests and n holder flags."""
+    pseudonyms = np.ascontiguousarray(pseudonyms, dtype=np.uint8)
+    holder = np.asarray(holder, dtype=bool)
+    if pseudonyms.ndim != 2 or pseudonyms.shape[1] != PSEUDONYM_BYTES:
+        raise ChunkError(f"pseudonyms must have shape (n, {PSEUDONYM_BYTES}), got {pseudonyms.shape}")
+    if holder.shape != (len(pseudonyms),):
+        raise ChunkError(f"holder flags have shape {holder.shape}, expected ({len(pseudonyms)},)")
+    total = len(pseudonyms)
+    step = rows_per_chunk(PSEUDONYM_BYTES + 1, chunk_bytes)
+    for offset, rows in _slices(total, step):
+        digests = pseudonyms[offset : offset + rows].tobytes()
+        flags = holder[offset : offset + rows].astype(np.uint8).tobytes()
+        yield pb.PseudonymChunk(
+            header=_copy_header(header),
+            total_rows=total,
+            row_offset=offset,
+            rows=rows,
+            pseudonyms=digests,
+            holder_flags=flags,
+            crc32=zlib.crc32(flags, zlib.crc32(digests)),
+        )
+
+
+class RegistrationAssembler:
+    """Assembles PseudonymChunk messages into (pseudonyms (n, 32) uint8, holder flags (n,) bool)."""
+
+    def __init__(self, max_rows: int = 1 << 28) -> None:
+        self.stream = _RowStream("registration", None)
+        self.max_rows = max_rows
+        self.digests: list[bytes] = []
+        self.flags: list[bytes] = []
+
+    def add(self, chunk: pb.PseudonymChunk) -> None:
+        """Check one chunk and keep its payload."""
+        index = self.stream.chunks
+        if chunk.total_rows > self.max_rows:
+            raise ChunkError(f"registration: {chunk.total_rows} rows exceed the limit of {self.max_rows}")
+        self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
+        if len(chunk.pseudonyms) != chunk.rows * PSEUDONYM_BYTES:
+            raise ChunkError(f"registration: chunk {index} holds {len(chunk.pseudonyms)} pseudonym bytes, {chunk.rows} rows need {chunk.rows * PSEUDONYM_BYTES}")
+        if len(chunk.holder_flags) != chunk.rows:
+            raise ChunkError(f"registration: chunk {index} holds {len(chunk.holder_flags)} holder flags for {chunk.rows} rows")
+        _check_crc("registration", index, chunk.pseudonyms + chunk.holder_flags, chunk.crc32)
+        flags = np.frombuffer(chunk.holder_flags, dtype=np.uint8)
+        if flags.size and flags.max() > 1:
+            raise ChunkError(f"registration: chunk {index} has holder flags other than 0 and 1")
+        self.digests.append(chunk.pseudonyms)
+        self.flags.append(chunk.holder_flags)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, pb.Header]:
+        """(pseudonyms, holder flags, header) of the complete stream."""
+        header = self.stream.finish()
+        digests = np.frombuffer(b"".join(self.digests), dtype=np.uint8).reshape(-1, PSEUDONYM_BYTES)
+        flags = np.frombuffer(b"".join(self.flags), dtype=np.uint8).astype(bool)
+        return digests, flags, header
+
+
+def encode_membership(
+    roles: np.ndarray,
+    holder_masks: np.ndarray,
+    domains: list[str],
+    header: pb.Header | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[pb.MembershipChunk]:
+    """Yield MembershipChunk messages: one RowRole byte and one uint64 holder mask per row."""
+    roles = np.asarray(roles, dtype=np.uint8)
+    holder_masks = np.asarray(holder_masks, dtype="<u8")
+    if roles.shape != holder_masks.shape or roles.ndim != 1:
+        raise ChunkError(f"roles {roles.shape} and holder masks {holder_masks.shape} must be equal 1-D shapes")
+    total = len(roles)
+    step = rows_per_chunk(9, chunk_bytes)
+    for offset, rows in _slices(total, step):
+        yield pb.MembershipChunk(
+            header=_copy_header(header),
+            domains=domains if offset == 0 else [],
+            total_rows=total,
+            row_offset=offset,
+            rows=rows,
+            roles=roles[offset : offset + rows].tobytes(),
+            holder_masks=holder_masks[offset : offset + rows].tobytes(),
+        )
+
+
+class MembershipAssembler:
+    """Assembles MembershipChunk messages into (roles uint8 (n,), holder masks uint64 (n,), domains)."""
+
+    def __init__(self, expected_rows: int | None = None) -> None:
+        self.stream = _RowStream("membership", expected_rows)
+        self.roles: list[bytes] = []
+        self.masks: list[bytes] = []
+        self.domains: list[str] = []
+
+    def add(self, chunk: pb.MembershipChunk) -> None:
+        """Check one chunk and keep its payload."""
+        index = self.stream.chunks
+        self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
+        if index == 0:
+            self.domains = list(chunk.domains)
+        if len(chunk.roles) != chunk.rows or len(chunk.holder_masks) != 8 * chunk.rows:
+            raise ChunkError(f"membership: chunk {index} payload does not match its {chunk.rows} rows")
+        self.roles.append(chunk.roles)
+        self.masks.append(chunk.holder_masks)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(roles, holder masks, domain names) of the complete stream."""
+        self.stream.finish()
+        roles = np.frombuffer(b"".join(self.roles), dtype=np.uint8).copy()
+        masks = np.frombuffer(b"".join(self.masks), dtype="<u8").astype(np.uint64)
+        valid = (pb.ROW_ROLE_LOCAL, pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER)
+        if roles.size and not np.isin(roles, valid).all():
+            raise ChunkError("membership: unknown row role")
+        return roles, masks, self.domains

@@ -1,0 +1,303 @@
+"""Runtime configuration of the aggregator and the domain nodes as pydantic models.
+
+Loaded from TOML files and environment variables: `load_config(NodeConfig, "node.toml")`.
+An environment variable `CDIMF_<FIELD>` overrides the file, nested fields joined by `__`
+(`CDIMF_IALS__RANK=32`, `CDIMF_TLS__INSECURE=true`); a value that parses as JSON (numbers,
+booleans, objects) is used as such, anything else as a string. Relative paths are resolved
+against the folder of the TOML file that names them (against the working directory for
+environment variables). Every error is a ConfigError naming the file or variable and the field.
+"""
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+
+from common.params import ADMMParams, IALSParams, StrictModel
+from common.pseudonyms import load_secret
+from protos.v1 import federation_pb2 as pb
+
+ENV_PREFIX = "CDIMF_"
+DATA_FORMATS = ("auto", "paper", "csv", "tsv")
+# Domain names end up in headers, file names and certificate identities.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+# Keepalive on every channel and server: dead peers (a killed node, a dropped NAT mapping) are
+# noticed within ~30 s instead of hanging a stream forever.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration could not be read or validated; the message names where and which field."""
+
+
+def _check_address(value: str, allow_port_zero: bool) -> str:
+    match = _ADDRESS.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not host:port")
+    port = int(match.group("port"))
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError(f"port {port} out of range in {value!r}")
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} must be 1-63 of a-z 0-9 _ - starting with a letter or digit")
+    return value
+
+
+class TLSConfig(StrictModel):
+    """Transport security: mutual TLS files, or an explicit opt-out for plaintext on loopback/tests."""
+
+    insecure: bool = Field(False, description="plaintext gRPC; only for tests and loopback demos")
+    ca_file: Path | None = Field(None, description="federation CA certificate (PEM)")
+    cert_file: Path | None = Field(None, description="this party's certificate (PEM)")
+    key_file: Path | None = Field(None, description="this party's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _files_unless_insecure(self) -> "TLSConfig":
+        if not self.insecure:
+            missing = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"mutual TLS needs {', '.join(missing)} (or set insecure = true for plaintext)")
+        return self
+
+
+class RunParams(StrictModel):
+    """Parameters of one federated training run, set by the operator when starting it."""
+
+    run_id: str | None = Field(None, description="run identifier; None: the aggregator picks one")
+    rounds: int = Field(10, ge=1, le=1_000_000, description="consensus rounds")
+    rank: int = Field(64, ge=1, le=4096, description="latent dimension shared by all domains")
+    admm: ADMMParams = Field(default_factory=ADMMParams)
+    aggregation_period: int = Field(1, ge=1, le=10_000, description="local epochs per round")
+    domain_aggregation_period: dict[str, int] = Field(default_factory=dict, description="per-domain override")
+    round_deadline_s: float = Field(0.0, ge=0, description="0: synchronous rounds (wait for every domain)")
+    min_domains: int = Field(1, ge=1, le=64, description="domains a deadline needs to close a round")
+    max_staleness: int = Field(0, ge=0, description="rounds a late contribution may lag behind")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_text(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError(f"{value!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        return value
+
+    @field_validator("domain_aggregation_period")
+    @classmethod
+    def _periods(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, period in value.items():
+            _check_name(name)
+            if not 1 <= period <= 10_000:
+                raise ValueError(f"aggregation period of {name!r} must be in 1..10000, got {period}")
+        return value
+
+    def period_for(self, domain: str) -> int:
+        """Local epochs per round for one domain."""
+        return self.domain_aggregation_period.get(domain, self.aggregation_period)
+
+    def to_proto(self) -> pb.RunParams:
+        """The wire form (StartRun)."""
+        return pb.RunParams(
+            run_id=self.run_id or "",
+            rounds=self.rounds,
+            rank=self.rank,
+            rho=self.admm.rho,
+            prox=pb.PROX_L2 if self.admm.prox == "l2" else pb.PROX_IDENTITY,
+            lambda_z=self.admm.lambda_z,
+            aggregation_period=self.aggregation_period,
+            domain_aggregation_period=self.domain_aggregation_period,
+            round_deadline_s=self.round_deadline_s,
+            min_domains=self.min_domains,
+            max_staleness=self.max_staleness,
+        )
+
+    @classmethod
+    def from_proto(cls, message: pb.RunParams) -> "RunParams":
+        """Validate the wire form; raises ConfigError naming the bad field."""
+        prox = {pb.PROX_UNSPECIFIED: "identity", pb.PROX_IDENTITY: "identity", pb.PROX_L2: "l2"}.get(message.prox)
+        data: dict[str, Any] = {
+            "run_id": message.run_id or None,
+            "rounds": message.rounds,
+            "rank": message.rank,
+            "admm": {"rho": message.rho, "prox": prox if prox is not None else f"<enum {message.prox}>", "lambda_z": message.lambda_z},
+            "aggregation_period": message.aggregation_period or 1,
+            "domain_aggregation_period": dict(message.domain_aggregation_period),
+            "round_deadline_s": message.round_deadline_s,
+            "min_domains": message.min_domains or 1,
+            "max_staleness": message.max_staleness,
+        }
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(_describe(error, "run parameters", {})) from error
+
+
+class AggregatorConfig(StrictModel):
+    """The aggregator process: where it listens, where it keeps run state, its TLS material."""
+
+    listen: str = Field("127.0.0.1:7070", description="host:port to serve on (port 0: any free port)")
+    state_dir: Path = Field(Path("state/aggregator"), description="folder of the atomically written run state")
+    tls: TLSConfig
+    run: RunParams | None = Field(None, description="a run to start as soon as min_domains domains registered")
+    max_concurrent_streams: int = Field(64, ge=1, le=4096, description="per-connection HTTP/2 stream limit")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _check_address(value, allow_port_zero=True)
+
+
+class NodeConfig(StrictModel):
+    """One domain node: its private data, its own server, the aggregator it dials, its secret."""
+
+    domain: str = Field(description="this domain's name (unique in the federation)")
+    train_path: Path = Field(description="training interactions")
+    valid_path: Path | None = Field(None, description="validation interactions (per-round HR/NDCG)")
+    test_path: Path | None = Field(None, description="test interactions")
+    data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    listen: str = Field("127.0.0.1:0", description="host:port of the node's own server")
+    aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
+    state_dir: Path = Field(description="folder of the atomically written training state")
+    secret: SecretStr | None = Field(None, description="federation secret (prefer secret_file)")
+    secret_file: Path | None = Field(None, description="file holding the federation secret")
+    ials: IALSParams = Field(default_factory=IALSParams)
+    aggregation_period: int | None = Field(None, ge=1, le=10_000, description="local epochs per round; None: the run's")
+    tls: TLSConfig
+    rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each unary aggregator call")
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        return _check_name(value)
+
+    @field_validator("listen", "aggregator")
+    @classmethod
+    def _addresses(cls, value: str) -> str:
+        return _check_address(value, allow_port_zero=True)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "NodeConfig":
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret or secret_file")
+        return self
+
+    def federation_secret(self) -> bytes:
+        """The federation secret bytes (read from secret_file when given)."""
+        literal = self.secret.get_secret_value() if self.secret is not None else None
+        return load_secret(literal, self.secret_file)
+
+
+Model = TypeVar("Model", bound=StrictModel)
+
+
+def _env_value(text: str) -> Any:
+    """A JSON value when the text is one (numbers, booleans, objects), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _env_overrides(model: type[StrictModel], environ: Mapping[str, str], prefix: str) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Nested overrides from PREFIX<FIELD>[__<FIELD>...] variables whose first field exists."""
+    overrides: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(prefix):
+            continue
+        path = tuple(part.lower() for part in name[len(prefix):].split("__"))
+        # other CDIMF_* variables (e.g. a config file path) are not fields of this model
+        if path[0] not in model.model_fields or not all(path):
+            continue
+        target = overrides
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment variable {name}: {'.'.join(path[:-1])} is set as a value and as a table")
+        target[path[-1]] = _env_value(text)
+        origins[path] = f"environment variable {name}"
+    return overrides, origins
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(model: type[StrictModel], data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative path fields of a TOML table relative to the file's folder."""
+    resolved = dict(data)
+    for name, field in model.model_fields.items():
+        if name not in resolved:
+            continue
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        nested = [arg for arg in (annotation, *args) if isinstance(arg, type) and issubclass(arg, StrictModel)]
+        value = resolved[name]
+        if nested and isinstance(value, dict):
+            resolved[name] = _resolve_paths(nested[0], value, base)
+        elif (annotation is Path or Path in args) and isinstance(value, str) and not Path(value).is_absolute():
+            resolved[name] = str(base / value)
+    return resolved
+
+
+def _describe(error: ValidationError, source: str, origins: dict[tuple[str, ...], str]) -> str:
+    """One line per problem: where it came from, the dotted field, what is wrong."""
+    lines = []
+    for problem in error.errors():
+        location = tuple(str(part) for part in problem["loc"])
+        where = origins.get(location, source)
+        field = ".".join(location) or "(top level)"
+        lines.append(f"{where}: field {field}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    model: type[Model],
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    prefix: str = ENV_PREFIX,
+) -> Model:
+    """Load `model` from an optional TOML file, overridden by PREFIX* environment variables."""
+    data: dict[str, Any] = {}
+    source = f"environment ({prefix}*)"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        data = _resolve_paths(model, data, Path(path).resolve().parent)
+    overrides, origins = _env_overrides(model, os.environ if environ is None else environ, prefix)
+    try:
+        return model.model_validate(_merge(data, overrides))
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source, origins)) from error

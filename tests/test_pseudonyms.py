@@ -1,0 +1,56 @@
+"""Keyed pseudonyms: deterministic under one secret, unlinkable across secrets, strict secret loading."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.pseudonyms import as_keys, load_secret, membership_fingerprint, pseudonymize
+
+SECRET = b"federation-secret-0123456789"
+
+
+def test_same_key_same_secret_gives_same_pseudonym_and_differs_otherwise() -> None:
+    first = pseudonymize(["alice", "bob", 42], SECRET)
+    again = pseudonymize(["bob", "42", "alice"], SECRET)
+    assert first.shape == (3, 32) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first[[1, 2, 0]], again)  # 42 and "42" name the same user
+    other = pseudonymize(["alice", "bob", 42], b"another-secret-of-enough-bytes")
+    assert not np.any(np.all(first == other, axis=1))
+    assert len(np.unique(as_keys(first))) == 3
+
+
+def test_pseudonym_does_not_contain_the_raw_key() -> None:
+    digest = pseudonymize(["user-123456"], SECRET)[0].tobytes()
+    assert b"user-123456" not in digest and b"123456" not in digest
+
+
+def test_short_or_missing_secret_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        pseudonymize(["a"], b"short")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_secret()
+    with pytest.raises(ValueError, match="exactly one"):
+        load_secret("x" * 20, tmp_path / "s")
+    missing = tmp_path / "absent.secret"
+    with pytest.raises(ValueError, match=str(missing)):
+        load_secret(secret_file=missing)
+    short = tmp_path / "short.secret"
+    short.write_bytes(b"tiny\n")
+    with pytest.raises(ValueError, match=r"short\.secret.*16 bytes"):
+        load_secret(secret_file=short)
+
+
+def test_secret_file_strips_the_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "federation.secret"
+    path.write_bytes(b"ab" * 16 + b"\n")
+    assert load_secret(secret_file=path) == b"ab" * 16
+    assert load_secret("ab" * 16) == b"ab" * 16
+
+
+def test_fingerprint_changes_with_pseudonyms_or_flags() -> None:
+    digests = pseudonymize(["a", "b"], SECRET)
+    base = membership_fingerprint(digests, np.array([True, False]))
+    assert base == membership_fingerprint(digests.copy(), np.array([True, False]))
+    assert base != membership_fingerprint(digests, np.array([True, True]))
+    assert base != membership_fingerprint(digests[::-1], np.array([True, False]))

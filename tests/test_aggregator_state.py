@@ -1,0 +1,277 @@
+"""The aggregator's round and membership bookkeeping, without gRPC: rules, rejections, persistence."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError
+from common.admm import consensus
+from common.config import RunParams
+from common.membership import align_memberships
+from common.params import ADMMParams
+from common.pseudonyms import pseudonymize
+
+SECRET = b"a-federation-secret-for-tests"
+RANK = 4
+# sport holds u1..u4 and registers u9 (no interactions) as a receiver; cloth holds u3..u6;
+# books holds u4, u6, u9. Shared: u3 (sport, cloth), u4 (all three), u6 (cloth, books); u9 is
+# held by books alone, so sport's receiver row for it gets the engine's Z there (0).
+DOMAINS = {
+    "sport": (["u1", "u2", "u3", "u4", "u9"], [1, 1, 1, 1, 0]),
+    "cloth": (["u5", "u3", "u4", "u6"], [1, 1, 1, 1]),
+    "books": (["u4", "u6", "u9", "u7"], [1, 1, 1, 0]),
+}
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _registered(state_dir: Path | None = None, clock: FakeClock | None = None) -> AggregatorState:
+    state = AggregatorState(state_dir, clock=clock or FakeClock())
+    for name, (keys, holds) in DOMAINS.items():
+        state.register(name, pseudonymize(keys, SECRET), np.array(holds, dtype=bool))
+    return state
+
+
+def _values(state: AggregatorState, domain: str, seed: int) -> np.ndarray:
+    assert state.run is not None
+    rows = len(state.run.layout.per_domain[domain].shared_rows)
+    return np.random.default_rng(seed).standard_normal((rows, RANK)).astype(np.float32)
+
+
+def _snapshot(state: AggregatorState) -> tuple:
+    run = state.run
+    assert run is not None
+    z = None if run.consensus is None else run.consensus.tobytes()
+    tags = {d: (tag, values.tobytes()) for d, (tag, values) in run.contributions.items()}
+    return run.state, run.current_round, run.consensus_round, z, tags, list(run.reported), len(run.events)
+
+
+def test_membership_matches_the_engine_alignment_on_raw_keys() -> None:
+    state = _registered()
+    layout, frozen = state.layout_for("sport")
+    assert not frozen and layout.domains == ("books", "cloth", "sport")
+    names = list(layout.domains)
+    expected, _ = align_memberships(
+        [np.array(DOMAINS[n][0]) for n in names], [np.array(DOMAINS[n][1], bool) for n in names]
+    )
+    for name, membership in zip(names, expected):
+        mine = layout.per_domain[name]
+        np.testing.assert_array_equal(mine.shared_rows, membership.shared_rows)
+        np.testing.assert_array_equal(mine.receiver_rows, membership.receiver_rows)
+    sport = layout.per_domain["sport"]
+    np.testing.assert_array_equal(sport.roles, [ROLE_LOCAL, ROLE_LOCAL, ROLE_SHARED, ROLE_SHARED, ROLE_RECEIVER])
+    bit = {name: 1 << i for i, name in enumerate(names)}
+    np.testing.assert_array_equal(
+        sport.holder_masks,
+        [bit["sport"], bit["sport"], bit["sport"] | bit["cloth"], bit["sport"] | bit["cloth"] | bit["books"], bit["books"]],
+    )
+
+
+def test_registration_is_idempotent_and_checked() -> None:
+    state = _registered()
+    again = state.register("sport", pseudonymize(DOMAINS["sport"][0], SECRET), np.array(DOMAINS["sport"][1], bool))
+    assert again is state.registrations["sport"]
+    with pytest.raises(StateError) as error:
+        state.register("dup", pseudonymize(["a", "a"], SECRET), np.ones(2, bool))
+    assert error.value.status == "INVALID_ARGUMENT" and "twice" in error.value.message
+    assert "dup" not in state.registrations
+    state.start_run(RunParams(rounds=2, rank=RANK))
+    with pytest.raises(StateError) as error:
+        state.register("sport", pseudonymize(["x"], SECRET), np.ones(1, bool))
+    assert error.value.status == "FAILED_PRECONDITION"
+    assert len(state.registrations["sport"].holder) == 5
+
+
+def test_synchronous_round_is_prox_of_the_mean_over_holders_like_the_engine() -> None:
+    state = _registered()
+    admm = ADMMParams(rho=2.0, prox="l2", lambda_z=0.5)
+    run = state.start_run(RunParams(rounds=2, rank=RANK, admm=admm))
+    names = list(run.admitted)
+    pushed = {name: _values(state, name, seed) for seed, name in enumerate(names)}
+    for name in names[:-1]:
+        assert state.accept_contribution(run.run_id, name, 1, pushed[name]).closed_round is None
+        assert state.consensus_for(run.run_id, name, 1) is None
+    assert state.accept_contribution(run.run_id, names[-1], 1, pushed[names[-1]]).closed_round == 1
+    # the engine's way: consensus over all global rows, rows keyed by raw user id
+    memberships, global_keys = align_memberships(
+        [np.array(DOMAINS[n][0]) for n in names], [np.array(DOMAINS[n][1], bool) for n in names]
+    )
+    engine_z, _ = consensus(
+        [(m.shared_global, pushed[n]) for n, m in zip(names, memberships)], len(global_keys), RANK, admm
+    )
+    for name, membership in zip(names, memberships):
+        round_index, rows = state.consensus_for(run.run_id, name, 1)
+        assert round_index == 1
+        want = np.concatenate([engine_z[membership.shared_global], engine_z[membership.receiver_global]])
+        np.testing.assert_array_equal(rows, want)
+    assert run.current_round == 2 and run.events[-1].kind == "round_closed"
+    assert run.events[-1].contributors == names and run.events[-1].missing == []
+
+
+def _expect(status: str, action) -> None:
+    with pytest.raises(StateError) as error:
+        action()
+    assert error.value.status == status, error.value.message
+
+
+def test_rejected_contributions_change_nothing() -> None:
+    state = _registered()
+    run = state.start_run(RunParams(rounds=3, rank=RANK))
+    good = _values(state, "sport", 1)
+    state.accept_contribution(run.run_id, "sport", 1, good)
+    before = _snapshot(state)
+    cloth = _values(state, "cloth", 2)
+    bad_shape = np.zeros((cloth.shape[0] + 1, RANK), np.float32)
+    nan = cloth.copy()
+    nan[1, 2] = np.nan
+    cases = [
+        ("ALREADY_EXISTS", lambda: state.accept_contribution(run.run_id, "sport", 1, good)),
+        ("FAILED_PRECONDITION", lambda: state.accept_contribution(run.run_id, "cloth", 2, cloth)),
+        ("NOT_FOUND", lambda: state.accept_contribution("other-run", "cloth", 1, cloth)),
+        ("NOT_FOUND", lambda: state.accept_contribution("", "cloth", 1, cloth)),
+        ("NOT_FOUND", lambda: state.accept_contribution(run.run_id, "music", 1, good)),
+        ("INVALID_ARGUMENT", lambda: state.accept_contribution(run.run_id, "cloth", 1, bad_shape)),
+        ("INVALID_ARGUMENT", lambda: state.accept_contribution(run.run_id, "cloth", 1, nan)),
+        ("INVALID_ARGUMENT", lambda: state.accept_contribution(run.run_id, "cloth", 0, cloth)),
+        ("NOT_FOUND", lambda: state.report_metrics(run.run_id, "music", 0, {"hr": 0.1})),
+        ("FAILED_PRECONDITION", lambda: state.report_metrics(run.run_id, "sport", 1, {"hr": 0.1})),
+    ]
+    for status, action in cases:
+        _expect(status, action)
+        assert _snapshot(state) == before
+
+
+def test_out_of_order_round_after_a_newer_one_is_refused() -> None:
+    clock = FakeClock()
+    state = _registered(clock=clock)
+    run = state.start_run(RunParams(rounds=5, rank=RANK, round_deadline_s=1.0, min_domains=1, max_staleness=2))
+    state.accept_contribution(run.run_id, "sport", 1, _values(state, "sport", 0))
+    clock.now += 1.5
+    assert state.poll() == 1
+    state.accept_contribution(run.run_id, "sport", 2, _values(state, "sport", 1))
+    before = _snapshot(state)
+    _expect("FAILED_PRECONDITION", lambda: state.accept_contribution(run.run_id, "sport", 1, _values(state, "sport", 2)))
+    assert _snapshot(state) == before
+
+
+def test_deadline_closes_with_min_domains_and_late_contributions_count_within_staleness() -> None:
+    clock = FakeClock()
+    state = _registered(clock=clock)
+    run = state.start_run(RunParams(rounds=6, rank=RANK, round_deadline_s=10.0, min_domains=2, max_staleness=1))
+    state.accept_contribution(run.run_id, "sport", 1, _values(state, "sport", 0))
+    clock.now += 11
+    assert state.poll() is None, "one domain is below min_domains: the round stays open"
+    assert state.accept_contribution(run.run_id, "cloth", 1, _values(state, "cloth", 0)).closed_round == 1
+    assert run.events[-1].contributors == ["cloth", "sport"] and run.events[-1].missing == ["books"]
+    # books is late: its round-1 contribution counts in round 2 (staleness 1)
+    assert state.accept_contribution(run.run_id, "books", 1, _values(state, "books", 0)).accepted_round == 2
+    state.accept_contribution(run.run_id, "sport", 2, _values(state, "sport", 1))
+    assert state.accept_contribution(run.run_id, "cloth", 2, _values(state, "cloth", 1)).closed_round == 2
+    # round 3 closes at its deadline without books; in round 4 a round-2 push from books is
+    # 2 rounds stale (refused), a round-3 push is 1 stale (counted)
+    state.accept_contribution(run.run_id, "sport", 3, _values(state, "sport", 2))
+    state.accept_contribution(run.run_id, "cloth", 3, _values(state, "cloth", 2))
+    assert run.consensus_round == 2
+    clock.now += 11
+    assert state.poll() == 3
+    before = _snapshot(state)
+    _expect("FAILED_PRECONDITION", lambda: state.accept_contribution(run.run_id, "books", 2, _values(state, "books", 3)))
+    assert _snapshot(state) == before
+    assert state.accept_contribution(run.run_id, "books", 3, _values(state, "books", 3)).accepted_round == 4
+
+
+def test_z_uses_each_domains_latest_accepted_contribution() -> None:
+    clock = FakeClock()
+    state = _registered(clock=clock)
+    run = state.start_run(RunParams(rounds=3, rank=RANK, round_deadline_s=1.0, min_domains=1))
+    first = {name: _values(state, name, 10 + i) for i, name in enumerate(run.admitted)}
+    for name in run.admitted:
+        state.accept_contribution(run.run_id, name, 1, first[name])
+    newer_sport = _values(state, "sport", 99)
+    state.accept_contribution(run.run_id, "sport", 2, newer_sport)
+    clock.now += 2
+    assert state.poll() == 2
+    _, sport_rows = state.consensus_for(run.run_id, "sport", 2)
+    mine = run.layout.per_domain["sport"]
+    # u3 is held by sport and cloth: mean of sport's newest and cloth's round-1 rows
+    u3_sport = int(np.flatnonzero(mine.shared_rows == 2)[0])
+    u3_cloth = int(np.flatnonzero(run.layout.per_domain["cloth"].shared_rows == 1)[0])
+    np.testing.assert_allclose(sport_rows[u3_sport], (newer_sport[u3_sport] + first["cloth"][u3_cloth]) / 2, rtol=1e-6)
+
+
+def test_pull_refusals_and_push_again_hint() -> None:
+    state = _registered()
+    run = state.start_run(RunParams(rounds=1, rank=RANK))
+    _expect("FAILED_PRECONDITION", lambda: state.consensus_for(run.run_id, "sport", 1))  # never pushed round 1
+    _expect("FAILED_PRECONDITION", lambda: state.consensus_for(run.run_id, "sport", 2))  # not open yet
+    state.accept_contribution(run.run_id, "sport", 1, _values(state, "sport", 0))
+    assert state.consensus_for(run.run_id, "sport", 1) is None
+    state.accept_contribution(run.run_id, "cloth", 1, _values(state, "cloth", 0))
+    state.accept_contribution(run.run_id, "books", 1, _values(state, "books", 0))
+    assert run.state == "finished" and run.events[-1].kind == "run_finished"
+    assert state.consensus_for(run.run_id, "books", 1)[0] == 1
+    _expect("FAILED_PRECONDITION", lambda: state.consensus_for(run.run_id, "books", 2))
+    _expect("FAILED_PRECONDITION", lambda: state.accept_contribution(run.run_id, "sport", 2, _values(state, "sport", 0)))
+
+
+def test_runs_start_and_stop_with_the_right_statuses() -> None:
+    state = _registered()
+    _expect("FAILED_PRECONDITION", lambda: state.start_run(RunParams(rounds=1, rank=RANK, min_domains=4)))
+    _expect("INVALID_ARGUMENT", lambda: state.start_run(RunParams(rounds=1, rank=RANK, domain_aggregation_period={"music": 2})))
+    assert state.run is None
+    run = state.start_run(RunParams(run_id="r1", rounds=2, rank=RANK))
+    _expect("ALREADY_EXISTS", lambda: state.start_run(RunParams(run_id="r1", rounds=2, rank=RANK)))
+    _expect("FAILED_PRECONDITION", lambda: state.start_run(RunParams(run_id="r2", rounds=2, rank=RANK)))
+    _expect("NOT_FOUND", lambda: state.stop_run("r9"))
+    state.stop_run("r1", "operator said so")
+    assert run.state == "stopped"
+    _expect("FAILED_PRECONDITION", lambda: state.stop_run("r1"))
+    _expect("FAILED_PRECONDITION", lambda: state.check_contribution("r1", "sport", 1))
+    _expect("ALREADY_EXISTS", lambda: state.start_run(RunParams(run_id="r1", rounds=2, rank=RANK)))
+    assert state.start_run(RunParams(run_id="r2", rounds=2, rank=RANK)).run_id == "r2"
+
+
+def test_metrics_once_per_domain_and_round() -> None:
+    state = _registered()
+    run = state.start_run(RunParams(rounds=2, rank=RANK))
+    state.report_metrics(run.run_id, "sport", 0, {"hr@10": 0.1})
+    _expect("ALREADY_EXISTS", lambda: state.report_metrics(run.run_id, "sport", 0, {"hr@10": 0.2}))
+    _expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "cloth", 0, {"hr@10": float("nan")}))
+    assert run.metrics == {"sport": {0: {"hr@10": 0.1}}}
+
+
+def test_restart_resumes_from_the_last_round_and_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    uninterrupted = _registered()
+    saved = _registered(tmp_path)
+    pushes = {}
+    for state in (uninterrupted, saved):
+        run = state.start_run(RunParams(run_id="r", rounds=2, rank=RANK, admm=ADMMParams(rho=1.0, prox="l2", lambda_z=1.0)))
+        for i, name in enumerate(run.admitted):
+            pushes[name, 1] = _values(state, name, i)
+            state.accept_contribution("r", name, 1, pushes[name, 1])
+    # a push into round 2 that is not yet saved (rounds are saved when they close) is lost
+    saved.accept_contribution("r", "sport", 2, _values(saved, "sport", 7))
+    restarted = AggregatorState(tmp_path, clock=FakeClock())
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    run = restarted.run
+    assert run is not None and run.run_id == "r" and run.current_round == 2 and run.consensus_round == 1
+    np.testing.assert_array_equal(run.consensus, uninterrupted.run.consensus)
+    assert {d: tag for d, (tag, _) in run.contributions.items()} == {"books": 1, "cloth": 1, "sport": 1}
+    _expect("FAILED_PRECONDITION", lambda: restarted.consensus_for("r", "sport", 2))  # push it again
+    for state in (uninterrupted, restarted):
+        for i, name in enumerate(state.run.admitted):
+            state.accept_contribution("r", name, 2, _values(state, name, 20 + i))
+    assert restarted.run.state == uninterrupted.run.state == "finished"
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+    again = AggregatorState(tmp_path)
+    assert again.run.state == "finished" and again.run.consensus_round == 2
+    assert sorted(again.registrations) == ["books", "cloth", "sport"]

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.config import TLSConfig
+
 URI_SCHEME = "cdimf"
 PartyKind = Literal["domain", "aggregator", "operator"]
 PARTY_KINDS: tuple[PartyKind, ...] = ("domain", "aggregator", "operator")
@@ -482,3 +484,34 @@ async def require_operator(context: grpc.aio.ServicerContext, *, insecure: bool 
     refusal = operator_check(context, insecure=insecure)
     if refusal is not None:
         await context.abort(*refusal)
+
+
+def _tls_files(settings: TLSConfig) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) paths of a TLS config that is not insecure."""
+    if settings.ca_file is None or settings.cert_file is None or settings.key_file is None:
+        raise TLSMaterialError("mutual TLS needs ca_file, cert_file and key_file (or insecure = true)")
+    return settings.ca_file, settings.cert_file, settings.key_file
+
+
+def bind_port(server: grpc.aio.Server | grpc.Server, address: str, settings: TLSConfig) -> int:
+    """Bind `address` on `server` with mutual TLS from `settings`, or plaintext when
+    `settings.insecure`; return the bound port (useful with port 0)."""
+    if settings.insecure:
+        port = server.add_insecure_port(address)
+    else:
+        ca_file, cert_file, key_file = _tls_files(settings)
+        port = server.add_secure_port(address, server_credentials(cert_file, key_file, ca_file))
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
+
+
+def open_channel(
+    target: str, settings: TLSConfig, options: Sequence[tuple[str, str | int]] = ()
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target` presenting this party's certificate from `settings`, or a
+    plaintext one when `settings.insecure`."""
+    if settings.insecure:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    credentials = channel_credentials(*_tls_files(settings))
+    return grpc.aio.secure_channel(target, credentials, options=list(options))

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf import certs
 from common import tls
+from common.config import TLSConfig
 from common.pseudonyms import load_secret
 
 PROBE_METHOD = "/cdimf.test.Probe/Speak"
@@ -323,3 +324,37 @@ def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) ->
             status = exit_.code
         assert status == 2, bad
         assert not fresh.exists(), bad
+
+
+def test_config_driven_port_and_channel(pki: Path) -> None:
+    """bind_port/open_channel follow a TLSConfig: mutual TLS by default, plaintext only when
+    insecure, and a TLS client cannot talk to a plaintext server."""
+    node_tls = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "sport.pem", key_file=pki / "sport.key")
+    server_tls = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "aggregator.pem", key_file=pki / "aggregator.key")
+    plaintext = TLSConfig(insecure=True)
+
+    async def health_status(port: int, settings: TLSConfig) -> grpc.StatusCode:
+        async with tls.open_channel(f"127.0.0.1:{port}", settings) as channel:
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+    async def scenario() -> None:
+        for server_settings, client_settings, expected in (
+            (server_tls, node_tls, grpc.StatusCode.OK),
+            (plaintext, plaintext, grpc.StatusCode.OK),
+            (plaintext, node_tls, grpc.StatusCode.UNAVAILABLE),
+            (server_tls, plaintext, grpc.StatusCode.UNAVAILABLE),
+        ):
+            server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+            port = tls.bind_port(server, "127.0.0.1:0", server_settings)
+            await server.start()
+            try:
+                assert await health_status(port, client_settings) == expected, (server_settings, client_settings)
+            finally:
+                await server.stop(None)
+
+    asyncio.run(scenario())

@@ -148,6 +148,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     ("1\t2\nx\t4\n", 2, "user id 'x' is not a non-negative integer"),
     ("1\t2\t1\t1\n", 1, "got 4"),
     ("12\n", 1, "got 1"),
+    ("1\t2\n3\t" + "9" * 300 + "\n", 2, "item id longer than 256"),
 ])
 def test_malformed_paper_files_name_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:
     path = _write(tmp_path, "bad.txt", text)

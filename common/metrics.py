@@ -16,8 +16,11 @@ import numpy as np
 import scipy.sparse as sp
 
 FLOAT = np.float32
-# Rows of scores handled at once: bounds peak memory (rows x candidates x rank floats).
-_SAMPLED_CHUNK_FLOATS = 1 << 22
+# Scores held at once when ranking by GEMM (rows x catalog floats): bounds peak memory.
+_SAMPLED_CHUNK_FLOATS = 1 << 23
+# Draws per sampler block. The negatives depend on it (blocks consume the generator in turn):
+# changing it changes which negatives a seed gives.
+_SAMPLER_CHUNK_DRAWS = 1 << 22
 _FULL_CHUNK_FLOATS = 1 << 23
 # A gathered block small enough to stay in cache (about 8 MiB).
 _GATHER_CHUNK_FLOATS = 1 << 21
@@ -128,7 +131,7 @@ def _negatives_by_rejection(rng: np.random.Generator, n_pool: int, excluded_rows
     while pending.size:
         n_draws = generosity * _draws_for(n_pool, n_negatives + int(n_excluded[pending].max(initial=0)))
         generosity *= 2
-        chunk = max(1, _SAMPLED_CHUNK_FLOATS // n_draws)
+        chunk = max(1, _SAMPLER_CHUNK_DRAWS // n_draws)
         short = []
         for start in range(0, pending.size, chunk):
             rows = pending[start:start + chunk]
@@ -304,18 +307,23 @@ def _check_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
 
 def sampled_metrics(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, test_users: np.ndarray,
                     test_items: np.ndarray, n_negatives: int = 999, seed: int = 0, k: int = 10,
-                    exclude: sp.csr_matrix | None = None, catalog: np.ndarray | None = None) -> dict[str, float]:
+                    exclude: sp.csr_matrix | None = None, catalog: np.ndarray | None = None,
+                    candidates: np.ndarray | None = None) -> dict[str, float]:
     """The paper's protocol: {"HR@k", "NDCG@k"} as fractions, plus "rows", averaged over test rows.
 
     exclude defaults to the test pairs themselves (the user's test items); catalog defaults to
-    the items with a training entry.
+    the items with a training entry. Pass `candidates` from `sample_negatives` to reuse one
+    draw across evaluations (e.g. every validation round); the sampling arguments are then unused.
     """
     train = canonical_csr(train, "train")
     test_users, test_items = _check_rows(test_users, test_items)
-    if exclude is None:
-        exclude = pairs_to_csr(test_users, test_items, train.shape)
-    candidates = sample_negatives(train.shape[1], test_users, test_items, exclude, n_negatives, seed,
-                                  _resolve_catalog(catalog, train.shape[1], train))
+    if candidates is None:
+        if exclude is None:
+            exclude = pairs_to_csr(test_users, test_items, train.shape)
+        candidates = sample_negatives(train.shape[1], test_users, test_items, exclude, n_negatives, seed,
+                                      _resolve_catalog(catalog, train.shape[1], train))
+    elif not np.array_equal(np.asarray(candidates)[:, 0], test_items):
+        raise ValueError("candidates' first column must be the test items")
     ranks = sampled_ranks(user_vecs, item_vecs, candidates, test_users, train)
     return {f"HR@{k}": hit_rate(ranks, k), f"NDCG@{k}": ndcg(ranks, k), "rows": float(ranks.size)}
 

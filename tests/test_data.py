@@ -158,6 +158,12 @@ def test_malformed_paper_files_name_file_and_line(tmp_path: Path, text: str, lin
     assert str(caught.value).startswith(f"{path}:{line}: ")
 
 
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot read") as caught:
+        read_interactions(tmp_path / "absent.txt")
+    assert caught.value.path == tmp_path / "absent.txt"
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "   \n"])
 def test_empty_file_is_rejected(tmp_path: Path, text: str) -> None:
     path = _write(tmp_path, "empty.csv", text)

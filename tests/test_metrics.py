@@ -166,6 +166,9 @@ def test_sampled_metrics_matches_ranks_and_perfect_model() -> None:
     ranks = sampled_ranks(user_vecs, item_vecs,
                           sample_negatives(n_items, test_users, test_items, exclude, 20, seed=3), test_users, train)
     assert metrics == {"HR@5": hit_rate(ranks, 5), "NDCG@5": ndcg(ranks, 5), "rows": float(n_users)}
+    candidates = sample_negatives(n_items, test_users, test_items, exclude, 20, seed=3)
+    reused = sampled_metrics(user_vecs, item_vecs, train, test_users, test_items, k=5, candidates=candidates)
+    assert reused == metrics
     # A model that scores each user's target far above everything else is perfect.
     one_hot_items = np.eye(n_items, dtype=np.float32)
     oracle_users = 10 * one_hot_items[test_items]

@@ -180,6 +180,8 @@ class AggregatorState:
         self.clock = clock
         self.registrations: dict[str, Registration] = {}
         self.run: Run | None = None
+        # aligning a million pseudonyms takes seconds; registrations change rarely
+        self._layout_cache: tuple[tuple[tuple[str, str], ...], Layout] | None = None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._restore()
@@ -214,7 +216,14 @@ class AggregatorState:
         run = self.run
         if run is not None and run.state == "running" and domain in run.admitted:
             return run.layout, True
-        return compute_layout(self.registrations), False
+        return self.current_layout(), False
+
+    def current_layout(self) -> Layout:
+        """The membership over every registered domain (cached until a registration changes)."""
+        key = tuple((name, self.registrations[name].fingerprint) for name in sorted(self.registrations))
+        if self._layout_cache is None or self._layout_cache[0] != key:
+            self._layout_cache = (key, compute_layout(self.registrations))
+        return self._layout_cache[1]
 
     # ----- runs -----
 
@@ -231,7 +240,7 @@ class AggregatorState:
         unknown = sorted(set(params.domain_aggregation_period) - set(self.registrations))
         if unknown:
             raise StateError("INVALID_ARGUMENT", f"domain_aggregation_period names unregistered domains {unknown}")
-        layout = compute_layout(self.registrations)
+        layout = self.current_layout()
         run_id = params.run_id or f"run-{uuid.uuid4().hex[:12]}"
         run = Run(run_id, params.model_copy(update={"run_id": run_id}), layout, round_opened_at=self.clock(), started_wall=time.time())
         run.events.append(Event("run_started", 0, 0.0))

@@ -1,0 +1,373 @@
+"""The node-side (and operator-side) client of the aggregator: one async method per RPC.
+
+Usage from a node (inside an asyncio loop; run numpy training in a thread meanwhile):
+
+    client = AggregatorClient("127.0.0.1:7070", domain="sport", credentials=None)
+    registration = await client.register(pseudonymize(user_keys, secret), holder_flags)
+    run = await client.wait_for_run(wait_s=600)                 # RunInfo (params for this domain)
+    view = await client.get_membership()                        # shared_rows / receiver_rows
+    for r in range(1, run.rounds + 1):
+        ... local epochs (run.aggregation_period) ...
+        await client.push_contribution(run.run_id, r, trainer.contribution())
+        z = await client.pull_consensus(run.run_id, r, wait_s=..., shared=len(view.shared_rows),
+                                        receivers=len(view.receiver_rows))
+        if z is not None: trainer.receive_consensus(z.shared, z.receivers)
+        await client.report_metrics(run.run_id, z.round, {"hr@10": ...})
+    await client.close()
+
+Every call has a deadline (rpc_timeout_s; pulls and waits add their wait time). UNAVAILABLE
+(aggregator down or restarting) is retried with exponential backoff and full jitter until
+`retry_for_s` has passed; other failures raise AggregatorError with the gRPC status code. Each
+channel sends keepalive pings (common.config.CHANNEL_OPTIONS). A push whose Ack was lost and is
+retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
+"""
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from common.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix, encode_registration, wire_dtype
+from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from protos.v1 import federation_pb2 as pb
+from protos.v1 import federation_pb2_grpc as pb_grpc
+
+Result = TypeVar("Result")
+ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
+_STATES = {
+    pb.RUN_STATE_IDLE: "idle",
+    pb.RUN_STATE_RUNNING: "running",
+    pb.RUN_STATE_FINISHED: "finished",
+    pb.RUN_STATE_STOPPED: "stopped",
+}
+
+
+class AggregatorError(Exception):
+    """An aggregator call failed with a gRPC status (after retries, for UNAVAILABLE)."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect policy: delays grow from `initial_s` by `factor` up to `max_s`, full jitter."""
+
+    initial_s: float = 0.2
+    max_s: float = 10.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to sleep before retry number `attempt` (0-based)."""
+        return rng.uniform(0.0, min(self.max_s, self.initial_s * self.factor**attempt))
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The aggregator's summary of a registration (the proto Membership)."""
+
+    domains: tuple[str, ...]
+    rows: int
+    shared_rows: int
+    receiver_rows: int
+    fingerprint: str
+    frozen: bool
+
+
+@dataclass(frozen=True)
+class MembershipView:
+    """Per registered row: its role and which domains hold it; the exchanged rows in wire order.
+
+    shared_rows: rows pushed (X + U) and pulled (Z), ascending. receiver_rows: rows pulled only.
+    holder_masks bit i = domains[i] holds the row.
+    """
+
+    domains: tuple[str, ...]
+    roles: np.ndarray
+    holder_masks: np.ndarray
+    shared_rows: np.ndarray
+    receiver_rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as a node sees it; aggregation_period is resolved for this client's domain."""
+
+    run_id: str
+    state: str
+    params: RunParams | None
+    aggregation_period: int
+    current_round: int
+    latest_consensus_round: int
+    admitted_domains: tuple[str, ...]
+
+    @property
+    def rounds(self) -> int:
+        """Rounds of the run (0 when idle)."""
+        return self.params.rounds if self.params is not None else 0
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The open round the contribution counted in; replayed: the aggregator already had it."""
+
+    accepted_round: int
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """Z of one round for this domain: shared rows then receiver rows (float32)."""
+
+    round: int
+    shared: np.ndarray
+    receivers: np.ndarray
+
+
+def run_info_from_proto(message: pb.RunInfo) -> RunInfo:
+    """Convert the wire RunInfo (idle runs have no params)."""
+    params = RunParams.from_proto(message.params) if message.run_id else None
+    return RunInfo(
+        run_id=message.run_id,
+        state=_STATES.get(message.state, "unknown"),
+        params=params,
+        aggregation_period=message.aggregation_period,
+        current_round=message.current_round,
+        latest_consensus_round=message.latest_consensus_round,
+        admitted_domains=tuple(message.admitted_domains),
+    )
+
+
+def channel_credentials_from_config(tls: TLSConfig) -> grpc.ChannelCredentials | None:
+    """Channel credentials for a TLS section (None: plaintext, only with insecure = true)."""
+    if tls.insecure:
+        return None
+    from common.tls import channel_credentials
+
+    return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)  # type: ignore[arg-type]
+
+
+class AggregatorClient:
+    """Async client of cdimf.v1.Aggregator for one domain (domain "" for operator-only use)."""
+
+    def __init__(
+        self,
+        address: str,
+        domain: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
+        rpc_timeout_s: float = 30.0,
+        retry_for_s: float = 120.0,
+        backoff: Backoff = Backoff(),
+        seed: int | None = None,
+    ) -> None:
+        self.address = address
+        self.domain = domain
+        self.rpc_timeout_s = rpc_timeout_s
+        self.retry_for_s = retry_for_s
+        self.backoff = backoff
+        self._rng = random.Random(seed)
+        options = list(CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self.stub = pb_grpc.AggregatorStub(self.channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AggregatorClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def header(self, run_id: str = "", round_index: int = 0) -> pb.Header:
+        """A request header from this client's domain."""
+        return pb.Header(run_id=run_id, domain=self.domain, round=round_index)
+
+    async def _call(self, method: str, attempt: Callable[[], Awaitable[Result]]) -> Result:
+        """Run one call, retrying UNAVAILABLE with backoff and jitter until retry_for_s passed."""
+        give_up = time.monotonic() + self.retry_for_s
+        tries = 0
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+                    raise AggregatorError(method, code, error.details() or "") from error
+            delay = self.backoff.delay(tries, self._rng)
+            tries += 1
+            await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
+
+    # ----- node API -----
+
+    async def register(self, pseudonyms: np.ndarray, holder: np.ndarray) -> Registered:
+        """Register every row of this domain: (n, 32) pseudonyms and n holder flags, in row order."""
+        header = self.header()
+
+        async def attempt() -> pb.Membership:
+            return await self.stub.Register(encode_registration(pseudonyms, holder, header), timeout=self.rpc_timeout_s)
+
+        reply = await self._call("Register", attempt)
+        return Registered(tuple(reply.domains), reply.rows, reply.shared_rows, reply.receiver_rows, reply.fingerprint, reply.frozen)
+
+    async def get_membership(self, run_id: str = "") -> MembershipView:
+        """The roles and holder masks of this domain's rows (the run's frozen membership once admitted)."""
+        request = pb.GetMembershipRequest(header=self.header(run_id))
+
+        async def attempt() -> tuple[np.ndarray, np.ndarray, list[str]]:
+            assembler = MembershipAssembler()
+            async for chunk in self.stub.GetMembership(request, timeout=self.rpc_timeout_s):
+                assembler.add(chunk)
+            return assembler.result()
+
+        try:
+            roles, masks, domains = await self._call("GetMembership", attempt)
+        except ChunkError as error:
+            raise AggregatorError("GetMembership", grpc.StatusCode.DATA_LOSS, str(error)) from error
+        return MembershipView(
+            tuple(domains), roles, masks, np.flatnonzero(roles == ROLE_SHARED), np.flatnonzero(roles == ROLE_RECEIVER)
+        )
+
+    async def wait_for_run(self, wait_s: float, after_run_id: str = "") -> RunInfo | None:
+        """The current run other than `after_run_id`, waiting up to wait_s; None if none started."""
+        request = pb.WaitForRunRequest(header=self.header(), wait_s=wait_s, after_run_id=after_run_id)
+
+        async def attempt() -> pb.RunInfo:
+            return await self.stub.WaitForRun(request, timeout=wait_s + self.rpc_timeout_s)
+
+        try:
+            return run_info_from_proto(await self._call("WaitForRun", attempt))
+        except AggregatorError as error:
+            if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            raise
+
+    async def push_contribution(self, run_id: str, round_index: int, values: np.ndarray, dtype: str = "float32") -> PushResult:
+        """Send X + U of the shared rows (membership order) for a round.
+
+        Raises AggregatorError: FAILED_PRECONDITION (round not open, too stale, run ended),
+        INVALID_ARGUMENT (shape, NaN/Inf), NOT_FOUND (unknown run or domain).
+        """
+        header = self.header(run_id, round_index)
+        tries = 0
+
+        async def attempt() -> pb.Ack:
+            nonlocal tries
+            tries += 1
+            return await self.stub.PushContribution(encode_matrix(values, header, dtype=dtype), timeout=self._stream_timeout(values.nbytes))
+
+        try:
+            ack = await self._call("PushContribution", attempt)
+        except AggregatorError as error:
+            # a retried push whose first attempt landed (Ack lost with the connection)
+            if error.code == grpc.StatusCode.ALREADY_EXISTS and tries > 1:
+                return PushResult(round_index, replayed=True)
+            raise
+        return PushResult(ack.accepted_round, replayed=False)
+
+    async def pull_consensus(
+        self, run_id: str, min_round: int, wait_s: float, shared: int, receivers: int, dtype: str = "float32"
+    ) -> Consensus | None:
+        """Z of the newest round >= min_round, waiting up to wait_s; None when none came in time.
+
+        `shared` and `receivers` are the row counts from the membership: the stream must hold
+        exactly shared + receivers rows (a mismatch raises AggregatorError DATA_LOSS).
+        """
+        request = pb.PullRequest(header=self.header(run_id), min_round=min_round, wait_s=wait_s, dtype=wire_dtype(dtype))
+
+        async def attempt() -> tuple[np.ndarray, pb.Header]:
+            assembler = MatrixAssembler("consensus", expected_rows=shared + receivers)
+            stream = self.stub.PullConsensus(request, timeout=wait_s + self._stream_timeout(0))
+            async for chunk in stream:
+                assembler.add(chunk)
+            return assembler.result()
+
+        try:
+            z, header = await self._call("PullConsensus", attempt)
+        except AggregatorError as error:
+            if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            raise
+        except ChunkError as error:
+            raise AggregatorError("PullConsensus", grpc.StatusCode.DATA_LOSS, str(error)) from error
+        return Consensus(header.round, z[:shared], z[shared:])
+
+    async def report_metrics(self, run_id: str, round_index: int, metrics: dict[str, float]) -> None:
+        """Report this domain's validation metrics of a round (shown by WatchRun)."""
+        request = pb.MetricsReport(header=self.header(run_id, round_index), metrics=metrics)
+
+        async def attempt() -> pb.Ack:
+            return await self.stub.ReportMetrics(request, timeout=self.rpc_timeout_s)
+
+        await self._call("ReportMetrics", attempt)
+
+    # ----- control API -----
+
+    async def start_run(self, params: RunParams) -> RunInfo:
+        """Start a run over the registered domains."""
+        request = pb.StartRunRequest(header=self.header(), params=params.to_proto())
+
+        async def attempt() -> pb.RunInfo:
+            return await self.stub.StartRun(request, timeout=self.rpc_timeout_s)
+
+        return run_info_from_proto(await self._call("StartRun", attempt))
+
+    async def get_status(self) -> pb.AggregatorStatus:
+        """The aggregator's status (current run, registered domains) as the proto message."""
+
+        async def attempt() -> pb.AggregatorStatus:
+            return await self.stub.GetStatus(pb.StatusRequest(header=self.header()), timeout=self.rpc_timeout_s)
+
+        return await self._call("GetStatus", attempt)
+
+    async def watch_run(self, run_id: str = "", from_round: int = 0) -> AsyncIterator[pb.RoundEvent]:
+        """Yield the run's events (replayed from from_round, then live) until it ends.
+
+        No overall deadline (runs are long); keepalive detects a dead aggregator, and a dropped
+        stream is resumed after the last round seen.
+        """
+        next_round = from_round
+        give_up = time.monotonic() + self.retry_for_s
+        tries = 0
+        while True:
+            request = pb.WatchRequest(header=self.header(run_id), from_round=next_round)
+            try:
+                async for event in self.stub.WatchRun(request):
+                    tries = 0
+                    give_up = time.monotonic() + self.retry_for_s
+                    # resume after the last closed round; metrics of that round may repeat
+                    if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
+                        next_round = event.round + 1
+                    yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+                    raise AggregatorError("WatchRun", error.code(), error.details() or "") from error
+            await asyncio.sleep(self.backoff.delay(tries, self._rng))
+            tries += 1
+
+    async def stop_run(self, run_id: str, reason: str = "") -> RunInfo:
+        """Stop a running run."""
+        request = pb.StopRunRequest(header=self.header(run_id), reason=reason)
+
+        async def attempt() -> pb.RunInfo:
+            return await self.stub.StopRun(request, timeout=self.rpc_timeout_s)
+
+        return run_info_from_proto(await self._call("StopRun", attempt))
+
+    def _stream_timeout(self, nbytes: int) -> float:
+        """Deadline of a matrix stream: the unary deadline plus time for the bytes at >= 20 MB/s."""
+        return self.rpc_timeout_s + nbytes / 20e6
+

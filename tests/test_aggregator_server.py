@@ -1,0 +1,374 @@
+"""The aggregator over real sockets: a grpc.aio server on 127.0.0.1 (and a real process for restarts),
+driven through domain_node.aggregator_client and raw stubs for malformed input."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from aggregator.server import RunningAggregator, start_aggregator
+from cdimf.engine import CDIMFEngine, DomainInput
+from common.admm import consensus
+from common.chunks import encode_matrix, encode_registration
+from common.config import AggregatorConfig, RunParams, TLSConfig
+from common.params import ADMMParams, IALSParams
+from common.pseudonyms import pseudonymize
+from domain_node.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
+from domain_node.trainer import DomainTrainer
+from protos.v1 import federation_pb2 as pb
+from protos.v1 import federation_pb2_grpc as pb_grpc
+
+SECRET = b"test-federation-secret-32-bytes!"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(60)
+
+
+@asynccontextmanager
+async def aggregator(state_dir: Path) -> AsyncIterator[RunningAggregator]:
+    """A real aggregator server on a free loopback port."""
+    running = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=state_dir, tls=TLSConfig(insecure=True)))
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0.5)
+
+
+def _keys(prefix: str, ids: range | list[int]) -> np.ndarray:
+    return np.array([f"{prefix}{i}" for i in ids])
+
+
+async def _register_two(address: str, rows: int = 6) -> tuple[AggregatorClient, AggregatorClient]:
+    """sport holds u0..u5, cloth holds u3..u8: u3..u5 shared."""
+    sport, cloth = AggregatorClient(address, "sport"), AggregatorClient(address, "cloth")
+    await sport.register(pseudonymize(_keys("u", range(rows)), SECRET), np.ones(rows, bool))
+    await cloth.register(pseudonymize(_keys("u", range(3, 3 + rows)), SECRET), np.ones(rows, bool))
+    return sport, cloth
+
+
+# ----- equivalence with the in-process engine -----
+
+
+def _domain_data(seed: int, n_users: int, n_items: int, empty_rows: list[int]) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((n_users, n_items)) < 0.15).astype(np.float32)
+    dense[empty_rows] = 0  # receivers: registered with no interactions
+    dense[np.arange(n_users), rng.integers(0, n_items, n_users)] = 1
+    dense[empty_rows] = 0
+    return sp.csr_matrix(dense)
+
+
+async def _federated_domain(
+    client: AggregatorClient, trainer: DomainTrainer, view: MembershipView, run_id: str, rounds: int, period: int
+) -> None:
+    """What a node does each round, in the order of the in-process engine."""
+    for round_index in range(1, rounds + 1):
+        await asyncio.to_thread(trainer.local_epochs, period)
+        await client.push_contribution(run_id, round_index, trainer.contribution())
+        z = await client.pull_consensus(run_id, round_index, 20.0, len(view.shared_rows), len(view.receiver_rows))
+        assert z is not None and z.round == round_index
+        trainer.receive_consensus(z.shared, z.receivers)
+
+
+def test_synchronous_federated_run_equals_the_in_process_engine(tmp_path: Path) -> None:
+    admm = ADMMParams(rho=1.5, prox="l2", lambda_z=0.2)
+    sport_keys = _keys("u", range(0, 40))
+    cloth_keys = _keys("u", range(25, 70))[::-1]  # another row order than sport's
+    inputs = [
+        DomainInput("sport", sport_keys, _domain_data(1, 40, 30, [3, 30]), IALSParams(rank=6, seed=1, threads=1), 1),
+        DomainInput("cloth", cloth_keys, _domain_data(2, 45, 25, [5]), IALSParams(rank=6, seed=2, threads=1), 2),
+    ]
+    engine = CDIMFEngine(inputs, admm)
+    engine.run(3)
+
+    async def federated() -> list[DomainTrainer]:
+        async with aggregator(tmp_path) as running:
+            clients = [AggregatorClient(running.address, d.name) for d in inputs]
+            for client, domain in zip(clients, inputs):
+                holds = np.diff(domain.train.indptr) > 0
+                await client.register(pseudonymize(domain.user_keys, SECRET), holds)
+            control = AggregatorClient(running.address)
+            params = RunParams(rounds=3, rank=6, admm=admm, domain_aggregation_period={"cloth": 2})
+            run = await control.start_run(params)
+            trainers, tasks = [], []
+            for client, domain in zip(clients, inputs):
+                info = await client.wait_for_run(5.0)
+                assert info is not None and info.run_id == run.run_id
+                view = await client.get_membership(run.run_id)
+                trainer = DomainTrainer(domain.name, domain.train, domain.params, admm.rho, view.shared_rows, view.receiver_rows)
+                trainers.append(trainer)
+                tasks.append(_federated_domain(client, trainer, view, run.run_id, 3, info.aggregation_period))
+            await asyncio.gather(*tasks)
+            status = await control.get_status()
+            assert status.run.state == pb.RUN_STATE_FINISHED and status.run.latest_consensus_round == 3
+            for client in [*clients, control]:
+                await client.close()
+            return trainers
+
+    trainers = asyncio.run(federated())
+    for trainer, reference in zip(trainers, engine.trainers):
+        np.testing.assert_array_equal(trainer.shared_rows, reference.shared_rows)
+        np.testing.assert_array_equal(trainer.receiver_rows, reference.receiver_rows)
+        for mine, theirs in [(trainer.state.users, reference.state.users), (trainer.state.items, reference.state.items),
+                             (trainer.state.duals, reference.state.duals)]:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    assert len(trainers[0].shared_rows) > 5
+
+
+# ----- bad input -----
+
+
+def _chunks(run_id: str, domain: str, round_index: int, values: np.ndarray) -> list[pb.MatrixChunk]:
+    return list(encode_matrix(values, pb.Header(run_id=run_id, domain=domain, round=round_index), chunk_bytes=2 * values.shape[1] * 4))
+
+
+def _state_snapshot(running: RunningAggregator) -> tuple:
+    run = running.state.run
+    assert run is not None
+    contributions = {d: (tag, values.tobytes()) for d, (tag, values) in run.contributions.items()}
+    z = None if run.consensus is None else run.consensus.tobytes()
+    return run.current_round, run.consensus_round, z, contributions, list(run.reported), len(run.events), len(running.state.registrations)
+
+
+def test_bad_input_gets_the_right_status_and_changes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport, cloth = await _register_two(running.address)
+            run = await AggregatorClient(running.address).start_run(RunParams(rounds=3, rank=4))
+            good = np.ones((3, 4), np.float32)
+            await sport.push_contribution(run.run_id, 1, good)
+            before = _state_snapshot(running)
+            stub = pb_grpc.AggregatorStub(sport.channel)
+
+            corrupt = _chunks(run.run_id, "cloth", 1, good)
+            corrupt[1].data = b"\x00" * len(corrupt[1].data)
+            nan = good.copy()
+            nan[2, 3] = np.nan
+            gap = _chunks(run.run_id, "cloth", 1, good)
+            del gap[0]
+            cases = [
+                ("checksum", corrupt, grpc.StatusCode.INVALID_ARGUMENT),
+                ("missing chunk", gap, grpc.StatusCode.INVALID_ARGUMENT),
+                ("wrong shape", _chunks(run.run_id, "cloth", 1, np.ones((4, 4), np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
+                ("wrong rank", _chunks(run.run_id, "cloth", 1, np.ones((3, 5), np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
+                ("NaN", _chunks(run.run_id, "cloth", 1, nan), grpc.StatusCode.INVALID_ARGUMENT),
+                ("empty stream", [], grpc.StatusCode.INVALID_ARGUMENT),
+                ("unknown run", _chunks("nope", "cloth", 1, good), grpc.StatusCode.NOT_FOUND),
+                ("unknown domain", _chunks(run.run_id, "music", 1, good), grpc.StatusCode.NOT_FOUND),
+                ("replayed round", _chunks(run.run_id, "sport", 1, good), grpc.StatusCode.ALREADY_EXISTS),
+                ("future round", _chunks(run.run_id, "cloth", 2, good), grpc.StatusCode.FAILED_PRECONDITION),
+            ]
+            for label, chunks, code in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.PushContribution(iter(chunks), timeout=5)
+                assert error.value.code() == code, f"{label}: {error.value.details()}"
+                assert _state_snapshot(running) == before, label
+
+            bad_registration = list(encode_registration(pseudonymize(["a", "b"], SECRET), np.ones(2, bool), pb.Header(domain="books")))
+            bad_registration[0].crc32 ^= 1
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Register(iter(bad_registration), timeout=5)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in error.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.StartRun(pb.StartRunRequest(params=pb.RunParams(rounds=0, rank=4)), timeout=5)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rounds" in error.value.details()
+            with pytest.raises(AggregatorError) as client_error:
+                await cloth.pull_consensus(run.run_id, 1, 0.1, 3, 0)
+            assert client_error.value.code == grpc.StatusCode.FAILED_PRECONDITION  # cloth never pushed round 1
+            with pytest.raises(AggregatorError) as client_error:
+                await cloth.report_metrics("nope", 0, {"hr": 0.5})
+            assert client_error.value.code == grpc.StatusCode.NOT_FOUND
+            assert _state_snapshot(running) == before
+            # and the run still works afterwards
+            await cloth.push_contribution(run.run_id, 1, 3 * good)
+            z = await sport.pull_consensus(run.run_id, 1, 5.0, 3, 0)
+            assert z is not None and z.round == 1
+            np.testing.assert_array_equal(z.shared, 2 * good)
+            for client in (sport, cloth):
+                await client.close()
+
+    asyncio.run(scenario())
+
+
+# ----- waiting, deadlines, staleness, events -----
+
+
+def test_pull_waits_for_the_round_and_times_out_without_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport, cloth = await _register_two(running.address)
+            run = await AggregatorClient(running.address).start_run(RunParams(rounds=2, rank=4))
+            await sport.push_contribution(run.run_id, 1, np.ones((3, 4), np.float32))
+            assert await sport.pull_consensus(run.run_id, 1, 0.2, 3, 0) is None
+            waiting = asyncio.ensure_future(sport.pull_consensus(run.run_id, 1, 10.0, 3, 0))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await cloth.push_contribution(run.run_id, 1, np.full((3, 4), 3.0, np.float32))
+            z = await waiting
+            assert z is not None and z.round == 1 and np.all(z.shared == 2.0)
+            half = await cloth.pull_consensus(run.run_id, 1, 1.0, 3, 0, dtype="float16")
+            assert half is not None and np.all(half.shared == 2.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_domain_does_not_stop_rounds_past_the_deadline(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport, cloth = await _register_two(running.address)
+            params = RunParams(rounds=4, rank=4, round_deadline_s=0.2, min_domains=1, max_staleness=1)
+            run = await AggregatorClient(running.address).start_run(params)
+            for round_index in (1, 2):
+                await sport.push_contribution(run.run_id, round_index, np.full((3, 4), float(round_index), np.float32))
+                z = await sport.pull_consensus(run.run_id, round_index, 5.0, 3, 0)
+                assert z is not None and z.round == round_index and np.all(z.shared == round_index)
+            # cloth comes back: its round-2 contribution is one round stale, so it counts in round 3
+            late = await cloth.push_contribution(run.run_id, 2, np.full((3, 4), 10.0, np.float32))
+            assert late.accepted_round == 3
+            with pytest.raises(AggregatorError) as error:
+                await cloth.push_contribution(run.run_id, 1, np.zeros((3, 4), np.float32))
+            assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            await sport.push_contribution(run.run_id, 3, np.full((3, 4), 4.0, np.float32))
+            z = await cloth.pull_consensus(run.run_id, 2, 5.0, 3, 0)
+            assert z is not None and z.round == 3 and np.all(z.shared == 7.0)
+
+    asyncio.run(scenario())
+
+
+def test_watch_run_streams_rounds_and_metrics(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport, cloth = await _register_two(running.address)
+            control = AggregatorClient(running.address)
+            run = await control.start_run(RunParams(rounds=2, rank=4))
+            events: list[pb.RoundEvent] = []
+
+            async def watch() -> None:
+                async for event in control.watch_run(run.run_id):
+                    events.append(event)
+
+            watcher = asyncio.ensure_future(watch())
+            for round_index in (1, 2):
+                for client in (sport, cloth):
+                    await client.push_contribution(run.run_id, round_index, np.ones((3, 4), np.float32))
+                await sport.report_metrics(run.run_id, round_index, {"hr@10": 0.1 * round_index})
+            await asyncio.sleep(0.1)
+            assert not watcher.done(), "the watch waits for cloth's final metrics"
+            await cloth.report_metrics(run.run_id, 2, {"hr@10": 0.5})
+            await asyncio.wait_for(watcher, 5)
+            kinds = [(pb.EventKind.Name(e.kind), e.round) for e in events]
+            # the final round's metrics arrive after the run finished; the watch waits for them
+            assert kinds == [
+                ("EVENT_KIND_RUN_STARTED", 0), ("EVENT_KIND_ROUND_CLOSED", 1), ("EVENT_KIND_METRICS", 1),
+                ("EVENT_KIND_ROUND_CLOSED", 2), ("EVENT_KIND_RUN_FINISHED", 2), ("EVENT_KIND_METRICS", 2),
+                ("EVENT_KIND_METRICS", 2),
+            ]
+            assert list(events[1].contributors) == ["cloth", "sport"]
+            assert events[2].domain == "sport" and events[2].metrics["hr@10"] == pytest.approx(0.1)
+            assert {events[5].domain, events[6].domain} == {"sport", "cloth"}
+            status = await control.get_status()
+            latest = {d.domain: dict(d.latest_metrics) for d in status.domains}
+            assert latest == {"sport": {"hr@10": pytest.approx(0.2)}, "cloth": {"hr@10": pytest.approx(0.5)}}
+
+    asyncio.run(scenario())
+
+
+def test_a_large_matrix_crosses_with_default_message_limits(tmp_path: Path) -> None:
+    """120k x 64 float32 (31 MB, 7x gRPC's 4 MB default) each way."""
+    rows = 120_000
+
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport, cloth = AggregatorClient(running.address, "sport"), AggregatorClient(running.address, "cloth")
+            # random digests stand in for pseudonyms: hashing 120k keys is not what this tests
+            digests = np.random.default_rng(5).integers(0, 256, (rows, 32), dtype=np.uint8)
+            await sport.register(digests, np.ones(rows, bool))
+            await cloth.register(digests, np.ones(rows, bool))
+            run = await AggregatorClient(running.address).start_run(RunParams(rounds=1, rank=64))
+            values = np.random.default_rng(0).standard_normal((rows, 64)).astype(np.float32)
+            await sport.push_contribution(run.run_id, 1, values)
+            await cloth.push_contribution(run.run_id, 1, values)
+            z = await sport.pull_consensus(run.run_id, 1, 10.0, rows, 0)
+            assert z is not None
+            np.testing.assert_array_equal(z.shared, values)
+
+    asyncio.run(scenario())
+
+
+# ----- a real process killed and restarted -----
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _spawn(port: int, state_dir: Path) -> subprocess.Popen[str]:
+    environ = {**os.environ, "CDIMF_LISTEN": f"127.0.0.1:{port}", "CDIMF_STATE_DIR": str(state_dir), "CDIMF_TLS__INSECURE": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "--log-level", "WARNING"],
+        cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("LISTENING "), line
+    return process
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
+
+
+def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_path: Path, processes: list) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    processes.append(_spawn(port, tmp_path))
+    admm = ADMMParams(rho=1.0, prox="l2", lambda_z=0.5)
+    rng = np.random.default_rng(3)
+    pushes = {(d, r): rng.standard_normal((3, 4)).astype(np.float32) for d in ("sport", "cloth") for r in (1, 2)}
+
+    async def scenario() -> None:
+        backoff = Backoff(initial_s=0.05, max_s=0.3)
+        sport = AggregatorClient(address, "sport", rpc_timeout_s=5, retry_for_s=20, backoff=backoff, seed=1)
+        cloth = AggregatorClient(address, "cloth", rpc_timeout_s=5, retry_for_s=20, backoff=backoff, seed=2)
+        for client, first in ((sport, 0), (cloth, 3)):
+            await client.register(pseudonymize(_keys("u", range(first, first + 6)), SECRET), np.ones(6, bool))
+        run = await AggregatorClient(address).start_run(RunParams(run_id="r1", rounds=2, rank=4, admm=admm))
+        for domain, client in (("sport", sport), ("cloth", cloth)):
+            await client.push_contribution(run.run_id, 1, pushes[domain, 1])
+        assert (await sport.pull_consensus(run.run_id, 1, 5.0, 3, 0)).round == 1
+
+        processes[0].send_signal(signal.SIGKILL)
+        processes[0].wait(5)
+        # pushes while the aggregator is down retry with backoff until it is back
+        pending = asyncio.ensure_future(sport.push_contribution(run.run_id, 2, pushes["sport", 2]))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        processes.append(await asyncio.to_thread(_spawn, port, tmp_path))
+        assert (await pending).accepted_round == 2
+        await cloth.push_contribution(run.run_id, 2, pushes["cloth", 2])
+        z = await cloth.pull_consensus(run.run_id, 2, 5.0, 3, 0)
+        assert z is not None and z.round == 2
+        expected, _ = consensus([(np.arange(3), pushes["sport", 2]), (np.arange(3), pushes["cloth", 2])], 3, 4, admm)
+        np.testing.assert_array_equal(z.shared, expected)
+        for client in (sport, cloth):
+            await client.close()
+
+    asyncio.run(scenario())

@@ -84,7 +84,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument(
         "--if-missing", action="store_true",
-        help="if every file already exists and fits the CA, keep them and succeed (for one-shot container jobs)",
+        help="write only the missing files: reuse the CA in --out if present, keep valid existing certificates "
+        "(to add a domain, renew a moved-away certificate, or rerun a one-shot container job)",
     )
     return parser
 
@@ -114,86 +115,112 @@ def _plan(args: argparse.Namespace) -> list[PlannedFile]:
     ]
 
 
-def _check_existing(folder: Path, plan: list[PlannedFile]) -> None:
-    """Check that the existing files are a complete, valid set for `plan`, else raise ValueError."""
-    ca_certificate = tls.load_certificate(folder / "ca.pem")
-    now = datetime.datetime.now(datetime.UTC)
-    for planned in plan:
-        certificate_path, key_path = planned.paths(folder)
-        issued = tls.load_issued(certificate_path, key_path)
-        if issued.certificate.not_valid_after_utc <= now:
-            raise ValueError(f"{certificate_path} expired on {issued.certificate.not_valid_after_utc:%Y-%m-%d}")
-        if planned.identity is None:
-            continue
-        try:
-            issued.certificate.verify_directly_issued_by(ca_certificate)
-        except (ValueError, TypeError, InvalidSignature):
-            raise ValueError(f"{certificate_path} is not issued by the CA in {folder / 'ca.pem'}") from None
-        found = tls.party_identity(issued.certificate)
-        if found != planned.identity:
-            raise ValueError(f"{certificate_path} is for {found.uri()}, expected {planned.identity.uri()}")
+def _present(folder: Path, planned: PlannedFile) -> bool:
+    """Whether the pair exists in `folder`; a certificate without its key (or the reverse) is an error."""
+    certificate_path, key_path = planned.paths(folder)
+    if certificate_path.exists() != key_path.exists():
+        only, lacking = (certificate_path, key_path) if certificate_path.exists() else (key_path, certificate_path)
+        raise ValueError(f"{only} exists without {lacking.name}")
+    return certificate_path.exists()
 
 
-def _issue(args: argparse.Namespace, plan: list[PlannedFile]) -> list[tuple[PlannedFile, tls.IssuedCertificate]]:
-    """Create the CA and issue every planned certificate in memory (nothing written yet)."""
-    ca = tls.create_ca(days=args.days * CA_DAYS_FACTOR)
-    domain_hosts: dict[str, list[str]] = {}
-    for domain, host in args.domain_host:
-        domain_hosts.setdefault(domain, []).append(host)
-    issued: list[tuple[PlannedFile, tls.IssuedCertificate]] = [(plan[0], ca)]
-    for planned in plan[1:]:
-        assert planned.identity is not None  # only the CA has none, and it is plan[0]
-        if planned.identity.kind == "aggregator":
-            certificate = tls.issue_aggregator_certificate(ca, args.aggregator_host, days=args.days)
-        elif planned.identity.kind == "domain":
-            certificate = tls.issue_domain_certificate(
-                ca, planned.identity.name, hosts=domain_hosts.get(planned.identity.name, []), days=args.days
-            )
+def _check_kept(folder: Path, planned: PlannedFile, ca: tls.IssuedCertificate) -> None:
+    """Check that an existing pair is unexpired, issued by `ca` and for the planned identity."""
+    certificate_path, key_path = planned.paths(folder)
+    issued = tls.load_issued(certificate_path, key_path)
+    expiry = issued.certificate.not_valid_after_utc
+    if expiry <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"{certificate_path} expired on {expiry:%Y-%m-%d}: move the pair away to re-issue it")
+    if planned.identity is None:
+        return
+    try:
+        issued.certificate.verify_directly_issued_by(ca.certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(f"{certificate_path} is not issued by the CA in {folder / 'ca.pem'}") from None
+    found = tls.party_identity(issued.certificate)
+    if found != planned.identity:
+        raise ValueError(f"{certificate_path} is for {found.uri()}, expected {planned.identity.uri()}")
+
+
+def _issue(args: argparse.Namespace, ca: tls.IssuedCertificate, planned: PlannedFile) -> tls.IssuedCertificate:
+    """Issue the certificate of one planned party under `ca`."""
+    identity = planned.identity
+    if identity is None:
+        raise ValueError("the CA is created, not issued")
+    if identity.kind == "aggregator":
+        return tls.issue_aggregator_certificate(ca, args.aggregator_host, days=args.days)
+    if identity.kind == "domain":
+        hosts = [host for domain, host in args.domain_host if domain == identity.name]
+        return tls.issue_domain_certificate(ca, identity.name, hosts=hosts, days=args.days)
+    return tls.issue_operator_certificate(ca, identity.name, days=args.days)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[list[tuple[PlannedFile, tls.IssuedCertificate]], list[str], bool]:
+    """Everything to write (in memory), the names of the files kept, and whether to write the secret.
+
+    Raises ValueError or TLSMaterialError, before anything is written, when the request conflicts
+    with what `args.out` already holds.
+    """
+    folder: Path = args.out
+    plan = _plan(args)
+    present = {planned.stem: _present(folder, planned) for planned in plan}
+    secret_path = folder / SECRET_FILE
+    secret_present = args.federation_secret and secret_path.exists()
+    existing = [planned.stem for planned in plan if present[planned.stem]] + ([SECRET_FILE] if secret_present else [])
+    if existing and not args.if_missing:
+        # never overwrite a CA: parties already trusting it would be locked out
+        raise ValueError(f"refusing to overwrite existing files in {folder}: {', '.join(existing)} (see --if-missing)")
+    ca_plan, party_plans = plan[0], plan[1:]
+    if present[ca_plan.stem]:
+        ca = tls.load_issued(*ca_plan.paths(folder))
+        _check_kept(folder, ca_plan, ca)
+        writes: list[tuple[PlannedFile, tls.IssuedCertificate]] = []
+    else:
+        orphans = [planned.stem for planned in party_plans if present[planned.stem]]
+        if orphans:
+            raise ValueError(f"{', '.join(orphans)} exist in {folder} without the CA (ca.pem, ca.key) that issued them")
+        ca = tls.create_ca(days=args.days * CA_DAYS_FACTOR)
+        writes = [(ca_plan, ca)]
+    for planned in party_plans:
+        if present[planned.stem]:
+            _check_kept(folder, planned, ca)
         else:
-            certificate = tls.issue_operator_certificate(ca, planned.identity.name, days=args.days)
-        issued.append((planned, certificate))
-    return issued
+            writes.append((planned, _issue(args, ca, planned)))
+    if secret_present:
+        load_secret(secret_file=secret_path)
+    return writes, existing, args.federation_secret and not secret_present
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the CA and party certificates into `args.out`; 0 on success, 2 on bad input."""
     folder: Path = args.out
     try:
-        plan = _plan(args)
-        targets = [path for planned in plan for path in planned.paths(folder)]
-        if args.federation_secret:
-            targets.append(folder / SECRET_FILE)
-        existing = [path for path in targets if path.exists()]
-        if existing and args.if_missing and len(existing) == len(targets):
-            _check_existing(folder, plan)
-            if args.federation_secret:
-                load_secret(secret_file=folder / SECRET_FILE)
-            print(f"cdimf certs: kept the existing certificates in {folder}")
-            return 0
-        if existing:
-            # never overwrite a CA: parties already trusting it would be locked out
-            raise ValueError(
-                f"refusing to overwrite existing files in {folder}: {', '.join(path.name for path in existing)}"
-            )
-        issued = _issue(args, plan)
+        writes, kept, write_secret = _prepare(args)
     except (ValueError, tls.TLSMaterialError) as error:
         print(f"cdimf certs: error: {error}", file=sys.stderr)
         return 2
     folder.mkdir(parents=True, exist_ok=True)
-    for planned, certificate in issued:
+    for planned, certificate in writes:
         certificate.write(*planned.paths(folder))
-    if args.federation_secret:
+        print(f"cdimf certs: wrote {planned.stem}.pem, {planned.stem}.key  -> {_destination(planned)}")
+    if write_secret:
         # hex keeps the file printable and free of the newline bytes load_secret strips
         tls.write_private_file(folder / SECRET_FILE, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
-    print(f"cdimf certs: wrote {len(targets)} files to {folder}")
-    print("  ca.pem            -> every host (trust anchor); keep ca.key offline, it signs new parties")
-    print("  aggregator.pem/.key -> the aggregator host")
-    for planned in plan[2:-1]:
-        print(f"  {planned.stem}.pem/.key -> the node host of domain {planned.stem!r}")
-    print("  operator.pem/.key -> whoever starts and follows runs (cdimf train)")
-    if args.federation_secret:
-        print(f"  {SECRET_FILE} -> every domain node host, never the aggregator")
+        print(f"cdimf certs: wrote {SECRET_FILE}  -> every domain node host, never the aggregator")
+    if kept:
+        print(f"cdimf certs: kept {', '.join(kept)} in {folder}")
     return 0
+
+
+def _destination(planned: PlannedFile) -> str:
+    """Where an operator installs a pair (printed after writing it)."""
+    if planned.identity is None:
+        return "ca.pem to every host (trust anchor); keep ca.key offline, it signs new parties"
+    if planned.identity.kind == "domain":
+        return f"the node host of domain {planned.identity.name!r}"
+    if planned.identity.kind == "aggregator":
+        return "the aggregator host"
+    return "whoever starts and follows runs (cdimf train)"
 
 
 def main(argv: list[str] | None = None) -> int:

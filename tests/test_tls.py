@@ -296,23 +296,55 @@ def test_certs_command_writes_a_working_federation(tmp_path: Path) -> None:
 
 
 def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) -> None:
-    """A second run refuses to replace the CA, --if-missing keeps a complete set, bad names write nothing."""
+    """A second run refuses to replace the CA; --if-missing keeps what exists and issues only what is
+    missing under the existing CA (new domain, renewal); inconsistent folders and bad names write nothing."""
     out = tmp_path / "certs"
     assert run_certs("--out", str(out), "--domains", "sport,cloth").returncode == 0
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
 
+    def snapshot() -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in out.iterdir()}
+
+    before = snapshot()
     again = run_certs("--out", str(out), "--domains", "sport,cloth")
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    assert snapshot() == before
     kept = run_certs("--out", str(out), "--domains", "sport,cloth", "--if-missing")
     assert kept.returncode == 0, kept.stderr
-    # a set that lacks a requested domain is not "complete": refused, nothing added
-    partial = run_certs("--out", str(out), "--domains", "sport,cloth,books", "--if-missing")
-    assert partial.returncode == 2 and "ca.pem" in partial.stderr
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert snapshot() == before
 
+    # a new domain joins under the same CA; nothing else changes
+    assert certs.main(["--out", str(out), "--domains", "sport,cloth,books", "--if-missing"]) == 0
+    grown = snapshot()
+    assert {name: grown[name] for name in before} == before
+    ca = tls.load_certificate(out / "ca.pem")
+    tls.load_certificate(out / "books.pem").verify_directly_issued_by(ca)
+
+    # renewal: the operator moves the old pair away and reissues it under the same CA
+    (out / "sport.pem").rename(tmp_path / "sport.pem.old")
+    (out / "sport.key").rename(tmp_path / "sport.key.old")
+    assert certs.main(["--out", str(out), "--domains", "sport,cloth", "--if-missing"]) == 0
+    renewed = tls.load_certificate(out / "sport.pem")
+    renewed.verify_directly_issued_by(ca)
+    assert renewed.serial_number != tls.load_certificate(tmp_path / "sport.pem.old").serial_number
+
+    # inconsistent folders are refused before anything is written
+    current = snapshot()
+    (out / "cloth.key").rename(tmp_path / "cloth.key.aside")
+    half = snapshot()
+    assert certs.main(["--out", str(out), "--domains", "sport,cloth", "--if-missing"]) == 2
+    assert snapshot() == half
+    (tmp_path / "cloth.key.aside").rename(out / "cloth.key")
     (out / "cloth.pem").write_bytes((out / "sport.pem").read_bytes())
-    swapped = run_certs("--out", str(out), "--domains", "sport,cloth", "--if-missing")
-    assert swapped.returncode == 2 and "cloth.key does not belong" in swapped.stderr
+    swapped = snapshot()
+    assert certs.main(["--out", str(out), "--domains", "sport,cloth", "--if-missing"]) == 2
+    assert snapshot() == swapped
+    (out / "cloth.pem").write_bytes(current["cloth.pem"])
+    ten_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    ca_issued = tls.load_issued(out / "ca.pem", out / "ca.key")
+    tls.issue_domain_certificate(ca_issued, "cloth", not_before=ten_days_ago, days=1).write(out / "cloth.pem", out / "cloth.key")
+    expired = snapshot()
+    assert certs.main(["--out", str(out), "--domains", "sport,cloth,fresh", "--if-missing"]) == 2
+    assert snapshot() == expired  # not even the valid new domain was written
 
     # in-process (argparse exits with status 2): a process per case would only add start-up time
     for bad in (["--domains", "sport,Cloth"], ["--domains", "sport,aggregator"], ["--domains", "sport,sport"],

@@ -71,14 +71,18 @@ def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[slots] == keys
 
 
-def _check_rows(test_users: np.ndarray, test_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Test row arrays as int64, or ValueError when they do not pair up or are empty."""
+def _check_rows(test_users: np.ndarray, test_items: np.ndarray, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test row arrays as int64, or ValueError when they do not pair up, are empty or out of range."""
     test_users = np.asarray(test_users, dtype=np.int64)
     test_items = np.asarray(test_items, dtype=np.int64)
     if test_users.shape != test_items.shape or test_users.ndim != 1:
         raise ValueError(f"test_users {test_users.shape} and test_items {test_items.shape} must be equal-length 1-d arrays")
     if test_users.size == 0:
         raise ValueError("no test rows")
+    if test_users.min() < 0 or test_users.max() >= n_users:
+        raise ValueError(f"test_users holds indices outside [0, {n_users})")
+    if test_items.min() < 0 or test_items.max() >= n_items:
+        raise ValueError(f"test_items holds indices outside [0, {n_items})")
     return test_users, test_items
 
 
@@ -187,10 +191,10 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
     minus the row's target and the user's items in `exclude` (users x items CSR, normally the
     user's test items), reproducibly from `seed`. ValueError when a row has too few items left.
     """
-    test_users, test_items = _check_rows(test_users, test_items)
     exclude = canonical_csr(exclude, "exclude")
-    if exclude.shape[1] != n_items or test_users.max() >= exclude.shape[0] or test_users.min() < 0:
-        raise ValueError(f"exclude has shape {exclude.shape}; expected n_items={n_items} columns and a row for every test user")
+    if exclude.shape[1] != n_items:
+        raise ValueError(f"exclude has {exclude.shape[1]} columns; expected n_items={n_items}")
+    test_users, test_items = _check_rows(test_users, test_items, exclude.shape[0], n_items)
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
     catalog = _resolve_catalog(catalog, n_items)
@@ -219,6 +223,7 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
 
 def _check_factors(user_vecs: np.ndarray, item_vecs: np.ndarray, n_users: int, n_items: int) -> None:
     """ValueError unless the factor matrices match the matrix shape and are finite."""
+    user_vecs, item_vecs = np.asarray(user_vecs), np.asarray(item_vecs)
     if user_vecs.ndim != 2 or item_vecs.ndim != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
         raise ValueError(f"user_vecs {user_vecs.shape} and item_vecs {item_vecs.shape} must be 2-d with equal rank")
     if user_vecs.shape[0] < n_users or item_vecs.shape[0] != n_items:
@@ -243,6 +248,9 @@ def sampled_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, candidates: np.n
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != test_users.size or candidates.shape[1] < 1:
         raise ValueError(f"candidates {candidates.shape} must have one row per test user ({test_users.size})")
+    _check_rows(test_users, candidates[:, 0], train.shape[0], train.shape[1])
+    if candidates.min() < 0 or candidates.max() >= train.shape[1]:
+        raise ValueError(f"candidates hold item indices outside [0, {train.shape[1]})")
     _check_factors(user_vecs, item_vecs, train.shape[0], train.shape[1])
     user_vecs = np.asarray(user_vecs, dtype=FLOAT)
     item_vecs = np.asarray(item_vecs, dtype=FLOAT)
@@ -316,7 +324,7 @@ def sampled_metrics(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_
     draw across evaluations (e.g. every validation round); the sampling arguments are then unused.
     """
     train = canonical_csr(train, "train")
-    test_users, test_items = _check_rows(test_users, test_items)
+    test_users, test_items = _check_rows(test_users, test_items, train.shape[0], train.shape[1])
     if candidates is None:
         if exclude is None:
             exclude = pairs_to_csr(test_users, test_items, train.shape)
@@ -367,7 +375,7 @@ def full_catalog_metrics(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp
     catalog defaults to the items with a training entry; "users" gives the number of test users.
     """
     train = canonical_csr(train, "train")
-    test_users, test_items = _check_rows(test_users, test_items)
+    test_users, test_items = _check_rows(test_users, test_items, train.shape[0], train.shape[1])
     catalog = _resolve_catalog(catalog, train.shape[1], train)
     test_keys = np.unique(_pair_keys(test_users, test_items, train.shape[1]))
     users, n_relevant = np.unique(test_keys // train.shape[1], return_counts=True)

@@ -204,3 +204,13 @@ def test_full_catalog_default_catalog_is_training_items() -> None:
     metrics = full_catalog_metrics(user_vecs, item_vecs, train, np.array([0]), np.array([2]), k=1)
     assert metrics["HR@1"] == 1.0
     assert metrics["Coverage@1"] == pytest.approx(1 / 3)
+
+
+def test_out_of_range_indices_are_rejected() -> None:
+    train = _binary([(0, 1)], (2, 6))
+    with pytest.raises(ValueError, match="test_items holds indices outside"):
+        full_catalog_metrics(USER_VECS, ITEM_VECS, train, np.array([0]), np.array([6]))
+    with pytest.raises(ValueError, match="test_users holds indices outside"):
+        sampled_ranks(USER_VECS, ITEM_VECS, np.array([[1, 0]]), np.array([2]), train)
+    with pytest.raises(ValueError, match="candidates hold item indices outside"):
+        sampled_ranks(USER_VECS, ITEM_VECS, np.array([[1, 7]]), np.array([0]), train)

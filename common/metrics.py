@@ -24,8 +24,9 @@ _SAMPLER_CHUNK_DRAWS = 1 << 22
 _FULL_CHUNK_FLOATS = 1 << 23
 # A gathered block small enough to stay in cache (about 8 MiB).
 _GATHER_CHUNK_FLOATS = 1 << 21
-# Measured on warm Sport (30796 items, 1000 candidates, rank 192): the GEMM path is ~2x faster
-# at a 31x ratio; the gather path costs per candidate, the GEMM path per catalog item.
+# Ranking by one GEMM over all items costs per catalog item, gathering candidate vectors per
+# candidate (memory-bound). On warm Sport (30796 items, 1000 candidates, rank 192) both take
+# about 1 CPU-second, but the GEMM runs on every BLAS thread: use it up to this ratio.
 _GEMM_ITEMS_PER_CANDIDATE = 64
 
 
@@ -177,10 +178,20 @@ def _draw_rows(rng: np.random.Generator, n_pool: int, n_draws: int, n_negatives:
 
 def _negatives_by_keys(rng: np.random.Generator, n_pool: int, excluded_rows: np.ndarray,
                        excluded_positions: np.ndarray, n_rows: int, n_negatives: int) -> np.ndarray:
-    """Catalog positions of n_negatives uniform draws without replacement per row, for small pools."""
-    keys = rng.random((n_rows, n_pool), dtype=FLOAT)
-    keys[excluded_rows, excluded_positions] = np.inf
-    return np.argpartition(keys, n_negatives - 1, axis=1)[:, :n_negatives].astype(np.int64)
+    """Catalog positions of n_negatives uniform draws without replacement per row, for small pools.
+
+    Every allowed position gets a uniform key and the n_negatives smallest win; excluded rows
+    are sorted by row (they come from np.unique of row-major keys).
+    """
+    result = np.empty((n_rows, n_negatives), dtype=np.int64)
+    chunk = max(1, _SAMPLER_CHUNK_DRAWS // n_pool)
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        keys = rng.random((stop - start, n_pool), dtype=FLOAT)
+        first, last = np.searchsorted(excluded_rows, [start, stop])
+        keys[excluded_rows[first:last] - start, excluded_positions[first:last]] = np.inf
+        result[start:stop] = np.argpartition(keys, n_negatives - 1, axis=1)[:, :n_negatives]
+    return result
 
 
 def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarray, exclude: sp.csr_matrix,
@@ -198,6 +209,8 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
     catalog = _resolve_catalog(catalog, n_items)
+    if catalog.size == 0:
+        raise ValueError("the catalog is empty: no items to draw negatives from")
     position_of_item = np.full(n_items, -1, dtype=np.int64)
     position_of_item[catalog] = np.arange(catalog.size)
     # Per test row: its exclusions (the user's excluded items and the target), as catalog positions.
@@ -206,7 +219,7 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
     excluded_positions = position_of_item[np.concatenate([user_rows.indices, test_items])]
     in_catalog = excluded_positions >= 0
     unique_keys = np.unique(_pair_keys(excluded_rows[in_catalog], excluded_positions[in_catalog], catalog.size))
-    excluded_rows, excluded_positions = np.divmod(unique_keys, catalog.size) if catalog.size else (unique_keys, unique_keys)
+    excluded_rows, excluded_positions = np.divmod(unique_keys, catalog.size)
     allowed = catalog.size - np.bincount(excluded_rows, minlength=test_users.size)
     if allowed.min() < n_negatives:
         row = int(np.argmin(allowed))
@@ -239,7 +252,7 @@ def sampled_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, candidates: np.n
     user_vecs[test_users[r]] scores row r; negatives in the user's training items are pushed to
     the bottom (the target itself is never pushed). Candidates must not repeat the target.
     method: "gemm" scores every item per row block, "gather" only the candidates; "auto" picks
-    by catalog size (both give the same ranks).
+    by catalog size (both give the same ranks up to float rounding).
     """
     if method not in ("auto", "gemm", "gather"):
         raise ValueError(f"method must be 'auto', 'gemm' or 'gather', got {method!r}")
@@ -256,8 +269,6 @@ def sampled_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, candidates: np.n
     item_vecs = np.asarray(item_vecs, dtype=FLOAT)
     n_cand = candidates.shape[1]
     ranks = np.empty(test_users.size, dtype=np.int64)
-    # Scoring every item with one GEMM beats gathering candidate vectors (memory-bound: a copy
-    # of rank floats per candidate) unless the catalog dwarfs the candidate lists.
     score_all = method == "gemm" or (method == "auto" and item_vecs.shape[0] <= _GEMM_ITEMS_PER_CANDIDATE * n_cand)
     if score_all:
         chunk = max(1, _SAMPLED_CHUNK_FLOATS // item_vecs.shape[0])

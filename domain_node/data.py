@@ -59,6 +59,14 @@ def _numeric_order(keys: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def _as_str(keys: np.ndarray) -> np.ndarray:
+    """Keys (strings of any numpy string type, or integers) as a fixed-width str array."""
+    keys = np.asarray(keys)
+    if keys.dtype.kind == "T":  # variable-width StringDType needs an explicit width to convert
+        return keys.astype(f"<U{max(1, int(np.strings.str_len(keys).max(initial=1)))}")
+    return keys.astype(str)
+
+
 @dataclass(frozen=True, eq=False)
 class IdMap:
     """Frozen bijection between original keys (strings) and contiguous indices 0..n-1."""
@@ -70,7 +78,7 @@ class IdMap:
     @classmethod
     def from_keys(cls, keys: np.ndarray) -> "IdMap":
         """Map the unique keys to 0..n-1 in sorted order (numeric order when all keys are integers)."""
-        lexical_keys = np.unique(np.asarray(keys).astype(str))
+        lexical_keys = np.unique(_as_str(keys))
         order = _numeric_order(lexical_keys)
         ordered = lexical_keys[order]
         positions = np.empty(len(order), dtype=np.int64)
@@ -85,7 +93,7 @@ class IdMap:
 
     def index_of(self, keys: np.ndarray, missing: int | None = None) -> np.ndarray:
         """Indices of the given keys; unknown keys raise KeyError, or map to `missing` when it is given."""
-        query = np.asarray(keys).astype(str)
+        query = _as_str(keys)
         if len(self) == 0:
             found = np.zeros(query.shape, dtype=bool)
             slots = np.zeros(query.shape, dtype=np.int64)
@@ -246,8 +254,7 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
             raise DataError(path, f"{role} id longer than {MAX_KEY_CHARS} characters",
                             int(line_numbers[np.argmax(key_lengths > MAX_KEY_CHARS)]))
         # Fixed-width keys (now of bounded width) sort and search several times faster.
-        keys = keys.astype(f"<U{max(1, int(key_lengths.max()))}")
-        keys_by_role[role] = keys
+        keys_by_role[role] = keys = _as_str(keys)
         if fmt == "paper":
             not_integer = ~np.strings.isdecimal(keys)
             if not_integer.any():

@@ -10,20 +10,27 @@ every row exactly:  (Y_S^T W_S Y_S + alpha G + (ridge_u + rho_u) I) x_u = Y_S^T 
 
 How it is fast without a Python loop over rows: in the eigenbasis of alpha*G the shared part
 alpha*G + ridge + rho is diagonal for every row, so rows shorter than the rank are solved by
-Woodbury (an n_u x n_u system instead of d x d) and longer rows by one batched dense solve.
-Rows are bucketed by length, padded to the bucket length with a zero factor row, and the
-buckets are cut into chunks that a small thread pool solves with BLAS pinned to one thread
-(numpy releases the GIL; oversubscribed BLAS on small batched products is far slower).
+Woodbury (an n_u x n_u system instead of d x d) and longer rows by a dense d x d solve.
+
+Two backends give the same exact answer: "native" (common/ials_kernel.c, compiled with the
+system C compiler on first use, see common/ials_native.py) does per-row register-tiled
+Gramians and Cholesky solves over a length-sorted row list; "numpy" buckets rows by length,
+pads them to the bucket length with a zero factor row and solves batches with numpy. Both
+run in a small thread pool with BLAS pinned to one thread (numpy and ctypes release the GIL;
+oversubscribed BLAS on small products is far slower). "auto" (the default) picks native
+where it builds. method="cg" is an optional approximation: warm-started conjugate gradient.
 """
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
+
+from common import ials_native
 
 FLOAT = np.float32
 # Floats of padded gathers per chunk: big enough to amortise per-call overhead, small
@@ -119,22 +126,33 @@ def _plan_chunks(lengths: np.ndarray, rank: int) -> list[tuple[np.ndarray, int]]
     return chunks
 
 
-def _solve_chunk(
-    rows: np.ndarray,
-    pad_len: int,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    sqrt_weights: np.ndarray | None,
-    rotated: np.ndarray,
-    eigvals: np.ndarray,
-    shift: np.ndarray,
-    rhs: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """Solve the rows of one chunk in the eigenbasis and write them into out."""
+@dataclass(frozen=True)
+class _RowSystems:
+    """Every row's system in the eigenbasis of alpha*G: (diag(eigvals + shift_r) + V_r^T W_r V_r) x = V_r^T w_r + extra_r."""
+
+    pattern: sp.csr_matrix  # float32 weights w in the interactions' layout
+    weighted: bool  # False when every weight is 1 (the kernels then skip the scalings)
+    rotated: np.ndarray  # (n_cols + 1, d) float32 factors in the eigenbasis, plus a zero row for padding
+    eigvals: np.ndarray  # (d,) float64 eigenvalues of alpha*G
+    shift: np.ndarray  # (n_rows,) float64 ridge + rho
+    extra: np.ndarray | None  # (n_rows, d) float32 rho*h in the eigenbasis, or None without a proximal term
+
+    def rhs(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """V^T w + extra for all rows (or only `rows`), float32."""
+        pattern = self.pattern if rows is None else self.pattern[rows]
+        product = np.asarray(pattern @ self.rotated[: self.pattern.shape[1]], dtype=FLOAT)
+        if self.extra is not None:
+            product += self.extra if rows is None else self.extra[rows]
+        return product
+
+
+def _solve_chunk(systems: _RowSystems, rows: np.ndarray, pad_len: int, rhs: np.ndarray, out: np.ndarray) -> None:
+    """Solve the rows of one chunk by batched numpy (rows padded to pad_len) and write them into out."""
+    rotated = systems.rotated
+    indptr = systems.pattern.indptr.astype(np.int64, copy=False)
     rank = rotated.shape[1]
-    diag_inv = (1.0 / (eigvals[None, :] + shift[rows, None])).astype(FLOAT)
-    b = rhs[rows]
+    diag_inv = (1.0 / (systems.eigvals[None, :] + systems.shift[rows, None])).astype(FLOAT)
+    b = rhs
     if pad_len == 0:
         out[rows] = b * diag_inv
         return
@@ -144,10 +162,10 @@ def _solve_chunk(
     valid = offsets[None, :] < lengths[:, None]
     positions = np.where(valid, starts[:, None] + offsets[None, :], 0)
     sentinel = rotated.shape[0] - 1  # the appended zero row
-    cols = np.where(valid, indices[positions], sentinel)
+    cols = np.where(valid, systems.pattern.indices[positions], sentinel)
     v = rotated[cols]  # (B, L, d)
-    if sqrt_weights is not None:
-        v *= np.where(valid, sqrt_weights[positions], 0.0)[:, :, None]
+    if systems.weighted:
+        v *= np.where(valid, np.sqrt(systems.pattern.data[positions]), 0.0)[:, :, None]
     if pad_len <= rank:
         # Woodbury: A = D + V^T V  =>  A^-1 b = D^-1 b - D^-1 V^T (I + V D^-1 V^T)^-1 V D^-1 b
         w = v * diag_inv[:, None, :]
@@ -164,6 +182,129 @@ def _solve_chunk(
         out[rows] = np.linalg.solve(a, b[:, :, None])[:, :, 0]
 
 
+def _gram64(factors: np.ndarray) -> np.ndarray:
+    """factors^T factors accumulated in float64, converting a block at a time (no full float64 copy)."""
+    rank = factors.shape[1]
+    gram = np.zeros((rank, rank), dtype=np.float64)
+    step = max(1, _CHUNK_FLOATS // max(1, rank))
+    for lo in range(0, factors.shape[0], step):
+        block = factors[lo : lo + step].astype(np.float64)
+        gram += block.T @ block
+    return gram
+
+
+METHODS = ("exact", "cg")
+BACKENDS = ("auto", "numpy", "native")
+# Rows per grab from the native kernel's shared cursor: small enough to balance two threads
+# over a length-sorted list whose first rows are the most expensive.
+_NATIVE_BLOCK = 8
+
+
+def native_available() -> bool:
+    """Whether the compiled kernel (common/ials_kernel.c) could be built and loaded here."""
+    return ials_native.load_kernel() is not None
+
+
+def _pick_backend(backend: str) -> str:
+    """Resolve "auto" to the native kernel where it loads, else numpy; reject unknown names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "native" if native_available() else "numpy"
+    if backend == "native" and not native_available():
+        raise ValueError("backend 'native' requested but the C kernel could not be built (is gcc installed?)")
+    return backend
+
+
+def _run_parallel(tasks: list, n_threads: int) -> list:
+    """Run zero-argument callables, on the solver pool when more than one thread is asked for."""
+    if n_threads == 1 or len(tasks) < 2:
+        return [task() for task in tasks]
+    futures = [_pool(n_threads).submit(task) for task in tasks]
+    return [future.result() for future in futures]
+
+
+def _solve_numpy_exact(systems: _RowSystems, rows: np.ndarray | None, out: np.ndarray, n_threads: int) -> None:
+    """Exact solves of all rows (or of `rows` only) by bucketed batched numpy, written into out."""
+    lengths = np.diff(systems.pattern.indptr)
+    chunks = _plan_chunks(lengths if rows is None else lengths[rows], systems.rotated.shape[1])
+    if rows is not None:
+        chunks = [(rows[members], pad_len) for members, pad_len in chunks]
+
+    def solve(members: np.ndarray, pad_len: int) -> None:
+        # the right-hand sides of a chunk are formed inside its task, so memory stays bounded
+        _solve_chunk(systems, members, pad_len, systems.rhs(members), out)
+
+    _run_parallel([partial(solve, members, pad_len) for members, pad_len in chunks], n_threads)
+
+
+def _apply_rows(systems: _RowSystems, diagonal: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(D_r + V_r^T W_r V_r) x_r for every row r at once, gathering in bounded chunks."""
+    csr, rotated = systems.pattern, systems.rotated
+    n_rows, rank = x.shape
+    result = diagonal * x
+    row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(csr.indptr))
+    scale = np.empty(csr.nnz, dtype=FLOAT)
+    step = max(1, _CHUNK_FLOATS // rank)
+    for lo in range(0, csr.nnz, step):
+        hi = min(csr.nnz, lo + step)
+        scale[lo:hi] = np.einsum("ij,ij->i", rotated[csr.indices[lo:hi]], x[row_of[lo:hi]])
+    scale *= csr.data
+    result += sp.csr_matrix((scale, csr.indices, csr.indptr), shape=csr.shape) @ rotated[: csr.shape[1]]
+    return result
+
+
+def _solve_numpy_cg(systems: _RowSystems, start: np.ndarray, cg_steps: int) -> np.ndarray:
+    """cg_steps conjugate-gradient steps from `start` for all rows at once (vectorised over rows)."""
+    diagonal = (systems.eigvals[None, :] + systems.shift[:, None]).astype(FLOAT)
+    x = start.copy()
+    residual = systems.rhs() - _apply_rows(systems, diagonal, x)
+    direction = residual.copy()
+    rs_old = np.einsum("ij,ij->i", residual, residual)
+    for _ in range(cg_steps):
+        applied = _apply_rows(systems, diagonal, direction)
+        curvature = np.einsum("ij,ij->i", direction, applied)
+        # rows that converged (zero residual) take no step instead of dividing by zero
+        active = (rs_old > 1e-20) & (curvature > 0)
+        step_len = np.where(active, rs_old / np.where(active, curvature, 1.0), 0.0).astype(FLOAT)
+        x += step_len[:, None] * direction
+        residual -= step_len[:, None] * applied
+        rs_new = np.einsum("ij,ij->i", residual, residual)
+        beta = np.where(active, rs_new / np.where(active, rs_old, 1.0), 0.0).astype(FLOAT)
+        direction = residual + beta[:, None] * direction
+        rs_old = rs_new
+    return x
+
+
+def _solve_native(
+    systems: _RowSystems, start: np.ndarray | None, cg_steps: int, out: np.ndarray, n_threads: int
+) -> np.ndarray:
+    """All rows through the C kernel; returns the ids of rows whose float32 Cholesky broke down."""
+    csr = systems.pattern
+    indptr = csr.indptr.astype(np.int64, copy=False)
+    indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
+    # longest (most expensive) rows first, so the threads finish together
+    order = np.argsort(-np.diff(indptr), kind="stable").astype(np.int64)
+    cursor = np.zeros(1, dtype=np.int64)
+    failed = np.zeros(csr.shape[0], dtype=np.uint8)
+    kernel = ials_native.RowKernel(
+        indptr=indptr,
+        indices=indices,
+        weights=csr.data if systems.weighted else None,
+        rotated=systems.rotated,
+        eigvals=systems.eigvals.astype(FLOAT),
+        shift=systems.shift,
+        extra=systems.extra,
+        start=start,
+        out=out,
+        cg_steps=cg_steps,
+        failed=failed,
+    )
+    task = partial(kernel.solve, order, cursor, _NATIVE_BLOCK)
+    n_failed = sum(_run_parallel([task] * n_threads, n_threads))
+    return np.flatnonzero(failed) if n_failed else np.empty(0, dtype=np.int64)
+
+
 def solve_half_step(
     interactions: sp.csr_matrix,
     fixed: np.ndarray,
@@ -171,53 +312,100 @@ def solve_half_step(
     ridge: np.ndarray,
     prox: Proximal | None = None,
     threads: int | None = None,
+    *,
+    method: str = "exact",
+    cg_steps: int = 3,
+    initial: np.ndarray | None = None,
+    backend: str = "auto",
 ) -> np.ndarray:
-    """Exactly solve every row of `interactions` given the other side's factors `fixed`.
+    """Solve every row of `interactions` given the other side's factors `fixed`.
 
     Row r solves (Y_S^T W Y_S + alpha Y^T Y + (ridge_r + rho_r) I) x = Y_S^T w + rho_r h_r, where
     rho_r and h_r come from `prox` for its rows and are zero elsewhere. Returns float32 (rows, d).
+    method "exact" (default) solves exactly; "cg" takes `cg_steps` conjugate-gradient steps from
+    `initial` (the rows' current factors; zeros when None), an approximation. backend "auto" uses
+    the compiled kernel where it builds and numpy otherwise; both give the same exact answer.
     """
+    # One BLAS thread throughout: the solver parallelises itself, and idle OpenBLAS threads
+    # spin-wait on the same cores the row solves need.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _solve_half_step(interactions, fixed, alpha, ridge, prox, threads, method, cg_steps, initial, backend)
+
+
+def _solve_half_step(
+    interactions: sp.csr_matrix,
+    fixed: np.ndarray,
+    alpha: float,
+    ridge: np.ndarray,
+    prox: Proximal | None,
+    threads: int | None,
+    method: str,
+    cg_steps: int,
+    initial: np.ndarray | None,
+    backend: str,
+) -> np.ndarray:
+    """solve_half_step's body, run with BLAS pinned to one thread."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "cg" and cg_steps < 1:
+        raise ValueError(f"cg_steps must be >= 1, got {cg_steps}")
+    chosen = _pick_backend(backend)
     csr = interactions if isinstance(interactions, sp.csr_matrix) else sp.csr_matrix(interactions)
     n_rows, n_cols = csr.shape
-    if fixed.shape[0] != n_cols:
-        raise ValueError(f"fixed factors have {fixed.shape[0]} rows, the matrix has {n_cols} columns")
+    if fixed.ndim != 2 or fixed.shape[0] != n_cols:
+        raise ValueError(f"fixed factors have shape {fixed.shape}, expected ({n_cols}, rank) for a matrix with {n_cols} columns")
     if ridge.shape != (n_rows,):
         raise ValueError(f"ridge has shape {ridge.shape}, expected ({n_rows},)")
     rank = fixed.shape[1]
-    fixed = np.ascontiguousarray(fixed, dtype=FLOAT)
-    gram = fixed.T.astype(np.float64) @ fixed.astype(np.float64)
-    eigvals, basis = np.linalg.eigh(alpha * gram)
-    eigvals = np.clip(eigvals, 0.0, None)
-    basis32 = basis.astype(FLOAT)
-    rotated = np.empty((n_cols + 1, rank), dtype=FLOAT)
-    np.matmul(fixed, basis32, out=rotated[:n_cols])
-    rotated[n_cols] = 0.0
-    data = csr.data.astype(FLOAT, copy=False)
-    weighted = bool(data.size) and not np.all(data == 1.0)
-    pattern = sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape)
-    rhs = np.asarray(pattern @ rotated[:n_cols], dtype=FLOAT)
-    shift = ridge.astype(np.float64, copy=True)
+    if initial is not None and initial.shape != (n_rows, rank):
+        raise ValueError(f"initial factors have shape {initial.shape}, expected ({n_rows}, {rank})")
     if prox is not None and len(prox.rows):
         if prox.target.shape[1] != rank:
             raise ValueError(f"proximal target has rank {prox.target.shape[1]}, factors have {rank}")
+        if prox.rows.min() < 0 or prox.rows.max() >= n_rows:
+            raise ValueError(f"proximal rows must lie in [0, {n_rows}), got {prox.rows.min()}..{prox.rows.max()}")
+    data = csr.data.astype(FLOAT, copy=False)
+    if data.size and not np.all(data > 0):
+        raise ValueError("interaction weights must be positive")
+    fixed = np.ascontiguousarray(fixed, dtype=FLOAT)
+    eigvals, basis = np.linalg.eigh(alpha * _gram64(fixed))
+    eigvals = np.clip(eigvals, 0.0, None)
+    shift = ridge.astype(np.float64, copy=True)
+    has_prox = prox is not None and len(prox.rows) > 0
+    if has_prox:
         shift[prox.rows] += prox.rho
-        rhs[prox.rows] += FLOAT(prox.rho) * (np.asarray(prox.target, dtype=FLOAT) @ basis32)
-    if np.any(eigvals[0] + shift <= 0):
+    if n_rows and np.any(eigvals[0] + shift <= 0):
         raise ValueError("a row's system is singular: use lambda > 0 or alpha > 0")
-    sqrt_weights = np.sqrt(data) if weighted else None
-    indptr = csr.indptr.astype(np.int64, copy=False)
-    solved = np.empty((n_rows, rank), dtype=FLOAT)
-    chunks = _plan_chunks(np.diff(indptr), rank)
-    args = (indptr, csr.indices, sqrt_weights, rotated, eigvals.astype(FLOAT), shift, rhs, solved)
+    basis32 = basis.astype(FLOAT)
+    rotated = np.empty((n_cols + 1, rank), dtype=FLOAT)
+    np.matmul(fixed, basis32, out=rotated[:n_cols])
+    rotated[n_cols] = 0.0  # the zero row that the numpy path pads with
+    extra = None
+    if has_prox:
+        extra = np.zeros((n_rows, rank), dtype=FLOAT)
+        extra[prox.rows] = FLOAT(prox.rho) * (np.asarray(prox.target, dtype=FLOAT) @ basis32)
+    systems = _RowSystems(
+        pattern=sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape),
+        weighted=bool(data.size) and not np.all(data == 1.0),
+        rotated=rotated,
+        eigvals=eigvals,
+        shift=shift,
+        extra=extra,
+    )
+    start = None
+    if method == "cg":
+        start = np.zeros((n_rows, rank), FLOAT) if initial is None else np.asarray(initial, FLOAT) @ basis32
     n_threads = threads or default_threads()
-    with threadpool_limits(limits=1, user_api="blas"):
-        if n_threads == 1 or len(chunks) < 2:
-            for rows, pad_len in chunks:
-                _solve_chunk(rows, pad_len, *args)
-        else:
-            futures = [_pool(n_threads).submit(_solve_chunk, rows, pad_len, *args) for rows, pad_len in chunks]
-            for future in futures:
-                future.result()
+    solved = np.empty((n_rows, rank), dtype=FLOAT)
+    if chosen == "native":
+        failed = _solve_native(systems, start, cg_steps if method == "cg" else 0, solved, n_threads)
+        if len(failed):
+            # float32 Cholesky broke down on a nearly singular row: redo those rows with pivoted LU
+            _solve_numpy_exact(systems, failed, solved, n_threads)
+    elif method == "cg":
+        solved = _solve_numpy_cg(systems, start, cg_steps)
+    else:
+        _solve_numpy_exact(systems, None, solved, n_threads)
     return solved @ basis32.T
 
 
@@ -266,8 +454,16 @@ def ials_epoch(
     item_ridge: np.ndarray,
     user_prox: Proximal | None = None,
     threads: int | None = None,
+    *,
+    method: str = "exact",
+    cg_steps: int = 3,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch: solve all users given items (with the proximal term), then all items given users."""
-    users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads)
-    items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads)
+    """One epoch: solve all users given items (with the proximal term), then all items given users.
+
+    With method "cg" each half-step is warm-started from the factors passed in.
+    """
+    options = {"method": method, "cg_steps": cg_steps, "backend": backend}
+    users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, initial=users, **options)
+    items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, initial=items, **options)
     return users, items

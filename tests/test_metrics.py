@@ -214,3 +214,21 @@ def test_out_of_range_indices_are_rejected() -> None:
         sampled_ranks(USER_VECS, ITEM_VECS, np.array([[1, 0]]), np.array([2]), train)
     with pytest.raises(ValueError, match="candidates hold item indices outside"):
         sampled_ranks(USER_VECS, ITEM_VECS, np.array([[1, 7]]), np.array([0]), train)
+
+
+def test_small_pool_sampler_keeps_exclusions_across_row_blocks() -> None:
+    # 200k rows x 24 items spans more than one block of the small-pool sampler.
+    n_items, n_rows = 24, 200_000
+    exclude = _binary([(0, 3), (0, 4), (1, 5)], (2, n_items))
+    test_users = np.arange(n_rows) % 2
+    test_items = np.where(test_users == 0, 0, 1)
+    candidates = sample_negatives(n_items, test_users, test_items, exclude, n_negatives=5, seed=9)
+    negatives = candidates[:, 1:]
+    assert not np.isin(negatives[test_users == 0], [0, 3, 4]).any()
+    assert not np.isin(negatives[test_users == 1], [1, 5]).any()
+    ordered = np.sort(negatives, axis=1)
+    assert np.all(ordered[:, 1:] != ordered[:, :-1])
+    # Late rows are as uniform as early ones: item 2 is drawn at its expected rate in the last block.
+    late = negatives[-20_000:][test_users[-20_000:] == 0]
+    # User 0 draws 5 of 21 allowed items: item 2 is in 5/21 of its rows (standard error ~0.004).
+    assert abs(np.mean((late == 2).any(axis=1)) - 5 / 21) < 0.02

@@ -72,12 +72,14 @@ def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[slots] == keys
 
 
-def _check_rows(test_users: np.ndarray, test_items: np.ndarray, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_rows(test_users: np.ndarray, test_items: np.ndarray, n_users: int,
+                n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Test row arrays as int64, or ValueError when they do not pair up, are empty or out of range."""
     test_users = np.asarray(test_users, dtype=np.int64)
     test_items = np.asarray(test_items, dtype=np.int64)
     if test_users.shape != test_items.shape or test_users.ndim != 1:
-        raise ValueError(f"test_users {test_users.shape} and test_items {test_items.shape} must be equal-length 1-d arrays")
+        raise ValueError(f"test_users {test_users.shape} and test_items {test_items.shape} "
+                         "must be equal-length 1-d arrays")
     if test_users.size == 0:
         raise ValueError("no test rows")
     if test_users.min() < 0 or test_users.max() >= n_users:
@@ -215,7 +217,8 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
     position_of_item[catalog] = np.arange(catalog.size)
     # Per test row: its exclusions (the user's excluded items and the target), as catalog positions.
     user_rows = exclude[test_users]
-    excluded_rows = np.concatenate([np.repeat(np.arange(test_users.size), np.diff(user_rows.indptr)), np.arange(test_users.size)])
+    row_ids = np.arange(test_users.size)
+    excluded_rows = np.concatenate([np.repeat(row_ids, np.diff(user_rows.indptr)), row_ids])
     excluded_positions = position_of_item[np.concatenate([user_rows.indices, test_items])]
     in_catalog = excluded_positions >= 0
     unique_keys = np.unique(_pair_keys(excluded_rows[in_catalog], excluded_positions[in_catalog], catalog.size))

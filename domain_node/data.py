@@ -259,7 +259,8 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
             not_integer = ~np.strings.isdecimal(keys)
             if not_integer.any():
                 first = int(np.argmax(not_integer))
-                raise DataError(path, f"{role} id {_shown(str(keys[first]))} is not a non-negative integer", int(line_numbers[first]))
+                raise DataError(path, f"{role} id {_shown(str(keys[first]))} is not a non-negative integer",
+                                int(line_numbers[first]))
     if expected == 3:
         weights = _parse_weights(path, fields[:, 2], line_numbers)
     else:
@@ -340,7 +341,8 @@ def cold_start_holdout(target: sp.csr_matrix, other: sp.csr_matrix, fraction: fl
     target = canonical_csr(target, "target")
     other = canonical_csr(other, "other")
     if target.shape[0] != other.shape[0]:
-        raise ValueError(f"target has {target.shape[0]} user rows but other has {other.shape[0]}; they must share one user index")
+        raise ValueError(f"target has {target.shape[0]} user rows but other has {other.shape[0]}; "
+                         "they must share one user index")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     target_counts = np.diff(target.indptr)
@@ -393,10 +395,13 @@ class DomainSplit:
         return pairs_to_csr(users, items, (self.n_users, self.n_items))
 
 
-def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap, train_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap,
+                      train_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """User and item indices of a validation/test file, rejecting keys unknown to training."""
-    user_idx = _indices_or_error(raw, raw.users, users, "user", "has no training interactions in any domain of the pair")
-    item_idx = _indices_or_error(raw, raw.items, items, "item", f"does not occur in the domain's training file {train_path}")
+    user_idx = _indices_or_error(raw, raw.users, users, "user",
+                                 "has no training interactions in any domain of the pair")
+    item_idx = _indices_or_error(raw, raw.items, items, "item",
+                                 f"does not occur in the domain's training file {train_path}")
     order = np.lexsort((item_idx, user_idx))
     return user_idx[order], item_idx[order]
 

@@ -54,12 +54,14 @@ def cold() -> tuple:
     (COLD / "cloth_sport" / "test.txt", 3085, 907, 2519),
 ])
 def test_shipped_file_counts(path: Path, rows: int, users: int, items: int) -> None:
+    """Each shipped file has the rows, users and items of the dataset README's table."""
     raw = read_interactions(path, fmt="paper")
     assert (len(raw), len(np.unique(raw.users)), len(np.unique(raw.items))) == (rows, users, items)
     assert raw.weights.dtype == np.float32 and bool(np.all(raw.weights == 1))
 
 
 def test_warm_pair(warm: tuple) -> None:
+    """Warm pair: one shared user map, validation carved from train, held-out pairs disjoint from train."""
     sport, cloth = warm
     assert (sport.name, cloth.name) == ("sport", "cloth")
     assert sport.users is cloth.users and len(sport.users) == 9928
@@ -83,6 +85,7 @@ def test_warm_pair(warm: tuple) -> None:
 
 
 def test_warm_validation_is_seeded(warm: tuple) -> None:
+    """The carved validation depends on valid_seed only."""
     again, _ = load_warm_pair(WARM, valid_seed=0)
     other, _ = load_warm_pair(WARM, valid_seed=1)
     assert np.array_equal(warm[0].valid_items, again.valid_items)
@@ -90,6 +93,7 @@ def test_warm_validation_is_seeded(warm: tuple) -> None:
 
 
 def test_cold_pair(cold: tuple) -> None:
+    """Cold pair: union user map, shared-user count, and valid/test users cold in their domain only."""
     sport, cloth = cold
     assert sport.users is cloth.users and len(sport.users) == 41829
     sport_rows, cloth_rows = np.diff(sport.train.indptr), np.diff(cloth.train.indptr)
@@ -106,6 +110,7 @@ def test_cold_pair(cold: tuple) -> None:
 
 
 def test_id_map_numeric_order_and_round_trip() -> None:
+    """Integer keys sort numerically, map back to themselves, and unknown keys fail or map to `missing`."""
     ids = IdMap.from_keys(np.array(["10", "9", "100", "9", "007", "7"]))
     # Numeric order; equal numbers ("007", "7") stay distinct keys, ordered by their text.
     assert ids.keys.tolist() == ["007", "7", "9", "10", "100"]
@@ -122,6 +127,7 @@ def test_id_map_numeric_order_and_round_trip() -> None:
 
 
 def test_id_map_string_keys_sort_lexically() -> None:
+    """A map with non-integer keys sorts all keys as text."""
     ids = IdMap.from_keys(np.array(["bob", "alice", "10", "2"]))
     assert ids.keys.tolist() == ["10", "2", "alice", "bob"]
     assert ids.index_of(np.array(["alice"])).tolist() == [2]
@@ -151,6 +157,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     ("1\t2\n3\t" + "9" * 300 + "\n", 2, "item id longer than 256"),
 ])
 def test_malformed_paper_files_name_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:
+    """Each kind of malformed line raises DataError naming the file and that line."""
     path = _write(tmp_path, "bad.txt", text)
     with pytest.raises(DataError, match=message) as caught:
         read_interactions(path, fmt="paper")
@@ -159,6 +166,7 @@ def test_malformed_paper_files_name_file_and_line(tmp_path: Path, text: str, lin
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
+    """A file that cannot be read raises DataError naming it."""
     with pytest.raises(DataError, match="cannot read") as caught:
         read_interactions(tmp_path / "absent.txt")
     assert caught.value.path == tmp_path / "absent.txt"
@@ -166,6 +174,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["", "\n\n", "   \n"])
 def test_empty_file_is_rejected(tmp_path: Path, text: str) -> None:
+    """Empty or blank files raise DataError naming the file."""
     path = _write(tmp_path, "empty.csv", text)
     with pytest.raises(DataError, match="empty") as caught:
         read_interactions(path)
@@ -173,6 +182,7 @@ def test_empty_file_is_rejected(tmp_path: Path, text: str) -> None:
 
 
 def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes raise DataError at their line."""
     path = tmp_path / "bad.tsv"
     path.write_bytes(b"1\t2\n3\t\xff\n")
     with pytest.raises(DataError, match="UTF-8") as caught:
@@ -181,6 +191,7 @@ def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
 
 
 def test_generic_csv_with_header_crlf_and_string_keys(tmp_path: Path) -> None:
+    """A CSV with a header, CRLF, spaces and string ids reads into the right matrix."""
     path = _write(tmp_path, "events.csv", "user_id,item_id,weight\r\n alice , book,2.5\r\nbob,book,1\r\nbob,pen,3\r\n")
     raw = read_interactions(path)
     assert raw.users.tolist() == ["alice", "bob", "bob"]
@@ -194,6 +205,7 @@ def test_generic_csv_with_header_crlf_and_string_keys(tmp_path: Path) -> None:
 
 
 def test_errors_after_a_header_count_the_header_line(tmp_path: Path) -> None:
+    """Line numbers count the header line."""
     path = _write(tmp_path, "events.csv", "user,item\na,b\nc,\n")
     with pytest.raises(DataError, match="empty item id") as caught:
         read_interactions(path)
@@ -201,6 +213,7 @@ def test_errors_after_a_header_count_the_header_line(tmp_path: Path) -> None:
 
 
 def test_sniffed_delimiter_and_duplicate_sum(tmp_path: Path) -> None:
+    """An unknown extension sniffs the delimiter; duplicates are rejected or summed on request."""
     path = _write(tmp_path, "events.dat", "u1,i1,1\nu1,i2,2\nu1,i1,4\n")
     with pytest.raises(DataError, match="duplicate") as caught:
         read_interactions(path)
@@ -211,6 +224,7 @@ def test_sniffed_delimiter_and_duplicate_sum(tmp_path: Path) -> None:
 
 
 def test_to_csr_names_the_line_of_an_unknown_key(tmp_path: Path) -> None:
+    """to_csr reports the source line of a key missing from the id map."""
     raw = read_interactions(_write(tmp_path, "t.tsv", "a\tx\nb\ty\n"))
     with pytest.raises(DataError, match="user 'b'") as caught:
         to_csr(raw, IdMap.from_keys(np.array(["a"])), IdMap.from_keys(np.array(["x", "y"])))
@@ -218,6 +232,7 @@ def test_to_csr_names_the_line_of_an_unknown_key(tmp_path: Path) -> None:
 
 
 def test_load_pair_rejects_test_item_unknown_in_train(tmp_path: Path) -> None:
+    """Held-out rows with an unknown item or user raise DataError at their file and line."""
     train_a = _write(tmp_path, "train_a.txt", "1\t10\n1\t11\n2\t10\n")
     train_b = _write(tmp_path, "train_b.txt", "1\t20\n3\t21\n")
     good_test = _write(tmp_path, "test_b.txt", "2\t21\n")
@@ -232,6 +247,7 @@ def test_load_pair_rejects_test_item_unknown_in_train(tmp_path: Path) -> None:
 
 
 def test_load_pair_generic_files(tmp_path: Path) -> None:
+    """load_pair reads any pair of CSV files by path on one shared user map."""
     train_a = _write(tmp_path, "a.csv", "user,item\nu1,x\nu1,y\nu2,x\nu2,y\n")
     train_b = _write(tmp_path, "b.csv", "user,item\nu2,p\nu3,q\n")
     test_a = _write(tmp_path, "ta.csv", "u3,x\n")
@@ -255,6 +271,7 @@ def _random_train(seed: int, n_users: int = 60, n_items: int = 40) -> sp.csr_mat
 
 
 def test_leave_one_out_properties() -> None:
+    """Leave-one-out holds one entry per eligible user, disjoint from train, deterministic per seed."""
     train = _random_train(0)
     reduced, users, items = leave_one_out(train, seed=5, min_rows=2, keep_items=False)
     counts = np.diff(train.indptr)
@@ -269,6 +286,7 @@ def test_leave_one_out_properties() -> None:
 
 
 def test_leave_one_out_keeps_items_in_train() -> None:
+    """With keep_items no item loses its last training entry."""
     train = _random_train(1, n_items=200)  # sparse columns: many items have a single entry
     reduced, users, items = leave_one_out(train, seed=0)
     remaining = np.bincount(reduced.indices, minlength=train.shape[1])
@@ -278,6 +296,7 @@ def test_leave_one_out_keeps_items_in_train() -> None:
 
 
 def test_cold_start_holdout_properties() -> None:
+    """Cold holdout removes whole histories of a sample of shared users, deterministically."""
     target, other = _random_train(2), _random_train(3)
     reduced, users, items = cold_start_holdout(target, other, fraction=0.3, seed=4, keep_items=False)
     shared = np.flatnonzero((np.diff(target.indptr) > 0) & (np.diff(other.indptr) > 0))
@@ -296,5 +315,6 @@ def test_cold_start_holdout_properties() -> None:
 
 
 def test_cold_start_holdout_needs_one_user_index() -> None:
+    """Matrices with different row counts are rejected."""
     with pytest.raises(ValueError, match="share one user index"):
         cold_start_holdout(_random_train(0, n_users=5), _random_train(0, n_users=6), 0.5, seed=0)

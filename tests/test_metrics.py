@@ -24,6 +24,7 @@ def _binary(pairs: list[tuple[int, int]], shape: tuple[int, int]) -> sp.csr_matr
 
 
 def test_hit_rate_and_ndcg_by_hand() -> None:
+    """HR@k and NDCG@k match hand-computed values."""
     ranks = np.array([1, 2, 11, 10])
     assert hit_rate(ranks, 10) == pytest.approx(0.75)
     assert ndcg(ranks, 10) == pytest.approx((1.0 + 1 / math.log2(3) + 0.0 + 1 / math.log2(11)) / 4)
@@ -32,6 +33,7 @@ def test_hit_rate_and_ndcg_by_hand() -> None:
 
 
 def test_rank_metrics_reject_bad_input() -> None:
+    """Empty ranks, ranks below 1 and k < 1 are errors."""
     with pytest.raises(ValueError, match="no ranks"):
         hit_rate(np.array([], dtype=np.int64), 10)
     with pytest.raises(ValueError, match="1-based"):
@@ -47,6 +49,7 @@ USER_VECS = np.array([[1, 0], [0, 1]], dtype=np.float32)
 
 @pytest.mark.parametrize("method", ["gemm", "gather"])
 def test_sampled_ranks_by_hand(method: str) -> None:
+    """Ranks on hand-built scores: outranking, pushed training items, pessimistic ties."""
     candidates = np.array([
         [1, 0, 2, 3, 4],  # target score 2; 3 and 4 above -> rank 3
         [1, 0, 2, 3, 4],  # same, but item 3 is in the user's train -> pushed, rank 2
@@ -63,6 +66,7 @@ def test_sampled_ranks_by_hand(method: str) -> None:
 
 
 def test_sampled_ranks_paths_agree_on_random_data() -> None:
+    """The GEMM and gather scoring paths give the same ranks."""
     rng = np.random.default_rng(3)
     n_users, n_items = 40, 300
     train = sp.random(n_users, n_items, density=0.1, format="csr", random_state=4, dtype=np.float32)
@@ -77,6 +81,7 @@ def test_sampled_ranks_paths_agree_on_random_data() -> None:
 
 
 def test_sampled_ranks_rejects_nan_factors() -> None:
+    """NaN factors are an error, not a lucky rank."""
     bad = USER_VECS.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -98,6 +103,7 @@ def _check_candidates(candidates: np.ndarray, test_items: np.ndarray, banned: li
 
 @pytest.mark.parametrize("n_items", [30, 400])  # small pools take the key path, large ones rejection
 def test_sample_negatives_properties(n_items: int) -> None:
+    """Negatives are distinct, inside the catalog, never excluded, and reproducible from the seed."""
     rng = np.random.default_rng(0)
     n_users, n_negatives = 25, 10
     test_users = np.repeat(np.arange(n_users), 2)
@@ -115,6 +121,7 @@ def test_sample_negatives_properties(n_items: int) -> None:
 
 
 def test_sample_negatives_excludes_target_even_without_exclude_matrix() -> None:
+    """The target is never a negative, even if exclude does not list it."""
     test_items = np.arange(10)
     candidates = sample_negatives(11, np.zeros(10, dtype=np.int64), test_items, _binary([], (1, 11)), 10, seed=1)
     # 11 items minus the target leaves exactly 10: each row is all other items.
@@ -123,6 +130,7 @@ def test_sample_negatives_excludes_target_even_without_exclude_matrix() -> None:
 
 
 def test_sample_negatives_heavy_exclusion_redraws_rows() -> None:
+    """Rows whose first round of draws falls short are redrawn correctly."""
     n_items, n_negatives = 100, 20
     # User 0 may only draw items 80..99, exactly 20: a round of draws misses one of them now and then.
     exclude = _binary([(0, i) for i in range(80)] + [(1, 0)], (2, n_items))
@@ -136,6 +144,7 @@ def test_sample_negatives_heavy_exclusion_redraws_rows() -> None:
 
 @pytest.mark.parametrize("n_items", [24, 200])
 def test_sample_negatives_is_uniform(n_items: int) -> None:
+    """Every allowed item is drawn at the uniform rate."""
     n_rows, n_negatives = 4000, 5
     exclude = _binary([(0, 0), (0, 1)], (1, n_items))
     candidates = sample_negatives(n_items, np.zeros(n_rows, dtype=np.int64), np.zeros(n_rows, dtype=np.int64),
@@ -148,11 +157,13 @@ def test_sample_negatives_is_uniform(n_items: int) -> None:
 
 
 def test_sample_negatives_too_few_items() -> None:
+    """A row with fewer allowed items than negatives is an error."""
     with pytest.raises(ValueError, match="only 3 items"):
         sample_negatives(5, np.array([0]), np.array([0]), _binary([(0, 4)], (1, 5)), n_negatives=4)
 
 
 def test_sampled_metrics_matches_ranks_and_perfect_model() -> None:
+    """sampled_metrics equals its parts, reuses candidates, and scores a perfect model 1."""
     rng = np.random.default_rng(5)
     n_users, n_items, rank = 30, 200, 4
     train = sp.random(n_users, n_items, density=0.05, format="csr", random_state=6, dtype=np.float32)
@@ -177,6 +188,7 @@ def test_sampled_metrics_matches_ranks_and_perfect_model() -> None:
 
 
 def test_full_catalog_metrics_by_hand() -> None:
+    """Full-catalog HR, NDCG, Recall and coverage match a hand-computed case."""
     # Item scores for user 0: items 0..5 -> 1, 2, 3, 4, 0, 2.5; user 1 -> reversed preference.
     item_vecs = np.array([[1, 4], [2, 3], [3, 2], [4, 1], [0, 0], [2.5, 0]], dtype=np.float32)
     user_vecs = np.array([[1, 0], [0, 1]], dtype=np.float32)
@@ -193,10 +205,12 @@ def test_full_catalog_metrics_by_hand() -> None:
     assert metrics["NDCG@2"] == pytest.approx(((1 / math.log2(3)) / ideal_two + (1 / math.log2(3)) / 1) / 2)
     assert metrics["Coverage@2"] == pytest.approx(4 / 6)
     assert metrics["users"] == 2.0
-    assert coverage_at_k(user_vecs, item_vecs, train, np.array([0, 1]), k=2, catalog=np.arange(6)) == pytest.approx(4 / 6)
+    coverage = coverage_at_k(user_vecs, item_vecs, train, np.array([0, 1]), k=2, catalog=np.arange(6))
+    assert coverage == pytest.approx(4 / 6)
 
 
 def test_full_catalog_default_catalog_is_training_items() -> None:
+    """By default only items with a training entry are recommended."""
     item_vecs = np.array([[1.0], [2.0], [3.0], [9.0]], dtype=np.float32)
     user_vecs = np.array([[1.0], [1.0]], dtype=np.float32)
     # Item 3 scores best but no user trained on it: outside the default catalog, never recommended.
@@ -207,6 +221,7 @@ def test_full_catalog_default_catalog_is_training_items() -> None:
 
 
 def test_out_of_range_indices_are_rejected() -> None:
+    """Out-of-range user or item indices raise ValueError."""
     train = _binary([(0, 1)], (2, 6))
     with pytest.raises(ValueError, match="test_items holds indices outside"):
         full_catalog_metrics(USER_VECS, ITEM_VECS, train, np.array([0]), np.array([6]))
@@ -217,6 +232,7 @@ def test_out_of_range_indices_are_rejected() -> None:
 
 
 def test_small_pool_sampler_keeps_exclusions_across_row_blocks() -> None:
+    """The small-pool sampler keeps each row's exclusions and uniformity across row blocks."""
     # 200k rows x 24 items spans more than one block of the small-pool sampler.
     n_items, n_rows = 24, 200_000
     exclude = _binary([(0, 3), (0, 4), (1, 5)], (2, n_items))

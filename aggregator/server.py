@@ -282,6 +282,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         domain = request.header.domain
         if domain:
             await self._domain(context, domain)
+        else:
+            await self._operator(context)
         if not np.isfinite(request.wait_s) or request.wait_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wait_s must be finite and >= 0, got {request.wait_s}")
         give_up = time.monotonic() + request.wait_s

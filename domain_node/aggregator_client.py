@@ -15,6 +15,10 @@ Usage from a node (inside an asyncio loop; run numpy training in a thread meanwh
         await client.report_metrics(run.run_id, z.round, {"hr@10": ...})
     await client.close()
 
+A node that joins late or restarts mid-run: `wait_for_run` gives `current_round`; pull the
+newest Z with `pull_consensus(run_id, 1, ...)` (returns at once when one exists), apply it, and
+push with round = the open round (`info.current_round`, or the pulled `z.round + 1`).
+
 Every call has a deadline (rpc_timeout_s; pulls and waits add their wait time). UNAVAILABLE
 (aggregator down or restarting) is retried with exponential backoff and full jitter until
 `retry_for_s` has passed; other failures raise AggregatorError with the gRPC status code. Each
@@ -25,7 +29,7 @@ retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -167,6 +171,7 @@ class AggregatorClient:
         retry_for_s: float = 120.0,
         backoff: Backoff = Backoff(),
         seed: int | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         self.address = address
         self.domain = domain
@@ -175,10 +180,11 @@ class AggregatorClient:
         self.backoff = backoff
         self._rng = random.Random(seed)
         options = list(CHANNEL_OPTIONS)
+        # interceptors see every outgoing request: the privacy tests capture traffic with them
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
+            self.channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
         self.stub = pb_grpc.AggregatorStub(self.channel)
 
     async def close(self) -> None:

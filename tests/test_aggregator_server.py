@@ -372,3 +372,80 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
             await client.close()
 
     asyncio.run(scenario())
+
+
+# ----- privacy: what a domain's client puts on the wire -----
+
+
+class _Recorder:
+    """Records every request message a client sends (shared by the per-kind interceptors)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    def record(self, details: grpc.aio.ClientCallDetails, message: object) -> None:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        self.sent.append((method, message))
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """One interceptor per call kind (a channel files each interceptor under one kind only)."""
+        recorder = self
+
+        class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+            async def intercept_unary_unary(self, continuation, client_call_details, request):
+                recorder.record(client_call_details, request)
+                return await continuation(client_call_details, request)
+
+        class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+            async def intercept_unary_stream(self, continuation, client_call_details, request):
+                recorder.record(client_call_details, request)
+                return await continuation(client_call_details, request)
+
+        class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+            async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+                def recorded():
+                    for message in request_iterator:
+                        recorder.record(client_call_details, message)
+                        yield message
+
+                return await continuation(client_call_details, recorded())
+
+        return [Unary(), UnaryStream(), StreamUnary()]
+
+
+def test_a_domain_sends_only_headers_pseudonyms_and_shared_factor_rows(tmp_path: Path) -> None:
+    raw_keys = np.array([f"customer-{i:04d}@shop.example" for i in range(30)])
+    capture = _Recorder()
+
+    async def scenario() -> None:
+        async with aggregator(tmp_path) as running:
+            sport = AggregatorClient(running.address, "sport", interceptors=capture.interceptors())
+            cloth = AggregatorClient(running.address, "cloth")
+            holds = np.arange(30) % 7 != 0
+            await sport.register(pseudonymize(raw_keys, SECRET), holds)
+            await cloth.register(pseudonymize(raw_keys[10:], SECRET), np.ones(20, bool))
+            run = await AggregatorClient(running.address).start_run(RunParams(rounds=1, rank=4))
+            info = await sport.wait_for_run(1.0)
+            view = await sport.get_membership(info.run_id)
+            x = np.random.default_rng(0).standard_normal((len(view.shared_rows), 4)).astype(np.float32)
+            await sport.push_contribution(run.run_id, 1, x)
+            cloth_view = await cloth.get_membership(run.run_id)
+            await cloth.push_contribution(run.run_id, 1, np.zeros((len(cloth_view.shared_rows), 4), np.float32))
+            assert (await sport.pull_consensus(run.run_id, 1, 5.0, len(view.shared_rows), len(view.receiver_rows))).round == 1
+            await sport.report_metrics(run.run_id, 1, {"hr@10": 0.3})
+
+    asyncio.run(scenario())
+    methods = {method.rsplit("/", 1)[1] for method, _ in capture.sent}
+    assert methods == {"Register", "WaitForRun", "GetMembership", "PushContribution", "PullConsensus", "ReportMetrics"}
+    wire = b"".join(message.SerializeToString() for _, message in capture.sent)
+    for key in raw_keys:
+        assert key.encode() not in wire and key.split("@")[0].encode() not in wire
+    digests = pseudonymize(raw_keys, SECRET)
+    for method, message in capture.sent:
+        assert message.header.domain == "sport"
+        if method.endswith("Register"):
+            assert message.pseudonyms == digests[message.row_offset : message.row_offset + message.rows].tobytes()
+        if method.endswith("PushContribution"):
+            # only the shared rows (held here and elsewhere) cross: 20 of 30 minus the non-holders
+            shared = np.flatnonzero((np.arange(30) >= 10) & (np.arange(30) % 7 != 0))
+            assert message.total_rows == len(shared) and message.cols == 4

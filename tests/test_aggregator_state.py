@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError
+from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus
 from common.admm import consensus
 from common.config import RunParams
 from common.membership import align_memberships
@@ -275,3 +275,15 @@ def test_restart_resumes_from_the_last_round_and_equals_the_uninterrupted_run(tm
     again = AggregatorState(tmp_path)
     assert again.run.state == "finished" and again.run.consensus_round == 2
     assert sorted(again.registrations) == ["books", "cloth", "sport"]
+
+
+@pytest.mark.parametrize("admm", [ADMMParams(), ADMMParams(rho=2.0, prox="l2", lambda_z=0.7)])
+def test_blockwise_consensus_equals_the_one_shot_consensus_bit_for_bit(admm: ADMMParams) -> None:
+    rng = np.random.default_rng(0)
+    n_rows, rank = 10_000, 5
+    parts = []
+    for _ in range(3):
+        index = rng.choice(n_rows, 6000, replace=False)  # unsorted, overlapping, some rows unheld
+        parts.append((index, rng.standard_normal((6000, rank)).astype(np.float32)))
+    expected, _ = consensus(parts, n_rows, rank, admm)
+    np.testing.assert_array_equal(blockwise_consensus(parts, n_rows, rank, admm, block_rows=333), expected)

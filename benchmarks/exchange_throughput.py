@@ -1,0 +1,221 @@
+"""Exchange throughput: push X+U and pull Z for N shared users x rank float32 over loopback.
+
+    python benchmarks/exchange_throughput.py [--users 1000000] [--rank 64] [--repeat 3]
+
+Starts the aggregator (`python -m aggregator`) and a baseline server as separate processes on
+127.0.0.1. The baseline streams the same number of raw 1 MiB byte messages through gRPC with no
+protobuf message, no checksum and no decoding (generic handlers, bytes in and out): what gRPC
+itself costs. Prints MB/s of the real push (X+U, one domain, round not closing), the push that
+closes the round (includes consensus and the atomic state write), the pull of Z, the baseline
+both ways, the ratios, and the aggregator's peak memory (VmHWM) over the matrices it holds
+(two contributions + Z). Targets (issue 4): >= 500 MB/s each way, peak <= 3x held.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from common.config import CHANNEL_OPTIONS, SERVER_OPTIONS, RunParams  # noqa: E402
+from domain_node.aggregator_client import AggregatorClient  # noqa: E402
+
+MB = 1e6
+RAW_CHUNK = 1 << 20
+SINK = "/bench.Raw/Sink"
+SOURCE = "/bench.Raw/Source"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----- the baseline server: raw bytes, no decoding -----
+
+
+async def _serve_baseline(port: int) -> None:
+    """Sink: count incoming bytes. Source: stream `n` bytes (request = decimal n) of raw chunks."""
+
+    async def sink(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        total = 0
+        async for message in request_iterator:
+            total += len(message)
+        return str(total).encode()
+
+    async def source(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        remaining = int(request.decode())
+        payload = os.urandom(RAW_CHUNK)
+        while remaining > 0:
+            size = min(RAW_CHUNK, remaining)
+            # a fresh bytes object per message, as a real server slicing a matrix would make
+            yield payload[:size] if size < RAW_CHUNK else bytes(payload)
+            remaining -= size
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw",
+        {
+            "Sink": grpc.stream_unary_rpc_method_handler(sink),
+            "Source": grpc.unary_stream_rpc_method_handler(source),
+        },
+    )
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("LISTENING", flush=True)
+    await server.wait_for_termination()
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    process = subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("LISTENING"):
+        process.kill()
+        raise RuntimeError(f"{args} did not start: {line!r}")
+    return process
+
+
+def _peak_rss_bytes(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) of a process from /proc (Linux)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+async def _baseline(address: str, nbytes: int) -> tuple[float, float]:
+    """Seconds to push and to pull nbytes of raw chunks."""
+    async with grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS)) as channel:
+        sink = channel.stream_unary(SINK)
+        source = channel.unary_stream(SOURCE)
+        payload = np.random.default_rng(0).bytes(RAW_CHUNK)
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            while sent < nbytes:
+                size = min(RAW_CHUNK, nbytes - sent)
+                yield payload[:size] if size < RAW_CHUNK else bytes(payload)
+                sent += size
+
+        start = time.perf_counter()
+        received = int((await sink(chunks(), timeout=600)).decode())
+        push_s = time.perf_counter() - start
+        assert received == nbytes
+        start = time.perf_counter()
+        got = 0
+        async for message in source(str(nbytes).encode(), timeout=600):
+            got += len(message)
+        pull_s = time.perf_counter() - start
+        assert got == nbytes
+        return push_s, pull_s
+
+
+async def _exchange(address: str, users: int, rank: int, repeat: int) -> dict[str, list[float]]:
+    """Register two domains sharing every user, then per round: push, push (closes), pull."""
+    rng = np.random.default_rng(1)
+    digests = rng.integers(0, 256, (users, 32), dtype=np.uint8)  # stand-ins for pseudonyms
+    sport = AggregatorClient(address, "sport", rpc_timeout_s=120)
+    cloth = AggregatorClient(address, "cloth", rpc_timeout_s=120)
+    await sport.register(digests, np.ones(users, bool))
+    await cloth.register(digests, np.ones(users, bool))
+    run = await AggregatorClient(address, rpc_timeout_s=300).start_run(RunParams(rounds=repeat, rank=rank))
+    values = rng.standard_normal((users, rank)).astype(np.float32)
+    times: dict[str, list[float]] = {"push": [], "push_closing": [], "pull": []}
+    for round_index in range(1, repeat + 1):
+        start = time.perf_counter()
+        await sport.push_contribution(run.run_id, round_index, values)
+        times["push"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await cloth.push_contribution(run.run_id, round_index, values)
+        times["push_closing"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        z = await sport.pull_consensus(run.run_id, round_index, 60.0, users, 0)
+        times["pull"].append(time.perf_counter() - start)
+        assert z is not None and z.shared.shape == (users, rank)
+    for client in (sport, cloth):
+        await client.close()
+    return times
+
+
+def main() -> None:
+    """Run the benchmark and print one results table (and --json)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_baseline is not None:
+        asyncio.run(_serve_baseline(args.serve_baseline))
+        return
+
+    nbytes = args.users * args.rank * 4
+    with tempfile.TemporaryDirectory(prefix="cdimf-bench-") as state_dir:
+        aggregator_port, baseline_port = _free_port(), _free_port()
+        aggregator = _spawn(
+            [sys.executable, "-m", "aggregator", "--log-level", "WARNING"],
+            {"CDIMF_LISTEN": f"127.0.0.1:{aggregator_port}", "CDIMF_STATE_DIR": state_dir, "CDIMF_TLS__INSECURE": "true"},
+        )
+        baseline = _spawn([sys.executable, __file__, "--serve-baseline", str(baseline_port)])
+        try:
+            idle_rss, _ = _peak_rss_bytes(aggregator.pid)
+            raw = [asyncio.run(_baseline(f"127.0.0.1:{baseline_port}", nbytes)) for _ in range(args.repeat)]
+            times = asyncio.run(_exchange(f"127.0.0.1:{aggregator_port}", args.users, args.rank, args.repeat))
+            _, peak_rss = _peak_rss_bytes(aggregator.pid)
+        finally:
+            for process in (aggregator, baseline):
+                process.terminate()
+                process.wait(10)
+
+    best = {name: min(values) for name, values in times.items()}
+    raw_push, raw_pull = min(r[0] for r in raw), min(r[1] for r in raw)
+    held = 3 * nbytes  # two domains' contributions + Z
+    results = {
+        "users": args.users,
+        "rank": args.rank,
+        "matrix_mb": nbytes / MB,
+        "push_mb_s": nbytes / MB / best["push"],
+        "push_closing_round_mb_s": nbytes / MB / best["push_closing"],
+        "pull_mb_s": nbytes / MB / best["pull"],
+        "baseline_raw_push_mb_s": nbytes / MB / raw_push,
+        "baseline_raw_pull_mb_s": nbytes / MB / raw_pull,
+        "push_vs_baseline": raw_push / best["push"],
+        "pull_vs_baseline": raw_pull / best["pull"],
+        "aggregator_idle_rss_mb": idle_rss / MB,
+        "aggregator_peak_rss_mb": peak_rss / MB,
+        "held_matrices_mb": held / MB,
+        "peak_over_held": peak_rss / held,
+        "peak_above_idle_over_held": (peak_rss - idle_rss) / held,
+    }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"exchange of {args.users} x {args.rank} float32 ({nbytes / MB:.0f} MB) over loopback, best of {args.repeat}")
+    print(f"  push X+U            {results['push_mb_s']:8.0f} MB/s   ({results['push_vs_baseline']:.2f}x the raw baseline, target >= 500 MB/s)")
+    print(f"  push closing round  {results['push_closing_round_mb_s']:8.0f} MB/s   (includes consensus + atomic state write)")
+    print(f"  pull Z              {results['pull_mb_s']:8.0f} MB/s   ({results['pull_vs_baseline']:.2f}x the raw baseline, target >= 500 MB/s)")
+    print(f"  baseline raw bytes  {results['baseline_raw_push_mb_s']:8.0f} MB/s push, {results['baseline_raw_pull_mb_s']:.0f} MB/s pull (gRPC, no decoding)")
+    print(f"  aggregator memory   peak {results['aggregator_peak_rss_mb']:.0f} MB (idle {results['aggregator_idle_rss_mb']:.0f} MB) "
+          f"for {results['held_matrices_mb']:.0f} MB held: {results['peak_over_held']:.2f}x (target <= 3x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""`cdimf reproduce`: train ALS-separate, ALS-joined and CDIMF on a pair and evaluate them the paper's way."""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from cdimf.engine import CDIMFEngine, DomainInput
+from cdimf.reproduce_config import ReproduceConfig
+from common.metrics import full_catalog_metrics, hit_rate, ndcg, sample_negatives, sampled_ranks
+from domain_node.data import DomainSplit, load_pair, pairs_to_csr
+from domain_node.trainer import DomainTrainer
+
+Vectors = list[tuple[np.ndarray, np.ndarray]]
+
+
+class Contender:
+    """A model that trains in rounds and yields (user vectors, item vectors) per domain."""
+
+    name: str
+
+    def step(self) -> None:
+        """Train one round."""
+        raise NotImplementedError
+
+    def vectors(self) -> Vectors:
+        """Copies of the scoring vectors of every domain, in domain order."""
+        raise NotImplementedError
+
+
+class SeparateALS(Contender):
+    """Each domain trains iALS alone (CDIMF with rho = 0): no data or factors shared."""
+
+    name = "ALS-separate"
+
+    def __init__(self, trains: Sequence[sp.csr_matrix], config: ReproduceConfig) -> None:
+        self.trainers = [DomainTrainer(f"d{i}", t, config.separate, 0.0) for i, t in enumerate(trains)]
+
+    def step(self) -> None:
+        """One local epoch per domain."""
+        for trainer in self.trainers:
+            trainer.local_epochs(1)
+
+    def vectors(self) -> Vectors:
+        """Each domain's own factors."""
+        return [(t.state.users.copy(), t.state.items.copy()) for t in self.trainers]
+
+
+class JoinedALS(Contender):
+    """One iALS on the union of the domains' matrices (the no-privacy upper reference)."""
+
+    name = "ALS-joined"
+
+    def __init__(self, trains: Sequence[sp.csr_matrix], config: ReproduceConfig) -> None:
+        self.widths = [t.shape[1] for t in trains]
+        self.trainer = DomainTrainer("joined", sp.hstack(list(trains), format="csr"), config.joined, 0.0)
+
+    def step(self) -> None:
+        """One epoch on the joined matrix."""
+        self.trainer.local_epochs(1)
+
+    def vectors(self) -> Vectors:
+        """Shared user factors with each domain's block of item factors."""
+        users = self.trainer.state.users
+        bounds = np.cumsum([0] + self.widths)
+        items = self.trainer.state.items
+        return [(users.copy(), items[bounds[i] : bounds[i + 1]].copy()) for i in range(len(self.widths))]
+
+
+class CDIMF(Contender):
+    """The paper's method through the in-process engine (the federated runtime runs the same code)."""
+
+    name = "CDIMF"
+
+    def __init__(self, trains: Sequence[sp.csr_matrix], config: ReproduceConfig, user_keys: np.ndarray) -> None:
+        cfg = config.cdimf
+        domains = [
+            DomainInput(d.name, user_keys, t, cfg.ials, cfg.aggregation_period)
+            for d, t in zip(config.data.domains, trains)
+        ]
+        self.engine = CDIMFEngine(domains, cfg.admm)
+
+    def step(self) -> None:
+        """One round: local epochs, exchange, dual step."""
+        self.engine.step()
+
+    def vectors(self) -> Vectors:
+        """Local factors, with rows unknown to a domain scored by the consensus (cold start)."""
+        return [(t.scoring_users(), t.state.items.copy()) for t in self.engine.trainers]
+
+
+@dataclass
+class HeldOut:
+    """One domain's held-out rows with their fixed candidates and the matrix whose items are pushed down."""
+
+    users: np.ndarray
+    items: np.ndarray
+    candidates: np.ndarray
+    train: sp.csr_matrix
+
+
+@dataclass
+class ModelResult:
+    """One contender's outcome: chosen round count, test metrics per domain, time."""
+
+    model: str
+    rounds: int
+    seconds: float
+    metrics: dict[str, dict[str, float]]
+    validation: list[float] = field(default_factory=list)
+
+
+def held_out(split: DomainSplit, which: str, train: sp.csr_matrix, n_negatives: int, seed: int) -> HeldOut:
+    """Draw the paper's candidates (target + uniform negatives) once, from a fixed seed."""
+    users, items = (split.valid_users, split.valid_items) if which == "valid" else (split.test_users, split.test_items)
+    candidates = sample_negatives(
+        split.n_items, users, items, split.held_out_matrix(which), n_negatives, seed, np.arange(split.n_items)
+    )
+    return HeldOut(users, items, candidates, train)
+
+
+def score(vectors: Vectors, held: Sequence[HeldOut], k: int) -> list[dict[str, float]]:
+    """HR@k and NDCG@k (fractions) of each domain on its held-out rows."""
+    out = []
+    for (users, items), rows in zip(vectors, held):
+        ranks = sampled_ranks(users, items, rows.candidates, rows.users, rows.train)
+        out.append({f"HR@{k}": hit_rate(ranks, k), f"NDCG@{k}": ndcg(ranks, k)})
+    return out
+
+
+def early_stopped(
+    model: Contender, valid: Sequence[HeldOut], config: ReproduceConfig
+) -> tuple[int, Vectors, list[float]]:
+    """Train round by round; keep the round with the best mean validation NDCG@k."""
+    k = config.evaluation.k
+    best_score, best_round, best_vectors = -1.0, 0, model.vectors()
+    history = []
+    for round_no in range(1, config.stopping.max_rounds + 1):
+        model.step()
+        vectors = model.vectors()
+        mean_ndcg = float(np.mean([m[f"NDCG@{k}"] for m in score(vectors, valid, k)]))
+        history.append(mean_ndcg)
+        if mean_ndcg > best_score:
+            best_score, best_round, best_vectors = mean_ndcg, round_no, vectors
+        elif round_no - best_round >= config.stopping.patience:
+            break
+    return best_round, best_vectors, history
+
+
+def full_train(split: DomainSplit) -> sp.csr_matrix:
+    """The domain's training matrix with its carved validation pairs put back."""
+    back = pairs_to_csr(split.valid_users, split.valid_items, (split.n_users, split.n_items))
+    merged = (split.train + back).tocsr()
+    merged.data[:] = 1.0
+    return merged
+
+
+def run_model(
+    make: Callable[[Sequence[sp.csr_matrix]], Contender],
+    splits: Sequence[DomainSplit],
+    carved: bool,
+    config: ReproduceConfig,
+) -> ModelResult:
+    """Early-stop on validation, refit on all of train when validation was carved from it, test."""
+    ev = config.evaluation
+    started = time.perf_counter()
+    trains = [s.train for s in splits]
+    valid = [held_out(s, "valid", s.train, ev.n_negatives, ev.seed) for s in splits]
+    model = make(trains)
+    rounds, vectors, history = early_stopped(model, valid, config)
+    test_trains = trains
+    if carved and config.stopping.refit:
+        test_trains = [full_train(s) for s in splits]
+        model = make(test_trains)
+        for _ in range(rounds):
+            model.step()
+        vectors = model.vectors()
+    seconds = time.perf_counter() - started
+    test = [held_out(s, "test", t, ev.n_negatives, ev.seed + 1) for s, t in zip(splits, test_trains)]
+    sampled = score(vectors, test, ev.k)
+    metrics = {}
+    for split, (users, items), train, sampled_row in zip(splits, vectors, test_trains, sampled):
+        full = full_catalog_metrics(users, items, train, split.test_users, split.test_items, ev.k, np.arange(split.n_items))
+        metrics[split.name] = {**sampled_row, **{f"full {k}": v for k, v in full.items() if k != "users"}}
+    return ModelResult(model.name, rounds, seconds, metrics, history)
+
+
+def load_splits(config: ReproduceConfig) -> tuple[list[DomainSplit], bool]:
+    """Read the configured pair; True when validation was carved from train (no valid files)."""
+    a, b = config.data.domains[:2]
+    if len(config.data.domains) != 2:
+        raise ValueError("reproduce takes exactly two domains")
+    has_valid = a.valid is not None and b.valid is not None
+    splits = load_pair(
+        a.train, b.train, a.test, b.test,
+        a.valid if has_valid else None, b.valid if has_valid else None,
+        names=(a.name, b.name), fmt=config.data.format, valid_seed=config.data.valid_seed,
+    )
+    return list(splits), not has_valid
+
+
+def reproduce(config: ReproduceConfig, progress: Callable[[str], None] | None = None) -> list[ModelResult]:
+    """Train and evaluate every configured model on the configured pair."""
+    splits, carved = load_splits(config)
+    user_keys = splits[0].users.keys
+    makers: dict[str, Callable[[Sequence[sp.csr_matrix]], Contender]] = {
+        "ALS-separate": lambda trains: SeparateALS(trains, config),
+        "ALS-joined": lambda trains: JoinedALS(trains, config),
+        "CDIMF": lambda trains: CDIMF(trains, config, user_keys),
+    }
+    results = []
+    for name in config.models:
+        if progress:
+            progress(f"training {name} ...")
+        results.append(run_model(makers[name], splits, carved, config))
+    return results
+
+
+def format_table(results: Sequence[ModelResult], config: ReproduceConfig) -> str:
+    """A plain-text table: ours (sampled HR/NDCG@k, %) beside the paper's, plus full-catalog metrics."""
+    k = config.evaluation.k
+    header = (
+        f"{'model':<13} {'domain':<8} {'HR@' + str(k):>7} {'NDCG@' + str(k):>8} {'paper HR':>9} {'paper NDCG':>10}"
+        f" {'full HR':>8} {'full NDCG':>9} {'cov':>6} {'rounds':>6} {'seconds':>7}"
+    )
+    lines = [config.title, header, "-" * len(header)]
+    for result in results:
+        for domain, m in result.metrics.items():
+            paper = config.paper.get(result.model, {}).get(domain)
+            paper_hr, paper_ndcg = (f"{paper[0]:.2f}", f"{paper[1]:.2f}") if paper else ("-", "-")
+            lines.append(
+                f"{result.model:<13} {domain:<8} {100 * m[f'HR@{k}']:>7.2f} {100 * m[f'NDCG@{k}']:>8.2f}"
+                f" {paper_hr:>9} {paper_ndcg:>10} {100 * m[f'full HR@{k}']:>8.2f} {100 * m[f'full NDCG@{k}']:>9.2f}"
+                f" {100 * m[f'full Coverage@{k}']:>6.2f} {result.rounds:>6} {result.seconds:>7.1f}"
+            )
+    lines.append(f"sampled protocol: target + {config.evaluation.n_negatives} uniform negatives, seed {config.evaluation.seed + 1}; values in %")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Configuration of `cdimf reproduce`: data paths, models, early stopping, evaluation, paper numbers."""
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from common.params import ADMMParams, IALSParams, StrictModel
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+class DomainPaths(StrictModel):
+    """One domain's files; relative paths are resolved against the config file's folder."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    train: Path
+    test: Path
+    valid: Path | None = None
+
+
+class DataConfig(StrictModel):
+    """The pair (or more) of domains and how to read them."""
+
+    domains: list[DomainPaths] = Field(min_length=2)
+    format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    valid_seed: int = Field(0, ge=0, description="seed of the leave-one-out validation carved from train")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain names must be unique, got {names}")
+        return self
+
+
+class EvaluationConfig(StrictModel):
+    """The paper's sampled protocol: target + n_negatives uniform negatives, top-k metrics."""
+
+    n_negatives: int = Field(999, ge=1)
+    k: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class StoppingConfig(StrictModel):
+    """Early stopping on validation NDCG@k averaged over domains."""
+
+    max_rounds: int = Field(40, ge=1)
+    patience: int = Field(3, ge=1)
+    refit: bool = Field(
+        True,
+        description="after choosing the round count on a split carved from train, retrain on all of train",
+    )
+
+
+class CDIMFConfig(StrictModel):
+    """CDIMF's local model, consensus and aggregation period (local epochs between exchanges)."""
+
+    ials: IALSParams
+    admm: ADMMParams
+    aggregation_period: int = Field(1, ge=1)
+
+
+class ReproduceConfig(StrictModel):
+    """Everything `cdimf reproduce` needs to train and evaluate ALS-separate, ALS-joined and CDIMF."""
+
+    title: str = "CDIMF reproduction"
+    data: DataConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    stopping: StoppingConfig = StoppingConfig()
+    separate: IALSParams
+    joined: IALSParams
+    cdimf: CDIMFConfig
+    models: list[Literal["ALS-separate", "ALS-joined", "CDIMF"]] = ["ALS-separate", "ALS-joined", "CDIMF"]
+    paper: dict[str, dict[str, tuple[float, float]]] = Field(
+        default_factory=dict, description="model -> domain -> (HR@10 %, NDCG@10 %) reported by the paper"
+    )
+
+
+def load_reproduce_config(path: str | Path) -> ReproduceConfig:
+    """Read a TOML config; relative data paths are taken from the config file's folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    try:
+        config = ReproduceConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: field '{field}': {first['msg']}") from None
+    base = path.resolve().parent
+    domains = [
+        d.model_copy(
+            update={
+                "train": base / d.train,
+                "test": base / d.test,
+                "valid": None if d.valid is None else base / d.valid,
+            }
+        )
+        for d in config.data.domains
+    ]
+    return config.model_copy(update={"data": config.data.model_copy(update={"domains": domains})})

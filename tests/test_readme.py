@@ -1,0 +1,36 @@
+"""README.md's two opening commands stay true: CI runs the test one verbatim, the main one names a shipped config."""
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    """The commands of README.md's first shell block."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert block, "README.md must open with a ```sh block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_opens_with_two_commands() -> None:
+    """Exactly two commands: the main job and the tests."""
+    commands = readme_commands()
+    assert len(commands) == 2
+    assert "cdimf reproduce" in commands[0]
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run contains README's test command as one of its lines."""
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert readme_commands()[1] in ci_lines
+
+
+def test_main_command_config_exists() -> None:
+    """The config the main command trains on is shipped."""
+    words = shlex.split(readme_commands()[0])
+    config = next(word for word in words if word.endswith(".toml"))
+    assert (ROOT / config).is_file()

@@ -1,7 +1,5 @@
 """The chunked matrix / registration / membership codec: round trips, limits and every rejection."""
 
-import zlib
-
 import numpy as np
 import pytest
 
@@ -14,6 +12,7 @@ from common.chunks import (
     encode_matrix,
     encode_membership,
     encode_registration,
+    matrix_checksum,
 )
 from protos.v1 import federation_pb2 as pb
 
@@ -77,7 +76,7 @@ def _reencode(chunk: pb.MatrixChunk, values: np.ndarray) -> pb.MatrixChunk:
     changed = pb.MatrixChunk()
     changed.CopyFrom(chunk)
     changed.data = data
-    changed.crc32 = zlib.crc32(data)
+    changed.checksum = matrix_checksum(data)
     return changed
 
 
@@ -106,7 +105,7 @@ def test_corrupted_payload_fails_the_checksum() -> None:
 def test_payload_length_dtype_and_shape_are_checked() -> None:
     chunks = _chunks()
     chunks[0].data = chunks[0].data[:-4]
-    chunks[0].crc32 = zlib.crc32(chunks[0].data)
+    chunks[0].checksum = matrix_checksum(chunks[0].data)
     with pytest.raises(ChunkError, match="holds 196 bytes"):
         decode_matrix(chunks)
     chunks = _chunks()
@@ -182,3 +181,29 @@ def test_membership_round_trip() -> None:
     np.testing.assert_array_equal(got_roles, roles)
     np.testing.assert_array_equal(got_masks, masks)
     assert domains == ["a", "b"]
+
+
+def test_checksum_detects_changed_swapped_and_shifted_words() -> None:
+    data = _matrix(64, 3).tobytes()  # 768 bytes: 96 words
+    base = matrix_checksum(data)
+    words = np.frombuffer(data, "<u8").copy()
+    flipped = words.copy()
+    flipped[17] ^= np.uint64(1 << 40)
+    swapped = words.copy()
+    swapped[[3, 50]] = swapped[[50, 3]]
+    shifted = np.roll(words, 1)
+    for changed in (flipped, swapped, shifted):
+        assert matrix_checksum(changed.tobytes()) != base
+    odd = data[:-4]  # not a multiple of 8 bytes: the tail word counts too
+    assert matrix_checksum(odd) != matrix_checksum(odd[:-4] + bytes([odd[-4] ^ 1]) + odd[-3:])
+    # the definition, spelled out with Python integers on a short input
+    sample = bytes(range(20))
+    keys = []
+    for i in range(3):
+        x = ((i + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1)
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        keys.append((x ^ (x >> 31)) | 1)
+    padded = sample + bytes(4)
+    expected = sum(k * int.from_bytes(padded[8 * i : 8 * i + 8], "little") for i, k in enumerate(keys)) % 2**64
+    assert matrix_checksum(sample) == expected

@@ -9,7 +9,7 @@ needs an inbound port). What crosses the network from a node: headers, keyed pse
 factor rows X + U of the node's shared users. Never raw user ids, never interactions.
 
 Matrices travel as chunked streams (MatrixChunk), each chunk far below gRPC's 4 MB default
-message limit and self-checking (total shape, row offset, rows, dtype, crc32), so matrices
+message limit and self-checking (total shape, row offset, rows, dtype, checksum), so matrices
 of any size cross with default limits. Codec: common/chunks.py.
 
 Row order contract: a domain registers ALL its user rows in its own row order with a holder
@@ -189,7 +189,7 @@ class MatrixChunk(_message.Message):
     ROW_OFFSET_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
-    CRC32_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     total_rows: _builtins.int
     cols: _builtins.int
@@ -198,8 +198,11 @@ class MatrixChunk(_message.Message):
     rows: _builtins.int
     """rows in this chunk; data holds rows * cols values"""
     dtype: Global___DType.ValueType
-    crc32: _builtins.int
-    """zlib crc32 of data"""
+    checksum: _builtins.int
+    """sum_i K_i * w_i mod 2^64 over the little-endian uint64 words w_i of data (the last word
+    zero-padded), K_i = splitmix64(i + 1) | 1 (common/chunks.py matrix_checksum): a multilinear
+    hash, several times cheaper than crc32 on this path.
+    """
     data: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___Header: ...
@@ -212,12 +215,12 @@ class MatrixChunk(_message.Message):
         row_offset: _builtins.int = ...,
         rows: _builtins.int = ...,
         dtype: Global___DType.ValueType = ...,
-        crc32: _builtins.int = ...,
+        checksum: _builtins.int = ...,
         data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cols", b"cols", "crc32", b"crc32", "data", b"data", "dtype", b"dtype", "header", b"header", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "cols", b"cols", "data", b"data", "dtype", b"dtype", "header", b"header", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,7 +9,7 @@ needs an inbound port). What crosses the network from a node: headers, keyed pse
 factor rows X + U of the node's shared users. Never raw user ids, never interactions.
 
 Matrices travel as chunked streams (MatrixChunk), each chunk far below gRPC's 4 MB default
-message limit and self-checking (total shape, row offset, rows, dtype, crc32), so matrices
+message limit and self-checking (total shape, row offset, rows, dtype, checksum), so matrices
 of any size cross with default limits. Codec: common/chunks.py.
 
 Row order contract: a domain registers ALL its user rows in its own row order with a holder

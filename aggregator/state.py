@@ -16,8 +16,6 @@ Rules (issue 4):
 """
 
 import json
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.admm import consensus
+from common.atomic_files import write_npz_atomically
 from common.config import ConfigError, RunParams
 from common.params import ADMMParams
 from common.membership import align_memberships
@@ -415,7 +414,7 @@ class AggregatorState:
         for index, name in enumerate(sorted(self.registrations)):
             arrays[f"pseudonyms_{index}"] = self.registrations[name].pseudonyms
             arrays[f"holder_{index}"] = self.registrations[name].holder
-        atomic_savez(self.state_dir / REGISTRATIONS_FILE, arrays)
+        write_npz_atomically(self.state_dir / REGISTRATIONS_FILE, arrays)
 
     def _save_run(self) -> None:
         """Write the run at a round boundary: params, round, Z, contributions, metrics, events."""
@@ -443,7 +442,7 @@ class AggregatorState:
         for index, name in enumerate(run.admitted):
             if name in run.contributions:
                 arrays[f"contribution_{index}"] = run.contributions[name][1]
-        atomic_savez(self.state_dir / RUN_FILE, arrays)
+        write_npz_atomically(self.state_dir / RUN_FILE, arrays)
 
     def _restore(self) -> None:
         assert self.state_dir is not None
@@ -483,22 +482,3 @@ class AggregatorState:
         run.round_opened_at = self.clock()
         self.run = run
 
-
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that readers see the old file or the new one, never a torn one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # the rename itself must reach the disk, or a crash could bring the old file back
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -232,7 +232,10 @@ def test_a_silent_domain_does_not_stop_rounds_past_the_deadline(tmp_path: Path) 
                 await sport.push_contribution(run.run_id, round_index, np.full((3, 4), float(round_index), np.float32))
                 z = await sport.pull_consensus(run.run_id, round_index, 5.0, 3, 0)
                 assert z is not None and z.round == round_index and np.all(z.shared == round_index)
-            # cloth comes back: its round-2 contribution is one round stale, so it counts in round 3
+            # cloth comes back: it first catches up on the newest Z (returned at once) ...
+            newest = await cloth.pull_consensus(run.run_id, 1, 0.0, 3, 0)
+            assert newest is not None and newest.round == 2 and np.all(newest.shared == 2.0)
+            # ... and its round-2 contribution is one round stale, so it counts in round 3
             late = await cloth.push_contribution(run.run_id, 2, np.full((3, 4), 10.0, np.float32))
             assert late.accepted_round == 3
             with pytest.raises(AggregatorError) as error:
@@ -449,3 +452,22 @@ def test_a_domain_sends_only_headers_pseudonyms_and_shared_factor_rows(tmp_path:
             # only the shared rows (held here and elsewhere) cross: 20 of 30 minus the non-holders
             shared = np.flatnonzero((np.arange(30) >= 10) & (np.arange(30) % 7 != 0))
             assert message.total_rows == len(shared) and message.cols == 4
+
+
+def test_a_configured_run_starts_once_enough_domains_registered(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        params = RunParams(run_id="auto", rounds=1, rank=4, min_domains=2)
+        config = AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path, tls=TLSConfig(insecure=True), run=params)
+        running = await start_aggregator(config)
+        try:
+            sport = AggregatorClient(running.address, "sport")
+            await sport.register(pseudonymize(_keys("u", range(6)), SECRET), np.ones(6, bool))
+            assert await sport.wait_for_run(0.2) is None, "one domain is below min_domains"
+            cloth = AggregatorClient(running.address, "cloth")
+            await cloth.register(pseudonymize(_keys("u", range(3, 9)), SECRET), np.ones(6, bool))
+            info = await sport.wait_for_run(5.0)
+            assert info is not None and info.run_id == "auto" and info.admitted_domains == ("cloth", "sport")
+        finally:
+            await running.stop(grace=0.5)
+
+    asyncio.run(scenario())

@@ -182,22 +182,43 @@ def _solve_chunk(systems: _RowSystems, rows: np.ndarray, pad_len: int, rhs: np.n
         out[rows] = np.linalg.solve(a, b[:, :, None])[:, :, 0]
 
 
-def _gram64(factors: np.ndarray) -> np.ndarray:
-    """factors^T factors accumulated in float64, converting a block at a time (no full float64 copy)."""
+def _row_blocks(n_rows: int, n_blocks: int) -> list[slice]:
+    """n_blocks contiguous, near-equal row ranges covering range(n_rows) (fewer when rows are few)."""
+    edges = np.linspace(0, n_rows, max(1, min(n_blocks, n_rows)) + 1).astype(np.int64)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def _gram64(factors: np.ndarray, n_threads: int) -> np.ndarray:
+    """factors^T factors accumulated in float64, a block at a time (no full float64 copy), split over threads."""
     rank = factors.shape[1]
-    gram = np.zeros((rank, rank), dtype=np.float64)
     step = max(1, _CHUNK_FLOATS // max(1, rank))
-    for lo in range(0, factors.shape[0], step):
-        block = factors[lo : lo + step].astype(np.float64)
-        gram += block.T @ block
-    return gram
+
+    def partial_gram(rows: slice) -> np.ndarray:
+        gram = np.zeros((rank, rank), dtype=np.float64)
+        for lo in range(rows.start, rows.stop, step):
+            block = factors[lo : min(rows.stop, lo + step)].astype(np.float64)
+            gram += block.T @ block
+        return gram
+
+    parts = _run_parallel([partial(partial_gram, rows) for rows in _row_blocks(factors.shape[0], n_threads)], n_threads)
+    return np.sum(parts, axis=0) if parts else np.zeros((rank, rank), dtype=np.float64)
+
+
+def _matmul_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, n_threads: int) -> np.ndarray:
+    """out = left @ right with the rows of left split over threads (BLAS itself is pinned to one)."""
+
+    def block_product(rows: slice) -> None:
+        np.matmul(left[rows], right, out=out[rows])
+
+    _run_parallel([partial(block_product, rows) for rows in _row_blocks(left.shape[0], n_threads)], n_threads)
+    return out
 
 
 METHODS = ("exact", "cg")
 BACKENDS = ("auto", "numpy", "native")
-# Rows per grab from the native kernel's shared cursor: small enough to balance two threads
-# over a length-sorted list whose first rows are the most expensive.
-_NATIVE_BLOCK = 8
+# Light rows (shorter than the rank) per grab from the native kernel's shared cursor; heavy
+# rows are taken one at a time, longest first, so the threads finish together.
+_NATIVE_BLOCK = 16
 
 
 def native_available() -> bool:
@@ -283,9 +304,11 @@ def _solve_native(
     csr = systems.pattern
     indptr = csr.indptr.astype(np.int64, copy=False)
     indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
-    # longest (most expensive) rows first, so the threads finish together
-    order = np.argsort(-np.diff(indptr), kind="stable").astype(np.int64)
-    cursor = np.zeros(1, dtype=np.int64)
+    lengths = np.diff(indptr)
+    heavy = np.flatnonzero(lengths >= systems.rotated.shape[1])
+    heavy = heavy[np.argsort(-lengths[heavy], kind="stable")]
+    light = np.flatnonzero(lengths < systems.rotated.shape[1])
+    heavy_cursor, light_cursor = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     failed = np.zeros(csr.shape[0], dtype=np.uint8)
     kernel = ials_native.RowKernel(
         indptr=indptr,
@@ -300,7 +323,11 @@ def _solve_native(
         cg_steps=cg_steps,
         failed=failed,
     )
-    task = partial(kernel.solve, order, cursor, _NATIVE_BLOCK)
+
+    def task() -> int:
+        # every thread drains the heavy rows one by one, then the light rows in blocks
+        return kernel.solve(heavy, heavy_cursor, 1) + kernel.solve(light, light_cursor, _NATIVE_BLOCK)
+
     n_failed = sum(_run_parallel([task] * n_threads, n_threads))
     return np.flatnonzero(failed) if n_failed else np.empty(0, dtype=np.int64)
 
@@ -368,7 +395,8 @@ def _solve_half_step(
     if data.size and not np.all(data > 0):
         raise ValueError("interaction weights must be positive")
     fixed = np.ascontiguousarray(fixed, dtype=FLOAT)
-    eigvals, basis = np.linalg.eigh(alpha * _gram64(fixed))
+    n_threads = threads or default_threads()
+    eigvals, basis = np.linalg.eigh(alpha * _gram64(fixed, n_threads))
     eigvals = np.clip(eigvals, 0.0, None)
     shift = ridge.astype(np.float64, copy=True)
     has_prox = prox is not None and len(prox.rows) > 0
@@ -378,7 +406,7 @@ def _solve_half_step(
         raise ValueError("a row's system is singular: use lambda > 0 or alpha > 0")
     basis32 = basis.astype(FLOAT)
     rotated = np.empty((n_cols + 1, rank), dtype=FLOAT)
-    np.matmul(fixed, basis32, out=rotated[:n_cols])
+    _matmul_rows(fixed, basis32, rotated[:n_cols], n_threads)
     rotated[n_cols] = 0.0  # the zero row that the numpy path pads with
     extra = None
     if has_prox:
@@ -395,7 +423,6 @@ def _solve_half_step(
     start = None
     if method == "cg":
         start = np.zeros((n_rows, rank), FLOAT) if initial is None else np.asarray(initial, FLOAT) @ basis32
-    n_threads = threads or default_threads()
     solved = np.empty((n_rows, rank), dtype=FLOAT)
     if chosen == "native":
         failed = _solve_native(systems, start, cg_steps if method == "cg" else 0, solved, n_threads)
@@ -406,7 +433,7 @@ def _solve_half_step(
         solved = _solve_numpy_cg(systems, start, cg_steps)
     else:
         _solve_numpy_exact(systems, None, solved, n_threads)
-    return solved @ basis32.T
+    return _matmul_rows(solved, np.ascontiguousarray(basis32.T), np.empty_like(solved), n_threads)
 
 
 def observed_residual_sq(interactions: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> float:
@@ -464,6 +491,7 @@ def ials_epoch(
     With method "cg" each half-step is warm-started from the factors passed in.
     """
     options = {"method": method, "cg_steps": cg_steps, "backend": backend}
-    users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, initial=users, **options)
-    items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, initial=items, **options)
+    warm = method == "cg"  # only CG starts from the current factors
+    users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, initial=users if warm else None, **options)
+    items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, initial=items if warm else None, **options)
     return users, items

@@ -229,56 +229,55 @@ static inline void add_store16(float *p, v16 x) {
     memcpy(p, &y, sizeof y);
 }
 
+/* Rows of A per register tile: 8 where there are 32 vector registers (AVX-512), else 4. */
+#ifdef __AVX512F__
+#define TILE_I 8
+#else
+#define TILE_I 4
+#endif
+
 /* Upper blocks of A (m x m, m % 16 == 0, leading dimension ld) += sum_t coef[t] rows[t] rows[t]^T.
- * Each 4 x 32 tile accumulates in registers over all t, so A is touched once per pass. */
+ * Each TILE_I x 32 tile accumulates in registers over all t, so A is touched once per pass. */
 static inline __attribute__((always_inline)) void gram_upper_body(float *RESTRICT a, int64_t m, int64_t ld,
                                                                   const float *const *rows,
                                                                   const float *RESTRICT coef, int64_t count,
                                                                   const int unit) {
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    for (int64_t i0 = 0; i0 < m; i0 += TILE_I) {
         int64_t j0 = i0 & ~(int64_t)15;
         for (; j0 + 32 <= m; j0 += 32) {
-            v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+            v16 acc0[TILE_I], acc1[TILE_I];
+#pragma GCC unroll 8
+            for (int q = 0; q < TILE_I; ++q) acc0[q] = acc1[q] = (v16){0};
             for (int64_t t = 0; t < count; ++t) {
                 const float *v = rows[t];
                 const float c = unit ? 1.0f : coef[t];
                 const v16 x0 = load16(v + j0), x1 = load16(v + j0 + 16);
-                const float s0 = c * v[i0], s1 = c * v[i0 + 1], s2 = c * v[i0 + 2], s3 = c * v[i0 + 3];
-                a00 += s0 * x0;
-                a01 += s0 * x1;
-                a10 += s1 * x0;
-                a11 += s1 * x1;
-                a20 += s2 * x0;
-                a21 += s2 * x1;
-                a30 += s3 * x0;
-                a31 += s3 * x1;
+#pragma GCC unroll 8
+                for (int q = 0; q < TILE_I; ++q) {
+                    const float f = c * v[i0 + q];
+                    acc0[q] += f * x0;
+                    acc1[q] += f * x1;
+                }
             }
-            float *r0 = a + i0 * ld + j0;
-            add_store16(r0, a00);
-            add_store16(r0 + 16, a01);
-            add_store16(r0 + ld, a10);
-            add_store16(r0 + ld + 16, a11);
-            add_store16(r0 + 2 * ld, a20);
-            add_store16(r0 + 2 * ld + 16, a21);
-            add_store16(r0 + 3 * ld, a30);
-            add_store16(r0 + 3 * ld + 16, a31);
+#pragma GCC unroll 8
+            for (int q = 0; q < TILE_I; ++q) {
+                add_store16(a + (i0 + q) * ld + j0, acc0[q]);
+                add_store16(a + (i0 + q) * ld + j0 + 16, acc1[q]);
+            }
         }
         if (j0 < m) {
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            v16 acc0[TILE_I];
+#pragma GCC unroll 8
+            for (int q = 0; q < TILE_I; ++q) acc0[q] = (v16){0};
             for (int64_t t = 0; t < count; ++t) {
                 const float *v = rows[t];
                 const float c = unit ? 1.0f : coef[t];
                 const v16 x0 = load16(v + j0);
-                a0 += (c * v[i0]) * x0;
-                a1 += (c * v[i0 + 1]) * x0;
-                a2 += (c * v[i0 + 2]) * x0;
-                a3 += (c * v[i0 + 3]) * x0;
+#pragma GCC unroll 8
+                for (int q = 0; q < TILE_I; ++q) acc0[q] += (c * v[i0 + q]) * x0;
             }
-            float *r0 = a + i0 * ld + j0;
-            add_store16(r0, a0);
-            add_store16(r0 + ld, a1);
-            add_store16(r0 + 2 * ld, a2);
-            add_store16(r0 + 3 * ld, a3);
+#pragma GCC unroll 8
+            for (int q = 0; q < TILE_I; ++q) add_store16(a + (i0 + q) * ld + j0, acc0[q]);
         }
     }
 }

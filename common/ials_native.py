@@ -53,16 +53,24 @@ def _cache_dir() -> Path:
     return Path(xdg) / "cdimf"
 
 
+def _private(path: Path) -> bool:
+    """Whether path is ours and writable by nobody else (a shared temp dir could hold a planted file)."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _build(compiler: str) -> Path:
     """Compile the kernel unless a build for this source, flags and CPU is cached; return its path."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_signature().encode()).hexdigest()
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"cdimf-{os.getuid()}"):
         target = directory / f"ials_kernel_{key[:20]}.so"
-        if target.exists():
-            return target
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(directory) or (target.exists() and not _private(target)):
+                continue  # never load code that someone else could have written
+            if target.exists():
+                return target
             # build under a private name, then rename: concurrent builders never see half a file
             partial = directory / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
             subprocess.run(
@@ -72,6 +80,9 @@ def _build(compiler: str) -> Path:
                 timeout=120,
             )
             os.replace(partial, target)
+            for stale in directory.glob("ials_kernel_*.so"):
+                if stale != target:  # builds of older sources; a process still using one keeps its mapping
+                    stale.unlink(missing_ok=True)
             return target
         except (OSError, subprocess.SubprocessError):
             continue

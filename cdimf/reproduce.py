@@ -167,7 +167,7 @@ def run_model(
     ev = config.evaluation
     started = time.perf_counter()
     trains = [s.train for s in splits]
-    valid = [held_out(s, "valid", s.train, ev.n_negatives, ev.seed) for s in splits]
+    valid = [held_out(s, "valid", s.train, config.stopping.valid_negatives, ev.seed) for s in splits]
     model = make(trains)
     rounds, vectors, history = early_stopped(model, valid, config)
     test_trains = trains

@@ -50,6 +50,9 @@ class StoppingConfig(StrictModel):
 
     max_rounds: int = Field(40, ge=1)
     patience: int = Field(3, ge=1)
+    valid_negatives: int = Field(
+        99, ge=1, description="negatives per validation row: fewer than the test's 999 keeps per-round checks cheap"
+    )
     refit: bool = Field(
         True,
         description="after choosing the round count on a split carved from train, retrain on all of train",

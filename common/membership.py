@@ -10,8 +10,9 @@ import numpy as np
 class DomainMembership:
     """One domain's rows that take part in the consensus, with their global ids.
 
-    shared: rows with interactions here that at least one other domain also holds (pushed and
-    pulled). receiver: rows with no interactions here that some other domain holds (pulled only:
+    shared: rows with interactions here whose user another domain also holds or wants scored
+    (pushed and pulled; a user held here alone but cold elsewhere must still be pushed, or the
+    cold domain would receive nothing). receiver: rows with no interactions here that some other domain holds (pulled only:
     cold-start users scored with the consensus).
     """
 
@@ -41,12 +42,16 @@ def align_memberships(
     bounds = np.cumsum([0] + [len(k) for k in keys])
     global_ids = [inverse[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(len(keys))]
     holder_count = np.zeros(len(global_keys), dtype=np.int64)
+    receiver_count = np.zeros(len(global_keys), dtype=np.int64)
     for ids, domain_holds in zip(global_ids, holds):
-        holder_count[ids[np.asarray(domain_holds, dtype=bool)]] += 1
+        held = np.asarray(domain_holds, dtype=bool)
+        holder_count[ids[held]] += 1
+        receiver_count[ids[~held]] += 1
     memberships = []
     for ids, domain_holds in zip(global_ids, holds):
         held_here = np.asarray(domain_holds, dtype=bool)
-        shared = np.flatnonzero(held_here & (holder_count[ids] >= 2))
+        wanted_elsewhere = (holder_count[ids] >= 2) | (receiver_count[ids] >= 1)
+        shared = np.flatnonzero(held_here & wanted_elsewhere)
         receiver = np.flatnonzero(~held_here & (holder_count[ids] >= 1))
         memberships.append(DomainMembership(shared, ids[shared], receiver, ids[receiver]))
     return memberships, global_keys

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from cdimf.reproduce_config import ConfigError, load_reproduce_config
+from common.config import ConfigError as CommonConfigError
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("config", help="reproduction config (TOML), e.g. configs/warm-sport-cloth.toml")
     rep.add_argument("--json", action="store_true", help="print machine-readable results")
     rep.set_defaults(handler=_reproduce)
+    from cdimf import certs, runtime_cli, simulate
+
+    runtime_cli.add_parsers(commands)
+    simulate.add_parser(commands)
+    certs.add_parser(commands)
     return parser
 
 
@@ -41,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, CommonConfigError, ValueError, OSError) as error:
         print(f"cdimf: error: {error}", file=sys.stderr)
         return 2

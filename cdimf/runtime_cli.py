@@ -1,0 +1,384 @@
+"""The runtime subcommands of `cdimf`: serve-aggregator, serve-node, train, status, stop, recommend, health.
+
+Each takes `--config FILE` (TOML) and one flag per field of its pydantic model (cdimf.config_flags);
+flags override the file and CDIMF_* variables. Exit status: 0 success, 1 the run or call failed,
+2 bad configuration or arguments.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import Field, ValidationError, field_validator
+
+from common.config import (
+    CHANNEL_OPTIONS,
+    AggregatorConfig,
+    ConfigError,
+    NodeConfig,
+    RunParams,
+    TLSConfig,
+    _check_address,
+)
+from common.params import StrictModel
+from cdimf.config_flags import add_model_flags, load_with_flags
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TLS_FLATTEN = frozenset({"tls", "run"})
+
+
+class TrainConfig(StrictModel):
+    """What `cdimf train`, `status` and `stop` need: the aggregator, the operator's TLS material, the run."""
+
+    aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
+    tls: TLSConfig
+    run: RunParams = Field(default_factory=RunParams)
+    rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each control call")
+
+    @field_validator("aggregator")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value, allow_port_zero=False)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -> TLSConfig:
+    """The [tls] table of any of our config files (aggregator, node or run), overridden by the TLS flags."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as handle:
+                table = tomllib.load(handle).get("tls", {})
+        except OSError as error:
+            raise ConfigError(f"{config_file}: cannot read: {error.strerror}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{config_file}: not valid TOML: {error}") from error
+        base = Path(config_file).resolve().parent
+        data = {key: (str(base / value) if key.endswith("_file") and not Path(str(value)).is_absolute() else value)
+                for key, value in table.items()}
+    for dest, (field_path, _) in fields.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            data[field_path[-1]] = str(value) if isinstance(value, Path) else value
+    try:
+        return TLSConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"field tls.{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
+        raise ConfigError(f"{config_file or 'TLS options'}: {problems}") from error
+
+
+def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:
+    from common.tls import open_channel
+
+    return open_channel(target, tls, CHANNEL_OPTIONS)
+
+
+# ----- serve-aggregator / serve-node -----
+
+
+def _serve_aggregator(args: argparse.Namespace) -> int:
+    """Serve the aggregator until SIGINT/SIGTERM; prints `LISTENING host:port` once bound."""
+    from aggregator.server import serve
+
+    config = load_with_flags(AggregatorConfig, args.config, args, args.fields)
+    _logging(args.log_level)
+    serve(config, on_ready=lambda running: print(f"LISTENING {running.address}", flush=True))
+    return EXIT_OK
+
+
+def _serve_node(args: argparse.Namespace) -> int:
+    """Serve one domain node until SIGINT/SIGTERM; prints `LISTENING host:port` once bound."""
+    from domain_node.server import serve_node
+
+    config = load_with_flags(NodeConfig, args.config, args, args.fields)
+    _logging(args.log_level)
+    serve_node(config, on_ready=lambda running: print(f"LISTENING {running.address}", flush=True))
+    return EXIT_OK
+
+
+# ----- train / status / stop -----
+
+
+def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str:
+    filled = int(width * done / max(total, 1))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
+
+
+def _event_json(event: Any) -> dict[str, Any]:
+    from protos.v1 import federation_pb2 as pb
+
+    return {
+        "run_id": event.run_id,
+        "kind": pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower(),
+        "round": event.round,
+        "rounds": event.rounds,
+        "domain": event.domain,
+        "metrics": dict(event.metrics),
+        "contributors": list(event.contributors),
+        "missing": list(event.missing),
+        "elapsed_s": round(event.elapsed_s, 3),
+    }
+
+
+async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
+    """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
+    from protos.v1 import federation_pb2 as pb
+
+    outcome = EXIT_FAILED
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+    async for event in client.watch_run(run_id):
+        if as_json:
+            print(json.dumps(_event_json(event)), flush=True)
+        elif event.kind == pb.EVENT_KIND_METRICS:
+            shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
+            print(f"round {event.round:4d}  {event.domain:<12} {shown}", flush=True)
+        elif event.kind == pb.EVENT_KIND_ROUND_CLOSED and event.missing:
+            print(f"round {event.round:4d}  closed without {', '.join(event.missing)}", flush=True)
+        if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
+            bar = _progress_bar(event.round, rounds, time.monotonic() - started)
+            sys.stderr.write(bar if tty else bar.lstrip("\r") + "\n")
+            sys.stderr.flush()
+        if event.kind == pb.EVENT_KIND_RUN_FINISHED:
+            outcome = EXIT_OK
+        elif event.kind == pb.EVENT_KIND_RUN_STOPPED:
+            outcome = EXIT_FAILED
+    if tty:
+        sys.stderr.write("\n")
+    print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
+    return outcome
+
+
+async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -> Any:
+    """StartRun, retried while fewer than min_domains domains registered (nodes still starting)."""
+    from domain_node.aggregator_client import AggregatorError
+
+    give_up = time.monotonic() + wait_for_domains_s
+    while True:
+        try:
+            return await client.start_run(params)
+        except AggregatorError as error:
+            if error.code != grpc.StatusCode.FAILED_PRECONDITION or "domains registered" not in error.details:
+                raise
+            if time.monotonic() >= give_up:
+                raise
+        await asyncio.sleep(0.2)
+
+
+def _control_client(config: TrainConfig) -> Any:
+    from domain_node.aggregator_client import AggregatorClient, channel_credentials_from_config
+
+    return AggregatorClient(config.aggregator, "", channel_credentials_from_config(config.tls), rpc_timeout_s=config.rpc_timeout_s,
+                            retry_for_s=config.rpc_timeout_s)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Start a run and (with --follow) follow it to its end."""
+    config = load_with_flags(TrainConfig, args.config, args, args.fields)
+
+    async def main() -> int:
+        client = _control_client(config)
+        try:
+            info = await start_run(client, config.run, args.wait_for_domains_s)
+            if args.json and not args.follow:
+                print(json.dumps({"run_id": info.run_id, "state": info.state, "domains": list(info.admitted_domains)}))
+            else:
+                print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
+            if not args.follow:
+                return EXIT_OK
+            return await follow_run(client, info.run_id, info.rounds, args.json)
+        finally:
+            await client.close()
+
+    return _with_aggregator_errors(main)
+
+
+def _with_aggregator_errors(main: Any) -> int:
+    from domain_node.aggregator_client import AggregatorError
+
+    try:
+        return asyncio.run(main())
+    except AggregatorError as error:
+        print(f"cdimf: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Print the aggregator's run and domains."""
+    from google.protobuf.json_format import MessageToDict
+
+    config = load_with_flags(TrainConfig, args.config, args, args.fields)
+
+    async def main() -> int:
+        client = _control_client(config)
+        try:
+            status = await client.get_status()
+        finally:
+            await client.close()
+        if args.json:
+            print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+            return EXIT_OK
+        from protos.v1 import federation_pb2 as pb
+
+        run = status.run
+        state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
+        print(f"run {run.run_id or '-'}: {state}, round {run.current_round}/{run.params.rounds}, "
+              f"latest consensus {run.latest_consensus_round}, shared users {status.shared_users}")
+        for domain in status.domains:
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(domain.latest_metrics.items()))
+            print(f"  {domain.domain:<12} rows {domain.rows:>8}  shared {domain.shared_rows:>8}  "
+                  f"admitted {str(domain.admitted).lower():<5}  last push {domain.latest_contribution_round:>4}  {metrics}")
+        return EXIT_OK
+
+    return _with_aggregator_errors(main)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    """Stop the current (or the named) run."""
+    config = load_with_flags(TrainConfig, args.config, args, args.fields)
+
+    async def main() -> int:
+        client = _control_client(config)
+        try:
+            run_id = config.run.run_id or (await client.get_status()).run.run_id
+            if not run_id:
+                print("cdimf: no run to stop", file=sys.stderr)
+                return EXIT_FAILED
+            info = await client.stop_run(run_id, args.reason)
+        finally:
+            await client.close()
+        print(f"run {info.run_id} {info.state}", file=sys.stderr)
+        return EXIT_OK
+
+    return _with_aggregator_errors(main)
+
+
+# ----- recommend / health -----
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    """Top-k items of a user key from a node's DomainNode service."""
+    from protos.v1 import federation_pb2 as pb
+    from protos.v1 import federation_pb2_grpc as pb_grpc
+
+    _check_address(args.node, allow_port_zero=False)
+    tls = _tls_only(args.config, args, args.fields)
+
+    async def main() -> int:
+        async with _channel(args.node, tls) as channel:
+            stub = pb_grpc.DomainNodeStub(channel)
+            try:
+                reply = await stub.Recommend(pb.RecommendRequest(user_key=args.user, k=args.k, include_seen=args.include_seen),
+                                             timeout=args.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                print(f"cdimf: Recommend: {error.code().name}: {error.details()}", file=sys.stderr)
+                return EXIT_FAILED
+        if args.json:
+            print(json.dumps({"user": reply.user_key, "cold_start": reply.cold_start,
+                              "items": [{"item": i, "score": s} for i, s in zip(reply.items, reply.scores)]}))
+        else:
+            print(f"user {reply.user_key}{' (cold start: scored with its consensus vector)' if reply.cold_start else ''}")
+            for rank, (item, score) in enumerate(zip(reply.items, reply.scores), 1):
+                print(f"{rank:4d}  {item:<24} {score:.4f}")
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: float) -> tuple[bool, str]:
+    """(serving, what was seen) from the gRPC health service; an aggregator without one answers GetStatus."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.v1 import federation_pb2 as pb
+    from protos.v1 import federation_pb2_grpc as pb_grpc
+
+    async with _channel(target, tls) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return False, f"{error.code().name}: {error.details()}"
+        # the aggregator registers no health service: a control call it answers shows it serves
+        try:
+            await pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout_s)
+            return True, "SERVING (aggregator GetStatus)"
+        except grpc.aio.AioRpcError as error:
+            return False, f"{error.code().name}: {error.details()}"
+
+
+def _health(args: argparse.Namespace) -> int:
+    """gRPC health check of a node or the aggregator; exit 0 when SERVING."""
+    _check_address(args.target, allow_port_zero=False)
+    tls = _tls_only(args.config, args, args.fields)
+    serving, seen = asyncio.run(check_health(args.target, tls, args.service, args.timeout_s))
+    print(seen)
+    return EXIT_OK if serving else EXIT_FAILED
+
+
+# ----- parsers -----
+
+
+def _address_argument(text: str) -> str:
+    try:
+        return _check_address(text, allow_port_zero=False)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register the runtime subcommands on the `cdimf` parser."""
+    agg = commands.add_parser("serve-aggregator", help="serve the aggregator (AggregatorConfig)")
+    agg.add_argument("--config", help="TOML file with the AggregatorConfig fields")
+    agg.add_argument("--log-level", default="INFO")
+    agg.set_defaults(handler=_serve_aggregator, fields=add_model_flags(agg, AggregatorConfig, TLS_FLATTEN))
+
+    node = commands.add_parser("serve-node", help="serve one domain node (NodeConfig); the secret comes from secret_file or CDIMF_SECRET")
+    node.add_argument("--config", help="TOML file with the NodeConfig fields")
+    node.add_argument("--log-level", default="INFO")
+    node.set_defaults(handler=_serve_node, fields=add_model_flags(node, NodeConfig, TLS_FLATTEN))
+
+    train = commands.add_parser("train", help="start a training run (RunParams) and follow it")
+    train.add_argument("--config", help="TOML file: aggregator, [tls] (operator certificate) and [run] (RunParams)")
+    train.add_argument("--follow", action="store_true", help="follow the run: progress bar on stderr, per-round HR/NDCG per domain")
+    train.add_argument("--json", action="store_true", help="machine-readable output (one JSON object per event)")
+    train.add_argument("--wait-for-domains-s", type=float, default=120.0,
+                       help="retry starting the run this long while fewer than min_domains domains registered")
+    train.set_defaults(handler=_train, fields=add_model_flags(train, TrainConfig, TLS_FLATTEN))
+
+    for name, handler, what in (("status", _status, "show the aggregator's run and domains"), ("stop", _stop, "stop the current run")):
+        sub = commands.add_parser(name, help=what)
+        sub.add_argument("--config", help="TOML file: aggregator and [tls] (operator certificate)")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "stop":
+            sub.add_argument("--reason", default="stopped by the operator")
+        sub.set_defaults(handler=handler, fields=add_model_flags(sub, TrainConfig, TLS_FLATTEN))
+
+    rec = commands.add_parser("recommend", help="top-k items for a user key from a domain node")
+    rec.add_argument("--node", required=True, type=_address_argument, help="host:port of the node's server")
+    rec.add_argument("--user", required=True, help="the domain's own user key")
+    rec.add_argument("-k", type=int, default=10, help="number of items")
+    rec.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument("--timeout-s", type=float, default=10.0)
+    rec.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
+    rec.set_defaults(handler=_recommend, fields=add_model_flags(rec, TLSConfig))
+
+    health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING")
+    health.add_argument("--target", required=True, type=_address_argument, help="host:port of a node or the aggregator")
+    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument("--timeout-s", type=float, default=5.0)
+    health.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
+    health.set_defaults(handler=_health, fields=add_model_flags(health, TLSConfig))
+

@@ -1,0 +1,350 @@
+"""`cdimf simulate`: the aggregator and one node per domain as separate OS processes on 127.0.0.1.
+
+It starts them (each in its own process group, ports chosen by the OS: port 0, read back from the
+`LISTENING host:port` line), runs one training run to its end, asks every node's Evaluate RPC for
+HR@k/NDCG@k on its test split, prints the table and shuts everything down: SIGTERM to each
+process group, SIGKILL after a grace period, also on Ctrl-C/SIGTERM of `cdimf simulate` itself.
+Children also get SIGKILL from the kernel should this process die without cleaning up.
+
+Transport: mutual TLS with throwaway certificates (a fresh CA in the run's temporary folder),
+unless `insecure = true` (plaintext on loopback, an explicit opt-out). Each node gets only its
+own domain's files and the federation secret; the aggregator gets neither.
+"""
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+from pydantic import Field, model_validator
+
+from cdimf.config_flags import add_model_flags, load_with_flags
+from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from common.params import ADMMParams, IALSParams, StrictModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WARM_PAIR = REPO_ROOT / "data" / "amazon-cdr" / "warm-start_sport_cloth"
+TERMINATE_GRACE_S = 5.0
+
+
+class SimulatedDomain(StrictModel):
+    """One domain of the simulation: its name and its own files (NodeConfig's data fields)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    train_path: Path
+    valid_path: Path | None = None
+    test_path: Path | None = None
+    data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+
+
+def _warm_pair() -> list[SimulatedDomain]:
+    return [
+        SimulatedDomain(name=name, train_path=WARM_PAIR / folder / "train.txt", test_path=WARM_PAIR / folder / "test.txt", data_format="paper")
+        for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
+    ]
+
+
+def _warm_ials() -> IALSParams:
+    # configs/warm-sport-cloth.toml's CDIMF hyperparameters
+    return IALSParams(rank=64, alpha=0.01, lam=1.0, nu=0.0, seed=0)
+
+
+def _warm_run() -> RunParams:
+    return RunParams(rounds=10, rank=64, admm=ADMMParams(rho=1.0, prox="identity"), min_domains=2)
+
+
+class SimulateConfig(StrictModel):
+    """A local federation: the domains' files, the local model, the run and the transport."""
+
+    domains: list[SimulatedDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
+    ials: IALSParams = Field(default_factory=_warm_ials, description="local model (its rank is the run's rank)")
+    run: RunParams = Field(default_factory=_warm_run)
+    insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
+    k: int = Field(10, ge=1, le=1000, description="cut-off of the test metrics")
+    work_dir: Path | None = Field(None, description="folder for certificates, state and logs (default: a temporary one, removed)")
+    startup_timeout_s: float = Field(120.0, gt=0, description="how long a process may take to start listening")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SimulateConfig":
+        names = [domain.name for domain in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain names must be unique, got {names}")
+        if self.run.min_domains > len(self.domains):
+            raise ValueError(f"run.min_domains ({self.run.min_domains}) exceeds the {len(self.domains)} domains")
+        return self
+
+
+class SimulationError(RuntimeError):
+    """A process of the simulation failed to start or the run failed; the message says which and why."""
+
+
+@dataclass
+class Child:
+    """A started process of the simulation."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    address: str = ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of its log (for error messages)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux), so no child outlives a killed launcher."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _child_environment(settings: dict[str, Any]) -> dict[str, str]:
+    """This process's environment without CDIMF_* variables, plus the child's config as CDIMF_* JSON values."""
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
+    environ.update({f"CDIMF_{name.upper()}": json.dumps(value) for name, value in settings.items()})
+    return environ
+
+
+class Federation:
+    """The started processes; `close` stops them all (SIGTERM to each group, then SIGKILL)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, command: list[str], settings: dict[str, Any], timeout_s: float) -> Child:
+        """Start a process in its own process group and wait for its LISTENING line."""
+        log_path = self.work_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cdimf", *command, "--log-level", "WARNING"],
+                cwd=self.work_dir, env=_child_environment(settings), stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        child.address = self._listening(child, timeout_s)
+        return child
+
+    def _listening(self, child: Child, timeout_s: float) -> str:
+        stream = child.process.stdout
+        assert stream is not None
+        give_up = time.monotonic() + timeout_s
+        while time.monotonic() < give_up:
+            ready, _, _ = select.select([stream], [], [], 0.2)
+            if ready:
+                line = stream.readline().decode(errors="replace").strip()
+                if line.startswith("LISTENING "):
+                    return line.split(" ", 1)[1]
+                if not line and child.process.poll() is not None:
+                    break
+            elif child.process.poll() is not None:
+                break
+        raise SimulationError(f"{child.name} did not start (exit status {child.process.poll()}):\n{child.log_tail()}")
+
+    def check_alive(self) -> None:
+        """SimulationError naming the first process that exited."""
+        for child in self.children:
+            if child.process.poll() is not None:
+                raise SimulationError(f"{child.name} exited with status {child.process.returncode}:\n{child.log_tail()}")
+
+    def close(self) -> None:
+        """Stop every process group: SIGTERM, then SIGKILL after TERMINATE_GRACE_S; reap them all."""
+        for child in reversed(self.children):
+            _signal_group(child.process, signal.SIGTERM)
+        give_up = time.monotonic() + TERMINATE_GRACE_S
+        for child in reversed(self.children):
+            try:
+                child.process.wait(max(0.0, give_up - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            # the group may hold grandchildren even after the leader exited
+            _signal_group(child.process, signal.SIGKILL)
+            child.process.wait()
+            if child.process.stdout is not None:
+                child.process.stdout.close()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _write_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
+    """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
+    from common import tls
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = tls.create_ca("cdimf simulate CA", days=2)
+    tls.write_public_file(folder / "ca.pem", ca.certificate_pem())
+    issued = {"aggregator": tls.issue_aggregator_certificate(ca, ["127.0.0.1"], days=2),
+              "operator": tls.issue_operator_certificate(ca, days=2)}
+    for domain in domains:
+        issued[domain] = tls.issue_domain_certificate(ca, domain, hosts=["127.0.0.1"], days=2)
+    settings = {}
+    for party, certificate in issued.items():
+        certificate.write(folder / f"{party}.pem", folder / f"{party}.key")
+        settings[party] = TLSConfig(ca_file=folder / "ca.pem", cert_file=folder / f"{party}.pem", key_file=folder / f"{party}.key")
+    return settings
+
+
+def _tls_settings(tls: TLSConfig) -> dict[str, Any]:
+    return tls.model_dump(mode="json")
+
+
+async def _drive(config: SimulateConfig, federation: Federation, aggregator: str, nodes: dict[str, str],
+                 operator: TLSConfig, as_json: bool) -> dict[str, Any]:
+    """Start the run, follow it, then evaluate every node on its test split."""
+    from cdimf.runtime_cli import follow_run, start_run
+    from common.tls import open_channel
+    from domain_node.aggregator_client import AggregatorClient, channel_credentials_from_config
+    from protos.v1 import federation_pb2 as pb
+    from protos.v1 import federation_pb2_grpc as pb_grpc
+
+    client = AggregatorClient(aggregator, "", channel_credentials_from_config(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
+    started = time.perf_counter()
+    try:
+        info = await start_run(client, config.run, config.startup_timeout_s)
+        if not as_json:
+            print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
+        outcome = await follow_run(client, info.run_id, info.rounds, as_json=False) if not as_json else await _quiet_follow(client, info.run_id)
+    finally:
+        await client.close()
+    seconds = time.perf_counter() - started
+    federation.check_alive()
+    if outcome != 0:
+        raise SimulationError(f"run {info.run_id} did not finish")
+    results: dict[str, Any] = {}
+    for name, address in nodes.items():
+        async with open_channel(address, operator, CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.DomainNodeStub(channel)
+            split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
+            reply = await stub.Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=120.0)
+            results[name] = {"split": reply.split, "users": reply.users, **dict(reply.metrics)}
+    return {"run_id": info.run_id, "rounds": info.rounds, "train_seconds": round(seconds, 3),
+            "transport": "insecure" if config.insecure else "mutual TLS", "domains": results}
+
+
+async def _quiet_follow(client: Any, run_id: str) -> int:
+    """Follow without printing; 0 when the run finished."""
+    from protos.v1 import federation_pb2 as pb
+
+    outcome = 1
+    async for event in client.watch_run(run_id):
+        if event.kind == pb.EVENT_KIND_RUN_FINISHED:
+            outcome = 0
+    return outcome
+
+
+def format_results(results: dict[str, Any], k: int) -> str:
+    """The results table: one row per domain with HR@k and NDCG@k in percent."""
+    lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}",
+             f"{'domain':<12} {'split':<6} {'users':>7} {f'HR@{k}':>8} {f'NDCG@{k}':>8}"]
+    for name, row in results["domains"].items():
+        lines.append(f"{name:<12} {row['split']:<6} {row['users']:>7} {100 * row[f'HR@{k}']:>8.2f} {100 * row[f'NDCG@{k}']:>8.2f}")
+    return "\n".join(lines)
+
+
+def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
+    """Run the whole simulation; returns the results (raises SimulationError on failure)."""
+    temporary = config.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="cdimf-simulate-")) if temporary else Path(config.work_dir)  # type: ignore[arg-type]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    federation = Federation(work_dir)
+    failed = False
+    try:
+        names = [domain.name for domain in config.domains]
+        if config.insecure:
+            tls_of = {party: TLSConfig(insecure=True) for party in ["aggregator", "operator", *names]}
+        else:
+            tls_of = _write_certificates(work_dir / "certs", names)
+        secret_file = work_dir / "federation.secret"
+        from common.tls import write_private_file
+
+        write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
+        aggregator = federation.spawn(
+            "aggregator", ["serve-aggregator"],
+            {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
+            config.startup_timeout_s,
+        )
+        nodes: dict[str, str] = {}
+        for domain in config.domains:
+            settings = {
+                "domain": domain.name,
+                "train_path": str(domain.train_path.resolve()),
+                "data_format": domain.data_format,
+                "listen": "127.0.0.1:0",
+                "aggregator": aggregator.address,
+                "state_dir": str(work_dir / "state" / domain.name),
+                "secret_file": str(secret_file),
+                "ials": config.ials.model_dump(mode="json"),
+                "tls": _tls_settings(tls_of[domain.name]),
+            }
+            for field in ("valid_path", "test_path"):
+                value = getattr(domain, field)
+                if value is not None:
+                    settings[field] = str(value.resolve())
+            nodes[domain.name] = federation.spawn(f"node-{domain.name}", ["serve-node"], settings, config.startup_timeout_s).address
+        return asyncio.run(_drive(config, federation, aggregator.address, nodes, tls_of["operator"], as_json))
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        federation.close()
+        if temporary and not failed:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        elif failed:
+            print(f"cdimf simulate: logs kept in {work_dir}", file=sys.stderr)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The `cdimf simulate` handler."""
+    config = load_with_flags(SimulateConfig, args.config, args, args.fields)
+    # SIGTERM cleans up like Ctrl-C: the finally blocks stop every child
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        results = simulate(config, args.json)
+    except SimulationError as error:
+        print(f"cdimf simulate: {error}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as error:
+        print(f"cdimf simulate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(json.dumps(results, indent=2) if args.json else format_results(results, config.k))
+    return 0
+
+
+def add_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register `cdimf simulate` (SimulateConfig; --rounds N, --insecure, --json, ...)."""
+    parser = commands.add_parser("simulate", help="run the aggregator and one node per domain as local processes and train once")
+    parser.add_argument("--config", help="TOML file with the SimulateConfig fields (default: the embedded warm Sport&Cloth pair)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.set_defaults(handler=_run, fields=add_model_flags(parser, SimulateConfig, frozenset({"run"})))

@@ -1,0 +1,310 @@
+"""The node's training loop as a client of the aggregator: register, wait for a run, train rounds, checkpoint.
+
+Per round r (the engine's order, so that synchronous runs reproduce `CDIMFEngine` exactly):
+local epochs (the run's aggregation period for this domain), push X + U of the shared rows,
+pull Z (synchronous runs wait for it; with a round deadline the node waits at most that long
+and otherwise keeps training on the last Z), apply Z (dual step), checkpoint atomically,
+evaluate on its own validation split and report HR@10/NDCG@10.
+
+What leaves this process: headers, HMAC pseudonyms with holder flags, X + U of shared rows and
+validation metrics. Interaction data and user keys never do.
+
+Restarts: the checkpoint holds the state after the last applied Z; a restarted node redoes
+that round's local epochs (deterministic) and pushes again (the aggregator answers
+ALREADY_EXISTS when it already had the push), so the run equals the uninterrupted one.
+"""
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from common.config import NodeConfig
+from common.pseudonyms import membership_fingerprint, pseudonymize
+from domain_node.aggregator_client import (
+    AggregatorClient,
+    AggregatorError,
+    Backoff,
+    MembershipView,
+    RunInfo,
+    channel_credentials_from_config,
+)
+from domain_node.node_data import NodeData, evaluate
+from domain_node.state import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from domain_node.trainer import DomainTrainer
+
+log = logging.getLogger("cdimf.node")
+METRICS_K = 10
+# a synchronous pull is re-issued this often so that a dead stream is noticed and retried
+SYNC_PULL_WAIT_S = 30.0
+WAIT_FOR_RUN_S = 30.0
+
+
+@dataclass(frozen=True)
+class Model:
+    """The factors as of the last applied Z: what Evaluate and Recommend score with."""
+
+    run_id: str
+    round: int
+    users: np.ndarray
+    items: np.ndarray
+    cold: np.ndarray
+
+
+@dataclass
+class Progress:
+    """What the node's GetStatus reports; updated by the runner, read by the server."""
+
+    phase: str = "starting"
+    run_id: str = ""
+    round: int = 0
+    epochs: int = 0
+    shared_rows: int = 0
+    receiver_rows: int = 0
+    connected: bool = False
+    latest_metrics: dict[str, float] = field(default_factory=dict)
+    model: Model | None = None
+
+
+class RunEnded(Exception):
+    """The run was stopped (or ended) while this node was still in it."""
+
+
+class NodeRunner:
+    """Drives one domain through the aggregator's runs; `progress` is shared with the node server."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        data: NodeData,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        backoff: Backoff = Backoff(initial_s=0.1, max_s=5.0),
+        retry_for_s: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.backoff = backoff
+        self._rng = random.Random()
+        self.pseudonyms = pseudonymize(data.users.keys, config.federation_secret())
+        self.holder = data.holder
+        self.fingerprint = membership_fingerprint(self.pseudonyms, self.holder)
+        self.client = AggregatorClient(
+            config.aggregator,
+            config.domain,
+            channel_credentials_from_config(config.tls),
+            rpc_timeout_s=config.rpc_timeout_s,
+            retry_for_s=retry_for_s,
+            backoff=backoff,
+            interceptors=interceptors,
+        )
+        self.progress = Progress()
+        self._registered = False
+        self._restore_model()
+
+    # ----- model snapshots -----
+
+    def _publish(self, run_id: str, round_index: int, trainer: DomainTrainer) -> None:
+        cold = np.zeros(self.data.train.shape[0], dtype=bool)
+        cold[trainer.receiver_rows] = trainer.state.receiver_consensus is not None
+        self.progress.model = Model(run_id, round_index, trainer.scoring_users(), trainer.state.items.copy(), cold)
+
+    def _restore_model(self) -> None:
+        """Serve the checkpointed model right after a restart, before the aggregator is reached."""
+        try:
+            checkpoint = load_checkpoint(self.config.state_dir)
+        except CheckpointError as error:
+            log.warning("ignoring the checkpoint: %s", error)
+            return
+        if checkpoint is None or checkpoint.fingerprint != self.fingerprint:
+            return
+        state = checkpoint.trainer
+        users = state.users.copy()
+        cold = np.zeros(len(users), dtype=bool)
+        if state.receiver_consensus is not None and len(checkpoint.receiver_rows):
+            users[checkpoint.receiver_rows] = state.receiver_consensus
+            cold[checkpoint.receiver_rows] = True
+        self.progress.model = Model(checkpoint.run_id, checkpoint.round, users, state.items, cold)
+        self.progress.run_id, self.progress.round, self.progress.epochs = checkpoint.run_id, checkpoint.round, state.epochs
+
+    # ----- top level -----
+
+    async def run(self) -> None:
+        """Take part in runs until cancelled; aggregator outages are retried with backoff and jitter."""
+        finished_run = ""
+        failures = 0
+        while True:
+            try:
+                finished_run = await self._session(finished_run)
+                failures = 0
+            except AggregatorError as error:
+                # the aggregator may have lost its state: register again before anything else
+                self._registered = False
+                self.progress.connected = error.code != grpc.StatusCode.UNAVAILABLE
+                log.warning("aggregator call failed (%s); retrying", error)
+                await asyncio.sleep(self.backoff.delay(failures, self._rng))
+                failures += 1
+
+    async def _session(self, finished_run: str) -> str:
+        """Register, wait for a run other than finished_run, take part in it; returns its id."""
+        if not self._registered:
+            self.progress.phase = "registering"
+            registered = await self.client.register(self.pseudonyms, self.holder)
+            self.progress.connected = True
+            if registered.fingerprint != self.fingerprint:
+                raise AggregatorError("Register", grpc.StatusCode.DATA_LOSS, "the aggregator's fingerprint differs from ours")
+            log.info("registered %d rows (%d shared, %d receivers)", registered.rows, registered.shared_rows, registered.receiver_rows)
+            self._registered = True
+        while True:
+            if self.progress.phase not in ("finished", "stopped"):
+                self.progress.phase = "idle"
+            info = await self.client.wait_for_run(WAIT_FOR_RUN_S, after_run_id=finished_run)
+            if info is None or not info.run_id or info.params is None:
+                continue
+            if self.config.domain not in info.admitted_domains:
+                log.info("run %s started without this domain; waiting for the next one", info.run_id)
+                return info.run_id
+            await self._take_part(info)
+            return info.run_id
+
+    # ----- one run -----
+
+    async def _take_part(self, info: RunInfo) -> None:
+        """Train the rounds of one run (resuming from the checkpoint when it is of this run)."""
+        assert info.params is not None
+        params = info.params
+        view = await self.client.get_membership(info.run_id)
+        ials = self.config.ials.model_copy(update={"rank": params.rank})
+        trainer = DomainTrainer(self.config.domain, self.data.train, ials, params.admm.rho, view.shared_rows, view.receiver_rows)
+        applied = self._resume(info, trainer, view)
+        if applied is None:
+            return
+        self.progress.run_id = info.run_id
+        self.progress.shared_rows, self.progress.receiver_rows = len(view.shared_rows), len(view.receiver_rows)
+        if applied >= params.rounds:
+            self._publish(info.run_id, applied, trainer)
+            self.progress.phase = "finished"
+            return
+        period = self.config.aggregation_period or info.aggregation_period or 1
+        try:
+            await self._rounds(info, trainer, view, applied, period)
+            self.progress.phase = "finished"
+        except RunEnded as ended:
+            log.info("run %s ended: %s", info.run_id, ended)
+            self.progress.phase = "stopped"
+
+    def _resume(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView) -> int | None:
+        """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run."""
+        try:
+            checkpoint = load_checkpoint(self.config.state_dir)
+        except CheckpointError as error:
+            log.warning("starting over: %s", error)
+            checkpoint = None
+        if checkpoint is not None and checkpoint.run_id == info.run_id and checkpoint.fingerprint == self.fingerprint:
+            assert info.params is not None
+            check_resumable(checkpoint, self.data.train.shape[0], self.data.train.shape[1], len(view.shared_rows), info.params.rank)
+            if not (np.array_equal(checkpoint.shared_rows, view.shared_rows)
+                    and np.array_equal(checkpoint.receiver_rows, view.receiver_rows)):
+                raise CheckpointError(f"checkpoint of run {info.run_id} has another membership than the aggregator's")
+            trainer.state = checkpoint.trainer
+            log.info("resuming run %s after round %d", info.run_id, checkpoint.round)
+            return checkpoint.round
+        if info.state != "running":
+            return None  # an ended run this node has no state of
+        return 0
+
+    async def _rounds(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView, applied: int, period: int) -> None:
+        """The round loop; returns once the last round's Z is applied."""
+        assert info.params is not None
+        params = info.params
+        run_id = info.run_id
+        deadline_s = params.round_deadline_s
+        open_round = applied + 1
+        pushed_round = 0
+        need_epochs = True
+        while applied < params.rounds:
+            if need_epochs:
+                self.progress.phase = "training"
+                await asyncio.to_thread(trainer.local_epochs, period)
+                self.progress.epochs = trainer.state.epochs
+                need_epochs = False
+            if pushed_round < open_round:
+                open_round = await self._push(run_id, open_round, trainer.contribution())
+                pushed_round = open_round
+            self.progress.phase = "waiting"
+            wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
+            try:
+                z = await self.client.pull_consensus(run_id, applied + 1, wait_s, len(view.shared_rows), len(view.receiver_rows))
+            except AggregatorError as error:
+                if error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                current = await self._current(run_id)
+                # the aggregator restarted from an older state and lost our push: send it again
+                pushed_round, open_round = 0, current.current_round
+                continue
+            if z is None:
+                # asynchronous tolerance: no Z before the deadline, keep training on the last one
+                need_epochs = deadline_s > 0
+                continue
+            trainer.receive_consensus(z.shared, z.receivers)
+            applied = z.round
+            open_round = max(open_round, applied + 1)
+            if pushed_round >= open_round:
+                pushed_round = open_round - 1
+            need_epochs = True
+            await self._end_of_round(run_id, applied, trainer, view)
+
+    async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
+        """Push a contribution for the open round; returns the round it was pushed as."""
+        for _ in range(3):
+            try:
+                await self.client.push_contribution(run_id, round_index, values)
+                return round_index
+            except AggregatorError as error:
+                if error.code == grpc.StatusCode.ALREADY_EXISTS:
+                    return round_index  # pushed before a restart (ours or the aggregator's)
+                if error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # stale or not yet open (we were paused or restarted): push as the open round
+                round_index = (await self._current(run_id)).current_round
+        raise AggregatorError("PushContribution", grpc.StatusCode.ABORTED, f"round {round_index} kept moving")
+
+    async def _current(self, run_id: str) -> RunInfo:
+        """The run as the aggregator sees it now; RunEnded when it is no longer running."""
+        info = await self.client.wait_for_run(0.0)
+        if info is None or info.run_id != run_id:
+            raise RunEnded(f"the aggregator's current run is {info.run_id if info else 'none'}")
+        if info.state != "running":
+            raise RunEnded(f"run {run_id} is {info.state}")
+        return info
+
+    async def _end_of_round(self, run_id: str, round_index: int, trainer: DomainTrainer, view: MembershipView) -> None:
+        """Checkpoint, publish the model, evaluate on validation and report the metrics."""
+        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, trainer.state)
+        await asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint)
+        self._publish(run_id, round_index, trainer)
+        self.progress.round = round_index
+        if self.data.valid is None:
+            return
+        model = self.progress.model
+        assert model is not None
+        started = time.perf_counter()
+        metrics = await asyncio.to_thread(evaluate, self.data.valid, model.users, model.items, self.data.train, METRICS_K)
+        log.info("round %d: %s (%.2f s)", round_index, metrics, time.perf_counter() - started)
+        self.progress.latest_metrics = metrics
+        try:
+            await self.client.report_metrics(run_id, round_index, metrics)
+        except AggregatorError as error:
+            # metrics are informative: a duplicate after a restart or an ended run must not stop training
+            if error.code not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            log.info("metrics of round %d not recorded: %s", round_index, error)
+
+    async def close(self) -> None:
+        """Close the aggregator channel."""
+        await self.client.close()
+

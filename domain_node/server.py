@@ -1,0 +1,200 @@
+"""The node's own grpc.aio server: DomainNode (status, evaluate, recommend) and the gRPC health service.
+
+It serves the model as of the last applied consensus. Only the operator (or this domain's own
+certificate) may call it under mutual TLS: recommendations derive from the domain's private
+interactions. Cold-start users (registered here without interactions, held elsewhere) are
+scored with their consensus vector Z.
+"""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import SERVER_OPTIONS, NodeConfig
+from common.tls import CertificateIdentityError, bind_port, peer_identity
+from domain_node.node_data import NodeData, evaluate, load_node_data, top_k
+from domain_node.runner import Model, NodeRunner, Progress
+from protos.v1 import federation_pb2 as pb
+from protos.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cdimf.node")
+MAX_K = 10_000
+
+
+class DomainNodeService(pb_grpc.DomainNodeServicer):
+    """Answers from the runner's progress and published model; never touches the aggregator."""
+
+    def __init__(self, domain: str, data: NodeData, progress: Progress, insecure: bool) -> None:
+        self.domain = domain
+        self.data = data
+        self.progress = progress
+        self.insecure = insecure
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Operator, aggregator or this domain's own certificate; plaintext servers skip the check."""
+        if self.insecure:
+            return
+        try:
+            identity = peer_identity(context)
+        except CertificateIdentityError as error:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client certificate has no usable identity: {error}")
+            return
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the federation CA is required")
+            return
+        if identity.kind == "domain" and identity.name != self.domain:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"domain {identity.name!r} may not query domain {self.domain!r}")
+
+    async def _model(self, context: grpc.aio.ServicerContext, k: int) -> Model:
+        """The published model, aborting for a bad k or before the first applied round."""
+        if k > MAX_K:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be at most {MAX_K}, got {k}")
+        model = self.progress.model
+        if model is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"domain {self.domain} has no trained model yet")
+            raise AssertionError("unreachable")
+        return model
+
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
+        """Phase, run, round and latest validation metrics of this node."""
+        await self._authorize(context)
+        progress = self.progress
+        return pb.NodeStatus(
+            domain=self.domain,
+            run_id=progress.run_id,
+            round=progress.round,
+            epochs=progress.epochs,
+            users=self.data.train.shape[0],
+            items=self.data.train.shape[1],
+            shared_rows=progress.shared_rows,
+            receiver_rows=progress.receiver_rows,
+            phase=progress.phase,
+            latest_metrics=progress.latest_metrics,
+            connected=progress.connected,
+        )
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:
+        """HR@k / NDCG@k of the current model on this node's valid or test split (paper protocol)."""
+        await self._authorize(context)
+        split = request.split or "test"
+        k = request.k or 10
+        try:
+            held = self.data.split(split)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if split not in ("valid", "test") else grpc.StatusCode.NOT_FOUND, str(error))
+            raise
+        model = await self._model(context, k)
+        metrics = await asyncio.to_thread(evaluate, held, model.users, model.items, self.data.train, k)
+        metrics["round"] = float(model.round)
+        return pb.EvaluateReply(split=split, k=k, metrics=metrics, users=len(held.users))
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendReply:
+        """Top-k items for one of this domain's user keys (cold-start users via their consensus vector)."""
+        await self._authorize(context)
+        k = request.k or 10
+        model = await self._model(context, k)
+        row = int(self.data.users.index_of(np.array([request.user_key]), missing=-1)[0])
+        if row < 0:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.user_key!r} is unknown to domain {self.domain}")
+        train = self.data.train
+        seen = np.zeros(0, dtype=np.int64) if request.include_seen else train.indices[train.indptr[row]:train.indptr[row + 1]]
+        items, scores = top_k(model.users[row], model.items, seen.astype(np.int64), k)
+        return pb.RecommendReply(
+            user_key=request.user_key,
+            items=[str(key) for key in self.data.items.key_of(items)],
+            scores=scores.tolist(),
+            cold_start=bool(model.cold[row]),
+        )
+
+
+@dataclass
+class RunningNode:
+    """A started node: its server, port, health service and the training task."""
+
+    server: grpc.aio.Server
+    port: int
+    host: str
+    runner: NodeRunner
+    health: health.aio.HealthServicer
+    task: asyncio.Task[None]
+
+    @property
+    def address(self) -> str:
+        """host:port of the node's own server."""
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop training and serving."""
+        await self.health.enter_graceful_shutdown()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.runner.close()
+        await self.server.stop(grace)
+
+
+async def start_node(config: NodeConfig, data: NodeData | None = None, runner: NodeRunner | None = None) -> RunningNode:
+    """Load this domain's data, bind config.listen, start serving and start the training loop."""
+    if data is None:
+        data = await asyncio.to_thread(
+            load_node_data, config.domain, config.train_path, config.valid_path, config.test_path, config.data_format
+        )
+    if runner is None:
+        runner = NodeRunner(config, data)
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    pb_grpc.add_DomainNodeServicer_to_server(DomainNodeService(config.domain, data, runner.progress, config.tls.insecure), server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    port = bind_port(server, config.listen, config.tls)
+    await server.start()
+    await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_service.set("cdimf.v1.DomainNode", health_pb2.HealthCheckResponse.SERVING)
+
+    async def train() -> None:
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the training loop failed")
+            await health_service.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            raise
+
+    task = asyncio.ensure_future(train())
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("node %s listening on %s:%d", config.domain, host, port)
+    return RunningNode(server, port, host, runner, health_service, task)
+
+
+def serve_node(config: NodeConfig, on_ready: Callable[[RunningNode], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (on uvloop where available); `on_ready` gets the started node."""
+
+    async def main() -> None:
+        signalled = asyncio.get_running_loop().create_future()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, lambda: signalled.done() or signalled.set_result(None))
+        running = await start_node(config)
+        if on_ready is not None:
+            on_ready(running)
+        # a training loop that crashed ends the process too (status != 0 via the logged error)
+        await asyncio.wait([signalled, running.task], return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping node %s", config.domain)
+        await running.stop()
+
+    _run_on_uvloop(main())
+
+
+def _run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (Linux/macOS), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

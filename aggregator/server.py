@@ -476,7 +476,7 @@ async def start_aggregator(
         credentials, authorizer = security_from_config(config.tls)
     elif authorizer is None:
         authorizer = CertificateAuthorizer()
-    state = AggregatorState(config.state_dir, clock=clock)
+    state = AggregatorState(config.state_dir, clock=clock, fsync=config.fsync_state)
     service = AggregatorService(state, authorizer)
     options = [*SERVER_OPTIONS, ("grpc.max_concurrent_streams", config.max_concurrent_streams)]
     server = grpc.aio.server(options=options)

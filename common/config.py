@@ -157,6 +157,7 @@ class AggregatorConfig(StrictModel):
 
     listen: str = Field("127.0.0.1:7070", description="host:port to serve on (port 0: any free port)")
     state_dir: Path = Field(Path("state/aggregator"), description="folder of the atomically written run state")
+    fsync_state: bool = Field(True, description="fsync state writes (off: survives killed processes, not power loss)")
     tls: TLSConfig
     run: RunParams | None = Field(None, description="a run to start as soon as min_domains domains registered")
     max_concurrent_streams: int = Field(64, ge=1, le=4096, description="per-connection HTTP/2 stream limit")

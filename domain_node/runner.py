@@ -83,7 +83,7 @@ class NodeRunner:
         config: NodeConfig,
         data: NodeData,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-        backoff: Backoff = Backoff(initial_s=0.1, max_s=5.0),
+        backoff: Backoff = Backoff(initial_s=0.1, max_s=2.0),
         retry_for_s: float = 60.0,
     ) -> None:
         self.config = config

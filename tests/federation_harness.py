@@ -1,0 +1,198 @@
+"""Shared helpers of the federated runtime tests: small CSV domains, real `cdimf` processes, cleanup."""
+
+import asyncio
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cdimf.engine import CDIMFEngine, DomainInput
+from common.params import ADMMParams, IALSParams
+from domain_node.aggregator_client import AggregatorClient
+from domain_node.node_data import NodeData, load_node_data
+from domain_node.state import Checkpoint, load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET = "tests-federation-secret-0123456789"
+DOMAINS = ("sport", "cloth")
+RANK = 6
+START_TIMEOUT_S = 30.0
+
+
+def user_key(index: int) -> str:
+    """A raw user key long enough that it cannot appear by chance inside factor bytes."""
+    return f"customer-{index:05d}@shop.example"
+
+
+def item_key(domain: str, index: int) -> str:
+    """A raw item key of a domain."""
+    return f"{domain}-sku-{index:05d}"
+
+
+def write_domains(folder: Path, seed: int = 0, n_items: int = 60) -> dict[str, dict[str, Path]]:
+    """Two small domains as CSV: sport users 0..59, cloth users 35..99 (25 shared).
+
+    sport's test file holds two users (90, 91) that only cloth trains on: sport registers them
+    without interactions, so they become receiver rows scored with their consensus vector.
+    """
+    rng = np.random.default_rng(seed)
+    ranges = {"sport": range(0, 60), "cloth": range(35, 100)}
+    files: dict[str, dict[str, Path]] = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for domain, users in ranges.items():
+        pairs: set[tuple[int, int]] = set()
+        for user in users:
+            for item in rng.choice(n_items, size=int(rng.integers(3, 9)), replace=False):
+                pairs.add((user, int(item)))
+        lines = "".join(f"{user_key(u)},{item_key(domain, i)}\n" for u, i in sorted(pairs))
+        train = folder / f"{domain}_train.csv"
+        train.write_text("user,item\n" + lines)
+        files[domain] = {"train": train}
+    test = folder / "sport_test.csv"
+    test.write_text("user,item\n" + "".join(f"{user_key(u)},{item_key('sport', u % 7)}\n" for u in (3, 10, 90, 91)))
+    files["sport"]["test"] = test
+    return files
+
+
+def ials(seed: int) -> IALSParams:
+    """The local model of the tests (one solver thread: two nodes share two cores)."""
+    return IALSParams(rank=RANK, alpha=0.1, lam=0.5, seed=seed, threads=1)
+
+
+def seeds() -> dict[str, int]:
+    """Per-domain init seeds."""
+    return {"sport": 1, "cloth": 2}
+
+
+def node_data(files: dict[str, dict[str, Path]], domain: str) -> NodeData:
+    """What the node process loads for `domain`."""
+    return load_node_data(domain, files[domain]["train"], None, files[domain].get("test"), "csv")
+
+
+def reference_engine(files: dict[str, dict[str, Path]], admm: ADMMParams, rounds: int, periods: dict[str, int]) -> CDIMFEngine:
+    """The in-process engine on exactly the nodes' data, run for `rounds`."""
+    inputs = []
+    for domain in DOMAINS:
+        data = node_data(files, domain)
+        inputs.append(DomainInput(domain, data.users.keys, data.train, ials(seeds()[domain]), periods.get(domain, 1)))
+    engine = CDIMFEngine(inputs, admm)
+    engine.run(rounds)
+    return engine
+
+
+def assert_matches_engine(checkpoints: dict[str, Checkpoint], engine: CDIMFEngine) -> None:
+    """Every domain's X, Y, U equal the engine's to 1e-5 relative."""
+    for trainer in engine.trainers:
+        state = checkpoints[trainer.name].trainer
+        np.testing.assert_array_equal(checkpoints[trainer.name].shared_rows, trainer.shared_rows)
+        np.testing.assert_array_equal(checkpoints[trainer.name].receiver_rows, trainer.receiver_rows)
+        for mine, theirs in ((state.users, trainer.state.users), (state.items, trainer.state.items), (state.duals, trainer.state.duals)):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5 * float(np.abs(theirs).max()))
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for processes that must come back on the same port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
+
+
+@dataclass
+class Processes:
+    """Real `cdimf` processes of one test, each in its own process group; `close` kills them all."""
+
+    folder: Path
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self, name: str, arguments: list[str], environ: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """Start `cdimf ARGUMENTS` and wait for its LISTENING line; returns (process, address)."""
+        log = open(self.folder / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cdimf", *arguments, "--log-level", "INFO"], cwd=REPO_ROOT,
+            env={**_environment(), **(environ or {})}, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+        )
+        log.close()
+        self.started.append(process)
+        assert process.stdout is not None
+        give_up = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < give_up:
+            if select.select([process.stdout], [], [], 0.2)[0]:
+                line = process.stdout.readline().decode().strip()
+                if line.startswith("LISTENING "):
+                    return process, line.split(" ", 1)[1]
+            if process.poll() is not None:
+                break
+        raise AssertionError(f"{name} did not start:\n{(self.folder / f'{name}.log').read_text()[-3000:]}")
+
+    def aggregator(self, port: int = 0, name: str = "aggregator") -> tuple[subprocess.Popen[bytes], str]:
+        """`cdimf serve-aggregator` on 127.0.0.1 (plaintext: the TLS paths have their own tests)."""
+        return self.spawn(name, ["serve-aggregator", "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.folder / "aggregator"), "--insecure"])
+
+    def node(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str, name: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """`cdimf serve-node` of one domain (its own files only; the secret through CDIMF_SECRET)."""
+        arguments = ["serve-node", "--domain", domain, "--train-path", str(files[domain]["train"]), "--data-format", "csv",
+                     "--listen", "127.0.0.1:0", "--aggregator", aggregator, "--state-dir", str(self.folder / domain),
+                     "--insecure", "--ials-rank", str(RANK), "--ials-alpha", "0.1", "--ials-lam", "0.5",
+                     "--ials-seed", str(seeds()[domain]), "--ials-threads", "1", "--rpc-timeout-s", "10"]
+        if "test" in files[domain]:
+            arguments += ["--test-path", str(files[domain]["test"])]
+        return self.spawn(name or f"node-{domain}", arguments, {"CDIMF_SECRET": SECRET})
+
+    def close(self) -> None:
+        """SIGKILL every process group and reap."""
+        for process in self.started:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def processes_fixture(tmp_path: Path) -> Iterator[Processes]:
+    """Body of the `processes` fixture of the test modules."""
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+async def wait_for_domains(client: AggregatorClient, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until `count` domains registered with the aggregator."""
+    give_up = time.monotonic() + timeout_s
+    while len((await client.get_status()).domains) < count:
+        assert time.monotonic() < give_up, "domains did not register"
+        await asyncio.sleep(0.05)
+
+
+def checkpoints(folder: Path) -> dict[str, Checkpoint]:
+    """Each domain's checkpoint in the test folder."""
+    found = {domain: load_checkpoint(folder / domain) for domain in DOMAINS}
+    assert all(value is not None for value in found.values()), found
+    return found  # type: ignore[return-value]
+
+
+async def wait_for_checkpoints(folder: Path, round_index: int, timeout_s: float = 20.0) -> dict[str, Checkpoint]:
+    """Until every domain checkpointed `round_index` (nodes checkpoint after applying the last Z)."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        found = {domain: load_checkpoint(folder / domain) for domain in DOMAINS}
+        if all(value is not None and value.round >= round_index for value in found.values()):
+            return found  # type: ignore[return-value]
+        assert time.monotonic() < give_up, {d: (c.round if c else None) for d, c in found.items()}
+        await asyncio.sleep(0.05)

@@ -392,8 +392,8 @@ def _solve_half_step(
         if prox.rows.min() < 0 or prox.rows.max() >= n_rows:
             raise ValueError(f"proximal rows must lie in [0, {n_rows}), got {prox.rows.min()}..{prox.rows.max()}")
     data = csr.data.astype(FLOAT, copy=False)
-    if data.size and not np.all(data > 0):
-        raise ValueError("interaction weights must be positive")
+    if data.size and not np.all(data >= 0):
+        raise ValueError("interaction weights must be non-negative (and not NaN)")
     fixed = np.ascontiguousarray(fixed, dtype=FLOAT)
     n_threads = threads or default_threads()
     eigvals, basis = np.linalg.eigh(alpha * _gram64(fixed, n_threads))

@@ -108,6 +108,19 @@ def test_rho_zero_is_plain_als(backend: str) -> None:
     np.testing.assert_array_equal(plain, with_zero_rho)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stored_zero_weight_counts_as_no_interaction(backend: str) -> None:
+    matrix, fixed, ridge = random_problem(40, 30, 16, seed=13, weighted=True, long_rows=10)
+    with_zeros = matrix.copy()
+    with_zeros.data[::3] = 0.0
+    without = with_zeros.copy()
+    without.eliminate_zeros()
+    assert without.nnz < with_zeros.nnz
+    kept = ials.solve_half_step(with_zeros, fixed, 0.2, ridge, threads=1, backend=backend)
+    dropped = ials.solve_half_step(without, fixed, 0.2, ridge, threads=1, backend=backend)
+    assert relative_error(kept, dropped.astype(np.float64)) < SOLVE_RTOL
+
+
 def test_backends_agree_with_each_other() -> None:
     matrix, fixed, ridge = random_problem(120, 90, 32, seed=6, weighted=True, long_rows=20)
     answers = [ials.solve_half_step(matrix, fixed, 0.1, ridge, threads=2, backend=backend) for backend in BACKENDS]
@@ -186,7 +199,7 @@ def test_init_is_deterministic_for_a_seed() -> None:
         (lambda m, y, r: ials.solve_half_step(m, y, 0.1, r, method="newton"), "method"),
         (lambda m, y, r: ials.solve_half_step(m, y, 0.1, r, backend="gpu"), "backend"),
         (lambda m, y, r: ials.solve_half_step(m, y, 0.1, r, method="cg", cg_steps=0), "cg_steps"),
-        (lambda m, y, r: ials.solve_half_step(-m, y, 0.1, r), "weights must be positive"),
+        (lambda m, y, r: ials.solve_half_step(-m, y, 0.1, r), "weights must be non-negative"),
         (lambda m, y, r: ials.solve_half_step(m, y, 0.0, np.zeros_like(r)), "singular"),
     ],
 )

@@ -1,0 +1,117 @@
+"""Every runtime subcommand of `cdimf` run as a real process against real servers on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Real processes, killed at the end of the test."""
+    yield from processes_fixture(tmp_path)
+
+
+def cdimf(*arguments: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run `cdimf ARGUMENTS` to its end."""
+    return subprocess.run([sys.executable, "-m", "cdimf", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+
+
+def cdimf_all(*commands: list[str], timeout_s: float = 60.0) -> list[subprocess.CompletedProcess[str]]:
+    """Run several independent `cdimf` commands at once (each pays the interpreter start-up)."""
+    started = [(command, subprocess.Popen([sys.executable, "-m", "cdimf", *command], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)) for command in commands]
+    finished = []
+    for command, process in started:
+        out, err = process.communicate(timeout=timeout_s)
+        finished.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    return finished
+
+
+def _federation(tmp_path: Path, processes: Processes) -> tuple[str, str]:
+    """`cdimf serve-aggregator` and two `cdimf serve-node` processes; (aggregator, sport node) addresses."""
+    files = write_domains(tmp_path / "data")
+    _, aggregator = processes.aggregator()
+    _, sport = processes.node("sport", files, aggregator)
+    processes.node("cloth", files, aggregator)
+    return aggregator, sport
+
+
+def test_train_follow_status_recommend_and_health(tmp_path: Path, processes: Processes) -> None:
+    """serve-aggregator + serve-node processes driven by train/status/recommend/health/stop processes."""
+    aggregator, sport = _federation(tmp_path, processes)
+
+    for checked in cdimf_all(*(["health", "--target", target, "--insecure"] for target in (aggregator, sport))):
+        assert checked.returncode == 0 and "SERVING" in checked.stdout, checked
+
+    trained = cdimf("train", "--aggregator", aggregator, "--insecure", "--rounds", "2", "--rank", "6", "--min-domains", "2",
+                    "--run-id", "cli-run", "--follow", "--json")
+    assert trained.returncode == 0, trained.stderr
+    events = [json.loads(line) for line in trained.stdout.splitlines()]
+    assert {(e["domain"], e["round"]) for e in events if e["kind"] == "metrics"} == {(d, r) for d in ("sport", "cloth") for r in (1, 2)}
+    assert [e["kind"] for e in events].count("run_finished") == 1 and all(e["run_id"] == "cli-run" for e in events)
+    assert "round 2/2" in trained.stderr, "progress bar on stderr"
+
+    status, table, warm, cold, unknown, finished = cdimf_all(
+        ["status", "--aggregator", aggregator, "--insecure", "--json"],
+        ["status", "--aggregator", aggregator, "--insecure"],
+        ["recommend", "--node", sport, "--user", user_key(3), "-k", "3", "--insecure", "--json"],
+        ["recommend", "--node", sport, "--user", user_key(91), "--insecure", "--json"],
+        ["recommend", "--node", sport, "--user", "nobody", "--insecure"],
+        ["stop", "--aggregator", aggregator, "--insecure"],
+    )
+    assert status.returncode == 0, status.stderr
+    reply = json.loads(status.stdout)
+    assert reply["run"]["state"] == "RUN_STATE_FINISHED" and {d["domain"] for d in reply["domains"]} == {"sport", "cloth"}
+    assert "cli-run" in table.stdout
+    assert warm.returncode == 0, warm.stderr
+    warm_reply = json.loads(warm.stdout)
+    assert len(warm_reply["items"]) == 3 and warm_reply["cold_start"] is False
+    cold_reply = json.loads(cold.stdout)
+    assert cold_reply["cold_start"] is True and len(cold_reply["items"]) == 10
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    assert finished.returncode == 1 and "already finished" in finished.stderr
+
+
+def test_stop_ends_a_followed_run(tmp_path: Path, processes: Processes) -> None:
+    """A long run followed by one `cdimf train --follow` and stopped by `cdimf stop`: the follower exits 1."""
+    aggregator, _ = _federation(tmp_path, processes)
+    follower = subprocess.Popen([sys.executable, "-m", "cdimf", "train", "--aggregator", aggregator, "--insecure", "--rounds", "100000",
+                                 "--rank", "6", "--follow"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        give_up = time.monotonic() + 30
+        while json.loads(cdimf("status", "--aggregator", aggregator, "--insecure", "--json").stdout)["run"].get("state") != "RUN_STATE_RUNNING":
+            assert time.monotonic() < give_up, "the long run did not start"
+        stopped = cdimf("stop", "--aggregator", aggregator, "--insecure", "--reason", "test")
+        assert stopped.returncode == 0, stopped.stderr
+        _, follower_err = follower.communicate(timeout=30)
+        assert follower.returncode == 1 and "did not finish" in follower_err
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+
+
+def test_health_of_nothing_bad_options_and_certs(tmp_path: Path) -> None:
+    """health fails on a closed port; a bad field names its option; certs is wired."""
+    closed, bad, missing, certs, reproduce = cdimf_all(
+        ["health", "--target", f"127.0.0.1:{free_port()}", "--insecure", "--timeout-s", "1"],
+        ["train", "--aggregator", "127.0.0.1:1", "--insecure", "--rounds", "0"],
+        ["serve-node", "--domain", "sport", "--insecure"],
+        ["certs", "--out", str(tmp_path / "pki"), "--domains", "sport,cloth", "--federation-secret"],
+        ["reproduce", "--help"],
+    )
+    assert closed.returncode == 1 and "UNAVAILABLE" in closed.stdout
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
+    assert missing.returncode == 2 and "train_path" in missing.stderr
+    assert certs.returncode == 0, certs.stderr
+    assert {"ca.pem", "aggregator.pem", "sport.key", "cloth.pem", "operator.pem", "federation.secret"} <= {p.name for p in (tmp_path / "pki").iterdir()}
+    assert reproduce.returncode == 0

@@ -15,8 +15,8 @@ from common.pseudonyms import pseudonymize
 SECRET = b"a-federation-secret-for-tests"
 RANK = 4
 # sport holds u1..u4 and registers u9 (no interactions) as a receiver; cloth holds u3..u6;
-# books holds u4, u6, u9. Shared: u3 (sport, cloth), u4 (all three), u6 (cloth, books); u9 is
-# held by books alone, so sport's receiver row for it gets the engine's Z there (0).
+# books holds u4, u6, u9. Shared: u3 (sport, cloth), u4 (all three), u6 (cloth, books), and
+# u9: held by books alone but wanted by sport, so books pushes it and sport receives its Z.
 DOMAINS = {
     "sport": (["u1", "u2", "u3", "u4", "u9"], [1, 1, 1, 1, 0]),
     "cloth": (["u5", "u3", "u4", "u6"], [1, 1, 1, 1]),
@@ -113,6 +113,11 @@ def test_synchronous_round_is_prox_of_the_mean_over_holders_like_the_engine() ->
         assert round_index == 1
         want = np.concatenate([engine_z[membership.shared_global], engine_z[membership.receiver_global]])
         np.testing.assert_array_equal(rows, want)
+    # sport's receiver row (u9) gets books' contribution through the prox, not zeros
+    books = run.layout.per_domain["books"]
+    u9_books = int(np.flatnonzero(books.shared_rows == 2)[0])
+    _, sport_rows = state.consensus_for(run.run_id, "sport", 1)
+    np.testing.assert_allclose(sport_rows[-1], pushed["books"][u9_books] * (2.0 / 2.5), rtol=1e-6)
     assert run.current_round == 2 and run.events[-1].kind == "round_closed"
     assert run.events[-1].contributors == names and run.events[-1].missing == []
 

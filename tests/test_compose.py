@@ -1,29 +1,31 @@
-"""docker-compose.yml without Docker: schema, wiring of services, mounts, configs and TLS material.
+"""docker-compose.yml without Docker: schema, wiring, mounts, configs, TLS material, the real CLI, a real run.
 
 Docker cannot run here, so each service's view of the file system is rebuilt in a temporary
-folder from the compose file's own volume list (bind mounts point at the repository, named
-volumes at folders shared between services, as Docker shares them) and the service's config
-and command are checked against that view.
+folder from the compose file's own volume list (tests/compose_local.py) and its config and
+command are checked against that view; finally every service runs as local processes, each in
+its own network namespace named after the service.
 """
 
 import json
 import os
-import shutil
-import tomllib
-from pathlib import Path, PurePosixPath
+import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 from cryptography import x509
 
 from cdimf import certs
+from cdimf.cli import build_parser
+from cdimf.runtime_cli import TrainConfig
 from common import tls
-from common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig, load_config
+from common.config import AggregatorConfig, NodeConfig, load_config
 
-REPO = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = REPO / "docker-compose.yml"
+import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
+from compose_local import REPO, build_view, in_view, is_bind, load_compose, run_stack, volume_mounts
+
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
 SCHEMA_FILE = REPO / "deploy" / "compose-spec.json"
 LONG_RUNNING = {"aggregator", "node-sport", "node-cloth"}
 ONE_SHOT = {"certs", "launcher"}
@@ -36,48 +38,7 @@ DOMAIN_FOLDERS = {
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """The parsed compose file (YAML anchors and merge keys applied, as Compose applies them)."""
-    return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
-def volume_mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath, bool]]:
-    """(source, container target, read-only) of each short-syntax volume of a service."""
-    mounts = []
-    for entry in service.get("volumes", []):
-        assert isinstance(entry, str), f"use the short volume syntax, got {entry!r}"
-        source, target, *mode = entry.split(":")
-        mounts.append((source, PurePosixPath(target), mode == ["ro"]))
-    return mounts
-
-
-def is_bind(source: str) -> bool:
-    """Whether a volume source is a host path (bind mount) rather than a named volume."""
-    return source.startswith((".", "/"))
-
-
-def build_view(name: str, service: dict[str, Any], sandbox: Path) -> Path:
-    """Recreate the service's mounts under sandbox/<name>/ and return that root."""
-    root = sandbox / name
-    for source, target, _ in volume_mounts(service):
-        place = root / target.relative_to("/")
-        place.parent.mkdir(parents=True, exist_ok=True)
-        if is_bind(source):
-            host = (REPO / source).resolve()
-            assert host.exists(), f"{name}: bind source {source} does not exist"
-            if host.is_file():
-                # copied, not linked: the config loader resolves its own path to find relative files
-                shutil.copy(host, place)
-            else:
-                place.symlink_to(host, target_is_directory=True)
-        else:
-            shared = sandbox / "volumes" / source
-            shared.mkdir(parents=True, exist_ok=True)
-            place.symlink_to(shared, target_is_directory=True)
-    return root
-
-
-def in_view(root: Path, argument: str) -> str:
-    """Map an absolute container path in a command line onto the service's view."""
-    return str(root / argument.lstrip("/")) if argument.startswith("/") else argument
+    return load_compose()
 
 
 def option(command: list[str], flag: str) -> str:
@@ -188,13 +149,70 @@ def test_certs_service_makes_exactly_the_tls_material_the_services_use(compose: 
         assert len(config.federation_secret()) >= 32
 
     launcher = services["launcher"]["command"]
-    assert option(launcher, "--aggregator").rsplit(":", 1)[0] in aggregator_names
-    assert option(launcher, "--aggregator").rsplit(":", 1)[1] == aggregator.listen.rsplit(":", 1)[1]
-    run_file = Path(in_view(roots["launcher"], option(launcher, "--config")))
-    # PLACEHOLDER until `cdimf train` has its config model: [tls] and [run] checked separately
-    run = tomllib.loads(run_file.read_text())
-    RunParams.model_validate(run["run"])
-    operator_files = {key: run_file.parent / value for key, value in run["tls"].items()}
-    operator_tls = TLSConfig.model_validate(operator_files)
-    tls.channel_credentials(operator_tls.ca_file, operator_tls.cert_file, operator_tls.key_file)
-    assert tls.party_identity(tls.load_certificate(operator_tls.cert_file)).kind == "operator"
+    run_file = in_view(roots["launcher"], option(launcher, "--config"))
+    train = load_config(TrainConfig, run_file, environ={"CDIMF_AGGREGATOR": option(launcher, "--aggregator")})
+    assert train.aggregator.rsplit(":", 1)[0] in aggregator_names
+    assert train.aggregator.rsplit(":", 1)[1] == aggregator.listen.rsplit(":", 1)[1]
+    assert not train.tls.insecure
+    tls.channel_credentials(train.tls.ca_file, train.tls.cert_file, train.tls.key_file)  # type: ignore[arg-type]
+    assert tls.party_identity(tls.load_certificate(train.tls.cert_file)).kind == "operator"  # type: ignore[arg-type]
+    assert train.run.min_domains == len(DOMAIN_FOLDERS)
+
+
+def image_healthcheck() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command with the image's ENV defaults substituted."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    defaults = dict(re.findall(r"(HEALTHCHECK_[A-Z]+)=(\S+)", text))
+    found = re.search(r"^HEALTHCHECK .*? CMD (.*?) \|\| exit 1$", text, re.MULTILINE)
+    assert found is not None and defaults, "deploy/Dockerfile has no HEALTHCHECK with ENV defaults"
+    command = found.group(1)
+    for name, value in defaults.items():
+        command = command.replace(f'"${name}"', value)
+    return command.split()
+
+
+def test_every_command_is_a_valid_cdimf_invocation(compose: dict[str, Any]) -> None:
+    """Each service command and health probe, and the image's default probe, parse with the real
+    CLI (a missing subcommand or option fails here)."""
+    parser = build_parser()
+    invocations = [("Dockerfile HEALTHCHECK", image_healthcheck())]
+    for name, service in compose["services"].items():
+        invocations.append((f"{name} command", ["cdimf", *service["command"]]))
+        test = service["healthcheck"].get("test")
+        if test is not None:
+            assert test[0] == "CMD", (name, test)
+            invocations.append((f"{name} healthcheck", test[1:]))
+    assert len(invocations) == 1 + len(compose["services"]) + len(LONG_RUNNING)
+    for where, argv in invocations:
+        assert argv[0] == "cdimf", where
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit as exit_:
+            pytest.fail(f"{where}: `{' '.join(argv)}` is rejected by cdimf's parser (status {exit_.code})")
+        assert callable(args.handler), where
+
+
+# Shrinks the run so the test stays short: the same commands, files and network, fewer rounds
+# and a smaller rank. The full run is `tests/compose_local.py` (see deploy/README.md).
+SHORT_RUN = {
+    "launcher": {"CDIMF_RUN__ROUNDS": "1", "CDIMF_RUN__RANK": "8"},
+    "node-sport": {"CDIMF_IALS__RANK": "8"},
+    "node-cloth": {"CDIMF_IALS__RANK": "8"},
+}
+
+
+def test_compose_stack_runs_as_local_processes(compose: dict[str, Any], tmp_path: Path) -> None:
+    """certs, aggregator, both nodes and the launcher run with exactly their compose commands and
+    mounts, each in its own network namespace and over mutual TLS; the launcher's round finishes
+    with metrics from both domains, state lands in the volumes, and the servers stop on SIGTERM."""
+    reason = netns.unavailable_reason()
+    assert reason is None, f"this test runs the services in network namespaces: {reason}"
+    run = run_stack(tmp_path, compose, extra_env=SHORT_RUN, one_shot_deadline_s=120)
+    launcher = run.finished["launcher"]
+    assert launcher.returncode == 0, launcher.stderr[-3000:]
+    assert re.search(r"run \S+ finished", launcher.stderr), launcher.stderr[-2000:]
+    for domain in DOMAIN_FOLDERS:
+        assert re.search(rf"round\s+1\s+{domain}\s+HR@10 0\.\d+", launcher.stdout), launcher.stdout
+    for volume in ("aggregator-state", "sport-state", "cloth-state"):
+        assert any((tmp_path / "volumes" / volume).iterdir()), f"{volume} is empty"
+    assert run.stop_status == {name: 0 for name in LONG_RUNNING}, run.stop_status

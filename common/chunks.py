@@ -233,10 +233,12 @@ class MatrixAssembler:
         self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
         item = _DTYPES[chunk.dtype]
         expected_bytes = chunk.rows * chunk.cols * item.itemsize
-        if len(chunk.data) != expected_bytes:
-            raise ChunkError(f"{what}: chunk {index} holds {len(chunk.data)} bytes, {chunk.rows} x {chunk.cols} {item.name} need {expected_bytes}")
-        _check_sum(what, index, matrix_checksum(chunk.data), chunk.checksum)
-        block = np.frombuffer(chunk.data, dtype=item).reshape(chunk.rows, chunk.cols)
+        # every read of a bytes field copies it out of the message (upb): read it once
+        data = chunk.data
+        if len(data) != expected_bytes:
+            raise ChunkError(f"{what}: chunk {index} holds {len(data)} bytes, {chunk.rows} x {chunk.cols} {item.name} need {expected_bytes}")
+        _check_sum(what, index, matrix_checksum(data), chunk.checksum)
+        block = np.frombuffer(data, dtype=item).reshape(chunk.rows, chunk.cols)
         # sum is finite iff every value is (inf - inf and nan propagate); one pass, no mask array
         with np.errstate(over="ignore", invalid="ignore"):
             total = block.sum(dtype=np.float32)
@@ -322,16 +324,17 @@ class RegistrationAssembler:
         if chunk.total_rows > self.max_rows:
             raise ChunkError(f"registration: {chunk.total_rows} rows exceed the limit of {self.max_rows}")
         self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
-        if len(chunk.pseudonyms) != chunk.rows * PSEUDONYM_BYTES:
-            raise ChunkError(f"registration: chunk {index} holds {len(chunk.pseudonyms)} pseudonym bytes, {chunk.rows} rows need {chunk.rows * PSEUDONYM_BYTES}")
-        if len(chunk.holder_flags) != chunk.rows:
-            raise ChunkError(f"registration: chunk {index} holds {len(chunk.holder_flags)} holder flags for {chunk.rows} rows")
-        _check_sum("registration", index, zlib.crc32(chunk.holder_flags, zlib.crc32(chunk.pseudonyms)), chunk.crc32)
-        flags = np.frombuffer(chunk.holder_flags, dtype=np.uint8)
+        digests, holder_flags = chunk.pseudonyms, chunk.holder_flags
+        if len(digests) != chunk.rows * PSEUDONYM_BYTES:
+            raise ChunkError(f"registration: chunk {index} holds {len(digests)} pseudonym bytes, {chunk.rows} rows need {chunk.rows * PSEUDONYM_BYTES}")
+        if len(holder_flags) != chunk.rows:
+            raise ChunkError(f"registration: chunk {index} holds {len(holder_flags)} holder flags for {chunk.rows} rows")
+        _check_sum("registration", index, zlib.crc32(holder_flags, zlib.crc32(digests)), chunk.crc32)
+        flags = np.frombuffer(holder_flags, dtype=np.uint8)
         if flags.size and flags.max() > 1:
             raise ChunkError(f"registration: chunk {index} has holder flags other than 0 and 1")
-        self.digests.append(chunk.pseudonyms)
-        self.flags.append(chunk.holder_flags)
+        self.digests.append(digests)
+        self.flags.append(holder_flags)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, pb.Header]:
         """(pseudonyms, holder flags, header) of the complete stream."""
@@ -382,10 +385,11 @@ class MembershipAssembler:
         self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
         if index == 0:
             self.domains = list(chunk.domains)
-        if len(chunk.roles) != chunk.rows or len(chunk.holder_masks) != 8 * chunk.rows:
+        roles, masks = chunk.roles, chunk.holder_masks
+        if len(roles) != chunk.rows or len(masks) != 8 * chunk.rows:
             raise ChunkError(f"membership: chunk {index} payload does not match its {chunk.rows} rows")
-        self.roles.append(chunk.roles)
-        self.masks.append(chunk.holder_masks)
+        self.roles.append(roles)
+        self.masks.append(masks)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(roles, holder masks, domain names) of the complete stream."""

@@ -131,19 +131,23 @@ class Federation:
         self.work_dir = work_dir
         self.children: list[Child] = []
 
-    def spawn(self, name: str, command: list[str], settings: dict[str, Any], timeout_s: float) -> Child:
-        """Start a process in its own process group and wait for its LISTENING line."""
+    def start(self, name: str, command: list[str], settings: dict[str, Any], extra_environment: dict[str, str] | None = None) -> Child:
+        """Start a process in its own process group (call `wait_listening` for its address)."""
         log_path = self.work_dir / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "cdimf", *command, "--log-level", "WARNING"],
-                cwd=self.work_dir, env=_child_environment(settings), stdout=subprocess.PIPE, stderr=log,
+                cwd=self.work_dir, env={**_child_environment(settings), **(extra_environment or {})}, stdout=subprocess.PIPE, stderr=log,
                 start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         child = Child(name, process, log_path)
         self.children.append(child)
-        child.address = self._listening(child, timeout_s)
         return child
+
+    def wait_listening(self, child: Child, timeout_s: float) -> str:
+        """The child's address from its LISTENING line."""
+        child.address = self._listening(child, timeout_s)
+        return child.address
 
     def _listening(self, child: Child, timeout_s: float) -> str:
         stream = child.process.stdout
@@ -236,13 +240,15 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
     federation.check_alive()
     if outcome != 0:
         raise SimulationError(f"run {info.run_id} did not finish")
-    results: dict[str, Any] = {}
-    for name, address in nodes.items():
+
+    async def evaluated(name: str, address: str) -> tuple[str, dict[str, Any]]:
         async with open_channel(address, operator, CHANNEL_OPTIONS) as channel:
-            stub = pb_grpc.DomainNodeStub(channel)
             split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
-            reply = await stub.Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=120.0)
-            results[name] = {"split": reply.split, "users": reply.users, **dict(reply.metrics)}
+            reply = await pb_grpc.DomainNodeStub(channel).Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
+            return name, {"split": reply.split, "users": reply.users, **dict(reply.metrics)}
+
+    # every node evaluates in its own process: ask them all at once
+    results = dict(await asyncio.gather(*(evaluated(name, address) for name, address in nodes.items())))
     return {"run_id": info.run_id, "rounds": info.rounds, "train_seconds": round(seconds, 3),
             "transport": "insecure" if config.insecure else "mutual TLS", "domains": results}
 
@@ -284,30 +290,36 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         from common.tls import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
-        aggregator = federation.spawn(
+        aggregator = federation.start(
             "aggregator", ["serve-aggregator"],
             {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
-            config.startup_timeout_s,
         )
-        nodes: dict[str, str] = {}
+        aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
+        # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
+        threads = max(1, (os.cpu_count() or 1) // len(config.domains))
+        ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
+        blas = {name: str(ials.threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        started: list[Child] = []
         for domain in config.domains:
             settings = {
                 "domain": domain.name,
                 "train_path": str(domain.train_path.resolve()),
                 "data_format": domain.data_format,
                 "listen": "127.0.0.1:0",
-                "aggregator": aggregator.address,
+                "aggregator": aggregator_address,
                 "state_dir": str(work_dir / "state" / domain.name),
                 "secret_file": str(secret_file),
-                "ials": config.ials.model_dump(mode="json"),
+                "ials": ials.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
             for field in ("valid_path", "test_path"):
                 value = getattr(domain, field)
                 if value is not None:
                     settings[field] = str(value.resolve())
-            nodes[domain.name] = federation.spawn(f"node-{domain.name}", ["serve-node"], settings, config.startup_timeout_s).address
-        return asyncio.run(_drive(config, federation, aggregator.address, nodes, tls_of["operator"], as_json))
+            started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
+        # the nodes load their data in parallel; each prints LISTENING once it serves
+        nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
+        return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))
     except BaseException:
         failed = True
         raise

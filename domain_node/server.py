@@ -185,7 +185,10 @@ def serve_node(config: NodeConfig, on_ready: Callable[[RunningNode], None] | Non
         # a training loop that crashed ends the process too (status != 0 via the logged error)
         await asyncio.wait([signalled, running.task], return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping node %s", config.domain)
+        failed = running.task.done() and not running.task.cancelled() and running.task.exception() is not None
         await running.stop()
+        if failed:
+            raise running.task.exception()  # type: ignore[misc]
 
     _run_on_uvloop(main())
 

@@ -1,6 +1,7 @@
 """A node's training checkpoint: X, Y, U, Z and the round, written atomically at the end of every round."""
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def load_checkpoint(state_dir: Path) -> Checkpoint | None:
             )
             return Checkpoint(str(meta["run_id"]), int(meta["round"]), str(meta["fingerprint"]),
                               saved["shared_rows"], saved["receiver_rows"], trainer)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"{path}: cannot read the node checkpoint: {error}") from error

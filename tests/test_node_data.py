@@ -1,0 +1,51 @@
+"""A node's own data: rows, holder flags, cold users, carved validation, fixed candidates, top-k."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from domain_node.data import DataError
+from domain_node.node_data import fixed_candidates, load_node_data, top_k
+
+
+def _write(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in pairs))
+    return path
+
+
+def test_users_only_in_held_out_files_are_rows_without_interactions(tmp_path: Path) -> None:
+    """Test-only users get rows (non-holders, for cold start); validation is carved the same way twice."""
+    train = _write(tmp_path / "train.csv", [(f"u{u}", f"i{(u * 3 + k) % 12}") for u in range(10) for k in range(3)])
+    test = _write(tmp_path / "test.csv", [("u1", "i2"), ("cold-a", "i5"), ("cold-b", "i7")])
+    first = load_node_data("sport", train, None, test, "csv")
+    again = load_node_data("sport", train, None, test, "csv")
+    assert first.train.shape == (12, 12) and first.valid_carved
+    cold = first.users.index_of(np.array(["cold-a", "cold-b"]))
+    assert not first.holder[cold].any() and first.holder.sum() == 10
+    assert first.train.nnz == 30 - len(first.valid.users)
+    np.testing.assert_array_equal(first.valid.users, again.valid.users)
+    np.testing.assert_array_equal(first.valid.candidates, again.valid.candidates)
+    other = load_node_data("cloth", train, None, test, "csv")
+    assert not np.array_equal(first.valid.items, other.valid.items) or not np.array_equal(first.valid.candidates, other.valid.candidates)
+    # a tiny catalog: as many negatives as every row can get, none of them the target or a held-out item
+    assert first.test.candidates.shape == (3, 12)
+    assert all(len(set(row)) == 12 for row in first.test.candidates.tolist())
+
+
+def test_an_item_unknown_to_train_is_refused_with_file_and_line(tmp_path: Path) -> None:
+    """Held-out items must occur in the domain's train (they could not be scored)."""
+    train = _write(tmp_path / "train.csv", [("u1", "i1"), ("u2", "i2")])
+    test = _write(tmp_path / "test.csv", [("u1", "i2"), ("u2", "i9")])
+    with pytest.raises(DataError, match=r"test\.csv:3: item 'i9'"):
+        load_node_data("sport", train, None, test, "csv")
+
+
+def test_candidates_and_top_k() -> None:
+    """fixed_candidates puts the target first; top_k leaves out seen items and sorts by score."""
+    held = fixed_candidates(50, np.array([0, 1]), np.array([3, 4]), 2, seed=0)
+    assert held.candidates.shape == (2, 50) and list(held.candidates[:, 0]) == [3, 4]
+    items = np.eye(5, dtype=np.float32)
+    columns, scores = top_k(np.array([5, 4, 3, 2, 1], np.float32), items, np.array([0, 2]), 2)
+    assert list(columns) == [1, 3] and list(scores) == [4.0, 2.0]
+    assert len(top_k(np.ones(5, np.float32), items, np.arange(5), 3)[0]) == 0

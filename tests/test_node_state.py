@@ -1,0 +1,50 @@
+"""The node's checkpoint: atomic write, exact round trip, clear errors for unusable files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from domain_node.state import CHECKPOINT_FILE, Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from domain_node.trainer import TrainerState
+
+
+def _checkpoint(round_index: int, with_consensus: bool = True) -> Checkpoint:
+    rng = np.random.default_rng(round_index)
+    state = TrainerState(
+        users=rng.standard_normal((7, 3)).astype(np.float32),
+        items=rng.standard_normal((5, 3)).astype(np.float32),
+        duals=rng.standard_normal((2, 3)).astype(np.float32),
+        consensus=rng.standard_normal((2, 3)).astype(np.float32) if with_consensus else None,
+        receiver_consensus=rng.standard_normal((1, 3)).astype(np.float32) if with_consensus else None,
+        epochs=4 * round_index,
+        exchanges=round_index,
+    )
+    return Checkpoint("run-1", round_index, "ab" * 32, np.array([1, 4]), np.array([6]), state)
+
+
+def test_a_checkpoint_round_trips_exactly_and_replaces_the_previous_one(tmp_path: Path) -> None:
+    """Every array and counter comes back bit for bit; a later save replaces the file, no temp files stay."""
+    assert load_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, _checkpoint(1, with_consensus=False))
+    assert load_checkpoint(tmp_path).trainer.consensus is None
+    save_checkpoint(tmp_path, _checkpoint(2))
+    loaded = load_checkpoint(tmp_path)
+    expected = _checkpoint(2)
+    assert (loaded.run_id, loaded.round, loaded.fingerprint) == ("run-1", 2, "ab" * 32)
+    np.testing.assert_array_equal(loaded.shared_rows, [1, 4])
+    np.testing.assert_array_equal(loaded.receiver_rows, [6])
+    for name in ("users", "items", "duals", "consensus", "receiver_consensus"):
+        np.testing.assert_array_equal(getattr(loaded.trainer, name), getattr(expected.trainer, name))
+    assert (loaded.trainer.epochs, loaded.trainer.exchanges) == (8, 2)
+    assert [path.name for path in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_unusable_checkpoints_raise_errors_naming_the_file(tmp_path: Path) -> None:
+    """A torn file and arrays of another shape are refused with a CheckpointError."""
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=CHECKPOINT_FILE):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="users has shape"):
+        check_resumable(_checkpoint(1), users=8, items=5, shared=2, rank=3)
+    check_resumable(_checkpoint(1), users=7, items=5, shared=2, rank=3)

@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 from cryptography import x509
 
-from cdimf import certs
 from cdimf.cli import build_parser
+from cdimf.cli import main as cdimf_main
 from cdimf.runtime_cli import TrainConfig
 from common import tls
 from common.config import AggregatorConfig, NodeConfig, load_config
@@ -55,6 +55,16 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     assert not errors, "\n".join(f"{list(error.path)}: {error.message}" for error in errors)
 
 
+def load_service_config(name: str, service: dict[str, Any]) -> str:
+    """Load the config a long-running service is started with; return its listen address."""
+    config = option(service["command"], "--config")
+    host_file = next(
+        (REPO / source) for source, target, _ in volume_mounts(service) if str(target) == config
+    )
+    model = AggregatorConfig if name == "aggregator" else NodeConfig
+    return load_config(model, host_file, environ={}).listen
+
+
 def test_services_health_checks_and_start_order(compose: dict[str, Any]) -> None:
     """Long-running services probe themselves through `cdimf health`; the launcher waits for all
     of them to be healthy, and everything waits for the certificates."""
@@ -74,16 +84,6 @@ def test_services_health_checks_and_start_order(compose: dict[str, Any]) -> None
     assert services["launcher"]["depends_on"] == {name: {"condition": "service_healthy"} for name in LONG_RUNNING}
     for node in ("node-sport", "node-cloth"):
         assert services[node]["depends_on"]["aggregator"] == {"condition": "service_healthy"}
-
-
-def load_service_config(name: str, service: dict[str, Any]) -> str:
-    """Load the config a long-running service is started with; return its listen address."""
-    config = option(service["command"], "--config")
-    host_file = next(
-        (REPO / source) for source, target, _ in volume_mounts(service) if str(target) == config
-    )
-    model = AggregatorConfig if name == "aggregator" else NodeConfig
-    return load_config(model, host_file, environ={}).listen
 
 
 def test_each_node_mounts_only_its_own_domain_data_read_only(compose: dict[str, Any], tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_certs_service_makes_exactly_the_tls_material_the_services_use(compose: 
     certs_command = services["certs"]["command"]
     assert certs_command[0] == "certs"
     certs_root = build_view("certs", services["certs"], tmp_path)
-    assert certs.main([in_view(certs_root, argument) for argument in certs_command[1:]]) == 0
+    assert cdimf_main([in_view(certs_root, argument) for argument in certs_command]) == 0
 
     roots = {name: build_view(name, service, tmp_path) for name, service in services.items() if name != "certs"}
     aggregator = load_config(

@@ -8,11 +8,13 @@ route, so traffic can only flow between the namespaces created here. Each host's
 host, so programs dial hosts by name as on a real network.
 
 Needs root and iproute2 (`apt-get install -y iproute2`). Everything is removed on exit, also
-when the body raises; processes started with `popen` are killed by their own ids.
+when the body raises; processes started with `popen` are killed by their own ids. What a
+killed test run left behind (its pid is in the namespace names) is removed on the next use.
 """
 
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +111,32 @@ def _remove(namespaces: list[str]) -> None:
         shutil.rmtree(NETNS_ETC / namespace, ignore_errors=True)
 
 
+def _stale_namespaces() -> list[str]:
+    """Namespaces this helper made in processes that no longer exist (e.g. a killed test run)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    stale = []
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = re.fullmatch(rf"{NAME_PREFIX}(\d+)-(sw|\d+)", name)
+        if owner is not None and not Path(f"/proc/{owner.group(1)}").exists():
+            stale.append(name)
+    return stale
+
+
+def remove_stale_networks() -> None:
+    """Remove namespaces left by dead runs of this helper, killing what still runs inside them
+    (processes this helper started there, found by `ip netns pids`)."""
+    stale = _stale_namespaces()
+    for namespace in stale:
+        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False).stdout
+        for pid in pids.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _remove(stale)
+
+
 @contextmanager
 def private_network(host_names: Sequence[str], subnet: str = DEFAULT_SUBNET) -> Iterator[Network]:
     """Create one namespace per host name on `subnet` (first host gets .1, the next .2, ...)."""
@@ -127,6 +155,7 @@ def private_network(host_names: Sequence[str], subnet: str = DEFAULT_SUBNET) -> 
         name: Host(name, f"{tag}-{index}", str(addresses[index]))
         for index, name in enumerate(host_names)
     }
+    remove_stale_networks()
     created: list[str] = []
     network = Network(hosts, switch)
     try:

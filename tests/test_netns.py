@@ -84,3 +84,27 @@ def test_cleanup_when_the_body_raises(namespaces_possible: None) -> None:
     assert sleeper.poll() is not None
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert network.hosts["gamma"].namespace not in listed
+
+
+def test_leftovers_of_a_killed_run_are_removed(namespaces_possible: None) -> None:
+    """Namespaces of a run that died (SIGKILL, no cleanup) and their processes go on the next use."""
+    script = (
+        "import os, signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); import netns\n"
+        "with netns.private_network(['delta']) as network:\n"
+        "    network.popen('delta', ['sleep', '60'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "    print(network.hosts['delta'].namespace, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, os.path.dirname(netns.__file__)],
+                            capture_output=True, text=True, timeout=DEADLINE_S, check=False)
+    assert killed.returncode == -9, killed.stderr
+    namespace = killed.stdout.strip()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert namespace in listed
+    orphans = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=True).stdout.split()
+    assert orphans, "the sleeper should still run inside the leftover namespace"
+    netns.remove_stale_networks()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert namespace not in listed
+    for pid in orphans:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

@@ -11,18 +11,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from aggregator.server import RunningAggregator, start_aggregator
 from cdimf import certs
 from common import tls
-from common.config import TLSConfig
-from common.pseudonyms import load_secret
+from common.chunks import encode_matrix
+from common.config import AggregatorConfig, RunParams, TLSConfig
+from common.pseudonyms import load_secret, pseudonymize
+from domain_node.aggregator_client import AggregatorClient
+from protos.v1 import federation_pb2 as pb
+from protos.v1 import federation_pb2_grpc as pb_grpc
 
 PROBE_METHOD = "/cdimf.test.Probe/Speak"
 DOMAIN_HEADER = "x-cdimf-domain"
 CALL_TIMEOUT_S = 5.0
+FEDERATION_SECRET = b"test federation secret, 32 bytes"
 
 
 @pytest.fixture(scope="module")
@@ -388,5 +395,81 @@ def test_config_driven_port_and_channel(pki: Path) -> None:
                 assert await health_status(port, client_settings) == expected, (server_settings, client_settings)
             finally:
                 await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def state_snapshot(running: RunningAggregator, state_dir: Path) -> tuple[object, ...]:
+    """What a refused call must not change: registrations, the run's progress, the state files."""
+    run = running.state.run
+    assert run is not None
+    contributions = {domain: values.tobytes() for domain, (_, values) in run.contributions.items()}
+    files = {path.relative_to(state_dir): path.read_bytes() for path in sorted(state_dir.rglob("*")) if path.is_file()}
+    return sorted(running.state.registrations), run.current_round, contributions, len(run.events), files
+
+
+def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_path: Path) -> None:
+    """The aggregator over mutual TLS: no certificate, another CA and an expired certificate fail
+    the handshake; a domain speaking for another domain, a domain using the control API and the
+    operator speaking for a domain get PERMISSION_DENIED; none of it changes the run."""
+    ca = pki / "ca.pem"
+
+    def party(stem: str) -> grpc.ChannelCredentials:
+        return tls.channel_credentials(ca, pki / f"{stem}.pem", pki / f"{stem}.key")
+
+    async def scenario() -> None:
+        config = AggregatorConfig(
+            listen="127.0.0.1:0", state_dir=tmp_path,
+            tls=TLSConfig(ca_file=ca, cert_file=pki / "aggregator.pem", key_file=pki / "aggregator.key"),
+        )
+        running = await start_aggregator(config)
+        clients: list[AggregatorClient] = []
+        try:
+            address = f"127.0.0.1:{running.port}"
+            for domain, users in (("sport", range(0, 6)), ("cloth", range(3, 9))):
+                client = AggregatorClient(address, domain, credentials=party(domain), retry_for_s=5)
+                clients.append(client)
+                keys = np.array([f"u{user}" for user in users])
+                await client.register(pseudonymize(keys, FEDERATION_SECRET), np.ones(len(keys), bool))
+            operator = AggregatorClient(address, credentials=party("operator"), retry_for_s=5)
+            clients.append(operator)
+            run = await operator.start_run(RunParams(rounds=2, rank=4))
+            shared = np.ones((3, 4), np.float32)  # u3..u5 are held by both domains
+            before = state_snapshot(running, tmp_path)
+
+            def push_as(domain: str) -> list[pb.MatrixChunk]:
+                return list(encode_matrix(shared, pb.Header(run_id=run.run_id, domain=domain, round=1)))
+
+            async def attempt(credentials: grpc.ChannelCredentials, call: str, request: object) -> grpc.StatusCode:
+                async with grpc.aio.secure_channel(address, credentials) as channel:
+                    stub = pb_grpc.AggregatorStub(channel)
+                    try:
+                        method = getattr(stub, call)
+                        await method(iter(request) if isinstance(request, list) else request, timeout=CALL_TIMEOUT_S)
+                    except grpc.aio.AioRpcError as error:
+                        return error.code()
+                return grpc.StatusCode.OK
+
+            start = pb.StartRunRequest(params=pb.RunParams(rounds=2, rank=4))
+            attacks = [
+                ("no certificate", raw_credentials(ca, None, None), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
+                ("another CA", raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
+                ("expired", raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
+                ("cloth as sport", party("cloth"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
+                ("operator as sport", party("operator"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
+                ("domain starts a run", party("sport"), "StartRun", start, grpc.StatusCode.PERMISSION_DENIED),
+                ("no certificate starts a run", raw_credentials(ca, None, None), "StartRun", start, grpc.StatusCode.UNAVAILABLE),
+            ]
+            for label, credentials, call, request, expected in attacks:
+                assert await attempt(credentials, call, request) == expected, label
+                assert state_snapshot(running, tmp_path) == before, label
+
+            # the rightful domain is still served
+            assert await attempt(party("sport"), "PushContribution", push_as("sport")) == grpc.StatusCode.OK
+            assert state_snapshot(running, tmp_path) != before
+        finally:
+            for client in clients:
+                await client.close()
+            await running.stop(grace=0.5)
 
     asyncio.run(scenario())

@@ -196,7 +196,7 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         pass
 
 
-def _write_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
+def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
     from common import tls
 
@@ -285,7 +285,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         if config.insecure:
             tls_of = {party: TLSConfig(insecure=True) for party in ["aggregator", "operator", *names]}
         else:
-            tls_of = _write_certificates(work_dir / "certs", names)
+            tls_of = write_throwaway_certificates(work_dir / "certs", names)
         secret_file = work_dir / "federation.secret"
         from common.tls import write_private_file
 

@@ -386,7 +386,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     mine = run.layout.per_domain[name]
                     entry.shared_rows = len(mine.shared_rows)
                     entry.receiver_rows = len(mine.receiver_rows)
-                    entry.latest_contribution_round = run.contributions.get(name, (0, None))[0]
+                    entry.latest_contribution_round = run.tags.get(name, 0)
                     entry.contributions = run.contribution_counts.get(name, 0)
                     reported = run.metrics.get(name, {})
                     if reported:

@@ -169,8 +169,11 @@ class Run:
     current_round: int = 1
     consensus: np.ndarray | None = None
     consensus_round: int = 0
-    # domain -> (tag of the latest accepted contribution, X + U on its shared rows)
+    # domain -> (round tag, X + U on its shared rows) of its latest accepted contribution
     contributions: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    # domain -> round tag of its latest accepted contribution (kept on restart even where the
+    # values are not: synchronous runs do not save them)
+    tags: dict[str, int] = field(default_factory=dict)
     contribution_counts: dict[str, int] = field(default_factory=dict)
     reported: list[str] = field(default_factory=list)
     round_opened_at: float = 0.0
@@ -310,7 +313,7 @@ class AggregatorState:
             raise StateError("INVALID_ARGUMENT", "contribution round must be >= 1")
         if tag > run.current_round:
             raise StateError("FAILED_PRECONDITION", f"round {tag} is not open yet (open round: {run.current_round})")
-        latest = run.contributions.get(domain, (0, None))[0]
+        latest = run.tags.get(domain, 0)
         if tag == latest:
             raise StateError("ALREADY_EXISTS", f"domain {domain} already contributed to round {tag}")
         if tag < latest:
@@ -329,6 +332,7 @@ class AggregatorState:
         run = self.run
         assert run is not None
         run.contributions[domain] = (tag, values)
+        run.tags[domain] = tag
         run.contribution_counts[domain] = run.contribution_counts.get(domain, 0) + 1
         if domain not in run.reported:
             run.reported.append(domain)
@@ -388,7 +392,7 @@ class AggregatorState:
             raise StateError("FAILED_PRECONDITION", f"run {run.run_id} is {run.state} at round {run.consensus_round}; no consensus of round {min_round} will come")
         if min_round > run.current_round:
             raise StateError("FAILED_PRECONDITION", f"round {min_round} is not open yet (open round: {run.current_round})")
-        latest = run.contributions.get(domain, (0, None))[0]
+        latest = run.tags.get(domain, 0)
         if min_round >= 1 and latest < min_round and min_round == run.current_round:
             raise StateError("FAILED_PRECONDITION", f"no contribution of round {min_round} from {domain} is held; push it again")
         return None
@@ -421,7 +425,12 @@ class AggregatorState:
         write_npz_atomically(self.state_dir / REGISTRATIONS_FILE, arrays, self.fsync)
 
     def _save_run(self) -> None:
-        """Write the run at a round boundary: params, round, Z, contributions, metrics, events."""
+        """Write the run at a round boundary: params, round, Z, contributions, metrics, events.
+
+        Synchronous runs skip the contributions: a round closes only when every domain sent a
+        fresh one, so after a restart the next Z never uses an older one (this cuts the
+        per-round write from three matrices to one at two domains). Their rounds are kept.
+        """
         if self.state_dir is None or self.run is None:
             return
         run = self.run
@@ -433,7 +442,7 @@ class AggregatorState:
             "state": run.state,
             "current_round": run.current_round,
             "consensus_round": run.consensus_round,
-            "tags": {d: tag for d, (tag, _) in run.contributions.items()},
+            "tags": run.tags,
             "contribution_counts": run.contribution_counts,
             "started_wall": run.started_wall,
             "metrics": {d: {str(r): m for r, m in rounds.items()} for d, rounds in run.metrics.items()},
@@ -443,9 +452,10 @@ class AggregatorState:
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         if run.consensus is not None:
             arrays["consensus"] = run.consensus
-        for index, name in enumerate(run.admitted):
-            if name in run.contributions:
-                arrays[f"contribution_{index}"] = run.contributions[name][1]
+        if run.params.round_deadline_s > 0:
+            for index, name in enumerate(run.admitted):
+                if name in run.contributions:
+                    arrays[f"contribution_{index}"] = run.contributions[name][1]
         write_npz_atomically(self.state_dir / RUN_FILE, arrays, self.fsync)
 
     def _restore(self) -> None:
@@ -475,9 +485,10 @@ class AggregatorState:
             run = Run(meta["run_id"], params, layout, state=meta["state"], current_round=meta["current_round"])
             run.consensus_round = meta["consensus_round"]
             run.consensus = saved["consensus"] if "consensus" in saved.files else None
+            run.tags = {name: int(tag) for name, tag in meta["tags"].items()}
             for index, name in enumerate(domains):
-                if name in meta["tags"]:
-                    run.contributions[name] = (int(meta["tags"][name]), saved[f"contribution_{index}"])
+                if f"contribution_{index}" in saved.files:
+                    run.contributions[name] = (run.tags[name], saved[f"contribution_{index}"])
         run.contribution_counts = {d: int(c) for d, c in meta["contribution_counts"].items()}
         run.started_wall = meta["started_wall"]
         run.metrics = {d: {int(r): m for r, m in rounds.items()} for d, rounds in meta["metrics"].items()}

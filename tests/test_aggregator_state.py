@@ -270,7 +270,8 @@ def test_restart_resumes_from_the_last_round_and_equals_the_uninterrupted_run(tm
     run = restarted.run
     assert run is not None and run.run_id == "r" and run.current_round == 2 and run.consensus_round == 1
     np.testing.assert_array_equal(run.consensus, uninterrupted.run.consensus)
-    assert {d: tag for d, (tag, _) in run.contributions.items()} == {"books": 1, "cloth": 1, "sport": 1}
+    assert run.tags == {"books": 1, "cloth": 1, "sport": 1}
+    assert run.contributions == {}, "a synchronous run does not save contributions: the next round replaces them all"
     _expect("FAILED_PRECONDITION", lambda: restarted.consensus_for("r", "sport", 2))  # push it again
     for state in (uninterrupted, restarted):
         for i, name in enumerate(state.run.admitted):
@@ -292,3 +293,29 @@ def test_blockwise_consensus_equals_the_one_shot_consensus_bit_for_bit(admm: ADM
         parts.append((index, rng.standard_normal((6000, rank)).astype(np.float32)))
     expected, _ = consensus(parts, n_rows, rank, admm)
     np.testing.assert_array_equal(blockwise_consensus(parts, n_rows, rank, admm, block_rows=333), expected)
+
+
+def test_asynchronous_restart_keeps_the_contributions_that_later_rounds_reuse(tmp_path: Path) -> None:
+    """With a deadline, a silent domain's older contribution feeds later rounds, so it is saved."""
+    params = RunParams(run_id="a", rounds=3, rank=RANK, round_deadline_s=5.0, min_domains=1, max_staleness=1)
+    clocks = {"uninterrupted": FakeClock(), "saved": FakeClock()}
+    uninterrupted = _registered(clock=clocks["uninterrupted"])
+    saved = _registered(tmp_path, clock=clocks["saved"])
+    for name, state in (("uninterrupted", uninterrupted), ("saved", saved)):
+        state.start_run(params)
+        for i, domain in enumerate(state.run.admitted):
+            state.accept_contribution("a", domain, 1, _values(state, domain, i))
+        state.accept_contribution("a", "sport", 2, _values(state, "sport", 10))
+        clocks[name].now += 6
+        assert state.poll() == 2  # books and cloth silent: their round-1 rows stay in Z
+    clock = FakeClock()
+    restarted = AggregatorState(tmp_path, clock=clock)
+    run = restarted.run
+    assert run.tags == {"books": 1, "cloth": 1, "sport": 2}
+    assert sorted(run.contributions) == ["books", "cloth", "sport"]
+    for state, state_clock in ((uninterrupted, clocks["uninterrupted"]), (restarted, clock)):
+        state.accept_contribution("a", "sport", 3, _values(state, "sport", 11))
+        state_clock.now += 6
+        assert state.poll() == 3
+    assert restarted.run.state == "finished"
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)

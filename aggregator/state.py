@@ -91,21 +91,55 @@ class Layout:
     exchanged_rows: int
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting: numpy 2.4's plain np.unique hashes, ~50x slower on a million ints."""
+    ordered = np.sort(values)
+    if len(ordered) == 0:
+        return ordered
+    return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])]
+
+
+def sortable_keys(pseudonym_sets: list[np.ndarray]) -> list[np.ndarray]:
+    """Keys that order and compare like the pseudonyms: their first 8 bytes as uint64 when those
+    tell every distinct pseudonym apart (all but certainly: HMAC outputs), else the full 32 bytes.
+
+    Sorting and searching uint64 is ~10x faster than 32-byte strings at a million users.
+    """
+    everything = np.concatenate(pseudonym_sets) if pseudonym_sets else np.zeros((0, PSEUDONYM_BYTES), np.uint8)
+    prefixes = np.ascontiguousarray(everything[:, :8]).view("<u8").reshape(-1)
+    _, first, group = np.unique(prefixes, return_index=True, return_inverse=True)
+    if np.array_equal(everything, everything[first[group]]):
+        bounds = np.cumsum([0] + [len(part) for part in pseudonym_sets])
+        return [prefixes[bounds[i] : bounds[i + 1]] for i in range(len(pseudonym_sets))]
+    # two pseudonyms share their first 8 bytes: compare whole digests
+    return [as_keys(part) for part in pseudonym_sets]
+
+
 def compute_layout(registrations: dict[str, Registration]) -> Layout:
     """Align the domains' pseudonyms; domains are ordered by name (the summation order of Z)."""
     domains = tuple(sorted(registrations))
     if len(domains) > MAX_DOMAINS:
         raise StateError("RESOURCE_EXHAUSTED", f"at most {MAX_DOMAINS} domains, got {len(domains)}")
-    keys = [as_keys(registrations[d].pseudonyms) for d in domains]
+    keys = sortable_keys([registrations[d].pseudonyms for d in domains])
     holds = [registrations[d].holder for d in domains]
-    memberships, global_keys = align_memberships(keys, holds)
-    global_ids = [np.searchsorted(global_keys, k).astype(np.int64) for k in keys]
-    holder_mask_global = np.zeros(len(global_keys), dtype=np.uint64)
+    # which rows are shared or received: the engine's own rule, on the pseudonyms
+    memberships, _ = align_memberships(keys, holds)
+    # global ids of every registered row (a sort with inverse, no per-domain binary searches)
+    _, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    bounds = np.cumsum([0] + [len(k) for k in keys])
+    global_ids = [inverse[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(len(keys))]
+    n_global = int(inverse.max()) + 1 if len(inverse) else 0
+    holder_mask_global = np.zeros(n_global, dtype=np.uint64)
     for bit, (ids, held) in enumerate(zip(global_ids, holds)):
         holder_mask_global[ids[held]] |= np.uint64(1 << bit)
     # Z lives only on exchanged rows (shared or received somewhere): rows one domain holds alone
     # never cross the network, and prox is per row, so values equal the engine's full Z.
-    exchanged = np.unique(np.concatenate([np.concatenate([m.shared_global, m.receiver_global]) for m in memberships] or [np.zeros(0, np.int64)]))
+    exchanged_global = np.zeros(n_global, dtype=bool)
+    for ids, membership in zip(global_ids, memberships):
+        exchanged_global[ids[membership.shared_rows]] = True
+        exchanged_global[ids[membership.receiver_rows]] = True
+    position = np.cumsum(exchanged_global) - 1  # row of Z for each exchanged global id
+    exchanged = int(exchanged_global.sum())
     per_domain = {}
     for name, ids, membership in zip(domains, global_ids, memberships):
         roles = np.full(len(ids), ROLE_LOCAL, dtype=np.uint8)
@@ -115,11 +149,11 @@ def compute_layout(registrations: dict[str, Registration]) -> Layout:
             roles=roles,
             holder_masks=holder_mask_global[ids],
             shared_rows=membership.shared_rows.astype(np.int64),
-            shared_index=np.searchsorted(exchanged, membership.shared_global).astype(np.int64),
+            shared_index=position[ids[membership.shared_rows]].astype(np.int64),
             receiver_rows=membership.receiver_rows.astype(np.int64),
-            receiver_index=np.searchsorted(exchanged, membership.receiver_global).astype(np.int64),
+            receiver_index=position[ids[membership.receiver_rows]].astype(np.int64),
         )
-    return Layout(domains, per_domain, len(exchanged))
+    return Layout(domains, per_domain, exchanged)
 
 
 def blockwise_consensus(
@@ -226,8 +260,8 @@ class AggregatorState:
             raise StateError("INVALID_ARGUMENT", "header.domain is empty")
         if pseudonyms.ndim != 2 or pseudonyms.shape[1] != PSEUDONYM_BYTES or holder.shape != (len(pseudonyms),):
             raise StateError("INVALID_ARGUMENT", f"registration of {domain}: pseudonyms {pseudonyms.shape} / flags {holder.shape} malformed")
-        keys = as_keys(pseudonyms)
-        if len(np.unique(keys)) != len(keys):
+        keys = sortable_keys([pseudonyms])[0]
+        if len(sorted_unique(keys)) != len(keys):
             raise StateError("INVALID_ARGUMENT", f"registration of {domain}: a pseudonym appears twice")
         registration = Registration(domain, pseudonyms.copy(), holder.astype(bool), membership_fingerprint(pseudonyms, holder))
         previous = self.registrations.get(domain)

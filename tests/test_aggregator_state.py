@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus
+from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus, sortable_keys, sorted_unique
 from common.admm import consensus
 from common.config import RunParams
 from common.membership import align_memberships
@@ -319,3 +319,26 @@ def test_asynchronous_restart_keeps_the_contributions_that_later_rounds_reuse(tm
         assert state.poll() == 3
     assert restarted.run.state == "finished"
     np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+
+
+def test_pseudonyms_sharing_a_prefix_are_still_told_apart() -> None:
+    """Keys use the first 8 bytes only when they are unambiguous; a shared prefix falls back."""
+    base = pseudonymize(["a", "b", "c"], SECRET)
+    twin = base[:1].copy()
+    twin[0, 20] ^= 0xFF  # same first 8 bytes as "a", another pseudonym
+    keys = sortable_keys([base, twin])
+    assert keys[0].dtype.kind == "S" and len(np.unique(np.concatenate(keys))) == 4
+    fast = sortable_keys([base, base[1:]])
+    assert fast[0].dtype == np.uint64
+    np.testing.assert_array_equal(fast[1], fast[0][1:])
+    state = AggregatorState()
+    state.register("x", np.concatenate([base, twin]), np.ones(4, bool))  # not a duplicate
+    state.register("y", twin, np.ones(1, bool))
+    layout, _ = state.layout_for("x")
+    np.testing.assert_array_equal(layout.per_domain["x"].shared_rows, [3])
+
+
+def test_sorted_unique_matches_numpy() -> None:
+    values = np.random.default_rng(2).integers(0, 50, 400)
+    np.testing.assert_array_equal(sorted_unique(values), np.unique(values))
+    assert len(sorted_unique(np.zeros(0, np.int64))) == 0

@@ -120,39 +120,56 @@ class Processes:
     folder: Path
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, name: str, arguments: list[str], environ: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-        """Start `cdimf ARGUMENTS` and wait for its LISTENING line; returns (process, address)."""
-        log = open(self.folder / f"{name}.log", "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cdimf", *arguments, "--log-level", "INFO"], cwd=REPO_ROOT,
-            env={**_environment(), **(environ or {})}, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-        )
-        log.close()
+    def launch(self, name: str, arguments: list[str], environ: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `cdimf ARGUMENTS` in its own process group (see `listening`)."""
+        with open(self.folder / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cdimf", *arguments, "--log-level", "INFO"], cwd=REPO_ROOT,
+                env={**_environment(), **(environ or {})}, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            )
         self.started.append(process)
+        return process
+
+    def listening(self, name: str, process: subprocess.Popen[bytes]) -> str:
+        """The address from the process's LISTENING line."""
         assert process.stdout is not None
         give_up = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < give_up:
             if select.select([process.stdout], [], [], 0.2)[0]:
                 line = process.stdout.readline().decode().strip()
                 if line.startswith("LISTENING "):
-                    return process, line.split(" ", 1)[1]
+                    return line.split(" ", 1)[1]
             if process.poll() is not None:
                 break
         raise AssertionError(f"{name} did not start:\n{(self.folder / f'{name}.log').read_text()[-3000:]}")
+
+    def spawn(self, name: str, arguments: list[str], environ: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """Start `cdimf ARGUMENTS` and wait for its LISTENING line; returns (process, address)."""
+        process = self.launch(name, arguments, environ)
+        return process, self.listening(name, process)
 
     def aggregator(self, port: int = 0, name: str = "aggregator") -> tuple[subprocess.Popen[bytes], str]:
         """`cdimf serve-aggregator` on 127.0.0.1 (plaintext: the TLS paths have their own tests)."""
         return self.spawn(name, ["serve-aggregator", "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.folder / "aggregator"), "--insecure"])
 
-    def node(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str, name: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-        """`cdimf serve-node` of one domain (its own files only; the secret through CDIMF_SECRET)."""
+    def _node_arguments(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str) -> list[str]:
         arguments = ["serve-node", "--domain", domain, "--train-path", str(files[domain]["train"]), "--data-format", "csv",
                      "--listen", "127.0.0.1:0", "--aggregator", aggregator, "--state-dir", str(self.folder / domain),
                      "--insecure", "--ials-rank", str(RANK), "--ials-alpha", "0.1", "--ials-lam", "0.5",
                      "--ials-seed", str(seeds()[domain]), "--ials-threads", "1", "--rpc-timeout-s", "10"]
         if "test" in files[domain]:
             arguments += ["--test-path", str(files[domain]["test"])]
-        return self.spawn(name or f"node-{domain}", arguments, {"CDIMF_SECRET": SECRET})
+        return arguments
+
+    def node(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str, name: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """`cdimf serve-node` of one domain (its own files only; the secret through CDIMF_SECRET)."""
+        return self.spawn(name or f"node-{domain}", self._node_arguments(domain, files, aggregator), {"CDIMF_SECRET": SECRET})
+
+    def nodes(self, files: dict[str, dict[str, Path]], aggregator: str) -> dict[str, tuple[subprocess.Popen[bytes], str]]:
+        """Both domains' nodes, started at once (they load their data in parallel)."""
+        launched = {domain: self.launch(f"node-{domain}", self._node_arguments(domain, files, aggregator), {"CDIMF_SECRET": SECRET})
+                    for domain in DOMAINS}
+        return {domain: (process, self.listening(f"node-{domain}", process)) for domain, process in launched.items()}
 
     def close(self) -> None:
         """SIGKILL every process group and reap."""

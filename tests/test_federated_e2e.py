@@ -53,8 +53,7 @@ def test_a_synchronous_federated_run_of_processes_reproduces_the_engine(tmp_path
     """Separate node processes, gRPC on loopback: X, Y and U equal the engine's to 1e-5 relative."""
     files = write_domains(tmp_path / "data")
     _, address = processes.aggregator()
-    for domain in ("sport", "cloth"):
-        processes.node(domain, files, address)
+    processes.nodes(files, address)
     params = RunParams(rounds=4, rank=6, admm=ADMM, domain_aggregation_period={"cloth": 2}, min_domains=2)
     events = asyncio.run(_run_to_end(address, params, tmp_path))
     kinds = [pb.EventKind.Name(event.kind) for event in events]
@@ -76,8 +75,7 @@ def test_node_server_serves_status_evaluate_and_cold_start_recommendations(tmp_p
     """After a run: GetStatus, Evaluate on test, Recommend for a warm and a cold-start user key."""
     files = write_domains(tmp_path / "data")
     _, address = processes.aggregator()
-    _, sport = processes.node("sport", files, address)
-    processes.node("cloth", files, address)
+    _, sport = processes.nodes(files, address)["sport"]
     asyncio.run(_run_to_end(address, RunParams(rounds=2, rank=6, min_domains=2), tmp_path))
     engine_free = checkpoints(tmp_path)["sport"]
 
@@ -109,7 +107,7 @@ def test_sigkilled_aggregator_and_node_resume_and_equal_the_uninterrupted_run(tm
     files = write_domains(tmp_path / "data")
     port = free_port()
     aggregator, address = processes.aggregator(port)
-    nodes = {domain: processes.node(domain, files, address)[0] for domain in ("sport", "cloth")}
+    nodes = {domain: process for domain, (process, _) in processes.nodes(files, address).items()}
     rounds = 30
     params = RunParams(rounds=rounds, rank=6, admm=ADMM, min_domains=2)
 

@@ -27,8 +27,7 @@ def test_a_paused_node_does_not_stop_the_run_and_rejoins(tmp_path: Path, process
     reporting, and once SIGCONTed cloth contributes again and ends on the final consensus."""
     files = write_domains(tmp_path / "data")
     _, address = processes.aggregator()
-    cloth, _ = processes.node("cloth", files, address)
-    processes.node("sport", files, address)
+    cloth, _ = processes.nodes(files, address)["cloth"]
     rounds = 40
     params = RunParams(rounds=rounds, rank=6, round_deadline_s=0.3, min_domains=1, max_staleness=2)
 

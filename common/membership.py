@@ -35,7 +35,8 @@ def align_memberships(
     for index, (domain_keys, domain_holds) in enumerate(zip(keys, holds)):
         if len(domain_keys) != len(domain_holds):
             raise ValueError(f"domain {index}: {len(domain_keys)} keys but {len(domain_holds)} holder flags")
-        if len(np.unique(domain_keys)) != len(domain_keys):
+        ordered = np.sort(np.asarray(domain_keys))
+        if np.any(ordered[1:] == ordered[:-1]):
             raise ValueError(f"domain {index}: a user key appears twice")
     all_keys = np.concatenate([np.asarray(k) for k in keys]) if keys else np.zeros(0)
     global_keys, inverse = np.unique(all_keys, return_inverse=True)

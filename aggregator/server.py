@@ -12,7 +12,14 @@ Security hook (issue 5): pass `credentials` (grpc.ServerCredentials) and an `aut
 the config decides: `insecure = true` serves plaintext and lets every caller speak for any
 domain; otherwise mutual TLS from the config's files with common.tls's identity checks.
 
-Status codes: malformed streams and bad parameters INVALID_ARGUMENT; unknown run or domain
+Health: the standard gRPC health service (grpc.health.v1.Health) answers for "" and
+"cdimf.v1.Aggregator": SERVING once the port is bound and serving, NOT_SERVING from the moment
+`stop()` begins (open Watch streams see it before the server closes). Under mutual TLS any
+certificate the federation CA issued may call it (domain, operator or aggregator: each compose
+service probes itself with its own certificate); the handshake already refuses callers without
+one, and the answer reveals nothing but whether the server serves, so no identity check applies.
+
+Status codes of cdimf.v1.Aggregator: malformed streams and bad parameters INVALID_ARGUMENT; unknown run or domain
 NOT_FOUND; replayed contribution or metrics ALREADY_EXISTS; out-of-order, too stale, not-yet-open
 rounds or ended runs FAILED_PRECONDITION; no consensus within a pull's wait DEADLINE_EXCEEDED.
 A refused request changes no state.
@@ -29,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
 from common.chunks import ChunkError, MatrixAssembler, RegistrationAssembler, encode_matrix, encode_membership, wire_dtype
@@ -40,6 +48,8 @@ log = logging.getLogger("cdimf.aggregator")
 Refusal = tuple[grpc.StatusCode, str]
 # How long a watch stays open after the run ended, for the final round's metrics.
 FINAL_METRICS_GRACE_S = 10.0
+# What the health service answers for: the whole server and the aggregator's service.
+HEALTH_SERVICE_NAMES = ("", "cdimf.v1.Aggregator")
 Result = TypeVar("Result")
 Chunk = TypeVar("Chunk", pb.MatrixChunk, pb.PseudonymChunk)
 Assembler = MatrixAssembler | RegistrationAssembler
@@ -438,12 +448,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
 @dataclass
 class RunningAggregator:
-    """A started aggregator server: its port, the service and how to stop it."""
+    """A started aggregator server: its port, the service, its health service and how to stop it."""
 
     server: grpc.aio.Server
     service: AggregatorService
     port: int
     host: str
+    health: health.aio.HealthServicer
 
     @property
     def address(self) -> str:
@@ -456,7 +467,8 @@ class RunningAggregator:
         return self.service.state
 
     async def stop(self, grace: float | None = 2.0) -> None:
-        """Stop serving (in-flight calls get `grace` seconds) and the deadline task."""
+        """Report NOT_SERVING, then stop the deadline task and serving (in-flight calls get `grace` seconds)."""
+        await self.health.enter_graceful_shutdown()
         await self.service.stop_tasks()
         await self.server.stop(grace)
 
@@ -481,13 +493,17 @@ async def start_aggregator(
     options = [*SERVER_OPTIONS, ("grpc.max_concurrent_streams", config.max_concurrent_streams)]
     server = grpc.aio.server(options=options)
     pb_grpc.add_AggregatorServicer_to_server(service, server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     port = server.add_secure_port(config.listen, credentials) if credentials is not None else server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot bind the aggregator to {config.listen}")
     await server.start()
     service.start_task(service.deadline_loop())
+    for name in HEALTH_SERVICE_NAMES:
+        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
-    running = RunningAggregator(server, service, port, host)
+    running = RunningAggregator(server, service, port, host, health_service)
     if config.run is not None:
         await _auto_start(running, config.run)
     log.info("aggregator listening on %s", running.address)

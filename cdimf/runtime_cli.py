@@ -296,26 +296,15 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: float) -> tuple[bool, str]:
-    """(serving, what was seen) from the gRPC health service; an aggregator without one answers GetStatus."""
+    """(serving, the status or error seen) from the standard gRPC health service of a node or the aggregator."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from protos.v1 import federation_pb2 as pb
-    from protos.v1 import federation_pb2_grpc as pb_grpc
 
     async with _channel(target, tls) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-            name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING, name
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                return False, f"{error.code().name}: {error.details()}"
-        # the aggregator registers no health service: a control call it answers shows it serves
-        try:
-            await pb_grpc.AggregatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout_s)
-            return True, "SERVING (aggregator GetStatus)"
         except grpc.aio.AioRpcError as error:
             return False, f"{error.code().name}: {error.details()}"
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.server import RunningAggregator, start_aggregator
 from cdimf.engine import CDIMFEngine, DomainInput
@@ -304,6 +305,32 @@ def test_a_large_matrix_crosses_with_default_message_limits(tmp_path: Path) -> N
             z = await sport.pull_consensus(run.run_id, 1, 10.0, rows, 0)
             assert z is not None
             np.testing.assert_array_equal(z.shared, values)
+
+    asyncio.run(scenario())
+
+
+# ----- the standard health service -----
+
+
+def test_health_is_serving_once_listening_and_not_serving_while_stopping(tmp_path: Path) -> None:
+    """A health Watch of both names sees SERVING on a fresh aggregator, then NOT_SERVING as soon as stop() begins."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def scenario() -> None:
+        running = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path, tls=TLSConfig(insecure=True)))
+        stopping: asyncio.Future[None] | None = None
+        try:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for name in ("", "cdimf.v1.Aggregator"):
+                    assert (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status == serving
+                watch = stub.Watch(health_pb2.HealthCheckRequest(service="cdimf.v1.Aggregator"), timeout=10)
+                assert (await watch.read()).status == serving
+                stopping = asyncio.ensure_future(running.stop(grace=2.0))
+                assert (await watch.read()).status == not_serving
+                watch.cancel()
+        finally:
+            await (stopping if stopping is not None else running.stop(grace=0.5))
 
     asyncio.run(scenario())
 

@@ -8,8 +8,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cdimf.simulate import write_throwaway_certificates
+from common.config import TLSConfig
 from domain_node.aggregator_client import AggregatorClient
 from protos.v1 import federation_pb2 as pb
 from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
@@ -123,3 +127,46 @@ def test_health_of_nothing_bad_options_and_certs(tmp_path: Path) -> None:
     assert certs.returncode == 0, certs.stderr
     assert {"ca.pem", "aggregator.pem", "sport.key", "cloth.pem", "operator.pem", "federation.secret"} <= {p.name for p in (tmp_path / "pki").iterdir()}
 
+
+
+def _tls_flags(settings: TLSConfig) -> list[str]:
+    """The --ca-file/--cert-file/--key-file flags of one party's TLS settings."""
+    return ["--ca-file", str(settings.ca_file), "--cert-file", str(settings.cert_file), "--key-file", str(settings.key_file)]
+
+
+async def _health_status(target: str, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+    """The status a health Check over `credentials` gets (OK when answered)."""
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_health_of_a_mutual_tls_aggregator_process(tmp_path: Path, processes: Processes) -> None:
+    """A real aggregator over mutual TLS answers the standard health check to every federation
+    certificate (its own, the operator's, a domain's); no certificate or another CA's fails the handshake."""
+    certificates = write_throwaway_certificates(tmp_path / "pki", ["sport"])
+    strangers = write_throwaway_certificates(tmp_path / "other-pki", ["sport"])
+    _, address = processes.spawn("aggregator", ["serve-aggregator", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "agg"),
+                                                *_tls_flags(certificates["aggregator"])])
+    own, operator, domain, by_name, unknown, stranger = cdimf_all(
+        ["health", "--target", address, *_tls_flags(certificates["aggregator"])],
+        ["health", "--target", address, *_tls_flags(certificates["operator"])],
+        ["health", "--target", address, *_tls_flags(certificates["sport"])],
+        ["health", "--target", address, "--service", "cdimf.v1.Aggregator", *_tls_flags(certificates["operator"])],
+        ["health", "--target", address, "--service", "cdimf.v1.DomainNode", *_tls_flags(certificates["operator"])],
+        ["health", "--target", address, "--timeout-s", "3", *_tls_flags(strangers["sport"])],
+    )
+    for checked in (own, operator, domain, by_name):
+        assert checked.returncode == 0 and checked.stdout.strip() == "SERVING", checked
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout, unknown
+    assert stranger.returncode == 1 and "UNAVAILABLE" in stranger.stdout, stranger
+    # the server itself refuses: trusting its CA does not help without a certificate it issued
+    ca_pem = Path(str(certificates["sport"].ca_file)).read_bytes()
+    stranger_pem = (Path(str(strangers["sport"].cert_file)).read_bytes(), Path(str(strangers["sport"].key_file)).read_bytes())
+    without = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    foreign = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=stranger_pem[1], certificate_chain=stranger_pem[0])
+    assert asyncio.run(_health_status(address, without)) == grpc.StatusCode.UNAVAILABLE
+    assert asyncio.run(_health_status(address, foreign)) == grpc.StatusCode.UNAVAILABLE

@@ -140,7 +140,8 @@ async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> in
     async for event in client.watch_run(run_id):
         if as_json:
             print(json.dumps(_event_json(event)), flush=True)
-        elif event.kind == pb.EVENT_KIND_METRICS:
+        elif event.kind == pb.EVENT_KIND_METRICS and event.metrics:
+            # an empty set only says the domain is done with the round (it does not validate it)
             shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
             print(f"round {event.round:4d}  {event.domain:<12} {shown}", flush=True)
         elif event.kind == pb.EVENT_KIND_ROUND_CLOSED and event.missing:

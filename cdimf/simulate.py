@@ -32,7 +32,7 @@ import grpc
 from pydantic import Field, model_validator
 
 from cdimf.config_flags import add_model_flags, load_with_flags
-from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
 from common.params import ADMMParams, IALSParams, StrictModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,7 @@ class SimulateConfig(StrictModel):
     run: RunParams = Field(default_factory=_warm_run)
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
     k: int = Field(10, ge=1, le=1000, description="cut-off of the test metrics")
+    validation: ValidationParams = Field(default_factory=ValidationParams, description="every node's per-round validation")
     work_dir: Path | None = Field(None, description="folder for certificates, state and logs (default: a temporary one, removed)")
     startup_timeout_s: float = Field(120.0, gt=0, description="how long a process may take to start listening")
 
@@ -310,6 +311,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "state_dir": str(work_dir / "state" / domain.name),
                 "secret_file": str(secret_file),
                 "ials": ials.model_dump(mode="json"),
+                "validation": config.validation.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
             for field in ("valid_path", "test_path"):

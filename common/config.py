@@ -168,6 +168,24 @@ class AggregatorConfig(StrictModel):
         return _check_address(value, allow_port_zero=True)
 
 
+# Negatives per validation row: the same default as `cdimf reproduce`'s [stopping] valid_negatives.
+# Per-round checks only monitor and steer a run, so 99 (not the paper's 999, which the test
+# split keeps) makes them ~10x cheaper than ranking 1000 candidates per row.
+VALID_NEGATIVES = 99
+
+
+class ValidationParams(StrictModel):
+    """A node's per-round validation: how often, against how many negatives, at which cut-off."""
+
+    every: int = Field(1, ge=0, le=1_000_000, description="validate every N rounds and after the last one; 0: never")
+    negatives: int = Field(VALID_NEGATIVES, ge=1, le=100_000, description="uniform negatives per validation row (test keeps 999)")
+    k: int = Field(10, ge=1, le=1000, description="cut-off of the per-round HR@k / NDCG@k")
+
+    def due(self, round_index: int, rounds: int) -> bool:
+        """Whether round `round_index` (1-based) of a `rounds`-round run is validated."""
+        return self.every > 0 and (round_index % self.every == 0 or round_index == rounds)
+
+
 class NodeConfig(StrictModel):
     """One domain node: its private data, its own server, the aggregator it dials, its secret."""
 
@@ -185,6 +203,7 @@ class NodeConfig(StrictModel):
     aggregation_period: int | None = Field(None, ge=1, le=10_000, description="local epochs per round; None: the run's")
     tls: TLSConfig
     rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each unary aggregator call")
+    validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @field_validator("domain")
     @classmethod

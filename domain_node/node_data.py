@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from common.config import VALID_NEGATIVES
 from common.metrics import hit_rate, ndcg, pairs_to_csr, sample_negatives, sampled_ranks
 from domain_node.data import DataError, IdMap, RawInteractions, leave_one_out, read_interactions
 
@@ -67,15 +68,19 @@ def _indices(raw: RawInteractions, keys: np.ndarray, ids: IdMap, what: str) -> n
     return found
 
 
-def fixed_candidates(n_items: int, users: np.ndarray, items: np.ndarray, n_users: int, seed: int) -> HeldOut:
+def fixed_candidates(n_items: int, users: np.ndarray, items: np.ndarray, n_users: int, seed: int,
+                     negatives: int = PAPER_NEGATIVES) -> HeldOut:
     """The paper's candidates (target + uniform negatives over the catalog), drawn once from `seed`.
 
-    999 negatives as in the paper; on a catalog too small for that (tiny test data), as many as
-    every row can get, so that the protocol still ranks each target among the same candidates.
+    `negatives` per row (the paper's 999 by default); on a catalog too small for that (tiny test
+    data), as many as every row can get, so that the protocol still ranks each target among the
+    same number of candidates.
     """
+    if negatives < 1:
+        raise ValueError(f"negatives must be >= 1, got {negatives}")
     exclude = pairs_to_csr(users, items, (n_users, n_items))
-    allowed = n_items - np.diff(exclude.indptr)[users] if len(users) else np.array([PAPER_NEGATIVES])
-    n_negatives = int(min(PAPER_NEGATIVES, allowed.min()))
+    allowed = n_items - np.diff(exclude.indptr)[users] if len(users) else np.array([negatives])
+    n_negatives = int(min(negatives, allowed.min()))
     if n_negatives < 1:
         raise ValueError(f"a catalog of {n_items} items leaves no negatives to rank held-out items against")
     candidates = sample_negatives(n_items, users, items, exclude, n_negatives, seed, np.arange(n_items))
@@ -83,8 +88,12 @@ def fixed_candidates(n_items: int, users: np.ndarray, items: np.ndarray, n_users
 
 
 def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None, test_path: Path | None = None,
-                   fmt: str = "auto", valid_seed: int = 0) -> NodeData:
-    """Read this domain's files (and no other domain's); DataError names the file and line of bad input."""
+                   fmt: str = "auto", valid_seed: int = 0, valid_negatives: int = VALID_NEGATIVES) -> NodeData:
+    """Read this domain's files (and no other domain's); DataError names the file and line of bad input.
+
+    Validation rows are ranked against `valid_negatives` negatives (per-round checks), test rows
+    against the paper's 999.
+    """
     raw_train = read_interactions(train_path, fmt)
     raw_valid = read_interactions(valid_path, fmt) if valid_path is not None else None
     raw_test = read_interactions(test_path, fmt) if test_path is not None else None
@@ -106,7 +115,7 @@ def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None
     else:
         valid_users, valid_items = held_pairs(raw_valid)  # type: ignore[arg-type]
     n_users, n_items = train.shape
-    valid = fixed_candidates(n_items, valid_users, valid_items, n_users, EVALUATION_SEED) if len(valid_users) else None
+    valid = fixed_candidates(n_items, valid_users, valid_items, n_users, EVALUATION_SEED, valid_negatives) if len(valid_users) else None
     test = None
     if raw_test is not None:
         test_users, test_items = held_pairs(raw_test)

@@ -4,7 +4,10 @@ Per round r (the engine's order, so that synchronous runs reproduce `CDIMFEngine
 local epochs (the run's aggregation period for this domain), push X + U of the shared rows,
 pull Z (synchronous runs wait for it; with a round deadline the node waits at most that long
 and otherwise keeps training on the last Z), apply Z (dual step), checkpoint atomically,
-evaluate on its own validation split and report HR@10/NDCG@10.
+evaluate on its own validation split and report HR@k/NDCG@k (NodeConfig.validation: every N
+rounds and after the last one, against `negatives` negatives per row; off with every = 0). A
+node that does not validate the last round reports an empty metrics set for it, so that
+followers of the run (WatchRun) learn it is done without waiting out the grace period.
 
 What leaves this process: headers, HMAC pseudonyms with holder flags, X + U of shared rows and
 validation metrics. Interaction data and user keys never do.
@@ -39,7 +42,6 @@ from domain_node.state import Checkpoint, CheckpointError, check_resumable, load
 from domain_node.trainer import DomainTrainer
 
 log = logging.getLogger("cdimf.node")
-METRICS_K = 10
 # a synchronous pull is re-issued this often so that a dead stream is noticed and retried
 SYNC_PULL_WAIT_S = 30.0
 WAIT_FOR_RUN_S = 30.0
@@ -256,7 +258,7 @@ class NodeRunner:
             if pushed_round >= open_round:
                 pushed_round = open_round - 1
             need_epochs = True
-            await self._end_of_round(run_id, applied, trainer, view)
+            await self._end_of_round(run_id, applied, params.rounds, trainer, view)
 
     async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
         """Push a contribution for the open round; returns the round it was pushed as."""
@@ -282,20 +284,23 @@ class NodeRunner:
             raise RunEnded(f"run {run_id} is {info.state}")
         return info
 
-    async def _end_of_round(self, run_id: str, round_index: int, trainer: DomainTrainer, view: MembershipView) -> None:
-        """Checkpoint, publish the model, evaluate on validation and report the metrics."""
+    async def _end_of_round(self, run_id: str, round_index: int, rounds: int, trainer: DomainTrainer, view: MembershipView) -> None:
+        """Checkpoint, publish the model, then validate and report the metrics when this round is due."""
         checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, trainer.state)
         await asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint)
         self._publish(run_id, round_index, trainer)
         self.progress.round = round_index
-        if self.data.valid is None:
+        validation = self.config.validation
+        metrics: dict[str, float] = {}
+        if self.data.valid is not None and validation.due(round_index, rounds):
+            model = self.progress.model
+            assert model is not None
+            started = time.perf_counter()
+            metrics = await asyncio.to_thread(evaluate, self.data.valid, model.users, model.items, self.data.train, validation.k)
+            log.info("round %d: %s (%.2f s)", round_index, metrics, time.perf_counter() - started)
+            self.progress.latest_metrics = metrics
+        elif round_index < rounds:
             return
-        model = self.progress.model
-        assert model is not None
-        started = time.perf_counter()
-        metrics = await asyncio.to_thread(evaluate, self.data.valid, model.users, model.items, self.data.train, METRICS_K)
-        log.info("round %d: %s (%.2f s)", round_index, metrics, time.perf_counter() - started)
-        self.progress.latest_metrics = metrics
         try:
             await self.client.report_metrics(run_id, round_index, metrics)
         except AggregatorError as error:

@@ -143,7 +143,8 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
     """Load this domain's data, bind config.listen, start serving and start the training loop."""
     if data is None:
         data = await asyncio.to_thread(
-            load_node_data, config.domain, config.train_path, config.valid_path, config.test_path, config.data_format
+            load_node_data, config.domain, config.train_path, config.valid_path, config.test_path, config.data_format,
+            valid_negatives=config.validation.negatives,
         )
     if runner is None:
         runner = NodeRunner(config, data)

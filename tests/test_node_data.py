@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from domain_node.data import DataError
-from domain_node.node_data import fixed_candidates, load_node_data, top_k
+from common.config import VALID_NEGATIVES
+from domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_data, top_k
 
 
 def _write(path: Path, pairs: list[tuple[str, str]]) -> Path:
@@ -49,3 +50,15 @@ def test_candidates_and_top_k() -> None:
     columns, scores = top_k(np.array([5, 4, 3, 2, 1], np.float32), items, np.array([0, 2]), 2)
     assert list(columns) == [1, 3] and list(scores) == [4.0, 2.0]
     assert len(top_k(np.ones(5, np.float32), items, np.arange(5), 3)[0]) == 0
+
+
+def test_validation_ranks_against_its_own_negatives_and_test_against_the_papers(tmp_path: Path) -> None:
+    """valid_negatives sets the validation candidates per row; the test split keeps 999."""
+    # 1200 items, each held by two users (so carving keeps it in train): room for the paper's 999 negatives
+    train = _write(tmp_path / "train.csv", [(f"u{u}", f"i{u % 10 * 120 + k}") for u in range(20) for k in range(120)])
+    test = _write(tmp_path / "test.csv", [("u1", "i5"), ("u2", "i700")])
+    data = load_node_data("sport", train, None, test, "csv", valid_negatives=50)
+    assert data.valid is not None and data.valid.candidates.shape == (len(data.valid.users), 51) and len(data.valid.users) > 10
+    assert data.test is not None and data.test.candidates.shape == (2, PAPER_NEGATIVES + 1)
+    default = load_node_data("sport", train, None, None, "csv").valid
+    assert default is not None and default.candidates.shape[1] == VALID_NEGATIVES + 1

@@ -16,7 +16,6 @@ for the selected case; the default case is size M, d=64.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,12 +61,14 @@ def zipf_interactions(n_users: int, n_items: int, nnz: int, seed: int) -> sp.csr
 
 
 def rss_mb(peak: bool) -> float:
-    """This process's peak (ru_maxrss) or current (VmRSS) resident memory in MiB."""
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak (VmHWM) or current (VmRSS) resident memory in MiB, from /proc/self/status.
+
+    Not ru_maxrss: Linux carries the parent's high-water mark into a forked child across exec,
+    so every worker would report at least the parent's size."""
+    field = "VmHWM:" if peak else "VmRSS:"
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 

@@ -29,6 +29,7 @@ from domain_node.aggregator_client import AggregatorClient, AggregatorError, Bac
 from domain_node.trainer import DomainTrainer
 from protos.v1 import federation_pb2 as pb
 from protos.v1 import federation_pb2_grpc as pb_grpc
+from tests.wire_capture import WireRecorder
 
 SECRET = b"test-federation-secret-32-bytes!"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -407,45 +408,9 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
 # ----- privacy: what a domain's client puts on the wire -----
 
 
-class _Recorder:
-    """Records every request message a client sends (shared by the per-kind interceptors)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, object]] = []
-
-    def record(self, details: grpc.aio.ClientCallDetails, message: object) -> None:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        self.sent.append((method, message))
-
-    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        """One interceptor per call kind (a channel files each interceptor under one kind only)."""
-        recorder = self
-
-        class Unary(grpc.aio.UnaryUnaryClientInterceptor):
-            async def intercept_unary_unary(self, continuation, client_call_details, request):
-                recorder.record(client_call_details, request)
-                return await continuation(client_call_details, request)
-
-        class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-            async def intercept_unary_stream(self, continuation, client_call_details, request):
-                recorder.record(client_call_details, request)
-                return await continuation(client_call_details, request)
-
-        class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-            async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-                def recorded():
-                    for message in request_iterator:
-                        recorder.record(client_call_details, message)
-                        yield message
-
-                return await continuation(client_call_details, recorded())
-
-        return [Unary(), UnaryStream(), StreamUnary()]
-
-
 def test_a_domain_sends_only_headers_pseudonyms_and_shared_factor_rows(tmp_path: Path) -> None:
     raw_keys = np.array([f"customer-{i:04d}@shop.example" for i in range(30)])
-    capture = _Recorder()
+    capture = WireRecorder()
 
     async def scenario() -> None:
         async with aggregator(tmp_path) as running:

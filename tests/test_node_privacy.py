@@ -15,7 +15,7 @@ from domain_node.aggregator_client import AggregatorClient
 from domain_node.runner import NodeRunner
 from domain_node.server import start_node
 from tests.federation_harness import RANK, SECRET, ials, node_data, seeds, wait_for_checkpoints, wait_for_domains, write_domains
-from tests.test_aggregator_server import _Recorder
+from tests.wire_capture import WireRecorder
 
 pytestmark = pytest.mark.timeout(60)
 ALLOWED_METHODS = {"Register", "WaitForRun", "GetMembership", "PushContribution", "PullConsensus", "ReportMetrics"}
@@ -39,7 +39,7 @@ def leaked(wire: bytes, fragments: set[bytes]) -> list[bytes]:
 def test_a_training_node_sends_only_headers_pseudonyms_shared_factor_rows_and_metrics(tmp_path: Path) -> None:
     """Two rounds of a real node (loopback gRPC); the sport node's traffic is recorded by a client interceptor."""
     files = write_domains(tmp_path / "data")
-    capture = _Recorder()
+    capture = WireRecorder()
     rounds = 2
 
     async def scenario() -> NodeRunner:

@@ -147,6 +147,7 @@ def run_info(run: Run | None, domain: str = "") -> pb.RunInfo:
 
 
 def _event_message(run: Run, event: Event) -> pb.RoundEvent:
+    """The wire form of one run event."""
     return pb.RoundEvent(
         run_id=run.run_id,
         kind=_EVENT_KINDS[event.kind],
@@ -161,6 +162,7 @@ def _event_message(run: Run, event: Event) -> pb.RoundEvent:
 
 
 def _membership_message(layout: Layout, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
+    """The membership summary a Register call answers with."""
     mine: DomainLayout = layout.per_domain[domain]
     return pb.Membership(
         domains=list(layout.domains),
@@ -197,6 +199,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 raise AssertionError("unreachable") from error
 
     async def _domain(self, context: grpc.aio.ServicerContext, domain: str) -> None:
+        """Abort unless header.domain is set and the caller may speak for it."""
         if not domain:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.domain is empty")
         refusal = self.authorizer.check_domain(context, domain)
@@ -204,6 +207,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             await context.abort(*refusal)
 
     async def _operator(self, context: grpc.aio.ServicerContext) -> None:
+        """Abort unless the caller may use the control API."""
         refusal = self.authorizer.check_operator(context)
         if refusal is not None:
             await context.abort(*refusal)
@@ -336,6 +340,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         give_up = time.monotonic() + request.wait_s
 
         def newest() -> tuple[int, np.ndarray, np.ndarray] | None:
+            """(round, Z, this domain's pull rows) of the newest consensus >= min_round, or None yet."""
             run = self.state.run
             found = self.state.consensus_for(header.run_id, header.domain, request.min_round)
             if found is None or run is None or run.consensus is None:
@@ -514,6 +519,7 @@ async def _auto_start(running: RunningAggregator, params: RunParams) -> None:
     """Start the configured run once min_domains domains registered (unless one is running)."""
 
     async def starter() -> None:
+        """Wait for enough registrations, then start the run (once)."""
         service = running.service
         while True:
             async with service.lock:
@@ -543,6 +549,7 @@ def serve(config: AggregatorConfig, on_ready: Callable[[RunningAggregator], Awai
     """Serve until SIGINT or SIGTERM, on uvloop; `on_ready` gets the started server (e.g. to print its port)."""
 
     async def main() -> None:
+        """Start, report ready, wait for SIGINT/SIGTERM, then stop gracefully."""
         running = await start_aggregator(config)
         if on_ready is not None:
             maybe = on_ready(running)

@@ -326,11 +326,13 @@ class AggregatorState:
         return run
 
     def _run(self, run_id: str) -> Run:
+        """The current run if `run_id` names it, else StateError NOT_FOUND."""
         if self.run is None or (run_id and run_id != self.run.run_id) or not run_id:
             raise StateError("NOT_FOUND", f"unknown run {run_id!r}" + (f" (current run is {self.run.run_id})" if self.run else " (no run started)"))
         return self.run
 
     def _admitted_run(self, run_id: str, domain: str) -> Run:
+        """The current run if `run_id` names it and `domain` was admitted to it."""
         run = self._run(run_id)
         if domain not in run.admitted:
             raise StateError("NOT_FOUND", f"domain {domain!r} is not admitted to run {run.run_id}")
@@ -393,6 +395,7 @@ class AggregatorState:
         return self._close_round(run)
 
     def _close_round(self, run: Run) -> int:
+        """Z over the open round's contributions, a round_closed event, the next round opened, state saved; returns the closed round."""
         closed = run.current_round
         # sum in domain-name order, the same order for every round and after a restart
         contributions = [
@@ -445,11 +448,13 @@ class AggregatorState:
         run.events.append(Event("metrics", round_index, self._elapsed(run), domain=domain, metrics=dict(metrics)))
 
     def _elapsed(self, run: Run) -> float:
+        """Wall seconds since the run started (event timestamps)."""
         return max(0.0, time.time() - run.started_wall)
 
     # ----- persistence -----
 
     def _save_registrations(self) -> None:
+        """Write every domain's pseudonyms and holder flags atomically."""
         if self.state_dir is None:
             return
         arrays: dict[str, np.ndarray] = {"domains": np.array(sorted(self.registrations), dtype="U64")}
@@ -493,6 +498,7 @@ class AggregatorState:
         write_npz_atomically(self.state_dir / RUN_FILE, arrays, self.fsync)
 
     def _restore(self) -> None:
+        """Load the registrations and the run from state_dir (after a restart)."""
         assert self.state_dir is not None
         path = self.state_dir / REGISTRATIONS_FILE
         if path.exists():

@@ -39,6 +39,7 @@ SOURCE = "/bench.Raw/Source"
 
 
 def _free_port() -> int:
+    """A loopback port that was free a moment ago."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -51,12 +52,14 @@ async def _serve_baseline(port: int) -> None:
     """Sink: count incoming bytes. Source: stream `n` bytes (request = decimal n) of raw chunks."""
 
     async def sink(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        """Count the bytes of a pushed stream; reply with the count."""
         total = 0
         async for message in request_iterator:
             total += len(message)
         return str(total).encode()
 
     async def source(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Stream the requested number of bytes in raw chunks."""
         remaining = int(request.decode())
         payload = os.urandom(RAW_CHUNK)
         while remaining > 0:
@@ -81,6 +84,7 @@ async def _serve_baseline(port: int) -> None:
 
 
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start a server process and wait for its LISTENING line."""
     process = subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -111,6 +115,7 @@ class _Baseline:
         self.payload = np.random.default_rng(0).bytes(RAW_CHUNK)
 
     def _chunks(self) -> Iterator[bytes]:
+        """nbytes of raw chunks, a fresh bytes object per message."""
         sent = 0
         while sent < self.nbytes:
             size = min(RAW_CHUNK, self.nbytes - sent)
@@ -135,6 +140,7 @@ class _Baseline:
 
 
 async def _timed(work: Awaitable[object]) -> float:
+    """Wall seconds an awaitable takes."""
     start = time.perf_counter()
     await work
     return time.perf_counter() - start

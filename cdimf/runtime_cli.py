@@ -49,6 +49,7 @@ class TrainConfig(StrictModel):
 
 
 def _logging(level: str) -> None:
+    """Log to stderr at `level`."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
@@ -78,6 +79,7 @@ def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -
 
 
 def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:
+    """A channel to a node or the aggregator with the given TLS settings."""
     from common.tls import open_channel
 
     return open_channel(target, tls, CHANNEL_OPTIONS)
@@ -110,11 +112,13 @@ def _serve_node(args: argparse.Namespace) -> int:
 
 
 def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str:
+    """One progress-bar line for `done` of `total` rounds."""
     filled = int(width * done / max(total, 1))
     return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
 
 
 def _event_json(event: Any) -> dict[str, Any]:
+    """A run event as a JSON-ready dict (what `--json` prints per line)."""
     from protos.v1 import federation_pb2 as pb
 
     return {
@@ -177,6 +181,7 @@ async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -
 
 
 def _control_client(config: TrainConfig) -> Any:
+    """An operator's client of the aggregator from a TrainConfig."""
     from domain_node.aggregator_client import AggregatorClient, channel_credentials_from_config
 
     return AggregatorClient(config.aggregator, "", channel_credentials_from_config(config.tls), rpc_timeout_s=config.rpc_timeout_s,
@@ -188,6 +193,7 @@ def _train(args: argparse.Namespace) -> int:
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
     async def main() -> int:
+        """Start the run and optionally follow it; the exit status."""
         client = _control_client(config)
         try:
             info = await start_run(client, config.run, args.wait_for_domains_s)
@@ -205,6 +211,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _with_aggregator_errors(main: Any) -> int:
+    """Run a coroutine function; an AggregatorError prints and exits 1."""
     from domain_node.aggregator_client import AggregatorError
 
     try:
@@ -221,6 +228,7 @@ def _status(args: argparse.Namespace) -> int:
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
     async def main() -> int:
+        """Fetch the status and print it as a table or JSON."""
         client = _control_client(config)
         try:
             status = await client.get_status()
@@ -249,6 +257,7 @@ def _stop(args: argparse.Namespace) -> int:
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
     async def main() -> int:
+        """Stop the configured run, or the current one when none is named."""
         client = _control_client(config)
         try:
             run_id = config.run.run_id or (await client.get_status()).run.run_id
@@ -276,6 +285,7 @@ def _recommend(args: argparse.Namespace) -> int:
     tls = _tls_only(args.config, args, args.fields)
 
     async def main() -> int:
+        """Call Recommend and print the items."""
         async with _channel(args.node, tls) as channel:
             stub = pb_grpc.DomainNodeStub(channel)
             try:
@@ -321,6 +331,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _address_argument(text: str) -> str:
+    """argparse type: a host:port with a non-zero port."""
     try:
         return _check_address(text, allow_port_zero=False)
     except ValueError as error:

@@ -51,6 +51,7 @@ class SimulatedDomain(StrictModel):
 
 
 def _warm_pair() -> list[SimulatedDomain]:
+    """The embedded warm Sport&Cloth pair, one SimulatedDomain per domain."""
     return [
         SimulatedDomain(name=name, train_path=WARM_PAIR / folder / "train.txt", test_path=WARM_PAIR / folder / "test.txt", data_format="paper")
         for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
@@ -58,11 +59,12 @@ def _warm_pair() -> list[SimulatedDomain]:
 
 
 def _warm_ials() -> IALSParams:
-    # configs/warm-sport-cloth.toml's CDIMF hyperparameters
+    """The local model: configs/warm-sport-cloth.toml's CDIMF hyperparameters."""
     return IALSParams(rank=64, alpha=0.01, lam=1.0, nu=0.0, seed=0)
 
 
 def _warm_run() -> RunParams:
+    """The default run: 10 synchronous rounds at rank 64."""
     return RunParams(rounds=10, rank=64, admm=ADMMParams(rho=1.0, prox="identity"), min_domains=2)
 
 
@@ -80,6 +82,7 @@ class SimulateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SimulateConfig":
+        """Unique domain names and no more min_domains than domains."""
         names = [domain.name for domain in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"domain names must be unique, got {names}")
@@ -151,6 +154,7 @@ class Federation:
         return child.address
 
     def _listening(self, child: Child, timeout_s: float) -> str:
+        """Read the child's stdout until its LISTENING line; SimulationError if it exits or times out."""
         stream = child.process.stdout
         assert stream is not None
         give_up = time.monotonic() + timeout_s
@@ -191,6 +195,7 @@ class Federation:
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send a signal to a child's process group (gone groups are ignored)."""
     try:
         os.killpg(process.pid, signum)
     except (ProcessLookupError, PermissionError):
@@ -216,6 +221,7 @@ def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, 
 
 
 def _tls_settings(tls: TLSConfig) -> dict[str, Any]:
+    """A TLS config as the JSON a child reads from CDIMF_TLS."""
     return tls.model_dump(mode="json")
 
 
@@ -243,6 +249,7 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
         raise SimulationError(f"run {info.run_id} did not finish")
 
     async def evaluated(name: str, address: str) -> tuple[str, dict[str, Any]]:
+        """(domain, its Evaluate reply on the test split, or valid without one)."""
         async with open_channel(address, operator, CHANNEL_OPTIONS) as channel:
             split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
             reply = await pb_grpc.DomainNodeStub(channel).Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
@@ -334,6 +341,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C so that every child is stopped."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -50,6 +50,7 @@ class ConfigError(ValueError):
 
 
 def _check_address(value: str, allow_port_zero: bool) -> str:
+    """The value when it is host:port with a valid port, else ValueError."""
     match = _ADDRESS.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not host:port")
@@ -60,6 +61,7 @@ def _check_address(value: str, allow_port_zero: bool) -> str:
 
 
 def _check_name(value: str) -> str:
+    """The value when it is a valid domain name, else ValueError."""
     if not _NAME.match(value):
         raise ValueError(f"{value!r} must be 1-63 of a-z 0-9 _ - starting with a letter or digit")
     return value
@@ -75,6 +77,7 @@ class TLSConfig(StrictModel):
 
     @model_validator(mode="after")
     def _files_unless_insecure(self) -> "TLSConfig":
+        """Mutual TLS needs all three files."""
         if not self.insecure:
             missing = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name) is None]
             if missing:
@@ -98,6 +101,7 @@ class RunParams(StrictModel):
     @field_validator("run_id")
     @classmethod
     def _run_id_text(cls, value: str | None) -> str | None:
+        """A run id is 1-64 portable characters (it names files and appears in logs)."""
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError(f"{value!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         return value
@@ -105,6 +109,7 @@ class RunParams(StrictModel):
     @field_validator("domain_aggregation_period")
     @classmethod
     def _periods(cls, value: dict[str, int]) -> dict[str, int]:
+        """Per-domain periods name valid domains and lie in 1..10000."""
         for name, period in value.items():
             _check_name(name)
             if not 1 <= period <= 10_000:
@@ -217,6 +222,7 @@ class NodeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_secret(self) -> "NodeConfig":
+        """Exactly one of secret and secret_file."""
         if (self.secret is None) == (self.secret_file is None):
             raise ValueError("give exactly one of secret or secret_file")
         return self
@@ -260,6 +266,7 @@ def _env_overrides(model: type[StrictModel], environ: Mapping[str, str], prefix:
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two nested dicts; `override` wins."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

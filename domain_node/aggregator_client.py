@@ -233,6 +233,7 @@ class AggregatorClient:
         request = pb.GetMembershipRequest(header=self.header(run_id))
 
         async def attempt() -> tuple[np.ndarray, np.ndarray, list[str]]:
+            """One GetMembership stream, assembled."""
             assembler = MembershipAssembler()
             async for chunk in self.stub.GetMembership(request, timeout=self.rpc_timeout_s):
                 assembler.add(chunk)
@@ -294,6 +295,7 @@ class AggregatorClient:
         request = pb.PullRequest(header=self.header(run_id), min_round=min_round, wait_s=wait_s, dtype=wire_dtype(dtype))
 
         async def attempt() -> tuple[np.ndarray, pb.Header]:
+            """One PullConsensus stream, assembled."""
             assembler = MatrixAssembler("consensus", expected_rows=shared + receivers)
             stream = self.stub.PullConsensus(request, timeout=wait_s + self._stream_timeout(0))
             async for chunk in stream:

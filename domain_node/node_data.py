@@ -104,6 +104,7 @@ def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None
     train = pairs_to_csr(rows, items.index_of(raw_train.items), (len(users), len(items)), raw_train.weights)
 
     def held_pairs(raw: RawInteractions) -> tuple[np.ndarray, np.ndarray]:
+        """(user rows, item columns) of a held-out file, sorted by user then item."""
         user_rows = users.index_of(raw.users)
         item_cols = _indices(raw, raw.items, items, "item")
         order = np.lexsort((item_cols, user_rows))

@@ -111,6 +111,7 @@ class NodeRunner:
     # ----- model snapshots -----
 
     def _publish(self, run_id: str, round_index: int, trainer: DomainTrainer) -> None:
+        """Publish the factors as of this round for the node server (cold rows scored with Z)."""
         cold = np.zeros(self.data.train.shape[0], dtype=bool)
         cold[trainer.receiver_rows] = trainer.state.receiver_consensus is not None
         self.progress.model = Model(run_id, round_index, trainer.scoring_users(), trainer.state.items.copy(), cold)

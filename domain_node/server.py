@@ -158,6 +158,7 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
     await health_service.set("cdimf.v1.DomainNode", health_pb2.HealthCheckResponse.SERVING)
 
     async def train() -> None:
+        """The training loop; a crash marks the server NOT_SERVING before it propagates."""
         try:
             await runner.run()
         except asyncio.CancelledError:
@@ -177,6 +178,7 @@ def serve_node(config: NodeConfig, on_ready: Callable[[RunningNode], None] | Non
     """Serve until SIGINT or SIGTERM (on uvloop where available); `on_ready` gets the started node."""
 
     async def main() -> None:
+        """Start the node, then stop on SIGINT/SIGTERM or when training crashed."""
         signalled = asyncio.get_running_loop().create_future()
         for signum in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(signum, lambda: signalled.done() or signalled.set_result(None))

@@ -92,6 +92,7 @@ def start_order(services: Mapping[str, Any]) -> list[str]:
     visiting: set[str] = set()
 
     def visit(name: str) -> None:
+        """Append `name` after its dependencies (depth first); ValueError on a cycle."""
         if name in ordered:
             return
         if name in visiting:

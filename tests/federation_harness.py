@@ -110,6 +110,7 @@ def free_port() -> int:
 
 
 def _environment() -> dict[str, str]:
+    """This process's environment without CDIMF_* variables (children get only what a test gives)."""
     return {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
 
 
@@ -153,6 +154,7 @@ class Processes:
         return self.spawn(name, ["serve-aggregator", "--listen", f"127.0.0.1:{port}", "--state-dir", str(self.folder / "aggregator"), "--insecure"])
 
     def _node_arguments(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str) -> list[str]:
+        """The `cdimf serve-node` arguments of one test domain."""
         arguments = ["serve-node", "--domain", domain, "--train-path", str(files[domain]["train"]), "--data-format", "csv",
                      "--listen", "127.0.0.1:0", "--aggregator", aggregator, "--state-dir", str(self.folder / domain),
                      "--insecure", "--ials-rank", str(RANK), "--ials-alpha", "0.1", "--ials-lam", "0.5",

@@ -47,6 +47,7 @@ async def aggregator(state_dir: Path) -> AsyncIterator[RunningAggregator]:
 
 
 def _keys(prefix: str, ids: range | list[int]) -> np.ndarray:
+    """Raw user keys PREFIX<i>."""
     return np.array([f"{prefix}{i}" for i in ids])
 
 
@@ -62,6 +63,7 @@ async def _register_two(address: str, rows: int = 6) -> tuple[AggregatorClient, 
 
 
 def _domain_data(seed: int, n_users: int, n_items: int, empty_rows: list[int]) -> sp.csr_matrix:
+    """A random interaction matrix with the given rows left empty (receivers)."""
     rng = np.random.default_rng(seed)
     dense = (rng.random((n_users, n_items)) < 0.15).astype(np.float32)
     dense[empty_rows] = 0  # receivers: registered with no interactions
@@ -83,6 +85,7 @@ async def _federated_domain(
 
 
 def test_synchronous_federated_run_equals_the_in_process_engine(tmp_path: Path) -> None:
+    """Two domains through the real aggregator give the engine's factors (same seeds, l2 prox, other row orders)."""
     admm = ADMMParams(rho=1.5, prox="l2", lambda_z=0.2)
     sport_keys = _keys("u", range(0, 40))
     cloth_keys = _keys("u", range(25, 70))[::-1]  # another row order than sport's
@@ -94,6 +97,7 @@ def test_synchronous_federated_run_equals_the_in_process_engine(tmp_path: Path) 
     engine.run(3)
 
     async def federated() -> list[DomainTrainer]:
+        """Register, start a run and drive each domain's rounds through the aggregator."""
         async with aggregator(tmp_path) as running:
             clients = [AggregatorClient(running.address, d.name) for d in inputs]
             for client, domain in zip(clients, inputs):
@@ -131,10 +135,12 @@ def test_synchronous_federated_run_equals_the_in_process_engine(tmp_path: Path) 
 
 
 def _chunks(run_id: str, domain: str, round_index: int, values: np.ndarray) -> list[pb.MatrixChunk]:
+    """A contribution as two-row chunks (so that a stream has several to tamper with)."""
     return list(encode_matrix(values, pb.Header(run_id=run_id, domain=domain, round=round_index), chunk_bytes=2 * values.shape[1] * 4))
 
 
 def _state_snapshot(running: RunningAggregator) -> tuple:
+    """Everything a refused request must leave unchanged: rounds, Z, contributions, reporters, events, registrations."""
     run = running.state.run
     assert run is not None
     contributions = {d: (tag, values.tobytes()) for d, (tag, values) in run.contributions.items()}
@@ -143,7 +149,9 @@ def _state_snapshot(running: RunningAggregator) -> tuple:
 
 
 def test_bad_input_gets_the_right_status_and_changes_nothing(tmp_path: Path) -> None:
+    """Malformed chunks, wrong shapes, NaN, unknown run or domain, replays and out-of-order rounds: the right status, no state change."""
     async def scenario() -> None:
+        """Send each bad request and compare the state before and after."""
         async with aggregator(tmp_path) as running:
             sport, cloth = await _register_two(running.address)
             run = await AggregatorClient(running.address).start_run(RunParams(rounds=3, rank=4))
@@ -206,7 +214,9 @@ def test_bad_input_gets_the_right_status_and_changes_nothing(tmp_path: Path) -> 
 
 
 def test_pull_waits_for_the_round_and_times_out_without_one(tmp_path: Path) -> None:
+    """A pull waits for its round's Z and gives up with DEADLINE_EXCEEDED without one."""
     async def scenario() -> None:
+        """One pull that is answered once the round closes, one that times out."""
         async with aggregator(tmp_path) as running:
             sport, cloth = await _register_two(running.address)
             run = await AggregatorClient(running.address).start_run(RunParams(rounds=2, rank=4))
@@ -225,7 +235,9 @@ def test_pull_waits_for_the_round_and_times_out_without_one(tmp_path: Path) -> N
 
 
 def test_a_silent_domain_does_not_stop_rounds_past_the_deadline(tmp_path: Path) -> None:
+    """With a deadline, rounds close on one domain's pushes while the other stays silent."""
     async def scenario() -> None:
+        """Only sport pushes; rounds still close at their deadline."""
         async with aggregator(tmp_path) as running:
             sport, cloth = await _register_two(running.address)
             params = RunParams(rounds=4, rank=4, round_deadline_s=0.2, min_domains=1, max_staleness=1)
@@ -251,7 +263,9 @@ def test_a_silent_domain_does_not_stop_rounds_past_the_deadline(tmp_path: Path) 
 
 
 def test_watch_run_streams_rounds_and_metrics(tmp_path: Path) -> None:
+    """WatchRun replays and follows round closes and metrics; GetStatus shows each domain's latest metrics."""
     async def scenario() -> None:
+        """Two rounds with metrics, followed by a watch."""
         async with aggregator(tmp_path) as running:
             sport, cloth = await _register_two(running.address)
             control = AggregatorClient(running.address)
@@ -293,6 +307,7 @@ def test_a_large_matrix_crosses_with_default_message_limits(tmp_path: Path) -> N
     rows = 120_000
 
     async def scenario() -> None:
+        """Register 120k rows on both domains, push and pull one round."""
         async with aggregator(tmp_path) as running:
             sport, cloth = AggregatorClient(running.address, "sport"), AggregatorClient(running.address, "cloth")
             # random digests stand in for pseudonyms: hashing 120k keys is not what this tests
@@ -318,6 +333,7 @@ def test_health_is_serving_once_listening_and_not_serving_while_stopping(tmp_pat
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def scenario() -> None:
+        """Check both names, then watch the status across stop()."""
         running = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path, tls=TLSConfig(insecure=True)))
         stopping: asyncio.Future[None] | None = None
         try:
@@ -340,12 +356,14 @@ def test_health_is_serving_once_listening_and_not_serving_while_stopping(tmp_pat
 
 
 def _free_port() -> int:
+    """A loopback port that was free a moment ago (the restarted aggregator comes back on it)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 def _spawn(port: int, state_dir: Path) -> subprocess.Popen[str]:
+    """`python -m aggregator` on a fixed port and state folder, once it prints LISTENING."""
     environ = {**os.environ, "CDIMF_LISTEN": f"127.0.0.1:{port}", "CDIMF_STATE_DIR": str(state_dir), "CDIMF_TLS__INSECURE": "true"}
     process = subprocess.Popen(
         [sys.executable, "-m", "aggregator", "--log-level", "WARNING"],
@@ -359,6 +377,7 @@ def _spawn(port: int, state_dir: Path) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Aggregator processes of one test, killed at its end."""
     started: list[subprocess.Popen[str]] = []
     yield started
     for process in started:
@@ -368,6 +387,7 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_path: Path, processes: list) -> None:
+    """SIGKILL between rounds: a restarted aggregator resumes the run from its state and retrying clients finish it."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
     processes.append(_spawn(port, tmp_path))
@@ -376,6 +396,7 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
     pushes = {(d, r): rng.standard_normal((3, 4)).astype(np.float32) for d in ("sport", "cloth") for r in (1, 2)}
 
     async def scenario() -> None:
+        """Round 1, kill, push while down, restart, round 2 equals the expected consensus."""
         backoff = Backoff(initial_s=0.05, max_s=0.3)
         sport = AggregatorClient(address, "sport", rpc_timeout_s=5, retry_for_s=20, backoff=backoff, seed=1)
         cloth = AggregatorClient(address, "cloth", rpc_timeout_s=5, retry_for_s=20, backoff=backoff, seed=2)
@@ -409,10 +430,12 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
 
 
 def test_a_domain_sends_only_headers_pseudonyms_and_shared_factor_rows(tmp_path: Path) -> None:
+    """A client's captured traffic holds headers, pseudonyms and shared rows' factors, never raw user keys."""
     raw_keys = np.array([f"customer-{i:04d}@shop.example" for i in range(30)])
     capture = WireRecorder()
 
     async def scenario() -> None:
+        """One round of sport (recorded) and cloth through the real aggregator."""
         async with aggregator(tmp_path) as running:
             sport = AggregatorClient(running.address, "sport", interceptors=capture.interceptors())
             cloth = AggregatorClient(running.address, "cloth")
@@ -447,7 +470,9 @@ def test_a_domain_sends_only_headers_pseudonyms_and_shared_factor_rows(tmp_path:
 
 
 def test_a_configured_run_starts_once_enough_domains_registered(tmp_path: Path) -> None:
+    """AggregatorConfig.run starts by itself once min_domains domains registered."""
     async def scenario() -> None:
+        """Register one domain (no run yet), then the second (the run starts)."""
         params = RunParams(run_id="auto", rounds=1, rank=4, min_domains=2)
         config = AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path, tls=TLSConfig(insecure=True), run=params)
         running = await start_aggregator(config)

@@ -67,6 +67,7 @@ def test_a_synchronous_federated_run_of_processes_reproduces_the_engine(tmp_path
 
 
 async def _node_call(address: str, method: str, request: object) -> object:
+    """One plaintext DomainNode call to a node process."""
     async with grpc.aio.insecure_channel(address) as channel:
         return await getattr(pb_grpc.DomainNodeStub(channel), method)(request, timeout=10)
 
@@ -112,6 +113,7 @@ def test_sigkilled_aggregator_and_node_resume_and_equal_the_uninterrupted_run(tm
     params = RunParams(rounds=rounds, rank=6, admm=ADMM, min_domains=2)
 
     async def scenario() -> None:
+        """Start the run, kill and restart the aggregator, then a node, and wait for the final checkpoints."""
         nonlocal aggregator
         control = AggregatorClient(address, rpc_timeout_s=10, retry_for_s=30)
         await wait_for_domains(control, 2)

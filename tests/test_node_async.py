@@ -32,6 +32,7 @@ def test_a_paused_node_does_not_stop_the_run_and_rejoins(tmp_path: Path, process
     params = RunParams(rounds=rounds, rank=6, round_deadline_s=0.3, min_domains=1, max_staleness=2)
 
     async def scenario() -> list[tuple[str, pb.RoundEvent]]:
+        """Start the run, pause cloth after round 2 and resume it after enough missed rounds; the watched events."""
         timeline: list[tuple[str, pb.RoundEvent]] = []
         phase = "before"
         missed = 0

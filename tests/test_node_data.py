@@ -11,6 +11,7 @@ from domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_d
 
 
 def _write(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """A user,item CSV file of the pairs."""
     path.write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in pairs))
     return path
 

@@ -43,6 +43,7 @@ def test_a_training_node_sends_only_headers_pseudonyms_shared_factor_rows_and_me
     rounds = 2
 
     async def scenario() -> NodeRunner:
+        """Two nodes (sport recorded) train a two-round run; returns sport's runner."""
         aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)))
         nodes = []
         try:

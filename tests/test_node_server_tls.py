@@ -27,6 +27,7 @@ def test_only_the_operator_and_the_domain_itself_may_query_a_node(tmp_path: Path
     certificates = write_throwaway_certificates(tmp_path / "certs", ["sport", "cloth"])
 
     async def scenario() -> dict[str, grpc.StatusCode]:
+        """Call the node as each party; the status code each got."""
         aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "agg", tls=certificates["aggregator"]))
         config = NodeConfig(domain="sport", train_path=files["sport"]["train"], data_format="csv", aggregator=aggregator.address,
                             state_dir=tmp_path / "sport", secret=SecretStr(SECRET), ials=ials(1), tls=certificates["sport"])

@@ -10,6 +10,7 @@ from domain_node.trainer import TrainerState
 
 
 def _checkpoint(round_index: int, with_consensus: bool = True) -> Checkpoint:
+    """A random checkpoint of a small trainer state for `round_index`."""
     rng = np.random.default_rng(round_index)
     state = TrainerState(
         users=rng.standard_normal((7, 3)).astype(np.float32),

@@ -32,6 +32,7 @@ def test_validation_every_k_and_negatives_and_a_node_that_never_validates(tmp_pa
     settings = {"sport": ValidationParams(every=2, negatives=20, k=5), "cloth": ValidationParams(every=0)}
 
     async def scenario() -> tuple[list[pb.RoundEvent], float, RunningNode]:
+        """Run three rounds; the watched events, the seconds the watch stayed open after the run finished, and sport's node."""
         aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)))
         nodes: list[RunningNode] = []
         try:

@@ -63,6 +63,7 @@ def _children(pid: int) -> set[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process with this pid still exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -140,6 +140,7 @@ def run_implicit(matrix: sp.csr_matrix, args: argparse.Namespace, use_cg: bool) 
     marks = {"cpu": time.process_time()}
 
     def on_iteration(_: int, elapsed: float, __: object) -> None:
+        """Record one iteration's wall and CPU seconds and the loss (outside implicit's timing)."""
         walls.append(elapsed)
         cpus.append(time.process_time() - marks["cpu"])
         losses.append(ials_loss(matrix, model.user_factors / scale, model.item_factors / scale, ALPHA, user_ridge, item_ridge))

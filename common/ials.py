@@ -194,6 +194,7 @@ def _gram64(factors: np.ndarray, n_threads: int) -> np.ndarray:
     step = max(1, _CHUNK_FLOATS // max(1, rank))
 
     def partial_gram(rows: slice) -> np.ndarray:
+        """The Gramian of one range of rows."""
         gram = np.zeros((rank, rank), dtype=np.float64)
         for lo in range(rows.start, rows.stop, step):
             block = factors[lo : min(rows.stop, lo + step)].astype(np.float64)
@@ -208,6 +209,7 @@ def _matmul_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, n_threads
     """out = left @ right with the rows of left split over threads (BLAS itself is pinned to one)."""
 
     def block_product(rows: slice) -> None:
+        """One range of rows of the product."""
         np.matmul(left[rows], right, out=out[rows])
 
     _run_parallel([partial(block_product, rows) for rows in _row_blocks(left.shape[0], n_threads)], n_threads)
@@ -253,6 +255,7 @@ def _solve_numpy_exact(systems: _RowSystems, rows: np.ndarray | None, out: np.nd
         chunks = [(rows[members], pad_len) for members, pad_len in chunks]
 
     def solve(members: np.ndarray, pad_len: int) -> None:
+        """One chunk, with its right-hand sides."""
         # the right-hand sides of a chunk are formed inside its task, so memory stays bounded
         _solve_chunk(systems, members, pad_len, systems.rhs(members), out)
 
@@ -325,6 +328,7 @@ def _solve_native(
     )
 
     def task() -> int:
+        """One thread's share: rows from the shared cursors until none are left; returns its failures."""
         # every thread drains the heavy rows one by one, then the light rows in blocks
         return kernel.solve(heavy, heavy_cursor, 1) + kernel.solve(light, light_cursor, _NATIVE_BLOCK)
 

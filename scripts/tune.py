@@ -4,15 +4,16 @@ Usage:
     python scripts/tune.py configs/warm-sport-cloth.toml                 # staged search, all models
     python scripts/tune.py CONFIG --models cdimf --grid rho=0.3,1,3 --grid prox=identity,l2
     python scripts/tune.py CONFIG --json > tune.json
-    python scripts/tune.py CONFIG --valid-negatives 999   # validation scored like the paper's test
+    python scripts/tune.py CONFIG --valid-negatives 99    # cheaper, but ranks candidates differently
 
 Each candidate is the config's section for one model with some values replaced; it trains with
 `cdimf.reproduce.early_stopped` on the validation rows that `cdimf reproduce` itself uses (the
 pair's valid files, or the leave-one-out split carved from train) and is scored by its best mean
-validation NDCG@k and the round count that reached it. Score validation with the test's number of
-negatives (999 for the paper's protocol): with fewer (e.g. 99) the ranking of candidates changes
-and strong ridges that push popular items up look better than they are at 999. The test files are read by the loader
-(they fix the id maps) but their rows are never scored here.
+validation NDCG@k and the round count that reached it. Validation rows get the test's number of
+negatives ([evaluation] n_negatives, 999 in the paper's protocol) by default: with fewer (e.g. 99)
+the ranking of candidates changes and strong ridges that push popular items up look better than
+they are at 999. The test files are read by the loader (they fix the id maps) but their rows are
+never scored here.
 
 Staged search (the default; `--stages` picks some, `--base` sets the starting point): local)
 alpha x lam at the config's rank with nu = 0; nu) nu > 0 with lam rescaled so the mean user ridge
@@ -241,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="solver threads for every candidate (a run setting, not tuned; 1 lets searches run side by side)")
     parser.add_argument("--valid-negatives", type=int, default=None,
-                        help="negatives per validation row (default: the config's [stopping] valid_negatives); "
-                             "999 scores validation like the paper's test protocol")
+                        help="negatives per validation row (default: the config's [evaluation] n_negatives, so "
+                             "validation is scored like the test; [stopping] valid_negatives is for reproduce's per-round check)")
     parser.add_argument("--json", action="store_true", help="print every trial and the best per model as JSON")
     args = parser.parse_args(argv)
     config = load_reproduce_config(args.config)
@@ -254,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = {k: v[0] for k, v in parse_grid(args.base).items()}
     except ValueError as error:
         parser.error(str(error))
-    if args.valid_negatives is not None:
-        stopping = config.stopping.model_dump() | {"valid_negatives": args.valid_negatives}
+    negatives = config.evaluation.n_negatives if args.valid_negatives is None else args.valid_negatives
+    if negatives != config.stopping.valid_negatives:
+        stopping = config.stopping.model_dump() | {"valid_negatives": negatives}
         config = config.model_copy(update={"stopping": type(config.stopping).model_validate(stopping)})
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if bad := [s for s in stages if s not in STAGES]:
@@ -264,6 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
         common = {k: v for k, v in base.items() if k in IALS_KEYS or model == "cdimf"}
         config = with_settings(config, model, {**common, **threads})
+    for model in models:
+        for settings in product(grid) or [{}]:
+            try:  # reject a bad grid value before any candidate trains
+                with_settings(config, model, settings)
+            except ValueError as error:
+                parser.error(f"--grid for {model}: {error}")
     data = load_validation(config)
     trials: list[Trial] = []
     best: dict[str, Trial] = {}

@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
 from common.chunks import ChunkError, MatrixAssembler, RegistrationAssembler, encode_matrix, encode_membership, wire_dtype
 from common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from common.heap import reuse_freed_chunk_memory
 from protos.v1 import federation_pb2 as pb
 from protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -489,6 +490,7 @@ async def start_aggregator(
     clock: Callable[[], float] = time.monotonic,
 ) -> RunningAggregator:
     """Restore state from config.state_dir, bind config.listen and start serving."""
+    reuse_freed_chunk_memory()
     if credentials is None and authorizer is None:
         credentials, authorizer = security_from_config(config.tls)
     elif authorizer is None:

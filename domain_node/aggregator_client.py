@@ -38,6 +38,7 @@ import numpy as np
 
 from common.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix, encode_registration, wire_dtype
 from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from common.heap import reuse_freed_chunk_memory
 from protos.v1 import federation_pb2 as pb
 from protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -173,6 +174,7 @@ class AggregatorClient:
         seed: int | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
+        reuse_freed_chunk_memory()
         self.address = address
         self.domain = domain
         self.rpc_timeout_s = rpc_timeout_s

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,7 +37,12 @@ class RoundReport:
 class CDIMFEngine:
     """Runs synchronous CDIMF rounds: local epochs, push X+U, Z = prox(mean), dual step."""
 
-    def __init__(self, domains: Sequence[DomainInput], admm: ADMMParams) -> None:
+    def __init__(
+        self,
+        domains: Sequence[DomainInput],
+        admm: ADMMParams,
+        user_step: Literal["paper", "reference-code"] = "paper",
+    ) -> None:
         if len(domains) < 1:
             raise ValueError("at least one domain is needed")
         names = [d.name for d in domains]
@@ -59,7 +65,7 @@ class CDIMFEngine:
         self.memberships: list[DomainMembership]
         self.memberships, self.global_keys = align_memberships([d.user_keys for d in domains], holds)
         self.trainers = [
-            DomainTrainer(d.name, d.train, d.params, admm.rho, m.shared_rows, m.receiver_rows)
+            DomainTrainer(d.name, d.train, d.params, admm.rho, m.shared_rows, m.receiver_rows, user_step)
             for d, m in zip(domains, self.memberships)
         ]
         self.round = 0

@@ -80,7 +80,7 @@ class CDIMF(Contender):
             DomainInput(d.name, user_keys, t, cfg.ials, cfg.aggregation_period)
             for d, t in zip(config.data.domains, trains)
         ]
-        self.engine = CDIMFEngine(domains, cfg.admm)
+        self.engine = CDIMFEngine(domains, cfg.admm, cfg.user_step)
 
     def step(self) -> None:
         """One round: local epochs, exchange, dual step."""

@@ -65,6 +65,11 @@ class CDIMFConfig(StrictModel):
     ials: IALSParams
     admm: ADMMParams
     aggregation_period: int = Field(1, ge=1)
+    user_step: Literal["paper", "reference-code"] = Field(
+        "paper",
+        description="'paper': rho on both sides of the user system (the paper's equations); "
+        "'reference-code': rho only on the right-hand side, scaled by lambda, as the authors' public code (nu = 0)",
+    )
 
 
 class ReproduceConfig(StrictModel):

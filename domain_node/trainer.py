@@ -1,6 +1,7 @@
 """One domain's local CDIMF model: iALS factors, ADMM duals and the last consensus, as plain arrays."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,7 +49,11 @@ class DomainTrainer:
         rho: float,
         shared_rows: np.ndarray | None = None,
         receiver_rows: np.ndarray | None = None,
+        user_step: Literal["paper", "reference-code"] = "paper",
     ) -> None:
+        if user_step == "reference-code" and params.nu != 0.0:
+            raise ValueError(f"domain {name}: user_step 'reference-code' is defined here for nu = 0 only")
+        self.user_step = user_step
         self.name = name
         self.params = params
         self.rho = float(rho)
@@ -80,19 +85,36 @@ class DomainTrainer:
             return None
         return Proximal(self.shared_rows, proximal_target(state.consensus, state.duals), self.rho)
 
+    def user_system(self) -> tuple[np.ndarray, Proximal | None]:
+        """The users' ridge and proximal term for the next half-step.
+
+        "paper": (A_u + rho I) x = b_u + rho (z - u). "reference-code" (the authors' public code,
+        at nu = 0): rho enters only the right-hand side, scaled by lambda: A_u x = b_u +
+        rho lambda (z - u); expressed as a proximal weight rho*lambda whose diagonal part the
+        ridge gives back.
+        """
+        prox = self.proximal()
+        if prox is None or self.user_step == "paper":
+            return self.user_ridge, prox
+        weight = self.rho * self.params.lam
+        ridge = self.user_ridge.copy()
+        ridge[prox.rows] -= weight
+        return ridge, Proximal(prox.rows, prox.target, weight)
+
     def local_epochs(self, n_epochs: int) -> None:
         """Run n local iALS epochs (users with the proximal term, then items)."""
         state = self.state
         for _ in range(n_epochs):
+            user_ridge, prox = self.user_system()
             state.users, state.items = ials_epoch(
                 self.train,
                 self.train_t,
                 state.users,
                 state.items,
                 self.params.alpha,
-                self.user_ridge,
+                user_ridge,
                 self.item_ridge,
-                self.proximal(),
+                prox,
                 self.params.threads,
             )
             state.epochs += 1

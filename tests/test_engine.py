@@ -145,3 +145,26 @@ def test_engine_rejects_mismatched_ranks() -> None:
     other = PARAMS.model_copy(update={"rank": 3})
     with pytest.raises(ValueError, match="rank"):
         CDIMFEngine([DomainInput("a", keys(range(5)), a, PARAMS), DomainInput("b", keys(range(5)), a, other)], ADMMParams())
+
+
+def test_reference_code_user_step_puts_rho_lambda_on_the_right_hand_side_only() -> None:
+    """user_step 'reference-code': A_u x = b_u + rho lambda (z - u), checked against a dense solve."""
+    a = random_matrix(12, 7, 0.3, 10)
+    params = IALSParams(rank=3, alpha=0.2, lam=0.5, sigma=0.5, seed=1, threads=1)
+    trainer = DomainTrainer("a", a, params, 2.0, np.arange(12), None, "reference-code")
+    trainer.receive_consensus(np.ones((12, 3), dtype=np.float32))
+    items = trainer.state.items.astype(np.float64)
+    h = (trainer.state.consensus - trainer.state.duals).astype(np.float64)
+    trainer.local_epochs(1)
+    dense = a.toarray().astype(np.float64)
+    for user in (0, 5):
+        observed = items[dense[user] > 0]
+        system = observed.T @ observed + 0.2 * items.T @ items + 0.5 * np.eye(3)
+        expected = np.linalg.solve(system, observed.sum(axis=0) + 2.0 * 0.5 * h[user])
+        np.testing.assert_allclose(trainer.state.users[user], expected, rtol=2e-4, atol=1e-5)
+
+
+def test_reference_code_user_step_needs_nu_zero() -> None:
+    """The reference-code variant is defined here for nu = 0 only."""
+    with pytest.raises(ValueError, match="nu = 0"):
+        DomainTrainer("a", random_matrix(4, 3, 0.5, 11), PARAMS.model_copy(update={"nu": 0.5}), 1.0, user_step="reference-code")

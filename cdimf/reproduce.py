@@ -3,6 +3,7 @@
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,21 +17,19 @@ from domain_node.trainer import DomainTrainer
 Vectors = list[tuple[np.ndarray, np.ndarray]]
 
 
-class Contender:
+class Contender(Protocol):
     """A model that trains in rounds and yields (user vectors, item vectors) per domain."""
 
     name: str
 
     def step(self) -> None:
         """Train one round."""
-        raise NotImplementedError
 
     def vectors(self) -> Vectors:
         """Copies of the scoring vectors of every domain, in domain order."""
-        raise NotImplementedError
 
 
-class SeparateALS(Contender):
+class SeparateALS:
     """Each domain trains iALS alone (CDIMF with rho = 0): no data or factors shared."""
 
     name = "ALS-separate"
@@ -48,7 +47,7 @@ class SeparateALS(Contender):
         return [(t.state.users.copy(), t.state.items.copy()) for t in self.trainers]
 
 
-class JoinedALS(Contender):
+class JoinedALS:
     """One iALS on the union of the domains' matrices (the no-privacy upper reference)."""
 
     name = "ALS-joined"
@@ -69,7 +68,7 @@ class JoinedALS(Contender):
         return [(users.copy(), items[bounds[i] : bounds[i + 1]].copy()) for i in range(len(self.widths))]
 
 
-class CDIMF(Contender):
+class CDIMF:
     """The paper's method through the in-process engine (the federated runtime runs the same code)."""
 
     name = "CDIMF"

@@ -1,6 +1,6 @@
 """Federated overhead: `cdimf simulate` (separate processes, gRPC on loopback, mutual TLS) vs the in-process engine.
 
-    python benchmarks/federated_overhead.py [--rounds 10] [--insecure]
+    python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--insecure]
 
 Issue 4's target: federated `cdimf simulate` on warm Sport&Cloth vs the in-process engine with
 the same config, wall-time ratio <= 1.10. Both arms do the same work with the simulation's
@@ -70,9 +70,9 @@ def engine_arm(config: SimulateConfig, rounds: int, validation: ValidationParams
     return Timing(time.perf_counter() - started, run_s, results)
 
 
-def simulate_arm(rounds: int, insecure: bool, validation: ValidationParams) -> tuple[Timing, str]:
-    """`cdimf simulate --rounds R --json` with the same validation settings; (timing, transport)."""
-    command = [sys.executable, "-m", "cdimf", "simulate", "--rounds", str(rounds), "--json",
+def simulate_arm(rounds: int, rank: int, insecure: bool, validation: ValidationParams) -> tuple[Timing, str]:
+    """`cdimf simulate --rounds R --rank D --json` with the same validation settings; (timing, transport)."""
+    command = [sys.executable, "-m", "cdimf", "simulate", "--rounds", str(rounds), "--rank", str(rank), "--json",
                "--validation-every", str(validation.every), "--validation-negatives", str(validation.negatives),
                "--validation-k", str(validation.k), *(["--insecure"] if insecure else [])]
     started = time.perf_counter()
@@ -90,16 +90,19 @@ def main() -> None:
     """Measure (a) without and (b) with per-round validation on both arms; print times and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the simulation's default)")
+    parser.add_argument("--rank", type=int, default=None, help="rank (default: the simulation's default)")
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC instead of mutual TLS")
     args = parser.parse_args()
     config = SimulateConfig()
+    if args.rank is not None:
+        config = config.model_copy(update={"run": config.run.model_copy(update={"rank": args.rank})})
     rounds = args.rounds or config.run.rounds
     settings = {"(a) validation off": ValidationParams(every=0), "(b) default validation": ValidationParams()}
     load_before = os.getloadavg()
     measured: dict[str, tuple[Timing, Timing]] = {}
     transport = ""
     for label, validation in settings.items():
-        simulated, transport = simulate_arm(rounds, args.insecure, validation)
+        simulated, transport = simulate_arm(rounds, config.run.rank, args.insecure, validation)
         measured[label] = simulated, engine_arm(config, rounds, validation)
     load_after = os.getloadavg()
     k = config.k

@@ -18,7 +18,6 @@ ALREADY_EXISTS when it already had the push), so the run equals the uninterrupte
 """
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -106,7 +105,6 @@ class NodeRunner:
             interceptors=interceptors,
         )
         self.progress = Progress()
-        self._checkpoint_task: asyncio.Future[object] | None = None
         self._registered = False
         self._restore_model()
 
@@ -201,8 +199,6 @@ class NodeRunner:
         except RunEnded as ended:
             log.info("run %s ended: %s", info.run_id, ended)
             self.progress.phase = "stopped"
-        finally:
-            await self._checkpoint_written()
 
     def _resume(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView) -> int | None:
         """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run."""
@@ -240,9 +236,6 @@ class NodeRunner:
                 self.progress.epochs = trainer.state.epochs
                 need_epochs = False
             if pushed_round < open_round:
-                # never let the aggregator see round r+1 before round r is on disk: a node
-                # killed now resumes from the last checkpoint, as if it had never pushed
-                await self._checkpoint_written()
                 open_round = await self._push(run_id, open_round, trainer.contribution())
                 pushed_round = open_round
             self.progress.phase = "waiting"
@@ -294,15 +287,8 @@ class NodeRunner:
 
     async def _end_of_round(self, run_id: str, round_index: int, rounds: int, trainer: DomainTrainer, view: MembershipView) -> None:
         """Checkpoint, publish the model, then validate and report the metrics when this round is due."""
-        # A snapshot: the trainer replaces (never mutates) its arrays, so a shallow copy of its
-        # state stays this round's while the next round's epochs run. Writing it in the
-        # background overlaps the disk with those epochs (it was most of a round's overhead).
-        await self._checkpoint_written()
-        snapshot = dataclasses.replace(trainer.state)
-        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, snapshot)
-        self._checkpoint_task = asyncio.ensure_future(asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint))
-        if round_index >= rounds:
-            await self._checkpoint_written()
+        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, trainer.state)
+        await asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint)
         self._publish(run_id, round_index, trainer)
         self.progress.round = round_index
         validation = self.config.validation
@@ -323,12 +309,6 @@ class NodeRunner:
             if error.code not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
             log.info("metrics of round %d not recorded: %s", round_index, error)
-
-    async def _checkpoint_written(self) -> None:
-        """Wait for the checkpoint being written in the background, if any (its errors surface here)."""
-        task, self._checkpoint_task = self._checkpoint_task, None
-        if task is not None:
-            await task
 
     async def close(self) -> None:
         """Close the aggregator channel."""

@@ -7,16 +7,16 @@ Entry points:
   RunningAggregator (its bound `port`, `address`, `state`, `await stop()`); for tests and for
   embedding (`listen = "127.0.0.1:0"` binds a free port).
 
-Security hook (issue 5): pass `credentials` (grpc.ServerCredentials) and an `authorizer`
-(check_domain / check_operator returning a refusal or None). Without them the TLS section of
-the config decides: `insecure = true` serves plaintext and lets every caller speak for any
-domain; otherwise mutual TLS from the config's files with common.tls's identity checks.
+Security (issue 5) follows the TLS section of the config: `insecure = true` serves plaintext and
+lets every caller speak for any domain; otherwise TLS from the config's files, every call's
+client certificate proved and checked by common.call_auth's interceptor before any handler runs
+(UNAUTHENTICATED), and common.tls's identity checks in the handlers (PERMISSION_DENIED).
 
 Health: the standard gRPC health service (grpc.health.v1.Health) answers for "" and
 "cdimf.v1.Aggregator": SERVING once the port is bound and serving, NOT_SERVING from the moment
 `stop()` begins (open Watch streams see it before the server closes). Under mutual TLS any
 certificate the federation CA issued may call it (domain, operator or aggregator: each compose
-service probes itself with its own certificate); the handshake already refuses callers without
+service probes itself with its own certificate); the interceptor already refuses callers without
 one, and the answer reveals nothing but whether the server serves, so no identity check applies.
 
 Status codes of cdimf.v1.Aggregator: malformed streams and bad parameters INVALID_ARGUMENT; unknown run or domain
@@ -104,14 +104,17 @@ class CertificateAuthorizer:
         return operator_check(context)
 
 
-def security_from_config(tls: TLSConfig) -> tuple[grpc.ServerCredentials | None, Authorizer]:
-    """Server credentials (None: plaintext) and the matching authorizer for a TLS section."""
+def security_from_config(
+    tls: TLSConfig,
+) -> tuple[grpc.ServerCredentials | None, Authorizer, list[grpc.aio.ServerInterceptor]]:
+    """Server credentials (None: plaintext), the matching authorizer and the server's
+    interceptors (the per-call client certificate check) for a TLS section."""
     if tls.insecure:
-        return None, AllowAll()
-    from common.tls import server_credentials
+        return None, AllowAll(), []
+    from common.tls import server_credentials, server_interceptors
 
     assert tls.cert_file is not None and tls.key_file is not None and tls.ca_file is not None
-    return server_credentials(tls.cert_file, tls.key_file, tls.ca_file), CertificateAuthorizer()
+    return server_credentials(tls.cert_file, tls.key_file, tls.ca_file), CertificateAuthorizer(), server_interceptors(tls)
 
 
 class _Changes:
@@ -485,20 +488,15 @@ class RunningAggregator:
 
 async def start_aggregator(
     config: AggregatorConfig,
-    credentials: grpc.ServerCredentials | None = None,
-    authorizer: Authorizer | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunningAggregator:
     """Restore state from config.state_dir, bind config.listen and start serving."""
     reuse_freed_chunk_memory()
-    if credentials is None and authorizer is None:
-        credentials, authorizer = security_from_config(config.tls)
-    elif authorizer is None:
-        authorizer = CertificateAuthorizer()
+    credentials, authorizer, interceptors = security_from_config(config.tls)
     state = AggregatorState(config.state_dir, clock=clock, fsync=config.fsync_state)
     service = AggregatorService(state, authorizer)
     options = [*SERVER_OPTIONS, ("grpc.max_concurrent_streams", config.max_concurrent_streams)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_AggregatorServicer_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

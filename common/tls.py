@@ -1,11 +1,14 @@
-"""Mutual TLS for the federation: a CA, per-party certificates, gRPC credentials, peer checks.
+"""Mutual authentication for the federation: a CA, per-party certificates, gRPC credentials, peer checks.
 
 Every party holds a certificate issued by one federation CA. The party's identity travels in a
 URI subject alternative name (`cdimf://domain/<name>`, `cdimf://aggregator/<name>`,
-`cdimf://operator/<name>`) and, for readability, in the subject common name. The aggregator
-serves with `require_client_auth=True`, so a client without a certificate from the federation
-CA (or with an expired one) never completes the handshake; a handler then calls
-`require_domain(context, claimed_domain)` so that a domain can only speak for itself.
+`cdimf://operator/<name>`) and, for readability, in the subject common name. Channels are TLS
+with the server's certificate checked against the federation CA; the client's certificate is
+checked on every call by common/call_auth.py (a signed proof in the call's metadata, verified by
+a server interceptor before any handler runs), so that a client without a certificate from the
+federation CA, or with an expired one, gets UNAUTHENTICATED. A handler then calls
+`require_domain(context, claimed_domain)` so that a domain can only speak for itself
+(PERMISSION_DENIED otherwise).
 
 Plaintext is never a default: `require_domain(..., insecure=True)` is the explicit opt-out and
 is the only way a request without a certificate is let through.
@@ -27,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.call_auth import CallAuthenticator, CertificateProofInterceptor, proof_call_credentials, verified_certificate
 from common.config import TLSConfig
 
 URI_SCHEME = "cdimf"
@@ -189,7 +193,7 @@ def issue_party_certificate(
 
     `server` adds the serverAuth usage and host SANs (`hosts` plus loopback names); `client`
     adds clientAuth. A validity window in the past (`not_before`, `days`) gives an expired
-    certificate, which tests use to check that the handshake rejects it.
+    certificate, which tests use to check that the server refuses it.
     """
     validate_party_name(identity.name)
     if identity.kind not in PARTY_KINDS:
@@ -358,62 +362,62 @@ def load_issued(certificate_path: Path | str, key_path: Path | str) -> IssuedCer
 
 def _checked_pair(
     certificate_path: Path | str, key_path: Path | str, ca_path: Path | str
-) -> tuple[bytes, bytes, bytes]:
-    """PEM bytes of (certificate, key, CA) after checking that they fit together."""
+) -> tuple[IssuedCertificate, bytes]:
+    """This party's certificate and key, and the CA's PEM, after checking that they fit together."""
     issued = load_issued(certificate_path, key_path)
     ca = load_certificate(ca_path)
     try:
         issued.certificate.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as error:
         raise TLSMaterialError(f"certificate {certificate_path} is not issued by the CA in {ca_path}: {error}") from None
-    return issued.certificate_pem(), issued.private_key_pem(), ca.public_bytes(serialization.Encoding.PEM)
+    return issued, ca.public_bytes(serialization.Encoding.PEM)
 
 
 def server_credentials(
     certificate_path: Path | str, key_path: Path | str, ca_path: Path | str
 ) -> grpc.ServerCredentials:
-    """Server credentials that present this party's certificate and require a client
-    certificate issued by the CA in `ca_path`."""
-    certificate_pem, key_pem, ca_pem = _checked_pair(certificate_path, key_path, ca_path)
-    return grpc.ssl_server_credentials(
-        [(key_pem, certificate_pem)], root_certificates=ca_pem, require_client_auth=True
-    )
+    """TLS server credentials presenting this party's certificate (checked against the CA in
+    `ca_path`). Clients prove their certificates per call (`server_interceptors`), not here."""
+    issued, _ = _checked_pair(certificate_path, key_path, ca_path)
+    return grpc.ssl_server_credentials([(issued.private_key_pem(), issued.certificate_pem())], require_client_auth=False)
+
+
+def call_authenticator(ca_path: Path | str) -> CallAuthenticator:
+    """The per-call certificate check trusting the federation CA in `ca_path`."""
+    return CallAuthenticator(load_certificate(ca_path))
 
 
 def channel_credentials(
     ca_path: Path | str, certificate_path: Path | str | None = None, key_path: Path | str | None = None
 ) -> grpc.ChannelCredentials:
-    """Channel credentials that trust only the federation CA and present this party's
-    certificate (omit certificate and key only to test a client without one)."""
+    """Channel credentials that trust only the federation CA and prove this party's
+    certificate on every call (omit certificate and key only to test a client without one)."""
     if (certificate_path is None) != (key_path is None):
         raise TLSMaterialError("give both a client certificate and its key, or neither")
     if certificate_path is None or key_path is None:
         return grpc.ssl_channel_credentials(root_certificates=_read(ca_path, "CA certificate"))
-    certificate_pem, key_pem, ca_pem = _checked_pair(certificate_path, key_path, ca_path)
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca_pem, private_key=key_pem, certificate_chain=certificate_pem
+    issued, ca_pem = _checked_pair(certificate_path, key_path, ca_path)
+    return grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(root_certificates=ca_pem),
+        proof_call_credentials(issued.certificate, issued.private_key),
     )
 
 
-def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> PartyIdentity | None:
-    """The identity in the verified client certificate of this call, or None without one.
+def peer_identity(context: grpc.aio.ServicerContext) -> PartyIdentity | None:
+    """The identity in the client certificate this call proved, or None without a proved one.
 
-    gRPC fills `x509_pem_cert` only after the handshake verified the chain against our CA, so
-    parsing it here re-checks nothing cryptographic; it reads the URI SAN, which gRPC does not
-    expose for every SAN type. Raises CertificateIdentityError for a certificate without a
-    well-formed cdimf identity.
+    Only certificates the server's CertificateProofInterceptor verified for this very call count
+    (CA signature, validity, proof of the key); parsing the URI SAN here checks nothing more.
+    Raises CertificateIdentityError for a certificate without a well-formed cdimf identity.
     """
-    auth = context.auth_context()
-    pem_values = auth.get("x509_pem_cert") or []
-    if not pem_values:
-        return None
-    return party_identity(x509.load_pem_x509_certificate(pem_values[0]))
+    certificate = verified_certificate(context.invocation_metadata())
+    return None if certificate is None else party_identity(certificate)
 
 
 Refusal = tuple[grpc.StatusCode, str]
 
 
-def _verified_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> PartyIdentity | Refusal:
+def _verified_identity(context: grpc.aio.ServicerContext) -> PartyIdentity | Refusal:
     """The caller's certificate identity, or the refusal for a call without a usable one."""
     try:
         identity = peer_identity(context)
@@ -425,7 +429,7 @@ def _verified_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext)
 
 
 def domain_check(
-    context: grpc.ServicerContext | grpc.aio.ServicerContext, claimed_domain: str, *, insecure: bool = False
+    context: grpc.aio.ServicerContext, claimed_domain: str, *, insecure: bool = False
 ) -> Refusal | None:
     """None when the caller may speak for `claimed_domain`, else the (status, detail) to abort with."""
     if insecure:
@@ -443,7 +447,7 @@ def domain_check(
     return None
 
 
-def operator_check(context: grpc.ServicerContext | grpc.aio.ServicerContext, *, insecure: bool = False) -> Refusal | None:
+def operator_check(context: grpc.aio.ServicerContext, *, insecure: bool = False) -> Refusal | None:
     """None when the caller may use the control API (an operator or aggregator certificate),
     else the (status, detail) to abort with."""
     if insecure:
@@ -468,14 +472,6 @@ async def require_domain(context: grpc.aio.ServicerContext, claimed_domain: str,
     return claimed_domain
 
 
-def require_domain_blocking(context: grpc.ServicerContext, claimed_domain: str, *, insecure: bool = False) -> str:
-    """`require_domain` for synchronous gRPC servers (where `abort` raises instead of awaiting)."""
-    refusal = domain_check(context, claimed_domain, insecure=insecure)
-    if refusal is not None:
-        context.abort(*refusal)
-    return claimed_domain
-
-
 async def require_operator(context: grpc.aio.ServicerContext, *, insecure: bool = False) -> None:
     """Abort the call unless the caller holds an operator (or aggregator) certificate.
 
@@ -493,9 +489,18 @@ def _tls_files(settings: TLSConfig) -> tuple[Path, Path, Path]:
     return settings.ca_file, settings.cert_file, settings.key_file
 
 
-def bind_port(server: grpc.aio.Server | grpc.Server, address: str, settings: TLSConfig) -> int:
-    """Bind `address` on `server` with mutual TLS from `settings`, or plaintext when
-    `settings.insecure`; return the bound port (useful with port 0)."""
+def server_interceptors(settings: TLSConfig) -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors a server built for `settings` must have: the per-call certificate check
+    (none when `settings.insecure`). Pass them to grpc.aio.server(interceptors=...)."""
+    if settings.insecure:
+        return []
+    ca_file, _, _ = _tls_files(settings)
+    return [CertificateProofInterceptor(call_authenticator(ca_file))]
+
+
+def bind_port(server: grpc.aio.Server, address: str, settings: TLSConfig) -> int:
+    """Bind `address` on `server` with TLS from `settings` (the server also needs
+    `server_interceptors(settings)`), or plaintext when `settings.insecure`; return the bound port."""
     if settings.insecure:
         port = server.add_insecure_port(address)
     else:

@@ -18,7 +18,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.config import SERVER_OPTIONS, NodeConfig
-from common.tls import CertificateIdentityError, bind_port, peer_identity
+from common.tls import CertificateIdentityError, bind_port, peer_identity, server_interceptors
 from domain_node.node_data import NodeData, evaluate, load_node_data, top_k
 from domain_node.runner import Model, NodeRunner, Progress
 from protos.v1 import federation_pb2 as pb
@@ -148,7 +148,7 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
         )
     if runner is None:
         runner = NodeRunner(config, data)
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=server_interceptors(config.tls))
     pb_grpc.add_DomainNodeServicer_to_server(DomainNodeService(config.domain, data, runner.progress, config.tls.insecure), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

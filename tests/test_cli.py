@@ -13,7 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdimf.simulate import write_throwaway_certificates
+from common.call_auth import proof_call_credentials
 from common.config import TLSConfig
+from common.tls import load_certificate, load_private_key
 from domain_node.aggregator_client import AggregatorClient
 from protos.v1 import federation_pb2 as pb
 from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
@@ -148,7 +150,7 @@ async def _health_status(target: str, credentials: grpc.ChannelCredentials) -> g
 
 def test_health_of_a_mutual_tls_aggregator_process(tmp_path: Path, processes: Processes) -> None:
     """A real aggregator over mutual TLS answers the standard health check to every federation
-    certificate (its own, the operator's, a domain's); no certificate or another CA's fails the handshake."""
+    certificate (its own, the operator's, a domain's); no certificate or another CA's is UNAUTHENTICATED."""
     certificates = write_throwaway_certificates(tmp_path / "pki", ["sport"])
     strangers = write_throwaway_certificates(tmp_path / "other-pki", ["sport"])
     _, address = processes.spawn("aggregator", ["serve-aggregator", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "agg"),
@@ -167,8 +169,8 @@ def test_health_of_a_mutual_tls_aggregator_process(tmp_path: Path, processes: Pr
     assert stranger.returncode == 1 and "UNAVAILABLE" in stranger.stdout, stranger
     # the server itself refuses: trusting its CA does not help without a certificate it issued
     ca_pem = Path(str(certificates["sport"].ca_file)).read_bytes()
-    stranger_pem = (Path(str(strangers["sport"].cert_file)).read_bytes(), Path(str(strangers["sport"].key_file)).read_bytes())
     without = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    foreign = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=stranger_pem[1], certificate_chain=stranger_pem[0])
-    assert asyncio.run(_health_status(address, without)) == grpc.StatusCode.UNAVAILABLE
-    assert asyncio.run(_health_status(address, foreign)) == grpc.StatusCode.UNAVAILABLE
+    foreign_proof = proof_call_credentials(load_certificate(str(strangers["sport"].cert_file)), load_private_key(str(strangers["sport"].key_file)))
+    foreign = grpc.composite_channel_credentials(without, foreign_proof)
+    assert asyncio.run(_health_status(address, without)) == grpc.StatusCode.UNAUTHENTICATED
+    assert asyncio.run(_health_status(address, foreign)) == grpc.StatusCode.UNAUTHENTICATED

@@ -1,12 +1,12 @@
-"""Mutual TLS against a real grpc.aio server on 127.0.0.1: who gets in, who is refused, and how."""
+"""Mutual authentication against a real grpc.aio server on 127.0.0.1: who gets in, who is refused, and how."""
 
 import asyncio
 import datetime
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,11 +14,12 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator.server import RunningAggregator, start_aggregator
 from cdimf import certs
-from common import tls
+from common import call_auth, tls
 from common.chunks import encode_matrix
 from common.config import AggregatorConfig, RunParams, TLSConfig
 from common.pseudonyms import load_secret, pseudonymize
@@ -60,12 +61,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ProbeServer:
     """A grpc.aio server with the health service and one test method guarded by require_domain."""
 
-    def __init__(self, insecure: bool) -> None:
+    def __init__(self, insecure: bool, interceptors: list[grpc.aio.ServerInterceptor]) -> None:
         """Prepare an unstarted server; `insecure` is passed to require_domain."""
         self.insecure = insecure
+        self.entered = 0  # handler invocations: a call refused by the interceptor never gets here
         self.accepted: list[str] = []  # the "state" a refused call must not change
         self.port = 0
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=interceptors)
         handler = grpc.unary_unary_rpc_method_handler(self.speak)
         self.server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("cdimf.test.Probe", {"Speak": handler})]
@@ -75,6 +77,7 @@ class ProbeServer:
 
     async def speak(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Accept the call only for the domain its certificate names, recording who got in."""
+        self.entered += 1
         claimed = dict(context.invocation_metadata()).get(DOMAIN_HEADER, "")
         domain = await tls.require_domain(context, claimed, insecure=self.insecure)
         self.accepted.append(domain)
@@ -83,8 +86,9 @@ class ProbeServer:
 
 @asynccontextmanager
 async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
-    """Run a ProbeServer on 127.0.0.1 with mutual TLS from `pki`, or plaintext when None."""
-    probe = ProbeServer(insecure=pki is None)
+    """Run a ProbeServer on 127.0.0.1 with mutual authentication from `pki`, or plaintext when None."""
+    interceptors = [] if pki is None else [call_auth.CertificateProofInterceptor(tls.call_authenticator(pki / "ca.pem"))]
+    probe = ProbeServer(insecure=pki is None, interceptors=interceptors)
     if pki is None:
         probe.port = probe.server.add_insecure_port("127.0.0.1:0")
     else:
@@ -99,22 +103,24 @@ async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
 
 def raw_credentials(ca: Path, certificate: Path | None, key: Path | None) -> grpc.ChannelCredentials:
     """Channel credentials built straight from files, without tls.py's consistency checks,
-    so that a hostile client can present anything."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=certificate.read_bytes() if certificate else None,
-    )
+    so that a hostile client can prove any certificate with any key (or present none)."""
+    transport = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    if certificate is None or key is None:
+        return transport
+    proof = call_auth.proof_call_credentials(tls.load_certificate(certificate), tls.load_private_key(key))
+    return grpc.composite_channel_credentials(transport, proof)
 
 
-async def speak(port: int, credentials: grpc.ChannelCredentials | None, claimed: str) -> tuple[grpc.StatusCode, str]:
+async def speak(
+    port: int, credentials: grpc.ChannelCredentials | None, claimed: str, extra_metadata: tuple[tuple[str, str | bytes], ...] = ()
+) -> tuple[grpc.StatusCode, str]:
     """Call the probe method claiming `claimed`; return (status code, reply or error detail)."""
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
     async with channel:
         try:
             reply = await channel.unary_unary(PROBE_METHOD)(
-                b"", metadata=[(DOMAIN_HEADER, claimed)], timeout=CALL_TIMEOUT_S
+                b"", metadata=[(DOMAIN_HEADER, claimed), *extra_metadata], timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or ""
@@ -142,9 +148,10 @@ def test_certificates_carry_identity_and_validity(pki: Path) -> None:
 
 
 def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
-    """Valid certificate passes; no cert, rogue CA and expired fail the handshake; another
-    domain's certificate and a non-domain certificate get PERMISSION_DENIED; nothing refused
-    reaches the state."""
+    """Valid certificate passes; no certificate, another CA's, an expired one, a certificate
+    proved with another key, a replayed, stale or misdirected proof get UNAUTHENTICATED before
+    the handler runs; another domain's certificate and a non-domain certificate get
+    PERMISSION_DENIED; nothing refused reaches the state."""
 
     async def scenario() -> None:
         async with probe_server(pki) as probe:
@@ -153,17 +160,39 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
             assert await speak(probe.port, valid, "sport") == (grpc.StatusCode.OK, "sport")
             assert probe.accepted == ["sport"]
 
-            # Handshake refusals: the server closes the TLS connection before any HTTP/2 frame,
-            # which gRPC reports to the client as UNAVAILABLE. Each hostile credential differs
+            # Refused by the interceptor before the handler runs. Each hostile credential differs
             # from an accepted one in exactly the property under test.
-            handshake_refused = {
-                "no certificate": raw_credentials(ca, None, None),
-                "certificate from another CA": raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"),
-                "expired certificate": raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"),
+            entered = probe.entered
+            unauthenticated = {
+                "no certificate": (raw_credentials(ca, None, None), "client certificate from the federation CA is required"),
+                "certificate from another CA": (raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"),
+                                                "not issued by the federation CA"),
+                "expired certificate": (raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"), "not valid now"),
+                "certificate without its key": (raw_credentials(ca, pki / "sport.pem", pki / "cloth.key"),
+                                                "does not verify with the client certificate's key"),
             }
-            for case, credentials in handshake_refused.items():
+            for case, (credentials, reason) in unauthenticated.items():
                 code, detail = await speak(probe.port, credentials, "sport")
-                assert code == grpc.StatusCode.UNAVAILABLE, (case, code, detail)
+                assert (code, reason in detail) == (grpc.StatusCode.UNAUTHENTICATED, True), (case, code, detail)
+
+            # Hand-made proofs over a TLS channel without call credentials: a fresh one passes once.
+            transport = raw_credentials(ca, None, None)
+            sport = tls.load_issued(pki / "sport.pem", pki / "sport.key")
+            der = sport.certificate.public_bytes(serialization.Encoding.DER)
+            proof = call_auth.proof_metadata(der, sport.private_key, PROBE_METHOD)
+            assert await speak(probe.port, transport, "sport", proof) == (grpc.StatusCode.OK, "sport")
+            entered += 1
+            misused = {
+                "replayed proof": (proof, "already used"),
+                "stale proof": (call_auth.proof_metadata(der, sport.private_key, PROBE_METHOD, now=time.time() - 3600), "proof time"),
+                "proof for another method": (call_auth.proof_metadata(der, sport.private_key, "/cdimf.test.Probe/Other"),
+                                             "does not verify"),
+                "certificate without proof": (proof[:1], "without a complete proof"),
+            }
+            for case, (metadata, reason) in misused.items():
+                code, detail = await speak(probe.port, transport, "sport", metadata)
+                assert (code, reason in detail) == (grpc.StatusCode.UNAUTHENTICATED, True), (case, code, detail)
+            assert probe.entered == entered and probe.accepted == ["sport", "sport"]
 
             # Authenticated, but speaking for someone else: refused by require_domain itself.
             cloth = tls.channel_credentials(ca, pki / "cloth.pem", pki / "cloth.key")
@@ -177,7 +206,7 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
 
             # The server is still up and the refused calls left no trace.
             assert await speak(probe.port, cloth, "cloth") == (grpc.StatusCode.OK, "cloth")
-            assert probe.accepted == ["sport", "cloth"]
+            assert probe.accepted == ["sport", "sport", "cloth"]
 
     asyncio.run(scenario())
 
@@ -233,34 +262,6 @@ def test_plaintext_only_when_explicitly_insecure(pki: Path) -> None:
             assert probe.accepted == ["sport"]
 
     asyncio.run(scenario())
-
-
-def test_blocking_variant_on_a_synchronous_server(pki: Path) -> None:
-    """require_domain_blocking gives the same answers on a thread-pool grpc.server."""
-    def speak_blocking(request: bytes, context: grpc.ServicerContext) -> bytes:
-        claimed = dict(context.invocation_metadata()).get(DOMAIN_HEADER, "")
-        return tls.require_domain_blocking(context, claimed).encode()
-
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(
-            "cdimf.test.Probe", {"Speak": grpc.unary_unary_rpc_method_handler(speak_blocking)}
-        )]
-    )
-    port = server.add_secure_port(
-        "127.0.0.1:0", tls.server_credentials(pki / "aggregator.pem", pki / "aggregator.key", pki / "ca.pem")
-    )
-    server.start()
-    try:
-        credentials = tls.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
-        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-            call = channel.unary_unary(PROBE_METHOD)
-            assert call(b"", metadata=[(DOMAIN_HEADER, "sport")], timeout=CALL_TIMEOUT_S) == b"sport"
-            with pytest.raises(grpc.RpcError) as refused:
-                call(b"", metadata=[(DOMAIN_HEADER, "cloth")], timeout=CALL_TIMEOUT_S)
-            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    finally:
-        server.stop(None)
 
 
 def run_certs(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -387,7 +388,7 @@ def test_config_driven_port_and_channel(pki: Path) -> None:
             (plaintext, node_tls, grpc.StatusCode.UNAVAILABLE),
             (server_tls, plaintext, grpc.StatusCode.UNAVAILABLE),
         ):
-            server = grpc.aio.server()
+            server = grpc.aio.server(interceptors=tls.server_interceptors(server_settings))
             health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
             port = tls.bind_port(server, "127.0.0.1:0", server_settings)
             await server.start()
@@ -409,8 +410,8 @@ def state_snapshot(running: RunningAggregator, state_dir: Path) -> tuple[object,
 
 
 def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_path: Path) -> None:
-    """The aggregator over mutual TLS: no certificate, another CA and an expired certificate fail
-    the handshake; a domain speaking for another domain, a domain using the control API and the
+    """The aggregator over mutual authentication: no certificate, another CA's, an expired one and a
+    certificate proved with another key get UNAUTHENTICATED; a domain speaking for another domain, a domain using the control API and the
     operator speaking for a domain get PERMISSION_DENIED; none of it changes the run."""
     ca = pki / "ca.pem"
 
@@ -452,13 +453,14 @@ def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_pa
 
             start = pb.StartRunRequest(params=pb.RunParams(rounds=2, rank=4))
             attacks = [
-                ("no certificate", raw_credentials(ca, None, None), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
-                ("another CA", raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
-                ("expired", raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAVAILABLE),
+                ("no certificate", raw_credentials(ca, None, None), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("another CA", raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("expired", raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("sport's certificate, cloth's key", raw_credentials(ca, pki / "sport.pem", pki / "cloth.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
                 ("cloth as sport", party("cloth"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
                 ("operator as sport", party("operator"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
                 ("domain starts a run", party("sport"), "StartRun", start, grpc.StatusCode.PERMISSION_DENIED),
-                ("no certificate starts a run", raw_credentials(ca, None, None), "StartRun", start, grpc.StatusCode.UNAVAILABLE),
+                ("no certificate starts a run", raw_credentials(ca, None, None), "StartRun", start, grpc.StatusCode.UNAUTHENTICATED),
             ]
             for label, credentials, call, request, expected in attacks:
                 assert await attempt(credentials, call, request) == expected, label

@@ -1,0 +1,103 @@
+"""The per-call certificate proof as plain functions: what the interceptor accepts and refuses, and when."""
+
+import datetime
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common import call_auth, tls
+
+METHOD = "/cdimf.v1.Aggregator/PushContribution"
+
+
+class Clock:
+    """A settable Unix clock for CallAuthenticator."""
+
+    def __init__(self, now: float) -> None:
+        """Start at `now` seconds."""
+        self.now = now
+
+    def __call__(self) -> float:
+        """The current time."""
+        return self.now
+
+
+def _der(issued: tls.IssuedCertificate) -> bytes:
+    """The certificate in DER form, as the client sends it."""
+    return issued.certificate.public_bytes(serialization.Encoding.DER)
+
+
+def _refusal(authenticator: call_auth.CallAuthenticator, metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+    """The detail of the UNAUTHENTICATED refusal `metadata` gets (fails when accepted)."""
+    with pytest.raises(call_auth.CallRefused) as refused:
+        authenticator.authenticate(metadata, METHOD)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    return refused.value.detail
+
+
+def test_validity_is_checked_on_every_call_even_for_a_known_certificate() -> None:
+    """A certificate accepted once (and cached) is refused once its window has closed."""
+    ca = tls.create_ca()
+    start = datetime.datetime.now(datetime.UTC)
+    sport = tls.issue_domain_certificate(ca, "sport", not_before=start, days=1)
+    clock = Clock(start.timestamp() + 60)
+    authenticator = call_auth.CallAuthenticator(ca.certificate, clock=clock)
+    proved = authenticator.authenticate(call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now), METHOD)
+    assert tls.party_identity(proved) == tls.PartyIdentity("domain", "sport")
+    clock.now = start.timestamp() + 2 * 86400
+    late = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now)
+    assert "not valid now" in _refusal(authenticator, late)
+
+
+def test_proofs_are_single_use_and_bound_to_time_method_and_key() -> None:
+    """Replays (also with the signature re-encoded), clock skew beyond the window, another
+    method, another key, duplicated or missing fields are refused; handlers only see proved calls."""
+    ca = tls.create_ca()
+    sport = tls.issue_domain_certificate(ca, "sport")
+    cloth = tls.issue_domain_certificate(ca, "cloth")
+    clock = Clock(datetime.datetime.now(datetime.UTC).timestamp())
+    authenticator = call_auth.CallAuthenticator(ca.certificate, clock=clock)
+    proof = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now)
+    assert call_auth.verified_certificate(proof) is None  # not proved yet
+    authenticator.authenticate(proof, METHOD)
+    assert call_auth.verified_certificate(proof) == sport.certificate
+    assert "already used" in _refusal(authenticator, proof)
+
+    # the same (certificate, nonce) with another valid signature of the same bytes is still a replay
+    fields = dict(proof)
+    millis, nonce = fields[call_auth.TIME_KEY], fields[call_auth.NONCE_KEY]
+    assert isinstance(millis, str) and isinstance(nonce, bytes)
+    signature = sport.private_key.sign(call_auth._signed_bytes(METHOD, millis, nonce), ec.ECDSA(hashes.SHA256()))
+    resigned = tuple((key, signature if key == call_auth.PROOF_KEY else value) for key, value in proof)
+    assert signature != fields[call_auth.PROOF_KEY]
+    assert "already used" in _refusal(authenticator, resigned)
+
+    window = call_auth.PROOF_WINDOW_S
+    for skew in (-window - 5, window + 5):
+        skewed = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now + skew)
+        assert "proof time" in _refusal(authenticator, skewed)
+    inside = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now + window - 5)
+    authenticator.authenticate(inside, METHOD)
+
+    other_method = call_auth.proof_metadata(_der(sport), sport.private_key, "/cdimf.v1.Aggregator/StartRun", now=clock.now)
+    assert "does not verify" in _refusal(authenticator, other_method)
+    borrowed = call_auth.proof_metadata(_der(sport), cloth.private_key, METHOD, now=clock.now)
+    assert "does not verify" in _refusal(authenticator, borrowed)
+    fresh = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now)
+    assert "given 2 times" in _refusal(authenticator, fresh + fresh[:1])
+    assert "without a complete proof" in _refusal(authenticator, fresh[:3])
+    assert "is required" in _refusal(authenticator, ())
+    assert "cannot be parsed" in _refusal(authenticator, ((call_auth.CERTIFICATE_KEY, b"not a certificate"), *fresh[1:]))
+    # none of the refused attempts left a proved call behind
+    assert call_auth.verified_certificate(borrowed) is None and call_auth.verified_certificate(other_method) is None
+
+
+def test_a_server_only_certificate_cannot_authenticate_a_client() -> None:
+    """A certificate whose extended key usage lacks clientAuth is refused."""
+    ca = tls.create_ca()
+    server_only = tls.issue_party_certificate(ca, tls.PartyIdentity("domain", "sport"), server=True, client=False)
+    authenticator = call_auth.CallAuthenticator(ca.certificate)
+    metadata = call_auth.proof_metadata(_der(server_only), server_only.private_key, METHOD)
+    assert "client authentication" in _refusal(authenticator, metadata)

@@ -7,7 +7,13 @@ and otherwise keeps training on the last Z), apply Z (dual step), checkpoint ato
 evaluate on its own validation split and report HR@k/NDCG@k (NodeConfig.validation: every N
 rounds and after the last one, against `negatives` negatives per row; off with every = 0). A
 node that does not validate the last round reports an empty metrics set for it, so that
-followers of the run (WatchRun) learn it is done without waiting out the grace period.
+followers of the run (WatchRun) learn it is done without waiting out the grace period. A node
+late for the last round (closed without it, its push refused because the run finished) pulls
+and applies the final Z instead of ending early.
+
+The round's checkpoint is written in a worker thread while the next round's epochs run; it is
+awaited before the next push (and before the last round's report), so the aggregator never
+sees round r + 1 from a node whose round r is not on disk.
 
 What leaves this process: headers, HMAC pseudonyms with holder flags, X + U of shared rows and
 validation metrics. Interaction data and user keys never do.
@@ -18,6 +24,7 @@ ALREADY_EXISTS when it already had the push), so the run equals the uninterrupte
 """
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -105,6 +112,7 @@ class NodeRunner:
             interceptors=interceptors,
         )
         self.progress = Progress()
+        self._checkpoint_task: asyncio.Future[object] | None = None
         self._registered = False
         self._restore_model()
 
@@ -112,9 +120,13 @@ class NodeRunner:
 
     def _publish(self, run_id: str, round_index: int, trainer: DomainTrainer) -> None:
         """Publish the factors as of this round for the node server (cold rows scored with Z)."""
+        state = trainer.state
         cold = np.zeros(self.data.train.shape[0], dtype=bool)
-        cold[trainer.receiver_rows] = trainer.state.receiver_consensus is not None
-        self.progress.model = Model(run_id, round_index, trainer.scoring_users(), trainer.state.items.copy(), cold)
+        cold[trainer.receiver_rows] = state.receiver_consensus is not None
+        # the trainer replaces its arrays and never writes into them, so the model may share
+        # them; only cold rows need a copy of the users to be scored with their consensus
+        users = trainer.scoring_users() if cold.any() else state.users
+        self.progress.model = Model(run_id, round_index, users, state.items, cold)
 
     def _restore_model(self) -> None:
         """Serve the checkpointed model right after a restart, before the aggregator is reached."""
@@ -199,6 +211,8 @@ class NodeRunner:
         except RunEnded as ended:
             log.info("run %s ended: %s", info.run_id, ended)
             self.progress.phase = "stopped"
+        finally:
+            await self._checkpoint_written()
 
     def _resume(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView) -> int | None:
         """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run."""
@@ -236,6 +250,9 @@ class NodeRunner:
                 self.progress.epochs = trainer.state.epochs
                 need_epochs = False
             if pushed_round < open_round:
+                # never let the aggregator see round r+1 before round r is on disk: a node
+                # killed now resumes from the last checkpoint, as if it had never pushed
+                await self._checkpoint_written()
                 open_round = await self._push(run_id, open_round, trainer.contribution())
                 pushed_round = open_round
             self.progress.phase = "waiting"
@@ -272,23 +289,37 @@ class NodeRunner:
                     return round_index  # pushed before a restart (ours or the aggregator's)
                 if error.code != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
+                current = await self._current(run_id, finished_ok=True)
+                if current.state == "finished":
+                    # Late for the last round: it closed without us and the run finished. Pull
+                    # the final Z instead (the caller's pull gets it, or ends the run when this
+                    # node already applied it), so that the node ends on the run's consensus
+                    # and reports the last round like the others.
+                    return round_index
                 # stale or not yet open (we were paused or restarted): push as the open round
-                round_index = (await self._current(run_id)).current_round
+                round_index = current.current_round
         raise AggregatorError("PushContribution", grpc.StatusCode.ABORTED, f"round {round_index} kept moving")
 
-    async def _current(self, run_id: str) -> RunInfo:
-        """The run as the aggregator sees it now; RunEnded when it is no longer running."""
+    async def _current(self, run_id: str, finished_ok: bool = False) -> RunInfo:
+        """The run as the aggregator sees it now; RunEnded when it is no longer running (or finished, unless finished_ok)."""
         info = await self.client.wait_for_run(0.0)
         if info is None or info.run_id != run_id:
             raise RunEnded(f"the aggregator's current run is {info.run_id if info else 'none'}")
-        if info.state != "running":
+        if info.state != "running" and not (finished_ok and info.state == "finished"):
             raise RunEnded(f"run {run_id} is {info.state}")
         return info
 
     async def _end_of_round(self, run_id: str, round_index: int, rounds: int, trainer: DomainTrainer, view: MembershipView) -> None:
         """Checkpoint, publish the model, then validate and report the metrics when this round is due."""
-        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, trainer.state)
-        await asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint)
+        # A snapshot: the trainer replaces (never mutates) its arrays, so a shallow copy of its
+        # state stays this round's while the next round's epochs run. Writing it in the
+        # background overlaps the disk with those epochs (it was most of a round's overhead).
+        await self._checkpoint_written()
+        snapshot = dataclasses.replace(trainer.state)
+        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, snapshot)
+        self._checkpoint_task = asyncio.ensure_future(asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint))
+        if round_index >= rounds:
+            await self._checkpoint_written()
         self._publish(run_id, round_index, trainer)
         self.progress.round = round_index
         validation = self.config.validation
@@ -309,6 +340,12 @@ class NodeRunner:
             if error.code not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
             log.info("metrics of round %d not recorded: %s", round_index, error)
+
+    async def _checkpoint_written(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (its errors surface here)."""
+        task, self._checkpoint_task = self._checkpoint_task, None
+        if task is not None:
+            await task
 
     async def close(self) -> None:
         """Close the aggregator channel."""

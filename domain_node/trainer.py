@@ -22,7 +22,11 @@ from common.params import IALSParams
 
 @dataclass
 class TrainerState:
-    """Everything needed to resume a domain's training exactly."""
+    """Everything needed to resume a domain's training exactly.
+
+    Its arrays are replaced by each step, never written into: a shallow copy of the state (a
+    checkpoint being written, the published model) keeps that moment's values.
+    """
 
     users: np.ndarray
     items: np.ndarray

@@ -44,6 +44,7 @@ from protos.v1 import federation_pb2_grpc as pb_grpc
 
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
+_PULL_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PullConsensus"
 _STATES = {
     pb.RUN_STATE_IDLE: "idle",
     pb.RUN_STATE_RUNNING: "running",
@@ -188,6 +189,11 @@ class AggregatorClient:
         else:
             self.channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
         self.stub = pb_grpc.AggregatorStub(self.channel)
+        # PullConsensus without a response deserializer: its chunks arrive as wire bytes, whose
+        # payload MatrixAssembler.add_serialized reads in place (pull throughput, issue 4)
+        self._pull_serialized = self.channel.unary_stream(
+            _PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None
+        )
 
     async def close(self) -> None:
         """Close the channel."""
@@ -299,9 +305,9 @@ class AggregatorClient:
         async def attempt() -> tuple[np.ndarray, pb.Header]:
             """One PullConsensus stream, assembled."""
             assembler = MatrixAssembler("consensus", expected_rows=shared + receivers)
-            stream = self.stub.PullConsensus(request, timeout=wait_s + self._stream_timeout(0))
-            async for chunk in stream:
-                assembler.add(chunk)
+            stream = self._pull_serialized(request, timeout=wait_s + self._stream_timeout(0))
+            async for message in stream:
+                assembler.add_serialized(message)
             return assembler.result()
 
         try:

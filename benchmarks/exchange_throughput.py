@@ -8,7 +8,9 @@ protobuf message, no checksum and no decoding (generic handlers, bytes in and ou
 itself costs. Prints MB/s of the real push (X+U, one domain, round not closing), the push that
 closes the round (includes consensus and the atomic state write), the pull of Z, the baseline
 both ways, the ratios, and the aggregator's peak memory (VmHWM) over the matrices it holds
-(two contributions + Z). Targets (issue 4): >= 500 MB/s each way, peak <= 3x held.
+(two contributions + Z). Throughputs are medians over the rounds (best also shown), and the
+load average before and after is printed: other work on the machine skews single rounds.
+Targets (issue 4): >= 500 MB/s each way, peak <= 3x held.
 """
 
 import argparse
@@ -188,6 +190,7 @@ def main() -> None:
         return
 
     nbytes = args.users * args.rank * 4
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cdimf-bench-") as state_dir:
         aggregator_port, baseline_port = _free_port(), _free_port()
         aggregator = _spawn(
@@ -205,9 +208,11 @@ def main() -> None:
             for process in (aggregator, baseline):
                 process.terminate()
                 process.wait(10)
+    load_after = os.getloadavg()
 
+    # medians over rounds: other work on the machine slows single rounds, not the typical one
+    median = {name: float(np.median(values)) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
-    raw_push, raw_pull = best["raw_push"], best["raw_pull"]
     # per-round ratios (each against the baseline measured right before it), median over rounds
     push_ratio = float(np.median(np.array(times["raw_push"]) / np.array(times["push"])))
     pull_ratio = float(np.median(np.array(times["raw_pull"]) / np.array(times["pull"])))
@@ -215,12 +220,17 @@ def main() -> None:
     results = {
         "users": args.users,
         "rank": args.rank,
+        "repeat": args.repeat,
         "matrix_mb": nbytes / MB,
-        "push_mb_s": nbytes / MB / best["push"],
-        "push_closing_round_mb_s": nbytes / MB / best["push_closing"],
-        "pull_mb_s": nbytes / MB / best["pull"],
-        "baseline_raw_push_mb_s": nbytes / MB / raw_push,
-        "baseline_raw_pull_mb_s": nbytes / MB / raw_pull,
+        "push_mb_s": nbytes / MB / median["push"],
+        "push_closing_round_mb_s": nbytes / MB / median["push_closing"],
+        "pull_mb_s": nbytes / MB / median["pull"],
+        "baseline_raw_push_mb_s": nbytes / MB / median["raw_push"],
+        "baseline_raw_pull_mb_s": nbytes / MB / median["raw_pull"],
+        "push_best_mb_s": nbytes / MB / best["push"],
+        "pull_best_mb_s": nbytes / MB / best["pull"],
+        "push_rounds_mb_s": [nbytes / MB / t for t in times["push"]],
+        "pull_rounds_mb_s": [nbytes / MB / t for t in times["pull"]],
         "push_vs_baseline": push_ratio,
         "pull_vs_baseline": pull_ratio,
         "aggregator_idle_rss_mb": idle_rss / MB,
@@ -228,19 +238,24 @@ def main() -> None:
         "held_matrices_mb": held / MB,
         "peak_over_held": peak_rss / held,
         "peak_above_idle_over_held": (peak_rss - idle_rss) / held,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
     }
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"exchange of {args.users} x {args.rank} float32 ({nbytes / MB:.0f} MB) over loopback, best of {args.repeat} "
+    print(f"exchange of {args.users} x {args.rank} float32 ({nbytes / MB:.0f} MB) over loopback, median of {args.repeat} rounds "
           "(ratios: median over rounds of baseline time / our time, measured back to back)")
-    print(f"  push X+U            {results['push_mb_s']:8.0f} MB/s   ({results['push_vs_baseline']:.2f}x the raw baseline, target >= 500 MB/s)")
+    print(f"  push X+U            {results['push_mb_s']:8.0f} MB/s   ({results['push_vs_baseline']:.2f}x the raw baseline, "
+          f"best {results['push_best_mb_s']:.0f}, target >= 500 MB/s)")
     print(f"  push closing round  {results['push_closing_round_mb_s']:8.0f} MB/s   (includes consensus + atomic state write)")
-    print(f"  pull Z              {results['pull_mb_s']:8.0f} MB/s   ({results['pull_vs_baseline']:.2f}x the raw baseline, target >= 500 MB/s)")
+    print(f"  pull Z              {results['pull_mb_s']:8.0f} MB/s   ({results['pull_vs_baseline']:.2f}x the raw baseline, "
+          f"best {results['pull_best_mb_s']:.0f}, target >= 500 MB/s)")
     print(f"  baseline raw bytes  {results['baseline_raw_push_mb_s']:8.0f} MB/s push, {results['baseline_raw_pull_mb_s']:.0f} MB/s pull (gRPC, no decoding)")
     print(f"  aggregator memory   peak {results['aggregator_peak_rss_mb']:.0f} MB (idle {results['aggregator_idle_rss_mb']:.0f} MB) "
           f"for {results['held_matrices_mb']:.0f} MB held: {results['peak_over_held']:.2f}x (target <= 3x), "
           f"{results['peak_above_idle_over_held']:.2f}x above the idle interpreter")
+    print("  load average        before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f} (1/5/15 min; 2 cores)".format(*load_before, *load_after))
 
 
 if __name__ == "__main__":

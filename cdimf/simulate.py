@@ -1,7 +1,9 @@
 """`cdimf simulate`: the aggregator and one node per domain as separate OS processes on 127.0.0.1.
 
-It starts them (each in its own process group, ports chosen by the OS: port 0, read back from the
-`LISTENING host:port` line), runs one training run to its end, asks every node's Evaluate RPC for
+It starts them at once (each in its own process group; the aggregator on a loopback port that
+this process reserved, so the nodes know its address before it listens; the nodes on port 0, read
+back from their `LISTENING host:port` line), waits until every node registered, runs one
+training run to its end, asks every node's Evaluate RPC for
 HR@k/NDCG@k on its test split, prints the table and shuts everything down: SIGTERM to each
 process group, SIGKILL after a grace period, also on Ctrl-C/SIGTERM of `cdimf simulate` itself.
 Children also get SIGKILL from the kernel should this process die without cleaning up.
@@ -20,6 +22,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -202,6 +205,21 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         pass
 
 
+def reserve_loopback_port() -> socket.socket:
+    """A socket bound to a free 127.0.0.1 port with SO_REUSEPORT and not listening: no other
+    program can take the port (its binds fail, and connects never pick it as their local port),
+    while a gRPC server, which sets SO_REUSEPORT on Linux, can bind it. Close it once the server
+    listens; until then, connections to the port are refused (the nodes retry)."""
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(("127.0.0.1", 0))
+    except BaseException:
+        reservation.close()
+        raise
+    return reservation
+
+
 def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
     from common import tls
@@ -235,8 +253,9 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
     from protos.v1 import federation_pb2_grpc as pb_grpc
 
     client = AggregatorClient(aggregator, "", channel_credentials_from_config(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
-    started = time.perf_counter()
     try:
+        await _all_registered(client, set(nodes), config.startup_timeout_s)
+        started = time.perf_counter()
         info = await start_run(client, config.run, config.startup_timeout_s)
         if not as_json:
             print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
@@ -257,8 +276,21 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
 
     # every node evaluates in its own process: ask them all at once
     results = dict(await asyncio.gather(*(evaluated(name, address) for name, address in nodes.items())))
-    return {"run_id": info.run_id, "rounds": info.rounds, "train_seconds": round(seconds, 3),
+    return {"run_id": info.run_id, "rounds": info.rounds, "admitted": list(info.admitted_domains), "train_seconds": round(seconds, 3),
             "transport": "insecure" if config.insecure else "mutual TLS", "domains": results}
+
+
+async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> None:
+    """Wait until every domain of the simulation registered: StartRun admits only those that did,
+    and run.min_domains may be lower than the number of domains (e.g. 1 for asynchronous runs)."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        registered = {entry.domain for entry in (await client.get_status()).domains}
+        if domains <= registered:
+            return
+        if time.monotonic() >= give_up:
+            raise SimulationError(f"domains {sorted(domains - registered)} did not register within {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
 
 
 async def _quiet_follow(client: Any, run_id: str) -> int:
@@ -298,11 +330,14 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         from common.tls import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
+        # the aggregator's port is known before it listens, so the nodes start (import, load their
+        # data) alongside it instead of after it; they retry until it answers
+        reservation = reserve_loopback_port()
+        aggregator_address = f"127.0.0.1:{reservation.getsockname()[1]}"
         aggregator = federation.start(
             "aggregator", ["serve-aggregator"],
-            {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
+            {"listen": aggregator_address, "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
         )
-        aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
         # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
         threads = max(1, (os.cpu_count() or 1) // len(config.domains))
         ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
@@ -326,6 +361,12 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 if value is not None:
                     settings[field] = str(value.resolve())
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
+        try:
+            listening = federation.wait_listening(aggregator, config.startup_timeout_s)
+        finally:
+            reservation.close()
+        if listening != aggregator_address:
+            raise SimulationError(f"the aggregator listens on {listening}, not on the reserved {aggregator_address}")
         # the nodes load their data in parallel; each prints LISTENING once it serves
         nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
         return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))

@@ -16,7 +16,7 @@ from tests.federation_harness import REPO_ROOT, write_domains
 pytestmark = pytest.mark.timeout(120)
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, min_domains: int = 2) -> Path:
     """A simulate config over the two small CSV domains."""
     files = write_domains(tmp_path / "data")
     config = tmp_path / "simulate.toml"
@@ -41,7 +41,7 @@ threads = 1
 [run]
 rounds = 50
 rank = 6
-min_domains = 2
+min_domains = {min_domains}
 """)
     return config
 
@@ -72,12 +72,16 @@ def _alive(pid: int) -> bool:
 
 
 def test_simulate_runs_the_federation_with_mutual_tls_and_prints_the_table(tmp_path: Path) -> None:
-    """Two rounds (--rounds overrides the file): both domains evaluated over mutual TLS, all processes gone."""
-    done = subprocess.run([sys.executable, "-m", "cdimf", "simulate", "--config", str(_config(tmp_path)), "--rounds", "2", "--json"],
+    """Two rounds (--rounds overrides the file): both domains evaluated over mutual TLS, all processes gone.
+
+    min_domains = 1: the run must still wait for both nodes, not start with whichever registered first."""
+    config = _config(tmp_path, min_domains=1)
+    done = subprocess.run([sys.executable, "-m", "cdimf", "simulate", "--config", str(config), "--rounds", "2", "--json"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert results["rounds"] == 2 and results["transport"] == "mutual TLS"
+    assert sorted(results["admitted"]) == ["cloth", "sport"]
     assert results["domains"]["sport"]["split"] == "test" and results["domains"]["sport"]["users"] == 4
     assert results["domains"]["cloth"]["split"] == "valid"
     for row in results["domains"].values():

@@ -1,6 +1,6 @@
 """Federated overhead: `cdimf simulate` (separate processes, gRPC on loopback, mutual TLS) vs the in-process engine.
 
-    python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--insecure]
+    python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--repeats 3] [--insecure]
 
 Issue 4's target: federated `cdimf simulate` on warm Sport&Cloth vs the in-process engine with
 the same config, wall-time ratio <= 1.10. Both arms do the same work with the simulation's
@@ -12,21 +12,27 @@ evaluate each domain on its test split. Two settings, each measured on both arms
   (a) per-round validation off on both sides (`--validation-every 0`): training + exchange;
   (b) the default per-round validation on both sides (every round, 99 negatives, k = 10).
 
-Per arm two times: the whole job (simulate: the `cdimf simulate` process from start to exit,
-i.e. four interpreters, throwaway certificates, data loading, pseudonyms, registration, the run,
-test evaluation and shutdown; engine: loading, rounds, validation and test evaluation in this
-process, whose imports are already paid) and the run itself (simulate: StartRun to the end of
-the watch, as the JSON's train_seconds; engine: its rounds and validation). The last line is
-`ratio_simulate_vs_engine=<whole-job ratio of (a)>`.
+Both arms are whole jobs in a fresh interpreter, timed by this script from process start to exit:
+simulate is `python -m cdimf simulate` (four interpreters, throwaway certificates, data loading,
+pseudonyms, registration, the run, test evaluation and shutdown); the engine is this script
+re-run with --engine-only (its imports, loading, rounds, validation and test evaluation). Timing
+the engine inside this process instead would leave out the ~1 s of imports that the simulate
+arm pays, and flatter the engine. Also shown: the run itself (simulate: StartRun to the end of
+the watch, the JSON's train_seconds; engine: its rounds and validation).
+
+Load on a shared machine varies: --repeats N alternates the arms N times and reports medians
+(and the 1-minute load average before and after). The last line is
+`ratio_simulate_vs_engine=<median whole-job ratio of (a)>`.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +51,14 @@ class Timing:
     whole_s: float
     run_s: float
     metrics: dict[str, dict[str, float]]
+
+
+def simulation_config(rank: int | None) -> SimulateConfig:
+    """The simulation's default config, at `rank` when given."""
+    config = SimulateConfig()
+    if rank is not None:
+        config = config.model_copy(update={"run": config.run.model_copy(update={"rank": rank})})
+    return config
 
 
 def engine_arm(config: SimulateConfig, rounds: int, validation: ValidationParams) -> Timing:
@@ -70,57 +84,101 @@ def engine_arm(config: SimulateConfig, rounds: int, validation: ValidationParams
     return Timing(time.perf_counter() - started, run_s, results)
 
 
-def simulate_arm(rounds: int, rank: int, insecure: bool, validation: ValidationParams) -> tuple[Timing, str]:
-    """`cdimf simulate --rounds R --rank D --json` with the same validation settings; (timing, transport)."""
-    command = [sys.executable, "-m", "cdimf", "simulate", "--rounds", str(rounds), "--rank", str(rank), "--json",
-               "--validation-every", str(validation.every), "--validation-negatives", str(validation.negatives),
-               "--validation-k", str(validation.k), *(["--insecure"] if insecure else [])]
+def _validation_flags(validation: ValidationParams) -> list[str]:
+    """The command-line flags of a validation setting (shared by both arms' commands)."""
+    return ["--validation-every", str(validation.every), "--validation-negatives", str(validation.negatives),
+            "--validation-k", str(validation.k)]
+
+
+def _timed(command: list[str]) -> tuple[float, str]:
+    """Run a command from REPO_ROOT; (wall seconds from start to exit, its stdout); exits on failure."""
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
     whole_s = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"cdimf simulate failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    results = json.loads(done.stdout)
+        raise SystemExit(f"{' '.join(command[:4])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return whole_s, done.stdout
+
+
+def engine_process_arm(rounds: int, rank: int, validation: ValidationParams) -> Timing:
+    """The engine arm as a whole job: this script with --engine-only in a fresh interpreter."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--engine-only", "--rounds", str(rounds), "--rank", str(rank),
+               *_validation_flags(validation)]
+    whole_s, stdout = _timed(command)
+    inner = json.loads(stdout)
+    return Timing(whole_s, inner["run_s"], inner["metrics"])
+
+
+def simulate_arm(rounds: int, rank: int, insecure: bool, validation: ValidationParams) -> tuple[Timing, str]:
+    """`cdimf simulate --rounds R --rank D --json` with the same validation settings; (timing, transport)."""
+    command = [sys.executable, "-m", "cdimf", "simulate", "--rounds", str(rounds), "--rank", str(rank), "--json",
+               *_validation_flags(validation), *(["--insecure"] if insecure else [])]
+    whole_s, stdout = _timed(command)
+    results = json.loads(stdout)
     metrics = {name: {key: value for key, value in row.items() if key.startswith(("HR@", "NDCG@"))}
                for name, row in results["domains"].items()}
     return Timing(whole_s, results["train_seconds"], metrics), results["transport"]
 
 
 def main() -> None:
-    """Measure (a) without and (b) with per-round validation on both arms; print times and ratios."""
+    """Measure (a) without and (b) with per-round validation on both arms; print median times and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the simulation's default)")
     parser.add_argument("--rank", type=int, default=None, help="rank (default: the simulation's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each arm this many times (alternating) and take medians")
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC instead of mutual TLS")
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine arm's child
+    parser.add_argument("--validation-every", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--validation-negatives", type=int, default=ValidationParams().negatives, help=argparse.SUPPRESS)
+    parser.add_argument("--validation-k", type=int, default=ValidationParams().k, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = SimulateConfig()
-    if args.rank is not None:
-        config = config.model_copy(update={"run": config.run.model_copy(update={"rank": args.rank})})
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    config = simulation_config(args.rank)
     rounds = args.rounds or config.run.rounds
+    if args.engine_only:
+        validation = ValidationParams(every=args.validation_every, negatives=args.validation_negatives, k=args.validation_k)
+        print(json.dumps(asdict(engine_arm(config, rounds, validation))))
+        return
     settings = {"(a) validation off": ValidationParams(every=0), "(b) default validation": ValidationParams()}
     load_before = os.getloadavg()
-    measured: dict[str, tuple[Timing, Timing]] = {}
+    measured: dict[str, list[tuple[Timing, Timing]]] = {label: [] for label in settings}
     transport = ""
-    for label, validation in settings.items():
-        simulated, transport = simulate_arm(rounds, config.run.rank, args.insecure, validation)
-        measured[label] = simulated, engine_arm(config, rounds, validation)
+    for repeat in range(args.repeats):
+        for label, validation in settings.items():
+            # alternate which arm goes first, so that a drifting load favours neither
+            if repeat % 2 == 0:
+                simulated, transport = simulate_arm(rounds, config.run.rank, args.insecure, validation)
+                engine = engine_process_arm(rounds, config.run.rank, validation)
+            else:
+                engine = engine_process_arm(rounds, config.run.rank, validation)
+                simulated, transport = simulate_arm(rounds, config.run.rank, args.insecure, validation)
+            measured[label].append((simulated, engine))
+            print(f"# repeat {repeat + 1} {label}: simulate {simulated.whole_s:.2f} s, engine {engine.whole_s:.2f} s, "
+                  f"ratio {simulated.whole_s / engine.whole_s:.3f}, 1-min load {os.getloadavg()[0]:.2f}", flush=True)
     load_after = os.getloadavg()
     k = config.k
     print(f"warm Sport&Cloth, {rounds} rounds, rank {config.run.rank}, simulate over {transport}, {os.cpu_count()} cores, "
-          f"1-min load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
-    for label, (simulated, engine) in measured.items():
+          f"{args.repeats} repeat(s), medians; 1-min load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    whole_ratio: dict[str, float] = {}
+    for label, pairs in measured.items():
         validation = settings[label]
+        sim_whole = statistics.median(s.whole_s for s, _ in pairs)
+        eng_whole = statistics.median(e.whole_s for _, e in pairs)
+        sim_run = statistics.median(s.run_s for s, _ in pairs)
+        eng_run = statistics.median(e.run_s for _, e in pairs)
+        whole_ratio[label] = statistics.median(s.whole_s / e.whole_s for s, e in pairs)
         print(f"{label} (every {validation.every}, {validation.negatives} negatives, k {validation.k}):")
-        print(f"  whole job:  cdimf simulate process {simulated.whole_s:8.2f} s   engine {engine.whole_s:8.2f} s   "
-              f"ratio {simulated.whole_s / engine.whole_s:6.3f}")
-        print(f"  run itself: simulate StartRun..end  {simulated.run_s:8.2f} s   engine {engine.run_s:8.2f} s   "
-              f"ratio {simulated.run_s / engine.run_s:6.3f}")
-    simulated, engine = measured["(a) validation off"]
+        print(f"  whole job:  cdimf simulate process {sim_whole:8.2f} s   engine process {eng_whole:8.2f} s   "
+              f"ratio {whole_ratio[label]:6.3f}")
+        print(f"  run itself: simulate StartRun..end  {sim_run:8.2f} s   engine rounds  {eng_run:8.2f} s   "
+              f"ratio {statistics.median(s.run_s / e.run_s for s, e in pairs):6.3f}")
+    simulated, engine = measured["(a) validation off"][0]
     for name, metrics in engine.metrics.items():
         fed = simulated.metrics[name]
         print(f"  test {name:<6} HR@{k} engine {100 * metrics[f'HR@{k}']:.2f} federated {100 * fed[f'HR@{k}']:.2f}   "
               f"NDCG@{k} engine {100 * metrics[f'NDCG@{k}']:.2f} federated {100 * fed[f'NDCG@{k}']:.2f}")
-    print(f"ratio_simulate_vs_engine={simulated.whole_s / engine.whole_s:.3f}")
+    print(f"ratio_simulate_vs_engine={whole_ratio['(a) validation off']:.3f}")
 
 
 if __name__ == "__main__":

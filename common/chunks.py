@@ -53,15 +53,15 @@ def matrix_checksum(data: bytes | memoryview | np.ndarray) -> int:
     with negligible probability. `data` is any C-contiguous buffer (bytes, a memoryview into a
     received message, an array), read in place.
     """
-    raw = memoryview(data).cast("B")
+    raw = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     words = len(raw) // 8
     keys = _keys(words + 1)
     # a uint64 dot wraps modulo 2^64, which is the definition; unlike multiply-then-sum it makes
     # no temporary product array (one pass instead of three over the chunk)
-    total = int(np.dot(np.frombuffer(raw, dtype="<u8", count=words), keys[:words]))
+    total = int(np.dot(raw[: 8 * words].view("<u8"), keys[:words]))
     tail = raw[8 * words :]
     if len(tail):
-        total += int(keys[words]) * int.from_bytes(bytes(tail).ljust(8, b"\0"), "little")
+        total += int(keys[words]) * int.from_bytes(tail.tobytes().ljust(8, b"\0"), "little")
     return total & _MASK64
 
 
@@ -283,6 +283,8 @@ class MatrixAssembler:
         self.max_elements = max_elements
         self.matrix: np.ndarray | None = None
         self.dtype: int | None = None
+        # set by the first refused chunk: the matrix may hold its rows, so no result is given
+        self.refused = False
 
     def add(self, chunk: pb.MatrixChunk) -> None:
         """Check one chunk and copy its rows into place."""
@@ -291,11 +293,23 @@ class MatrixAssembler:
 
     def add_serialized(self, message: bytes) -> None:
         """Check one chunk given as its serialised MatrixChunk and copy its rows into place."""
-        fields, payload = split_matrix_chunk(message, f"{self.what}: chunk {self.stream.chunks}")
+        try:
+            fields, payload = split_matrix_chunk(message, f"{self.what}: chunk {self.stream.chunks}")
+        except ChunkError:
+            self.refused = True
+            raise
         self._place(fields, payload)
 
     def _place(self, chunk: pb.MatrixChunk, data: bytes | memoryview) -> None:
-        """Check a chunk's fields and its payload `data` (not read from chunk.data), then copy it in."""
+        """Check a chunk and its payload `data` (not read from chunk.data) and copy it in; a refusal is final."""
+        try:
+            self._check_and_copy(chunk, data)
+        except ChunkError:
+            self.refused = True
+            raise
+
+    def _check_and_copy(self, chunk: pb.MatrixChunk, data: bytes | memoryview) -> None:
+        """Check a chunk's fields and payload, copying its rows into place; raises ChunkError."""
         what, index = self.what, self.stream.chunks
         if chunk.dtype not in _DTYPES:
             raise ChunkError(f"{what}: chunk {index} has unknown dtype {chunk.dtype}")
@@ -313,20 +327,34 @@ class MatrixAssembler:
         expected_bytes = chunk.rows * chunk.cols * item.itemsize
         if len(data) != expected_bytes:
             raise ChunkError(f"{what}: chunk {index} holds {len(data)} bytes, {chunk.rows} x {chunk.cols} {item.name} need {expected_bytes}")
-        _check_sum(what, index, matrix_checksum(data), chunk.checksum)
-        block = np.frombuffer(data, dtype=item).reshape(chunk.rows, chunk.cols)
-        # isfinite + all on a chunk still in cache is ~2x cheaper than a float32 sum, and cannot
-        # be fooled by finite values whose sum overflows
-        if not np.isfinite(block).all():
-            bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) + chunk.row_offset
-            raise ChunkError(f"{what}: chunk {index} holds NaN or Inf (first at row {bad})")
         if self.matrix is None:
             self.matrix = np.empty((chunk.total_rows, chunk.cols), dtype=np.float32)
             self.dtype = chunk.dtype
-        self.matrix[chunk.row_offset : chunk.row_offset + chunk.rows] = block
+        block = np.frombuffer(data, dtype=item).reshape(chunk.rows, chunk.cols)
+        target = self.matrix[chunk.row_offset : chunk.row_offset + chunk.rows]
+        if item == target.dtype:
+            # float32 is checked after it is copied into place: a payload inside a received
+            # message is seldom 8-byte aligned, and numpy copies unaligned input into buffers
+            # for the dot and isfinite; the rows in place are aligned and still in cache. A
+            # refused chunk leaves its rows in a matrix that result() never returns.
+            target[...] = block
+            checked: np.ndarray | bytes | memoryview = target
+            values = target
+        else:
+            checked, values = data, block
+        _check_sum(what, index, matrix_checksum(checked), chunk.checksum)
+        # isfinite + all on a chunk still in cache is ~2x cheaper than a float32 sum, and cannot
+        # be fooled by finite values whose sum overflows
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0]) + chunk.row_offset
+            raise ChunkError(f"{what}: chunk {index} holds NaN or Inf (first at row {bad})")
+        if values is block:
+            target[...] = block
 
     def result(self) -> tuple[np.ndarray, pb.Header]:
-        """The complete matrix and the stream's header; raises if rows are missing."""
+        """The complete matrix and the stream's header; raises if rows are missing or a chunk was refused."""
+        if self.refused:
+            raise ChunkError(f"{self.what}: a chunk of the stream was refused, no matrix")
         header = self.stream.finish()
         assert self.matrix is not None
         return self.matrix, header

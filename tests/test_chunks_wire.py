@@ -107,3 +107,16 @@ def test_row_index_out_of_range_is_refused_before_streaming() -> None:
         next(encode_matrix(_matrix(10, 3), HEADER, row_index=np.array([0, 10])))
     with pytest.raises(ChunkError, match="row_index selects rows -1..2"):
         next(encode_matrix(_matrix(10, 3), HEADER, row_index=np.array([2, -1])))
+
+
+def test_a_refused_last_chunk_leaves_no_result() -> None:
+    """Float32 rows are copied in before their checks: a refused chunk must never surface in a result."""
+    values = _matrix(20, 5)
+    values[15, 0] = np.nan
+    messages = [chunk.SerializeToString() for chunk in encode_matrix(values, HEADER, chunk_bytes=200)]
+    assembler = MatrixAssembler("consensus", expected_rows=20)
+    assembler.add_serialized(messages[0])
+    with pytest.raises(ChunkError, match="NaN or Inf"):
+        assembler.add_serialized(messages[1])
+    with pytest.raises(ChunkError, match="refused, no matrix"):
+        assembler.result()

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.admm import consensus
-from common.atomic_files import write_npz_atomically
+from common.atomic_files import is_arrays_container, read_arrays, write_arrays_atomically, write_npz_atomically
 from common.config import ConfigError, RunParams
 from common.params import ADMMParams
 from common.membership import align_memberships
@@ -40,7 +40,10 @@ REGISTRATIONS_FILE = "registrations.npz"
 # Z is computed in blocks of rows whose float64 temporaries take about this many bytes: small
 # enough for cache (at 10k x 192, 4096-row blocks took 26 ms a round, ~512-row ones 16 ms).
 CONSENSUS_BLOCK_BYTES = 512 * 1024
-RUN_FILE = "run.npz"
+# written every round before Z is served: the plain container (common.atomic_files) skips the
+# zip CRC pass over Z; the .npz of earlier versions is still read when it is the only one
+RUN_FILE = "run.arrays"
+LEGACY_RUN_FILE = "run.npz"
 
 
 class StateError(Exception):
@@ -499,7 +502,9 @@ class AggregatorState:
             for index, name in enumerate(run.admitted):
                 if name in run.contributions:
                     arrays[f"contribution_{index}"] = run.contributions[name][1]
-        write_npz_atomically(self.state_dir / RUN_FILE, arrays, self.fsync)
+        write_arrays_atomically(self.state_dir / RUN_FILE, arrays, self.fsync)
+        # the new file is in place: an older-format run must never be restored instead of it
+        (self.state_dir / LEGACY_RUN_FILE).unlink(missing_ok=True)
 
     def _restore(self) -> None:
         """Load the registrations and the run from state_dir (after a restart)."""
@@ -512,27 +517,33 @@ class AggregatorState:
                     self.registrations[name] = Registration(name, pseudonyms, holder, membership_fingerprint(pseudonyms, holder))
         path = self.state_dir / RUN_FILE
         if not path.exists():
-            return
-        with np.load(path, allow_pickle=False) as saved:
-            meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
-            domains = meta["domains"]
-            missing = [d for d in domains if d not in self.registrations or self.registrations[d].fingerprint != meta["fingerprints"][d]]
-            if missing and meta["state"] != "running":
-                return  # an ended run whose domains re-registered since: nothing to resume
-            if missing:
-                raise ValueError(f"{path}: run {meta['run_id']} needs registrations of {missing} that {REGISTRATIONS_FILE} lacks or holds differently")
-            try:
-                params = RunParams.model_validate(meta["params"])
-            except Exception as error:
-                raise ConfigError(f"{path}: stored run parameters are invalid: {error}") from error
-            layout = compute_layout({d: self.registrations[d] for d in domains})
-            run = Run(meta["run_id"], params, layout, state=meta["state"], current_round=meta["current_round"])
-            run.consensus_round = meta["consensus_round"]
-            run.consensus = saved["consensus"] if "consensus" in saved.files else None
-            run.tags = {name: int(tag) for name, tag in meta["tags"].items()}
-            for index, name in enumerate(domains):
-                if f"contribution_{index}" in saved.files:
-                    run.contributions[name] = (run.tags[name], saved[f"contribution_{index}"])
+            path = self.state_dir / LEGACY_RUN_FILE
+            if not path.exists():
+                return
+        if is_arrays_container(path):
+            saved = read_arrays(path)
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                saved = {name: archive[name] for name in archive.files}
+        meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
+        domains = meta["domains"]
+        missing = [d for d in domains if d not in self.registrations or self.registrations[d].fingerprint != meta["fingerprints"][d]]
+        if missing and meta["state"] != "running":
+            return  # an ended run whose domains re-registered since: nothing to resume
+        if missing:
+            raise ValueError(f"{path}: run {meta['run_id']} needs registrations of {missing} that {REGISTRATIONS_FILE} lacks or holds differently")
+        try:
+            params = RunParams.model_validate(meta["params"])
+        except Exception as error:
+            raise ConfigError(f"{path}: stored run parameters are invalid: {error}") from error
+        layout = compute_layout({d: self.registrations[d] for d in domains})
+        run = Run(meta["run_id"], params, layout, state=meta["state"], current_round=meta["current_round"])
+        run.consensus_round = meta["consensus_round"]
+        run.consensus = saved.get("consensus")
+        run.tags = {name: int(tag) for name, tag in meta["tags"].items()}
+        for index, name in enumerate(domains):
+            if f"contribution_{index}" in saved:
+                run.contributions[name] = (run.tags[name], saved[f"contribution_{index}"])
         run.contribution_counts = {d: int(c) for d, c in meta["contribution_counts"].items()}
         run.started_wall = meta["started_wall"]
         run.metrics = {d: {int(r): m for r, m in rounds.items()} for d, rounds in meta["metrics"].items()}

@@ -1,11 +1,12 @@
 """The node's checkpoint: atomic write, exact round trip, clear errors for unusable files."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from domain_node.state import CHECKPOINT_FILE, Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from domain_node.state import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from domain_node.trainer import TrainerState
 
 
@@ -49,3 +50,29 @@ def test_unusable_checkpoints_raise_errors_naming_the_file(tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match="users has shape"):
         check_resumable(_checkpoint(1), users=8, items=5, shared=2, rank=3)
     check_resumable(_checkpoint(1), users=7, items=5, shared=2, rank=3)
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A checkpoint cut anywhere (here: inside the items) raises CheckpointError, never a partial state."""
+    path = save_checkpoint(tmp_path, _checkpoint(3))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 20])
+    with pytest.raises(CheckpointError, match=CHECKPOINT_FILE):
+        load_checkpoint(tmp_path)
+
+
+def test_an_npz_checkpoint_of_earlier_versions_is_read_until_a_new_one_is_saved(tmp_path: Path) -> None:
+    """A state folder from before the plain container (node-checkpoint.npz) resumes; the next save replaces it."""
+    old = _checkpoint(5)
+    meta = {"format": 1, "run_id": old.run_id, "round": old.round, "fingerprint": old.fingerprint,
+            "epochs": old.trainer.epochs, "exchanges": old.trainer.exchanges}
+    np.savez(tmp_path / LEGACY_CHECKPOINT_FILE, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             users=old.trainer.users, items=old.trainer.items, duals=old.trainer.duals, consensus=old.trainer.consensus,
+             receiver_consensus=old.trainer.receiver_consensus, shared_rows=old.shared_rows, receiver_rows=old.receiver_rows)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 5
+    np.testing.assert_array_equal(loaded.trainer.items, old.trainer.items)
+    np.testing.assert_array_equal(loaded.trainer.receiver_consensus, old.trainer.receiver_consensus)
+    save_checkpoint(tmp_path, _checkpoint(6))
+    assert [path.name for path in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+    assert load_checkpoint(tmp_path).round == 6

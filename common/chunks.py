@@ -287,29 +287,25 @@ class MatrixAssembler:
         self.refused = False
 
     def add(self, chunk: pb.MatrixChunk) -> None:
-        """Check one chunk and copy its rows into place."""
-        # every read of a bytes field copies it out of the message (upb): read it once
-        self._place(chunk, chunk.data)
-
-    def add_serialized(self, message: bytes) -> None:
-        """Check one chunk given as its serialised MatrixChunk and copy its rows into place."""
+        """Check one chunk and copy its rows into place; after a refusal the stream is over."""
         try:
-            fields, payload = split_matrix_chunk(message, f"{self.what}: chunk {self.stream.chunks}")
+            # every read of a bytes field copies it out of the message (upb): read it once
+            self._check_and_copy(chunk, chunk.data)
         except ChunkError:
             self.refused = True
             raise
-        self._place(fields, payload)
 
-    def _place(self, chunk: pb.MatrixChunk, data: bytes | memoryview) -> None:
-        """Check a chunk and its payload `data` (not read from chunk.data) and copy it in; a refusal is final."""
+    def add_serialized(self, message: bytes) -> None:
+        """Check one chunk given as its serialised MatrixChunk and copy its rows into place (as add)."""
         try:
-            self._check_and_copy(chunk, data)
+            fields, payload = split_matrix_chunk(message, f"{self.what}: chunk {self.stream.chunks}")
+            self._check_and_copy(fields, payload)
         except ChunkError:
             self.refused = True
             raise
 
     def _check_and_copy(self, chunk: pb.MatrixChunk, data: bytes | memoryview) -> None:
-        """Check a chunk's fields and payload, copying its rows into place; raises ChunkError."""
+        """Check a chunk's fields and its payload `data` (never read from chunk.data), copying its rows into place."""
         what, index = self.what, self.stream.chunks
         if chunk.dtype not in _DTYPES:
             raise ChunkError(f"{what}: chunk {index} has unknown dtype {chunk.dtype}")

@@ -100,19 +100,12 @@ def _copy_header(header: pb.Header | None) -> pb.Header | None:
     return None if header is None else pb.Header(run_id=header.run_id, domain=header.domain, round=header.round)
 
 
-def encode_matrix(
-    matrix: np.ndarray,
-    header: pb.Header | None = None,
-    dtype: str | int = "float32",
-    chunk_bytes: int = CHUNK_BYTES,
-    row_index: np.ndarray | None = None,
-) -> Iterator[pb.MatrixChunk]:
-    """Yield the chunks of a 2-D float matrix (at least one chunk, even for 0 rows).
+def _matrix_blocks(
+    matrix: np.ndarray, header: pb.Header | None, dtype: str | int, chunk_bytes: int, row_index: np.ndarray | None
+) -> Iterator[tuple[pb.MatrixChunk, np.ndarray]]:
+    """Per chunk: its message without data, and its rows as a C-contiguous little-endian array of the wire dtype.
 
-    Every chunk carries `header`. Values are sent as little-endian float32, or float16 when
-    asked (lossy; values beyond float16's range become inf and are refused by the decoder).
-    With `row_index`, the streamed matrix is matrix[row_index], gathered chunk by chunk so the
-    whole selection is never copied at once.
+    A gathered block lives in a buffer reused by the next chunk: use it before advancing.
     """
     if matrix.ndim != 2:
         raise ChunkError(f"expected a 2-D matrix, got shape {matrix.shape}")
@@ -136,17 +129,69 @@ def encode_matrix(
             # bounds were checked once above; take's default mode="raise" would gather into a
             # temporary and copy it back into `out` (two extra passes over every chunk)
             block = np.take(matrix, row_index[offset : offset + rows], axis=0, out=gathered[:rows], mode="clip")
-        data = np.ascontiguousarray(block, dtype=item).tobytes()
-        yield pb.MatrixChunk(
+        block = np.ascontiguousarray(block, dtype=item)
+        fields = pb.MatrixChunk(
             header=_copy_header(header),
             total_rows=total_rows,
             cols=cols,
             row_offset=offset,
             rows=rows,
             dtype=code,
-            checksum=matrix_checksum(data),
-            data=data,
+            checksum=matrix_checksum(block),
         )
+        yield fields, block
+
+
+def encode_matrix(
+    matrix: np.ndarray,
+    header: pb.Header | None = None,
+    dtype: str | int = "float32",
+    chunk_bytes: int = CHUNK_BYTES,
+    row_index: np.ndarray | None = None,
+) -> Iterator[pb.MatrixChunk]:
+    """Yield the chunks of a 2-D float matrix (at least one chunk, even for 0 rows).
+
+    Every chunk carries `header`. Values are sent as little-endian float32, or float16 when
+    asked (lossy; values beyond float16's range become inf and are refused by the decoder).
+    With `row_index`, the streamed matrix is matrix[row_index], gathered chunk by chunk so the
+    whole selection is never copied at once.
+    """
+    for fields, block in _matrix_blocks(matrix, header, dtype, chunk_bytes, row_index):
+        fields.data = block.tobytes()
+        yield fields
+
+
+# key of field `data` (number 8, length-delimited): the last field of a serialised MatrixChunk
+_DATA_KEY = bytes([pb.MatrixChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2])
+
+
+def _varint_bytes(value: int) -> bytes:
+    """The base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_matrix_serialized(
+    matrix: np.ndarray, header: pb.Header | None = None, *, dtype: str | int = "float32", row_index: np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """encode_matrix's chunks already serialised, byte for byte what SerializeToString would give.
+
+    For a stream registered without a response serializer: the payload is copied once, from
+    the rows into the message, where a MatrixChunk copies it into the message, into the
+    encoder's buffer and out again (three copies of every megabyte).
+    """
+    for fields, block in _matrix_blocks(matrix, header, dtype, chunk_bytes, row_index):
+        # protobuf writes fields in number order, data (the highest) last: the small fields'
+        # encoding followed by data's key, length and bytes is the whole message's encoding
+        # (proto3 leaves an empty data field out)
+        if block.nbytes == 0:
+            yield fields.SerializeToString()
+        else:
+            yield b"".join((fields.SerializeToString(), _DATA_KEY, _varint_bytes(block.nbytes), block.reshape(-1).view(np.uint8)))
 
 
 class _RowStream:

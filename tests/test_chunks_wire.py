@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from common.chunks import ChunkError, MatrixAssembler, decode_matrix, encode_matrix, matrix_checksum, split_matrix_chunk
+from common.chunks import (
+    ChunkError,
+    MatrixAssembler,
+    decode_matrix,
+    encode_matrix,
+    encode_matrix_serialized,
+    matrix_checksum,
+    split_matrix_chunk,
+)
 from protos.v1 import federation_pb2 as pb
 
 HEADER = pb.Header(run_id="run-1", domain="sport", round=3)
@@ -120,3 +128,33 @@ def test_a_refused_last_chunk_leaves_no_result() -> None:
         assembler.add_serialized(messages[1])
     with pytest.raises(ChunkError, match="refused, no matrix"):
         assembler.result()
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "dtype", "row_index"),
+    [
+        (1000, 33, "float32", None),
+        (0, 8, "float32", None),
+        (300, 16, "float16", None),
+        (50, 7, "float32", np.array([7, 3, 49, 0, 7])),
+        (50, 7, "float16", np.arange(50)[::-1].copy()),
+    ],
+)
+def test_serialised_encoding_is_byte_for_byte_the_messages_encoding(rows: int, cols: int, dtype: str, row_index: np.ndarray | None) -> None:
+    matrix = _matrix(rows, cols)
+    serialised = list(encode_matrix_serialized(matrix, HEADER, dtype=dtype, chunk_bytes=cols * 4 * 2, row_index=row_index))
+    messages = [chunk.SerializeToString() for chunk in encode_matrix(matrix, HEADER, dtype=dtype, chunk_bytes=cols * 4 * 2, row_index=row_index)]
+    assert serialised == messages
+    assert len(messages) >= (1 if rows == 0 else 2)
+    expected = matrix if row_index is None else matrix[row_index]
+    np.testing.assert_allclose(_assemble(serialised), expected, rtol=1e-3 if dtype == "float16" else 0)
+
+
+def test_a_1m_by_192_serialised_stream_stays_below_grpc_default_limit() -> None:
+    """Each serialised chunk of a 768 MB matrix is below 4 MB (checked on a broadcast view, first chunks only)."""
+    matrix = np.broadcast_to(np.float32(0.5), (1_000_000, 192))
+    chunks = encode_matrix_serialized(matrix, HEADER)
+    sizes = [len(next(chunks)) for _ in range(3)]
+    assert max(sizes) < 4 * 1024 * 1024
+    fields, payload = split_matrix_chunk(encode_matrix_serialized(matrix, HEADER).__next__())
+    assert fields.total_rows == 1_000_000 and fields.cols == 192 and len(payload) == fields.rows * 192 * 4

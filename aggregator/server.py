@@ -441,11 +441,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         sent = 0
         ended_at: float | None = None
         while True:
-            events = run.events
-            for event in events[sent:]:
+            # index by index: events appended while a yield is suspended are sent in this pass
+            # (a snapshot's length taken after the loop would count them as sent)
+            while sent < len(run.events):
+                event = run.events[sent]
+                sent += 1
                 if event.round >= request.from_round or event.kind in ("run_finished", "run_stopped"):
                     yield _event_message(run, event)
-            sent = len(events)
             if self.state.run is not run:
                 return
             timeout = None

@@ -302,6 +302,35 @@ def test_watch_run_streams_rounds_and_metrics(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_watch_sends_events_that_arrive_while_it_sends_others(tmp_path: Path) -> None:
+    """Metrics appended while WatchRun is suspended at a yield are still sent, before it ends.
+
+    Both domains report the final round while the watch is sending its first event: an end
+    check that counted them as sent would close the stream without them (seen as a launcher
+    that printed one domain's final metrics only).
+    """
+    async def scenario() -> None:
+        """A one-round run, finished; the servicer's stream is driven by hand around the reports."""
+        async with aggregator(tmp_path) as running:
+            sport, cloth = await _register_two(running.address)
+            run = await AggregatorClient(running.address).start_run(RunParams(rounds=1, rank=4))
+            for client in (sport, cloth):
+                await client.push_contribution(run.run_id, 1, np.ones((3, 4), np.float32))
+            request = pb.WatchRequest(header=pb.Header(run_id=run.run_id))
+            # AllowAll (plaintext) never reads the context
+            stream = running.service.WatchRun(request, None)  # type: ignore[arg-type]
+            first = await anext(stream)
+            await sport.report_metrics(run.run_id, 1, {"hr@10": 0.25})
+            await cloth.report_metrics(run.run_id, 1, {"hr@10": 0.5})
+            rest = [event async for event in stream]
+            kinds = [pb.EventKind.Name(e.kind) for e in [first, *rest]]
+            assert kinds == ["EVENT_KIND_RUN_STARTED", "EVENT_KIND_ROUND_CLOSED", "EVENT_KIND_RUN_FINISHED",
+                             "EVENT_KIND_METRICS", "EVENT_KIND_METRICS"]
+            assert [e.domain for e in rest[2:]] == ["sport", "cloth"]
+
+    asyncio.run(scenario())
+
+
 def test_a_large_matrix_crosses_with_default_message_limits(tmp_path: Path) -> None:
     """120k x 64 float32 (31 MB, 7x gRPC's 4 MB default) each way."""
     rows = 120_000

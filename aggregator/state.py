@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.admm import consensus
-from common.atomic_files import is_arrays_container, read_arrays, write_arrays_atomically, write_npz_atomically
+from common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
 from common.config import ConfigError, RunParams
 from common.params import ADMMParams
 from common.membership import align_memberships
@@ -520,11 +520,7 @@ class AggregatorState:
             path = self.state_dir / LEGACY_RUN_FILE
             if not path.exists():
                 return
-        if is_arrays_container(path):
-            saved = read_arrays(path)
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                saved = {name: archive[name] for name in archive.files}
+        saved = read_arrays_or_npz(path)
         meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
         domains = meta["domains"]
         missing = [d for d in domains if d not in self.registrations or self.registrations[d].fingerprint != meta["fingerprints"][d]]

@@ -69,15 +69,24 @@ def write_arrays_atomically(path: Path, arrays: dict[str, np.ndarray], fsync: bo
     replace_atomically(path, write, fsync)
 
 
-def is_arrays_container(path: Path) -> bool:
-    """Whether the file starts like a `write_arrays_atomically` container (else, e.g., an .npz)."""
+def read_arrays_or_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a container or, from earlier versions, of an .npz (told apart by the first bytes).
+
+    Errors as read_arrays, or zipfile.BadZipFile / ValueError from numpy for a damaged .npz.
+    """
     with open(path, "rb") as stream:
-        return stream.read(len(ARRAYS_MAGIC)) == ARRAYS_MAGIC
+        container = stream.read(len(ARRAYS_MAGIC)) == ARRAYS_MAGIC
+    if container:
+        return read_arrays(path)
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a `write_arrays_atomically` container; ValueError naming the file when it is not one,
-    is cut short or has bytes after its last array."""
+    """The arrays of a `write_arrays_atomically` container.
+
+    ValueError naming the file when it is not one, is cut short or has bytes after its last array.
+    """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     with open(path, "rb") as stream:

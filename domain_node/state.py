@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_files import is_arrays_container, read_arrays, write_arrays_atomically
+from common.atomic_files import read_arrays_or_npz, write_arrays_atomically
 from domain_node.trainer import TrainerState
 
 # a plain array container (common.atomic_files): ~3x less CPU per round than an .npz (no zip
@@ -72,11 +72,7 @@ def load_checkpoint(state_dir: Path) -> Checkpoint | None:
         if not path.exists():
             return None
     try:
-        if is_arrays_container(path):
-            saved = read_arrays(path)
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                saved = {name: archive[name] for name in archive.files}
+        saved = read_arrays_or_npz(path)
         meta = json.loads(saved["meta"].tobytes())
         if meta.get("format") != _FORMAT:
             raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")

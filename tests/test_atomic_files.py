@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.atomic_files import is_arrays_container, read_arrays, write_arrays_atomically
+from common.atomic_files import read_arrays, read_arrays_or_npz, write_arrays_atomically
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -33,7 +33,18 @@ def test_arrays_round_trip_bit_for_bit_and_replace_the_previous_file(tmp_path: P
         assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
         np.testing.assert_array_equal(loaded[name], array)
     assert [entry.name for entry in tmp_path.iterdir()] == ["state.arrays"]
-    assert is_arrays_container(path)
+
+
+def test_containers_and_npz_files_of_earlier_versions_read_alike(tmp_path: Path) -> None:
+    """read_arrays_or_npz tells the formats apart by their first bytes and returns the same arrays."""
+    expected = _arrays()
+    write_arrays_atomically(tmp_path / "new.arrays", expected)
+    np.savez(tmp_path / "old.npz", **expected)
+    for name in ("new.arrays", "old.npz"):
+        loaded = read_arrays_or_npz(tmp_path / name)
+        assert sorted(loaded) == sorted(expected)
+        for key, array in expected.items():
+            np.testing.assert_array_equal(loaded[key], array)
 
 
 @pytest.mark.parametrize("damage", ["cut in the magic", "cut in a name", "cut in an array", "trailing bytes", "not a container"])

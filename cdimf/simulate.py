@@ -206,10 +206,13 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
 
 
 def reserve_loopback_port() -> socket.socket:
-    """A socket bound to a free 127.0.0.1 port with SO_REUSEPORT and not listening: no other
-    program can take the port (its binds fail, and connects never pick it as their local port),
-    while a gRPC server, which sets SO_REUSEPORT on Linux, can bind it. Close it once the server
-    listens; until then, connections to the port are refused (the nodes retry)."""
+    """A socket holding a free 127.0.0.1 port for a gRPC server that is still starting.
+
+    Bound with SO_REUSEPORT and not listening: no other program can take the port (its binds
+    fail, and connects never pick it as their local port), while a gRPC server, which sets
+    SO_REUSEPORT on Linux, can bind it. Close it once the server listens; until then,
+    connections to the port are refused (the nodes retry).
+    """
     reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -281,8 +284,11 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
 
 
 async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> None:
-    """Wait until every domain of the simulation registered: StartRun admits only those that did,
-    and run.min_domains may be lower than the number of domains (e.g. 1 for asynchronous runs)."""
+    """Wait until every domain of the simulation registered with the aggregator.
+
+    StartRun admits only the domains that did, and run.min_domains may be lower than the number
+    of domains (1 for asynchronous runs, and whenever a --rounds/--rank flag replaced `run`).
+    """
     give_up = time.monotonic() + timeout_s
     while True:
         registered = {entry.domain for entry in (await client.get_status()).domains}

@@ -1,7 +1,8 @@
 """The node's training loop as a client of the aggregator: register, wait for a run, train rounds, checkpoint.
 
 Per round r (the engine's order, so that synchronous runs reproduce `CDIMFEngine` exactly):
-local epochs (the run's aggregation period for this domain), push X + U of the shared rows,
+local epochs (the run's aggregation period for this domain), push X + U of the shared rows
+(sent as soon as the last epoch solved the users: its item half-step runs meanwhile),
 pull Z (synchronous runs wait for it; with a round deadline the node waits at most that long
 and otherwise keeps training on the last Z), apply Z (dual step), checkpoint atomically,
 evaluate on its own validation split and report HR@k/NDCG@k (NodeConfig.validation: every N
@@ -113,6 +114,7 @@ class NodeRunner:
         )
         self.progress = Progress()
         self._checkpoint_task: asyncio.Future[object] | None = None
+        self._items_task: asyncio.Future[None] | None = None
         self._registered = False
         self._restore_model()
 
@@ -236,6 +238,16 @@ class NodeRunner:
 
     async def _rounds(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView, applied: int, period: int) -> None:
         """The round loop; returns once the last round's Z is applied."""
+        try:
+            await self._round_loop(info, trainer, view, applied, period)
+        finally:
+            # leaving the run (ended, failed, cancelled): no solver thread may outlive it unseen
+            if self._items_task is not None:
+                await asyncio.wait([self._items_task])
+                self._items_task = None
+
+    async def _round_loop(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView, applied: int, period: int) -> None:
+        """Rounds from `applied` + 1 until the last round's Z is applied (see _rounds)."""
         assert info.params is not None
         params = info.params
         run_id = info.run_id
@@ -245,9 +257,12 @@ class NodeRunner:
         need_epochs = True
         while applied < params.rounds:
             if need_epochs:
+                await self._epoch_finished(trainer)
                 self.progress.phase = "training"
-                await asyncio.to_thread(trainer.local_epochs, period)
-                self.progress.epochs = trainer.state.epochs
+                await asyncio.to_thread(trainer.epochs_to_contribution, period)
+                # X + U is final once the users are solved: the last item half-step runs
+                # while it is pushed and Z is awaited (the same values as local_epochs)
+                self._items_task = asyncio.ensure_future(asyncio.to_thread(trainer.items_half_step))
                 need_epochs = False
             if pushed_round < open_round:
                 # never let the aggregator see round r+1 before round r is on disk: a node
@@ -270,6 +285,7 @@ class NodeRunner:
                 # asynchronous tolerance: no Z before the deadline, keep training on the last one
                 need_epochs = deadline_s > 0
                 continue
+            await self._epoch_finished(trainer)
             trainer.receive_consensus(z.shared, z.receivers)
             applied = z.round
             open_round = max(open_round, applied + 1)
@@ -277,6 +293,13 @@ class NodeRunner:
                 pushed_round = open_round - 1
             need_epochs = True
             await self._end_of_round(run_id, applied, params.rounds, trainer, view)
+
+    async def _epoch_finished(self, trainer: DomainTrainer) -> None:
+        """Wait for the item half-step that ran during the exchange, if any (its errors surface here)."""
+        task, self._items_task = self._items_task, None
+        if task is not None:
+            await task
+            self.progress.epochs = trainer.state.epochs
 
     async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
         """Push a contribution for the open round; returns the round it was pushed as."""

@@ -12,10 +12,10 @@ from common.ials import (
     Proximal,
     as_csr32,
     frequency_ridge,
-    ials_epoch,
     ials_loss,
     init_factors,
     row_counts,
+    solve_half_step,
 )
 from common.params import IALSParams
 
@@ -107,21 +107,33 @@ class DomainTrainer:
 
     def local_epochs(self, n_epochs: int) -> None:
         """Run n local iALS epochs (users with the proximal term, then items)."""
-        state = self.state
         for _ in range(n_epochs):
-            user_ridge, prox = self.user_system()
-            state.users, state.items = ials_epoch(
-                self.train,
-                self.train_t,
-                state.users,
-                state.items,
-                self.params.alpha,
-                user_ridge,
-                self.item_ridge,
-                prox,
-                self.params.threads,
-            )
-            state.epochs += 1
+            self.users_half_step()
+            self.items_half_step()
+
+    def epochs_to_contribution(self, n_epochs: int) -> None:
+        """Run n local epochs but the last one's item half-step, which `items_half_step` finishes.
+
+        The contribution X + U is final once the users are solved: a node sends it while the
+        items are solved, so the exchange overlaps with that work. local_epochs(n) equals
+        epochs_to_contribution(n) then items_half_step(), bit for bit.
+        """
+        if n_epochs < 1:
+            raise ValueError(f"domain {self.name}: n_epochs must be >= 1, got {n_epochs}")
+        self.local_epochs(n_epochs - 1)
+        self.users_half_step()
+
+    def users_half_step(self) -> None:
+        """Solve every user given the items (shared rows with the proximal term)."""
+        user_ridge, prox = self.user_system()
+        state = self.state
+        state.users = solve_half_step(self.train, state.items, self.params.alpha, user_ridge, prox, self.params.threads)
+
+    def items_half_step(self) -> None:
+        """Solve every item given the users; completes an epoch."""
+        state = self.state
+        state.items = solve_half_step(self.train_t, state.users, self.params.alpha, self.item_ridge, None, self.params.threads)
+        state.epochs += 1
 
     def contribution(self) -> np.ndarray:
         """What this domain sends: X + U on its shared rows."""

@@ -36,7 +36,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from common.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix, encode_registration, wire_dtype
+from common.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
 from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
 from common.heap import reuse_freed_chunk_memory
 from protos.v1 import federation_pb2 as pb
@@ -45,6 +45,7 @@ from protos.v1 import federation_pb2_grpc as pb_grpc
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
 _PULL_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PullConsensus"
+_PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PushContribution"
 _STATES = {
     pb.RUN_STATE_IDLE: "idle",
     pb.RUN_STATE_RUNNING: "running",
@@ -194,6 +195,9 @@ class AggregatorClient:
         self._pull_serialized = self.channel.unary_stream(
             _PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None
         )
+        # PushContribution without a request serializer: encode_matrix_serialized gives each
+        # chunk's wire bytes with its payload copied once (push throughput, issue 4)
+        self._push_serialized = self.channel.stream_unary(_PUSH_METHOD, request_serializer=None, response_deserializer=pb.Ack.FromString)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -281,7 +285,8 @@ class AggregatorClient:
         async def attempt() -> pb.Ack:
             nonlocal tries
             tries += 1
-            return await self.stub.PushContribution(encode_matrix(values, header, dtype=dtype), timeout=self._stream_timeout(values.nbytes))
+            chunks = encode_matrix_serialized(values, header, dtype=dtype)
+            return await self._push_serialized(chunks, timeout=self._stream_timeout(values.nbytes))
 
         try:
             ack = await self._call("PushContribution", attempt)

@@ -184,6 +184,17 @@ def test_bad_input_gets_the_right_status_and_changes_nothing(tmp_path: Path) -> 
                 assert error.value.code() == code, f"{label}: {error.value.details()}"
                 assert _state_snapshot(running) == before, label
 
+            # the server parses PushContribution's wire bytes itself: bytes that are no MatrixChunk
+            raw_push = sport.channel.stream_unary("/cdimf.v1.Aggregator/PushContribution", request_serializer=None,
+                                                  response_deserializer=pb.Ack.FromString)
+            wire = [chunk.SerializeToString() for chunk in _chunks(run.run_id, "cloth", 1, good)]
+            for label, messages in [("not protobuf", [b"\xff" * 16]), ("first chunk cut short", [wire[0][: len(wire[0]) // 2]]),
+                                    ("later chunk cut short", [wire[0], wire[1][:-3]])]:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await raw_push(iter(messages), timeout=5)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{label}: {error.value.details()}"
+                assert _state_snapshot(running) == before, label
+
             bad_registration = list(encode_registration(pseudonymize(["a", "b"], SECRET), np.ones(2, bool), pb.Header(domain="books")))
             bad_registration[0].crc32 ^= 1
             with pytest.raises(grpc.aio.AioRpcError) as error:

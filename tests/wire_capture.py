@@ -2,6 +2,11 @@
 
 import grpc
 
+from protos.v1 import federation_pb2 as pb
+
+# requests a client sends as wire bytes it serialised itself (AggregatorClient's factor push)
+_SENT_AS_BYTES = {"/cdimf.v1.Aggregator/PushContribution": pb.MatrixChunk}
+
 
 class WireRecorder:
     """Records every request message a client sends (shared by the per-kind interceptors)."""
@@ -12,6 +17,9 @@ class WireRecorder:
     def record(self, details: grpc.aio.ClientCallDetails, message: object) -> None:
         """Keep one request message with its full method name."""
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if isinstance(message, bytes):
+            # the bytes are what crosses the wire: parse them strictly, so the checks see every field
+            message = _SENT_AS_BYTES[method].FromString(message)
         self.sent.append((method, message))
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:

@@ -21,8 +21,9 @@ arm pays, and flatter the engine. Also shown: the run itself (simulate: StartRun
 the watch, the JSON's train_seconds; engine: its rounds and validation).
 
 Load on a shared machine varies: --repeats N alternates the arms N times and reports medians
-(and the 1-minute load average before and after). The last line is
-`ratio_simulate_vs_engine=<median whole-job ratio of (a)>`.
+(and the 1-minute load average before and after). The last two lines are the median whole-job
+ratios: `ratio_default_config=` for (b), simulate as shipped against the engine with the same
+config (the target), and `ratio_validation_off=` for (a), the exchange with nothing to dilute it.
 """
 
 import argparse
@@ -178,7 +179,11 @@ def main() -> None:
         fed = simulated.metrics[name]
         print(f"  test {name:<6} HR@{k} engine {100 * metrics[f'HR@{k}']:.2f} federated {100 * fed[f'HR@{k}']:.2f}   "
               f"NDCG@{k} engine {100 * metrics[f'NDCG@{k}']:.2f} federated {100 * fed[f'NDCG@{k}']:.2f}")
-    print(f"ratio_simulate_vs_engine={whole_ratio['(a) validation off']:.3f}")
+    # (b) is `cdimf simulate` as shipped (per-round validation, what the CLI reports) against the
+    # engine with the same config: issue 4's target. (a) isolates the exchange: no validation work
+    # dilutes it, and on 2 cores the four processes compete for the CPU the engine has to itself.
+    print(f"ratio_default_config={whole_ratio['(b) default validation']:.3f}  (target <= 1.10)")
+    print(f"ratio_validation_off={whole_ratio['(a) validation off']:.3f}  (exchange overhead isolated)")
 
 
 if __name__ == "__main__":

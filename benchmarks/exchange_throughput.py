@@ -10,10 +10,11 @@ closes the round (includes consensus and the atomic state write), the pull of Z,
 both ways, the ratios, and the aggregator's peak memory (VmHWM) over the matrices it holds
 (two contributions + Z). Throughputs are medians over the rounds (best also shown), and the
 load average before and after is printed: other work on the machine skews single rounds.
-The first --warmup rounds are run and shown but not in the medians: each process's first
-256 MB buffers touch memory the machine has not backed yet (on our VMs the first pull and the
-second push ran at ~300 MB/s, every later round at 600-1000), and gRPC's flow-control window
-is still growing on a new channel (the raw baseline's first pull is also ~35% slower).
+The first --warmup rounds are run and shown but not in the medians: a fresh process's first
+256 MB buffers touch memory the machine has not backed yet and gRPC's flow-control window is
+still growing on a new channel (on our VMs the first pull ran at ~300 MB/s whatever the code,
+and the raw baseline's first pull is also ~35% slower). The second push is often as slow for
+the same reason; it is one of the measured rounds, so the medians include it.
 Targets (issue 4): >= 500 MB/s each way, peak <= 3x held.
 """
 

@@ -387,16 +387,22 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
             print(f"cdimf simulate: logs kept in {work_dir}", file=sys.stderr)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM handler: unwind like Ctrl-C so that every child is stopped."""
-    raise KeyboardInterrupt(f"signal {signum}")
+def _interrupt_like_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM handler: deliver SIGINT, so that SIGTERM unwinds exactly like Ctrl-C and every child is stopped.
+
+    Raising KeyboardInterrupt here instead would interrupt whatever bytecode runs, inside the
+    event loop or gRPC's channel code as well, and a run left that way once hung on shutdown.
+    Through SIGINT, asyncio.run cancels the main task cleanly (its own SIGINT handler), and
+    outside the event loop Python's default handler raises KeyboardInterrupt as for Ctrl-C.
+    """
+    signal.raise_signal(signal.SIGINT)
 
 
 def _run(args: argparse.Namespace) -> int:
     """The `cdimf simulate` handler."""
     config = load_with_flags(SimulateConfig, args.config, args, args.fields)
     # SIGTERM cleans up like Ctrl-C: the finally blocks stop every child
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt_like_ctrl_c)
     try:
         results = simulate(config, args.json)
     except SimulationError as error:

@@ -154,7 +154,9 @@ def encode_matrix(
     Every chunk carries `header`. Values are sent as little-endian float32, or float16 when
     asked (lossy; values beyond float16's range become inf and are refused by the decoder).
     With `row_index`, the streamed matrix is matrix[row_index], gathered chunk by chunk so the
-    whole selection is never copied at once.
+    whole selection is never copied at once. The aggregator and the node send
+    `encode_matrix_serialized` instead (the same bytes, fewer copies); this form is the reference
+    it is checked against and what callers that edit messages (tests of bad input) start from.
     """
     for fields, block in _matrix_blocks(matrix, header, dtype, chunk_bytes, row_index):
         fields.data = block.tobytes()

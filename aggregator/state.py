@@ -3,14 +3,14 @@ rounds, contributions, consensus, metrics, events and atomic persistence. No gRP
 
 Rules (issue 4):
 - A domain registers all its rows (pseudonym + holder flag). Membership (which rows are shared,
-  which are receivers, who holds what) comes from common.membership.align_memberships over the
+  which are receivers, who holds what) comes from cdimf.common.core.membership.align_memberships over the
   pseudonyms, exactly as the in-process engine aligns raw keys.
 - StartRun admits the registered domains and freezes their membership; rounds count from 1.
 - A push tagged t from domain d while round c is open is accepted when t <= c, t is newer than
   d's latest accepted tag and c - t <= max_staleness; it replaces d's contribution and marks d
   as reported in round c. Round c closes when every admitted domain reported, or when the
   deadline has passed and at least min_domains reported; then Z = prox(mean of each domain's
-  latest accepted contribution) over holders (common.admm.consensus), the state is saved, and
+  latest accepted contribution) over holders (cdimf.common.core.admm.consensus), the state is saved, and
   round c + 1 opens (the run finishes after `rounds`).
 - Every rejection raises StateError with a status name and changes nothing.
 """
@@ -25,12 +25,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.admm import consensus
-from common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
-from common.config import ConfigError, RunParams
-from common.params import ADMMParams
-from common.membership import align_memberships
-from common.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
+from cdimf.common.core.admm import consensus
+from cdimf.common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
+from cdimf.common.config import ConfigError, RunParams
+from cdimf.common.core.params import ADMMParams
+from cdimf.common.core.membership import align_memberships
+from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
 
 MAX_DOMAINS = 64  # holder masks are uint64
 ROLE_LOCAL, ROLE_SHARED, ROLE_RECEIVER = 1, 2, 3  # values of the proto's RowRole
@@ -40,7 +40,7 @@ REGISTRATIONS_FILE = "registrations.npz"
 # Z is computed in blocks of rows whose float64 temporaries take about this many bytes: small
 # enough for cache (at 10k x 192, 4096-row blocks took 26 ms a round, ~512-row ones 16 ms).
 CONSENSUS_BLOCK_BYTES = 512 * 1024
-# written every round before Z is served: the plain container (common.atomic_files) skips the
+# written every round before Z is served: the plain container (cdimf.common.atomic_files) skips the
 # zip CRC pass over Z; the .npz of earlier versions is still read when it is the only one
 RUN_FILE = "run.arrays"
 LEGACY_RUN_FILE = "run.npz"
@@ -163,7 +163,7 @@ def compute_layout(registrations: dict[str, Registration]) -> Layout:
 def blockwise_consensus(
     contributions: list[tuple[np.ndarray, np.ndarray]], n_rows: int, rank: int, admm: ADMMParams, block_rows: int | None = None
 ) -> np.ndarray:
-    """common.admm.consensus applied to blocks of rows: the same values (mean and prox are per row,
+    """cdimf.common.core.admm.consensus applied to blocks of rows: the same values (mean and prox are per row,
     domains summed in the same order) with temporaries of one block instead of a float64 copy of
     everything, and cache-sized passes (about 3x faster at a million rows). block_rows None:
     rows of about CONSENSUS_BLOCK_BYTES of float64 at this rank."""

@@ -93,7 +93,7 @@ def reference_error(
 
 def run_ours(matrix: sp.csr_matrix, args: argparse.Namespace, backend: str, method: str) -> dict:
     """Time our epochs; check the last epoch's rows against float64 solves."""
-    from common.ials import frequency_ridge, ials_epoch, ials_loss, init_factors, native_available, row_counts
+    from cdimf.common.core.ials import frequency_ridge, ials_epoch, ials_loss, init_factors, native_available, row_counts
 
     if backend == "native" and not native_available():
         return {"error": "native kernel unavailable (no C compiler?)"}
@@ -128,7 +128,7 @@ def run_implicit(matrix: sp.csr_matrix, args: argparse.Namespace, use_cg: bool) 
     """Time implicit's own iterations (its per-iteration callback; its fit-time transpose excluded)."""
     from threadpoolctl import threadpool_limits
 
-    from common.ials import frequency_ridge, ials_loss, init_factors, row_counts
+    from cdimf.common.core.ials import frequency_ridge, ials_loss, init_factors, row_counts
 
     from implicit.cpu.als import AlternatingLeastSquares
 

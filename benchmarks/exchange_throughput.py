@@ -2,7 +2,7 @@
 
     python benchmarks/exchange_throughput.py [--users 1000000] [--rank 64] [--repeat 5] [--warmup 1]
 
-Starts the aggregator (`python -m aggregator`) and a baseline server as separate processes on
+Starts the aggregator (`python -m cdimf.aggregator`) and a baseline server as separate processes on
 127.0.0.1. The baseline streams the same number of raw 1 MiB byte messages through gRPC with no
 protobuf message, no checksum and no decoding (generic handlers, bytes in and out): what gRPC
 itself costs. Prints MB/s of the real push (X+U, one domain, round not closing), the push that
@@ -36,8 +36,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from common.config import CHANNEL_OPTIONS, SERVER_OPTIONS, RunParams  # noqa: E402
-from domain_node.aggregator_client import AggregatorClient  # noqa: E402
+from cdimf.common.config import CHANNEL_OPTIONS, SERVER_OPTIONS, RunParams  # noqa: E402
+from cdimf.common.rpc.aggregator_client import AggregatorClient  # noqa: E402
 
 MB = 1e6
 RAW_CHUNK = 1 << 20
@@ -200,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cdimf-bench-") as state_dir:
         aggregator_port, baseline_port = _free_port(), _free_port()
         aggregator = _spawn(
-            [sys.executable, "-m", "aggregator", "--log-level", "WARNING"],
+            [sys.executable, "-m", "cdimf.aggregator", "--log-level", "WARNING"],
             {"CDIMF_LISTEN": f"127.0.0.1:{aggregator_port}", "CDIMF_STATE_DIR": state_dir, "CDIMF_TLS__INSECURE": "true"},
         )
         baseline = _spawn([sys.executable, __file__, "--serve-baseline", str(baseline_port)])

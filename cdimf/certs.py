@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from common import tls
-from common.pseudonyms import load_secret
+from cdimf.common.security import tls
+from cdimf.common.security.pseudonyms import load_secret
 
 DEFAULT_DAYS = 365
 CA_DAYS_FACTOR = 10  # the CA outlives the party certificates so that they can be renewed under it

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from cdimf.reproduce_config import ConfigError, load_reproduce_config
-from common.config import ConfigError as CommonConfigError
+from cdimf.common.config import ConfigError as CommonConfigError
 
 
 def _reproduce(args: argparse.Namespace) -> int:

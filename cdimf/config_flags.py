@@ -3,7 +3,7 @@
 A field `a.b_c` becomes `--a-b-c` (nested tables listed in `flatten` drop their prefix, e.g.
 `tls.ca_file` is `--ca-file` and `run.rounds` is `--rounds`). Flags take precedence over the
 TOML file and over CDIMF_* environment variables: they are applied as the highest-priority
-overrides through `common.config.load_config`, so validation and error messages are the same.
+overrides through `cdimf.common.config.load_config`, so validation and error messages are the same.
 """
 
 import argparse
@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from common.config import ENV_PREFIX, ConfigError, load_config
+from cdimf.common.config import ENV_PREFIX, ConfigError, load_config
 
 Model = TypeVar("Model", bound=BaseModel)
 # the flag holding the secret would show it in `ps`: the secret comes from a file or CDIMF_SECRET

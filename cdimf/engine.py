@@ -7,11 +7,11 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from common.admm import consensus
-from common.ials import row_counts
-from common.membership import DomainMembership, align_memberships
-from common.params import ADMMParams, IALSParams
-from domain_node.trainer import DomainTrainer
+from cdimf.common.core.admm import consensus
+from cdimf.common.core.ials import row_counts
+from cdimf.common.core.membership import DomainMembership, align_memberships
+from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.core.model import DomainTrainer
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from common.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
 
 
 class ConfigError(ValueError):

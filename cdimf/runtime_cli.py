@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from pydantic import Field, ValidationError, field_validator
 
-from common.config import (
+from cdimf.common.config import (
     CHANNEL_OPTIONS,
     AggregatorConfig,
     ConfigError,
@@ -27,7 +27,7 @@ from common.config import (
     TLSConfig,
     _check_address,
 )
-from common.params import StrictModel
+from cdimf.common.core.params import StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -80,7 +80,7 @@ def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -
 
 def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:
     """A channel to a node or the aggregator with the given TLS settings."""
-    from common.tls import open_channel
+    from cdimf.common.security.tls import open_channel
 
     return open_channel(target, tls, CHANNEL_OPTIONS)
 
@@ -90,7 +90,7 @@ def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:
 
 def _serve_aggregator(args: argparse.Namespace) -> int:
     """Serve the aggregator until SIGINT/SIGTERM; prints `LISTENING host:port` once bound."""
-    from aggregator.server import serve
+    from cdimf.aggregator.service import serve
 
     config = load_with_flags(AggregatorConfig, args.config, args, args.fields)
     _logging(args.log_level)
@@ -100,7 +100,7 @@ def _serve_aggregator(args: argparse.Namespace) -> int:
 
 def _serve_node(args: argparse.Namespace) -> int:
     """Serve one domain node until SIGINT/SIGTERM; prints `LISTENING host:port` once bound."""
-    from domain_node.server import serve_node
+    from cdimf.domain_node.service import serve_node
 
     config = load_with_flags(NodeConfig, args.config, args, args.fields)
     _logging(args.log_level)
@@ -119,7 +119,7 @@ def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str
 
 def _event_json(event: Any) -> dict[str, Any]:
     """A run event as a JSON-ready dict (what `--json` prints per line)."""
-    from protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2 as pb
 
     return {
         "run_id": event.run_id,
@@ -136,7 +136,7 @@ def _event_json(event: Any) -> dict[str, Any]:
 
 async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
     """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
-    from protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2 as pb
 
     outcome = EXIT_FAILED
     started = time.monotonic()
@@ -166,7 +166,7 @@ async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> in
 
 async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -> Any:
     """StartRun, retried while fewer than min_domains domains registered (nodes still starting)."""
-    from domain_node.aggregator_client import AggregatorError
+    from cdimf.common.rpc.aggregator_client import AggregatorError
 
     give_up = time.monotonic() + wait_for_domains_s
     while True:
@@ -182,7 +182,7 @@ async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -
 
 def _control_client(config: TrainConfig) -> Any:
     """An operator's client of the aggregator from a TrainConfig."""
-    from domain_node.aggregator_client import AggregatorClient, channel_credentials_from_config
+    from cdimf.common.rpc.aggregator_client import AggregatorClient, channel_credentials_from_config
 
     return AggregatorClient(config.aggregator, "", channel_credentials_from_config(config.tls), rpc_timeout_s=config.rpc_timeout_s,
                             retry_for_s=config.rpc_timeout_s)
@@ -212,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _with_aggregator_errors(main: Any) -> int:
     """Run a coroutine function; an AggregatorError prints and exits 1."""
-    from domain_node.aggregator_client import AggregatorError
+    from cdimf.common.rpc.aggregator_client import AggregatorError
 
     try:
         return asyncio.run(main())
@@ -237,7 +237,7 @@ def _status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
             return EXIT_OK
-        from protos.v1 import federation_pb2 as pb
+        from cdimf.protos.v1 import federation_pb2 as pb
 
         run = status.run
         state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
@@ -278,8 +278,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _recommend(args: argparse.Namespace) -> int:
     """Top-k items of a user key from a node's DomainNode service."""
-    from protos.v1 import federation_pb2 as pb
-    from protos.v1 import federation_pb2_grpc as pb_grpc
+    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
     _check_address(args.node, allow_port_zero=False)
     tls = _tls_only(args.config, args, args.fields)

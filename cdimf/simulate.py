@@ -35,8 +35,8 @@ import grpc
 from pydantic import Field, model_validator
 
 from cdimf.config_flags import add_model_flags, load_with_flags
-from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
-from common.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
+from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WARM_PAIR = REPO_ROOT / "data" / "amazon-cdr" / "warm-start_sport_cloth"
@@ -225,7 +225,7 @@ def reserve_loopback_port() -> socket.socket:
 
 def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
-    from common import tls
+    from cdimf.common.security import tls
 
     folder.mkdir(parents=True, exist_ok=True)
     ca = tls.create_ca("cdimf simulate CA", days=2)
@@ -250,10 +250,10 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
                  operator: TLSConfig, as_json: bool) -> dict[str, Any]:
     """Start the run, follow it, then evaluate every node on its test split."""
     from cdimf.runtime_cli import follow_run, start_run
-    from common.tls import open_channel
-    from domain_node.aggregator_client import AggregatorClient, channel_credentials_from_config
-    from protos.v1 import federation_pb2 as pb
-    from protos.v1 import federation_pb2_grpc as pb_grpc
+    from cdimf.common.security.tls import open_channel
+    from cdimf.common.rpc.aggregator_client import AggregatorClient, channel_credentials_from_config
+    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
     client = AggregatorClient(aggregator, "", channel_credentials_from_config(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
     try:
@@ -301,7 +301,7 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
 
 async def _quiet_follow(client: Any, run_id: str) -> int:
     """Follow without printing; 0 when the run finished."""
-    from protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2 as pb
 
     outcome = 1
     async for event in client.watch_run(run_id):
@@ -333,7 +333,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         else:
             tls_of = write_throwaway_certificates(work_dir / "certs", names)
         secret_file = work_dir / "federation.secret"
-        from common.tls import write_private_file
+        from cdimf.common.security.tls import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
         # the aggregator's port is known before it listens, so the nodes start (import, load their

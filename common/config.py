@@ -18,9 +18,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from common.params import ADMMParams, IALSParams, StrictModel
-from common.pseudonyms import load_secret
-from protos.v1 import federation_pb2 as pb
+from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.security.pseudonyms import load_secret
+from cdimf.protos.v1 import federation_pb2 as pb
 
 ENV_PREFIX = "CDIMF_"
 DATA_FORMATS = ("auto", "paper", "csv", "tsv")

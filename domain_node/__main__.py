@@ -1,17 +1,17 @@
-"""`python -m domain_node [--config FILE]`: serve one domain node (config from TOML + CDIMF_* variables)."""
+"""`python -m cdimf.domain_node [--config FILE]`: serve one domain node (config from TOML + CDIMF_* variables)."""
 
 import sys
 
-from common.config import NodeConfig
-from common.server_main import server_main
-from domain_node.data import DataError
-from domain_node.server import serve_node
+from cdimf.common.config import NodeConfig
+from cdimf.common.rpc.server_main import server_main
+from cdimf.domain_node.data import DataError
+from cdimf.domain_node.service import serve_node
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the configuration and serve until SIGINT/SIGTERM."""
     return server_main(
-        "python -m domain_node", __doc__ or "", NodeConfig, serve_node, (DataError, ValueError, OSError), argv
+        "python -m cdimf.domain_node", __doc__ or "", NodeConfig, serve_node, (DataError, ValueError, OSError), argv
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from common.metrics import canonical_csr, pairs_to_csr
+from cdimf.common.core.metrics import canonical_csr, pairs_to_csr
 
 FLOAT = np.float32
 FORMATS = ("auto", "paper", "csv", "tsv")

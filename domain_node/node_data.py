@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from common.config import VALID_NEGATIVES
-from common.metrics import hit_rate, ndcg, pairs_to_csr, sample_negatives, sampled_ranks
-from domain_node.data import DataError, IdMap, RawInteractions, leave_one_out, read_interactions
+from cdimf.common.config import VALID_NEGATIVES
+from cdimf.common.core.metrics import hit_rate, ndcg, pairs_to_csr, sample_negatives, sampled_ranks
+from cdimf.domain_node.data import DataError, IdMap, RawInteractions, leave_one_out, read_interactions
 
 PAPER_NEGATIVES = 999
 EVALUATION_SEED = 0

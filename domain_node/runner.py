@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from common.config import NodeConfig
-from common.pseudonyms import membership_fingerprint, pseudonymize
-from domain_node.aggregator_client import (
+from cdimf.common.config import NodeConfig
+from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
+from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
     AggregatorError,
     Backoff,
@@ -45,9 +45,9 @@ from domain_node.aggregator_client import (
     RunInfo,
     channel_credentials_from_config,
 )
-from domain_node.node_data import NodeData, evaluate
-from domain_node.state import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
-from domain_node.trainer import DomainTrainer
+from cdimf.domain_node.node_data import NodeData, evaluate
+from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from cdimf.common.core.model import DomainTrainer
 
 log = logging.getLogger("cdimf.node")
 # a synchronous pull is re-issued this often so that a dead stream is noticed and retried

@@ -1,4 +1,4 @@
-"""Regenerate the Python code and type stubs of protos/v1/*.proto: `python -m protos.generate [OUT_DIR]`.
+"""Regenerate the Python code and type stubs of protos/v1/*.proto: `python -m cdimf.protos.generate [OUT_DIR]`.
 
 Generated files are committed; tests/test_protos_fresh.py regenerates into a temporary folder
 and fails when the committed files differ, so edit the .proto, run this, commit both.
@@ -7,12 +7,16 @@ and fails when the committed files differ, so edit the .proto, run this, commit 
 import shutil
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from grpc_tools import protoc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_FILES = ("protos/v1/federation.proto",)
+# protoc sees protos/ as cdimf/protos/, so generated code imports `cdimf.protos.v1...`, the
+# installed package path; files are written under OUT_DIR/cdimf/ and moved to OUT_DIR/protos/.
+VIRTUAL_ROOT = "cdimf/protos"
 # The files protoc writes per proto, relative to the output root.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
@@ -41,25 +45,27 @@ def generated_paths(out_dir: Path) -> list[Path]:
 def generate(out_dir: Path = REPO_ROOT) -> list[Path]:
     """Run protoc with the python, grpc and mypy plugins; returns the written files."""
     out_dir = Path(out_dir)
-    for proto in PROTO_FILES:
-        (out_dir / proto).parent.mkdir(parents=True, exist_ok=True)
-    # protoc resolves imports relative to the repo root, so the grpc module imports
-    # `from protos.v1 import federation_pb2`, matching the installed package layout.
-    args = [
-        "grpc_tools.protoc",
-        f"--proto_path={REPO_ROOT}",
-        f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
-        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-        f"--mypy_out={out_dir}",
-        f"--mypy_grpc_out={out_dir}",
-        *(str(REPO_ROOT / proto) for proto in PROTO_FILES),
-    ]
-    status = protoc.main(args)
-    if status != 0:
-        raise RuntimeError(f"protoc failed with status {status} on {', '.join(PROTO_FILES)}")
-    return generated_paths(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = [
+            "grpc_tools.protoc",
+            f"--proto_path={VIRTUAL_ROOT}={REPO_ROOT / 'protos'}",
+            f"--python_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+            f"--mypy_out={scratch}",
+            f"--mypy_grpc_out={scratch}",
+            *(str(REPO_ROOT / proto) for proto in PROTO_FILES),
+        ]
+        status = protoc.main(args)
+        if status != 0:
+            raise RuntimeError(f"protoc failed with status {status} on {', '.join(PROTO_FILES)}")
+        written = generated_paths(out_dir)
+        for target in written:
+            source = Path(scratch) / "cdimf" / target.relative_to(out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return written
 
 
 def main() -> None:

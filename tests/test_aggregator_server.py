@@ -1,5 +1,5 @@
 """The aggregator over real sockets: a grpc.aio server on 127.0.0.1 (and a real process for restarts),
-driven through domain_node.aggregator_client and raw stubs for malformed input."""
+driven through cdimf.common.rpc.aggregator_client and raw stubs for malformed input."""
 
 import asyncio
 import os
@@ -18,17 +18,17 @@ import pytest
 import scipy.sparse as sp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aggregator.server import RunningAggregator, start_aggregator
+from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf.engine import CDIMFEngine, DomainInput
-from common.admm import consensus
-from common.chunks import encode_matrix, encode_registration
-from common.config import AggregatorConfig, RunParams, TLSConfig
-from common.params import ADMMParams, IALSParams
-from common.pseudonyms import pseudonymize
-from domain_node.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
-from domain_node.trainer import DomainTrainer
-from protos.v1 import federation_pb2 as pb
-from protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.common.core.admm import consensus
+from cdimf.common.wire.chunks import encode_matrix, encode_registration
+from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
+from cdimf.common.core.model import DomainTrainer
+from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.wire_capture import WireRecorder
 
 SECRET = b"test-federation-secret-32-bytes!"
@@ -403,10 +403,10 @@ def _free_port() -> int:
 
 
 def _spawn(port: int, state_dir: Path) -> subprocess.Popen[str]:
-    """`python -m aggregator` on a fixed port and state folder, once it prints LISTENING."""
+    """`python -m cdimf.aggregator` on a fixed port and state folder, once it prints LISTENING."""
     environ = {**os.environ, "CDIMF_LISTEN": f"127.0.0.1:{port}", "CDIMF_STATE_DIR": str(state_dir), "CDIMF_TLS__INSECURE": "true"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--log-level", "WARNING"],
+        [sys.executable, "-m", "cdimf.aggregator", "--log-level", "WARNING"],
         cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, text=True,
     )
     assert process.stdout is not None

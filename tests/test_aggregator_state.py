@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus, sortable_keys, sorted_unique
-from common.admm import consensus
-from common.config import RunParams
-from common.membership import align_memberships
-from common.params import ADMMParams
-from common.pseudonyms import pseudonymize
+from cdimf.aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus, sortable_keys, sorted_unique
+from cdimf.common.core.admm import consensus
+from cdimf.common.config import RunParams
+from cdimf.common.core.membership import align_memberships
+from cdimf.common.core.params import ADMMParams
+from cdimf.common.security.pseudonyms import pseudonymize
 
 SECRET = b"a-federation-secret-for-tests"
 RANK = 4

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.state import LEGACY_RUN_FILE, RUN_FILE, AggregatorState
-from common.atomic_files import read_arrays
-from common.config import RunParams
-from common.pseudonyms import pseudonymize
+from cdimf.aggregator.state import LEGACY_RUN_FILE, RUN_FILE, AggregatorState
+from cdimf.common.atomic_files import read_arrays
+from cdimf.common.config import RunParams
+from cdimf.common.security.pseudonyms import pseudonymize
 
 SECRET = b"a-federation-secret-for-file-tests"
 RANK = 3

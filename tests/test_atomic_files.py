@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.atomic_files import read_arrays, read_arrays_or_npz, write_arrays_atomically
+from cdimf.common.atomic_files import read_arrays, read_arrays_or_npz, write_arrays_atomically
 
 
 def _arrays() -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common import call_auth, tls
+from cdimf.common.security import call_proof as call_auth
+from cdimf.common.security import tls
 
 METHOD = "/cdimf.v1.Aggregator/PushContribution"
 

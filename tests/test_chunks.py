@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.chunks import (
+from cdimf.common.wire.chunks import (
     CHUNK_BYTES,
     ChunkError,
     MembershipAssembler,
@@ -14,7 +14,7 @@ from common.chunks import (
     encode_registration,
     matrix_checksum,
 )
-from protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2 as pb
 
 GRPC_DEFAULT_LIMIT = 4 * 1024 * 1024
 HEADER = pb.Header(run_id="run-1", domain="sport", round=3)

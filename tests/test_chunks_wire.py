@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.chunks import (
+from cdimf.common.wire.chunks import (
     ChunkError,
     MatrixAssembler,
     decode_matrix,
@@ -12,7 +12,7 @@ from common.chunks import (
     matrix_checksum,
     split_matrix_chunk,
 )
-from protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2 as pb
 
 HEADER = pb.Header(run_id="run-1", domain="sport", round=3)
 

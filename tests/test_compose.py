@@ -19,8 +19,8 @@ from cryptography import x509
 from cdimf.cli import build_parser
 from cdimf.cli import main as cdimf_main
 from cdimf.runtime_cli import TrainConfig
-from common import tls
-from common.config import AggregatorConfig, NodeConfig, load_config
+from cdimf.common.security import tls
+from cdimf.common.config import AggregatorConfig, NodeConfig, load_config
 
 import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
 from compose_local import REPO, build_view, in_view, is_bind, load_compose, run_stack, volume_mounts

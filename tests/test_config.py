@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import AggregatorConfig, ConfigError, NodeConfig, RunParams, load_config
-from protos.v1 import federation_pb2 as pb
+from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, RunParams, load_config
+from cdimf.protos.v1 import federation_pb2 as pb
 
 NODE_TOML = """
 domain = "sport"

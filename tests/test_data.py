@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from domain_node.data import (
+from cdimf.domain_node.data import (
     DataError,
     IdMap,
     cold_start_holdout,

@@ -5,10 +5,10 @@ import pytest
 import scipy.sparse as sp
 
 from cdimf.engine import CDIMFEngine, DomainInput
-from common.admm import apply_prox, consensus, consensus_mean
-from common.membership import align_memberships
-from common.params import ADMMParams, IALSParams
-from domain_node.trainer import DomainTrainer
+from cdimf.common.core.admm import apply_prox, consensus, consensus_mean
+from cdimf.common.core.membership import align_memberships
+from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.core.model import DomainTrainer
 
 PARAMS = IALSParams(rank=6, alpha=0.2, lam=0.5, nu=0.0, sigma=0.5, seed=3, threads=1)
 

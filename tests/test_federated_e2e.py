@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from common.config import RunParams
-from common.params import ADMMParams
-from domain_node.aggregator_client import AggregatorClient
-from protos.v1 import federation_pb2 as pb
-from protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.common.config import RunParams
+from cdimf.common.core.params import ADMMParams
+from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.federation_harness import (
     Processes,
     assert_matches_engine,

@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from common import ials
+from cdimf.common.core import ials
 
 # Every backend present on this machine runs the same tests (the compiled one where gcc exists).
 BACKENDS = ["numpy"] + (["native"] if ials.native_available() else [])

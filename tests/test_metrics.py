@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from common.metrics import (
+from cdimf.common.core.metrics import (
     coverage_at_k,
     full_catalog_metrics,
     hit_rate,

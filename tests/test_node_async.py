@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from aggregator.server import start_aggregator
-from aggregator.state import AggregatorState
-from common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
-from domain_node.aggregator_client import AggregatorClient
-from domain_node.runner import NodeRunner
-from domain_node.state import load_checkpoint
-from protos.v1 import federation_pb2 as pb
+from cdimf.aggregator.service import start_aggregator
+from cdimf.aggregator.state import AggregatorState
+from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
+from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.domain_node.runner import NodeRunner
+from cdimf.domain_node.checkpoint import load_checkpoint
+from cdimf.protos.v1 import federation_pb2 as pb
 from tests.federation_harness import (
     DOMAINS,
     RANK,

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domain_node.data import DataError
-from common.config import VALID_NEGATIVES
-from domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_data, top_k
+from cdimf.domain_node.data import DataError
+from cdimf.common.config import VALID_NEGATIVES
+from cdimf.domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_data, top_k
 
 
 def _write(path: Path, pairs: list[tuple[str, str]]) -> Path:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from aggregator.server import start_aggregator
-from common.chunks import MatrixAssembler
-from common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
-from common.pseudonyms import pseudonymize
-from domain_node.aggregator_client import AggregatorClient
-from domain_node.runner import NodeRunner
-from domain_node.server import start_node
+from cdimf.aggregator.service import start_aggregator
+from cdimf.common.wire.chunks import MatrixAssembler
+from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.domain_node.runner import NodeRunner
+from cdimf.domain_node.service import start_node
 from tests.federation_harness import RANK, SECRET, ials, node_data, seeds, wait_for_checkpoints, wait_for_domains, write_domains
 from tests.wire_capture import WireRecorder
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from aggregator.server import FINAL_METRICS_GRACE_S, start_aggregator
-from common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig, ValidationParams
-from domain_node.aggregator_client import AggregatorClient
-from domain_node.server import RunningNode, start_node
-from protos.v1 import federation_pb2 as pb
+from cdimf.aggregator.service import FINAL_METRICS_GRACE_S, start_aggregator
+from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig, ValidationParams
+from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.domain_node.service import RunningNode, start_node
+from cdimf.protos.v1 import federation_pb2 as pb
 from tests.federation_harness import RANK, SECRET, ials, seeds, wait_for_domains, write_domains
 
 pytestmark = pytest.mark.timeout(60)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.pseudonyms import as_keys, load_secret, membership_fingerprint, pseudonymize
+from cdimf.common.security.pseudonyms import as_keys, load_secret, membership_fingerprint, pseudonymize
 
 SECRET = b"federation-secret-0123456789"
 

@@ -7,10 +7,10 @@ import grpc
 import numpy as np
 import pytest
 
-from aggregator.server import start_aggregator
-from common.config import AggregatorConfig, RunParams, TLSConfig
-from common.pseudonyms import pseudonymize
-from domain_node.aggregator_client import AggregatorClient, AggregatorError
+from cdimf.aggregator.service import start_aggregator
+from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError
 
 SECRET = b"test-federation-secret-32-bytes!"
 pytestmark = pytest.mark.timeout(60)

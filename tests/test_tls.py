@@ -17,15 +17,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aggregator.server import RunningAggregator, start_aggregator
+from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf import certs
-from common import call_auth, tls
-from common.chunks import encode_matrix
-from common.config import AggregatorConfig, RunParams, TLSConfig
-from common.pseudonyms import load_secret, pseudonymize
-from domain_node.aggregator_client import AggregatorClient
-from protos.v1 import federation_pb2 as pb
-from protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.common.security import call_proof as call_auth
+from cdimf.common.security import tls
+from cdimf.common.wire.chunks import encode_matrix
+from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.security.pseudonyms import load_secret, pseudonymize
+from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 PROBE_METHOD = "/cdimf.test.Probe/Speak"
 DOMAIN_HEADER = "x-cdimf-domain"

@@ -2,7 +2,7 @@
 
 import grpc
 
-from protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2 as pb
 
 # requests a client sends as wire bytes it serialised itself (AggregatorClient's factor push)
 _SENT_AS_BYTES = {"/cdimf.v1.Aggregator/PushContribution": pb.MatrixChunk}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.v1 import federation_pb2 as protos_dot_v1_dot_federation__pb2
+from cdimf.protos.v1 import federation_pb2 as cdimf_dot_protos_dot_v1_dot_federation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/v1/federation_pb2_grpc.py depends on'
+        + ' but the generated code in cdimf/protos/v1/federation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class AggregatorStub:
         """
         self.Register = channel.stream_unary(
                 '/cdimf.v1.Aggregator/Register',
-                request_serializer=protos_dot_v1_dot_federation__pb2.PseudonymChunk.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.Membership.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.PseudonymChunk.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Membership.FromString,
                 _registered_method=True)
         self.GetMembership = channel.unary_stream(
                 '/cdimf.v1.Aggregator/GetMembership',
-                request_serializer=protos_dot_v1_dot_federation__pb2.GetMembershipRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.MembershipChunk.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.GetMembershipRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MembershipChunk.FromString,
                 _registered_method=True)
         self.WaitForRun = channel.unary_unary(
                 '/cdimf.v1.Aggregator/WaitForRun',
-                request_serializer=protos_dot_v1_dot_federation__pb2.WaitForRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.WaitForRunRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
                 _registered_method=True)
         self.PushContribution = channel.stream_unary(
                 '/cdimf.v1.Aggregator/PushContribution',
-                request_serializer=protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.Ack.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
         self.PullConsensus = channel.unary_stream(
                 '/cdimf.v1.Aggregator/PullConsensus',
-                request_serializer=protos_dot_v1_dot_federation__pb2.PullRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.PullRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/cdimf.v1.Aggregator/ReportMetrics',
-                request_serializer=protos_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.Ack.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
         self.StartRun = channel.unary_unary(
                 '/cdimf.v1.Aggregator/StartRun',
-                request_serializer=protos_dot_v1_dot_federation__pb2.StartRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/cdimf.v1.Aggregator/GetStatus',
-                request_serializer=protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.AggregatorStatus.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.AggregatorStatus.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/cdimf.v1.Aggregator/WatchRun',
-                request_serializer=protos_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.RoundEvent.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RoundEvent.FromString,
                 _registered_method=True)
         self.StopRun = channel.unary_unary(
                 '/cdimf.v1.Aggregator/StopRun',
-                request_serializer=protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
                 _registered_method=True)
 
 
@@ -156,53 +156,53 @@ def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.stream_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.PseudonymChunk.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.Membership.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.PseudonymChunk.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Membership.SerializeToString,
             ),
             'GetMembership': grpc.unary_stream_rpc_method_handler(
                     servicer.GetMembership,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.GetMembershipRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.MembershipChunk.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.GetMembershipRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MembershipChunk.SerializeToString,
             ),
             'WaitForRun': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitForRun,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.WaitForRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.WaitForRunRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
             ),
             'PushContribution': grpc.stream_unary_rpc_method_handler(
                     servicer.PushContribution,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.Ack.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.SerializeToString,
             ),
             'PullConsensus': grpc.unary_stream_rpc_method_handler(
                     servicer.PullConsensus,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.PullRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.PullRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.MetricsReport.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.Ack.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.MetricsReport.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.SerializeToString,
             ),
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.StartRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StartRunRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.AggregatorStatus.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.AggregatorStatus.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.WatchRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.RoundEvent.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.WatchRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RoundEvent.SerializeToString,
             ),
             'StopRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StopRun,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.StopRunRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,8 +230,8 @@ class Aggregator:
             request_iterator,
             target,
             '/cdimf.v1.Aggregator/Register',
-            protos_dot_v1_dot_federation__pb2.PseudonymChunk.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.Membership.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.PseudonymChunk.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.Membership.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/GetMembership',
-            protos_dot_v1_dot_federation__pb2.GetMembershipRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.MembershipChunk.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.GetMembershipRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.MembershipChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/WaitForRun',
-            protos_dot_v1_dot_federation__pb2.WaitForRunRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.WaitForRunRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class Aggregator:
             request_iterator,
             target,
             '/cdimf.v1.Aggregator/PushContribution',
-            protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.Ack.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/PullConsensus',
-            protos_dot_v1_dot_federation__pb2.PullRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.PullRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.MatrixChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/ReportMetrics',
-            protos_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.Ack.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.MetricsReport.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/StartRun',
-            protos_dot_v1_dot_federation__pb2.StartRunRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.StartRunRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,8 +419,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/GetStatus',
-            protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.AggregatorStatus.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.AggregatorStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -446,8 +446,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/WatchRun',
-            protos_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.RoundEvent.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RoundEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -473,8 +473,8 @@ class Aggregator:
             request,
             target,
             '/cdimf.v1.Aggregator/StopRun',
-            protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -497,18 +497,18 @@ class DomainNodeStub:
         """
         self.GetStatus = channel.unary_unary(
                 '/cdimf.v1.DomainNode/GetStatus',
-                request_serializer=protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.NodeStatus.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.NodeStatus.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/cdimf.v1.DomainNode/Evaluate',
-                request_serializer=protos_dot_v1_dot_federation__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.EvaluateReply.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateReply.FromString,
                 _registered_method=True)
         self.Recommend = channel.unary_unary(
                 '/cdimf.v1.DomainNode/Recommend',
-                request_serializer=protos_dot_v1_dot_federation__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_federation__pb2.RecommendReply.FromString,
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendReply.FromString,
                 _registered_method=True)
 
 
@@ -538,18 +538,18 @@ def add_DomainNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.NodeStatus.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.NodeStatus.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.EvaluateRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.EvaluateReply.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateReply.SerializeToString,
             ),
             'Recommend': grpc.unary_unary_rpc_method_handler(
                     servicer.Recommend,
-                    request_deserializer=protos_dot_v1_dot_federation__pb2.RecommendRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_federation__pb2.RecommendReply.SerializeToString,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,8 +577,8 @@ class DomainNode:
             request,
             target,
             '/cdimf.v1.DomainNode/GetStatus',
-            protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.NodeStatus.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.StatusRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.NodeStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -604,8 +604,8 @@ class DomainNode:
             request,
             target,
             '/cdimf.v1.DomainNode/Evaluate',
-            protos_dot_v1_dot_federation__pb2.EvaluateRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.EvaluateReply.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.EvaluateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -631,8 +631,8 @@ class DomainNode:
             request,
             target,
             '/cdimf.v1.DomainNode/Recommend',
-            protos_dot_v1_dot_federation__pb2.RecommendRequest.SerializeToString,
-            protos_dot_v1_dot_federation__pb2.RecommendReply.FromString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RecommendReply.FromString,
             options,
             channel_credentials,
             insecure,

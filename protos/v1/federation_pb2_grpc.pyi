@@ -22,9 +22,9 @@ Rounds are numbered from 1. A node pushes round r (its X + U after its local epo
 round) and pulls Z of round >= r.
 """
 
+from cdimf.protos.v1 import federation_pb2 as _federation_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
-from protos.v1 import federation_pb2 as _federation_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterable, Iterable, Iterator
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2 as pb
 
 # Payload per chunk: far below gRPC's 4 MB default message limit, large enough that the
 # per-message overhead is amortised.

@@ -6,8 +6,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from common.admm import dual_update, proximal_target
-from common.ials import (
+from cdimf.common.core.admm import dual_update, proximal_target
+from cdimf.common.core.ials import (
     FLOAT,
     Proximal,
     as_csr32,
@@ -17,7 +17,7 @@ from common.ials import (
     row_counts,
     solve_half_step,
 )
-from common.params import IALSParams
+from cdimf.common.core.params import IALSParams
 
 
 @dataclass

@@ -6,8 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from common.config import ConfigError, load_config
-from common.params import StrictModel
+from cdimf.common.config import ConfigError, load_config
+from cdimf.common.core.params import StrictModel
 
 Config = TypeVar("Config", bound=StrictModel)
 

@@ -22,7 +22,7 @@ push with round = the open round (`info.current_round`, or the pulled `z.round +
 Every call has a deadline (rpc_timeout_s; pulls and waits add their wait time). UNAVAILABLE
 (aggregator down or restarting) is retried with exponential backoff and full jitter until
 `retry_for_s` has passed; other failures raise AggregatorError with the gRPC status code. Each
-channel sends keepalive pings (common.config.CHANNEL_OPTIONS). A push whose Ack was lost and is
+channel sends keepalive pings (cdimf.common.config.CHANNEL_OPTIONS). A push whose Ack was lost and is
 retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
 """
 
@@ -36,11 +36,11 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from common.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
-from common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
-from common.heap import reuse_freed_chunk_memory
-from protos.v1 import federation_pb2 as pb
-from protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.common.wire.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
+from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from cdimf.common.rpc.heap import reuse_freed_chunk_memory
+from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
@@ -157,7 +157,7 @@ def channel_credentials_from_config(tls: TLSConfig) -> grpc.ChannelCredentials |
     """Channel credentials for a TLS section (None: plaintext, only with insecure = true)."""
     if tls.insecure:
         return None
-    from common.tls import channel_credentials
+    from cdimf.common.security.tls import channel_credentials
 
     return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)  # type: ignore[arg-type]
 

@@ -2,15 +2,15 @@
 
 Entry points:
 - `serve(config)`: blocking; serves until SIGINT/SIGTERM, then stops gracefully. This is what
-  `python -m aggregator --config aggregator.toml` and the CLI call.
+  `python -m cdimf.aggregator --config aggregator.toml` and the CLI call.
 - `await start_aggregator(config)`: starts the server inside a running event loop and returns a
   RunningAggregator (its bound `port`, `address`, `state`, `await stop()`); for tests and for
   embedding (`listen = "127.0.0.1:0"` binds a free port).
 
 Security (issue 5) follows the TLS section of the config: `insecure = true` serves plaintext and
 lets every caller speak for any domain; otherwise TLS from the config's files, every call's
-client certificate proved and checked by common.call_auth's interceptor before any handler runs
-(UNAUTHENTICATED), and common.tls's identity checks in the handlers (PERMISSION_DENIED).
+client certificate proved and checked by cdimf.common.security.call_proof's interceptor before any handler runs
+(UNAUTHENTICATED), and cdimf.common.security.tls's identity checks in the handlers (PERMISSION_DENIED).
 
 Health: the standard gRPC health service (grpc.health.v1.Health) answers for "" and
 "cdimf.v1.Aggregator": SERVING once the port is bound and serving, NOT_SERVING from the moment
@@ -38,8 +38,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
-from common.chunks import (
+from cdimf.aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
+from cdimf.common.wire.chunks import (
     ChunkError,
     MatrixAssembler,
     RegistrationAssembler,
@@ -48,10 +48,10 @@ from common.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
-from common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
-from common.heap import reuse_freed_chunk_memory
-from protos.v1 import federation_pb2 as pb
-from protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from cdimf.common.rpc.heap import reuse_freed_chunk_memory
+from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cdimf.aggregator")
 Refusal = tuple[grpc.StatusCode, str]
@@ -98,17 +98,17 @@ class AllowAll:
 
 
 class CertificateAuthorizer:
-    """Mutual TLS: a domain may only speak for the domain in its certificate (common.tls)."""
+    """Mutual TLS: a domain may only speak for the domain in its certificate (cdimf.common.security.tls)."""
 
     def check_domain(self, context: grpc.aio.ServicerContext, domain: str) -> Refusal | None:
         """Refuse unless the client certificate names `domain`."""
-        from common.tls import domain_check
+        from cdimf.common.security.tls import domain_check
 
         return domain_check(context, domain)
 
     def check_operator(self, context: grpc.aio.ServicerContext) -> Refusal | None:
         """Refuse unless the client holds an operator or aggregator certificate."""
-        from common.tls import operator_check
+        from cdimf.common.security.tls import operator_check
 
         return operator_check(context)
 
@@ -120,7 +120,7 @@ def security_from_config(
     interceptors (the per-call client certificate check) for a TLS section."""
     if tls.insecure:
         return None, AllowAll(), []
-    from common.tls import server_credentials, server_interceptors
+    from cdimf.common.security.tls import server_credentials, server_interceptors
 
     assert tls.cert_file is not None and tls.key_file is not None and tls.ca_file is not None
     return server_credentials(tls.cert_file, tls.key_file, tls.ca_file), CertificateAuthorizer(), server_interceptors(tls)

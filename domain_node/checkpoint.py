@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_files import read_arrays_or_npz, write_arrays_atomically
-from domain_node.trainer import TrainerState
+from cdimf.common.atomic_files import read_arrays_or_npz, write_arrays_atomically
+from cdimf.common.core.model import TrainerState
 
-# a plain array container (common.atomic_files): ~3x less CPU per round than an .npz (no zip
+# a plain array container (cdimf.common.atomic_files): ~3x less CPU per round than an .npz (no zip
 # CRC over every byte), which matters as it is written while the next round trains
 CHECKPOINT_FILE = "node-checkpoint.arrays"
 # what earlier versions wrote (an .npz with the same arrays): still read when it is the only one

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from common import ials_native
+from cdimf.common.core import ials_native
 
 FLOAT = np.float32
 # Floats of padded gathers per chunk: big enough to amortise per-call overhead, small

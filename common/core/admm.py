@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.params import ADMMParams
+from cdimf.common.core.params import ADMMParams
 
 FLOAT = np.float32
 

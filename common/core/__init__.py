@@ -1,0 +1,1 @@
+"""Numerical core: iALS, the local model, ADMM consensus, membership, metrics (numpy/scipy only)."""

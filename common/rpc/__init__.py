@@ -1,0 +1,1 @@
+"""gRPC plumbing: channels and servers, authorisation, the aggregator client."""

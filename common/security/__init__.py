@@ -1,0 +1,1 @@
+"""Security: pseudonyms, certificates, per-call proofs, the party-name rule."""

@@ -1,0 +1,1 @@
+"""Wire formats: the chunked matrix codec and every pydantic <-> protobuf conversion."""

@@ -1,0 +1,1 @@
+"""Shipped reproduction configs, found by name: `cdimf reproduce warm-sport-cloth`."""

@@ -39,6 +39,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
+from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import (
     ChunkError,
     MatrixAssembler,
@@ -48,8 +50,6 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
-from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
-from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 

@@ -25,11 +25,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cdimf.common.core.admm import consensus
 from cdimf.common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
 from cdimf.common.config import ConfigError, RunParams
-from cdimf.common.core.params import ADMMParams
+from cdimf.common.core.admm import consensus
 from cdimf.common.core.membership import align_memberships
+from cdimf.common.core.params import ADMMParams
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
 
 MAX_DOMAINS = 64  # holder masks are uint64

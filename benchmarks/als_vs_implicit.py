@@ -126,11 +126,10 @@ def run_ours(matrix: sp.csr_matrix, args: argparse.Namespace, backend: str, meth
 
 def run_implicit(matrix: sp.csr_matrix, args: argparse.Namespace, use_cg: bool) -> dict:
     """Time implicit's own iterations (its per-iteration callback; its fit-time transpose excluded)."""
+    from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     from cdimf.common.core.ials import frequency_ridge, ials_loss, init_factors, row_counts
-
-    from implicit.cpu.als import AlternatingLeastSquares
 
     confidence = (1.0 + ALPHA) / ALPHA
     scale = np.float32(np.sqrt(1.0 + ALPHA))

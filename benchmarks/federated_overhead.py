@@ -39,10 +39,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from cdimf.engine import CDIMFEngine, DomainInput  # noqa: E402
-from cdimf.simulate import SimulateConfig  # noqa: E402
 from cdimf.common.config import ValidationParams  # noqa: E402
 from cdimf.domain_node.node_data import evaluate, load_node_data  # noqa: E402
+from cdimf.engine import CDIMFEngine, DomainInput  # noqa: E402
+from cdimf.simulate import SimulateConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

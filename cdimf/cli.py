@@ -5,8 +5,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cdimf.reproduce_config import ConfigError, load_reproduce_config
 from cdimf.common.config import ConfigError as CommonConfigError
+from cdimf.reproduce_config import ConfigError, load_reproduce_config
 
 
 def _reproduce(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from cdimf.common.core.metrics import full_catalog_metrics, hit_rate, ndcg, sample_negatives, sampled_ranks
+from cdimf.common.core.model import DomainTrainer
+from cdimf.domain_node.data import DomainSplit, load_pair, pairs_to_csr
 from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.reproduce_config import ReproduceConfig
-from cdimf.common.core.metrics import full_catalog_metrics, hit_rate, ndcg, sample_negatives, sampled_ranks
-from cdimf.domain_node.data import DomainSplit, load_pair, pairs_to_csr
-from cdimf.common.core.model import DomainTrainer
 
 Vectors = list[tuple[np.ndarray, np.ndarray]]
 

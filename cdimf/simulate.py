@@ -34,9 +34,9 @@ from typing import Any, Literal
 import grpc
 from pydantic import Field, model_validator
 
-from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.config_flags import add_model_flags, load_with_flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WARM_PAIR = REPO_ROOT / "data" / "amazon-cdr" / "warm-start_sport_cloth"
@@ -249,11 +249,11 @@ def _tls_settings(tls: TLSConfig) -> dict[str, Any]:
 async def _drive(config: SimulateConfig, federation: Federation, aggregator: str, nodes: dict[str, str],
                  operator: TLSConfig, as_json: bool) -> dict[str, Any]:
     """Start the run, follow it, then evaluate every node on its test split."""
-    from cdimf.runtime_cli import follow_run, start_run
-    from cdimf.common.security.tls import open_channel
     from cdimf.common.rpc.aggregator_client import AggregatorClient, channel_credentials_from_config
+    from cdimf.common.security.tls import open_channel
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
+    from cdimf.runtime_cli import follow_run, start_run
 
     client = AggregatorClient(aggregator, "", channel_credentials_from_config(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
     try:

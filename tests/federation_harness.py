@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.common.core.params import ADMMParams, IALSParams
 from cdimf.common.rpc.aggregator_client import AggregatorClient
-from cdimf.domain_node.node_data import NodeData, load_node_data
 from cdimf.domain_node.checkpoint import Checkpoint, load_checkpoint
+from cdimf.domain_node.node_data import NodeData, load_node_data
+from cdimf.engine import CDIMFEngine, DomainInput
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "tests-federation-secret-0123456789"

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,14 +18,14 @@ import scipy.sparse as sp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdimf.aggregator.service import RunningAggregator, start_aggregator
-from cdimf.engine import CDIMFEngine, DomainInput
-from cdimf.common.core.admm import consensus
-from cdimf.common.wire.chunks import encode_matrix, encode_registration
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
-from cdimf.common.core.params import ADMMParams, IALSParams
-from cdimf.common.security.pseudonyms import pseudonymize
-from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
+from cdimf.common.core.admm import consensus
 from cdimf.common.core.model import DomainTrainer
+from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.common.wire.chunks import encode_matrix, encode_registration
+from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.wire_capture import WireRecorder

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cdimf.aggregator.state import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, AggregatorState, StateError, blockwise_consensus, sortable_keys, sorted_unique
-from cdimf.common.core.admm import consensus
 from cdimf.common.config import RunParams
+from cdimf.common.core.admm import consensus
 from cdimf.common.core.membership import align_memberships
 from cdimf.common.core.params import ADMMParams
 from cdimf.common.security.pseudonyms import pseudonymize

@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
 import pytest
+from compose_local import REPO, build_view, in_view, is_bind, load_compose, run_stack, volume_mounts
 from cryptography import x509
 
 from cdimf.cli import build_parser
 from cdimf.cli import main as cdimf_main
-from cdimf.runtime_cli import TrainConfig
-from cdimf.common.security import tls
 from cdimf.common.config import AggregatorConfig, NodeConfig, load_config
-
-import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
-from compose_local import REPO, build_view, in_view, is_bind, load_compose, run_stack, volume_mounts
+from cdimf.common.security import tls
+from cdimf.runtime_cli import TrainConfig
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 SCHEMA_FILE = REPO / "deploy" / "compose-spec.json"

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.common.core.admm import apply_prox, consensus, consensus_mean
 from cdimf.common.core.membership import align_memberships
-from cdimf.common.core.params import ADMMParams, IALSParams
 from cdimf.common.core.model import DomainTrainer
+from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.engine import CDIMFEngine, DomainInput
 
 PARAMS = IALSParams(rank=6, alpha=0.2, lam=0.5, nu=0.0, sigma=0.5, seed=3, threads=1)
 

@@ -6,9 +6,8 @@ import select
 import subprocess
 import sys
 
-import pytest
-
 import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
+import pytest
 
 ECHO_PORT = 7000
 DEADLINE_S = 10.0
@@ -77,10 +76,9 @@ def test_tcp_echo_between_two_namespaces(namespaces_possible: None) -> None:
 
 def test_cleanup_when_the_body_raises(namespaces_possible: None) -> None:
     """An exception inside the block still kills started processes and removes the namespaces."""
-    with pytest.raises(RuntimeError, match="boom"):
-        with netns.private_network(["gamma"]) as network:
-            sleeper = network.popen("gamma", ["sleep", "60"])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), netns.private_network(["gamma"]) as network:
+        sleeper = network.popen("gamma", ["sleep", "60"])
+        raise RuntimeError("boom")
     assert sleeper.poll() is not None
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert network.hosts["gamma"].namespace not in listed

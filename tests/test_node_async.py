@@ -13,8 +13,8 @@ from cdimf.aggregator.service import start_aggregator
 from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
-from cdimf.domain_node.runner import NodeRunner
 from cdimf.domain_node.checkpoint import load_checkpoint
+from cdimf.domain_node.runner import NodeRunner
 from cdimf.protos.v1 import federation_pb2 as pb
 from tests.federation_harness import (
     DOMAINS,

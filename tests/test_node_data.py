@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdimf.domain_node.data import DataError
 from cdimf.common.config import VALID_NEGATIVES
+from cdimf.domain_node.data import DataError
 from cdimf.domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_data, top_k
 
 

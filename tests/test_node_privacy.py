@@ -8,10 +8,10 @@ import pytest
 from pydantic import SecretStr
 
 from cdimf.aggregator.service import start_aggregator
-from cdimf.common.wire.chunks import MatrixAssembler
 from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
-from cdimf.common.security.pseudonyms import pseudonymize
 from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.common.wire.chunks import MatrixAssembler
 from cdimf.domain_node.runner import NodeRunner
 from cdimf.domain_node.service import start_node
 from tests.federation_harness import RANK, SECRET, ials, node_data, seeds, wait_for_checkpoints, wait_for_domains, write_domains

@@ -9,13 +9,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from cdimf.aggregator.service import start_aggregator
-from cdimf.runtime_cli import check_health
-from cdimf.simulate import write_throwaway_certificates
 from cdimf.common.config import AggregatorConfig, NodeConfig
 from cdimf.common.security.tls import open_channel
 from cdimf.domain_node.service import start_node
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
+from cdimf.runtime_cli import check_health
+from cdimf.simulate import write_throwaway_certificates
 from tests.federation_harness import SECRET, ials, write_domains
 
 pytestmark = pytest.mark.timeout(60)

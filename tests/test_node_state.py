@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdimf.domain_node.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from cdimf.common.core.model import TrainerState
+from cdimf.domain_node.checkpoint import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 
 
 def _checkpoint(round_index: int, with_consensus: bool = True) -> Checkpoint:

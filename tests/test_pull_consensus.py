@@ -9,8 +9,8 @@ import pytest
 
 from cdimf.aggregator.service import start_aggregator
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
-from cdimf.common.security.pseudonyms import pseudonymize
 from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError
+from cdimf.common.security.pseudonyms import pseudonymize
 
 SECRET = b"test-federation-secret-32-bytes!"
 pytestmark = pytest.mark.timeout(60)

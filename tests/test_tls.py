@@ -17,14 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf import certs
+from cdimf.aggregator.service import RunningAggregator, start_aggregator
+from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.security import call_proof as call_auth
 from cdimf.common.security import tls
-from cdimf.common.wire.chunks import encode_matrix
-from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.security.pseudonyms import load_secret, pseudonymize
-from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.common.wire.chunks import encode_matrix
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 

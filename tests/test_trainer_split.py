@@ -5,8 +5,8 @@ import pytest
 import scipy.sparse as sp
 
 from cdimf.common.core.ials import ials_epoch
-from cdimf.common.core.params import IALSParams
 from cdimf.common.core.model import DomainTrainer
+from cdimf.common.core.params import IALSParams
 
 
 def _trainer() -> DomainTrainer:

@@ -36,9 +36,9 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cdimf.common.wire.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
 from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
+from cdimf.common.wire.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 

@@ -95,7 +95,7 @@ class CertificateProofPlugin(grpc.AuthMetadataPlugin):
         try:
             method = f"{urlsplit(context.service_url).path.rstrip('/')}/{context.method_name}"
             callback(proof_metadata(self._certificate_der, self._private_key, method), None)
-        except Exception as error:  # noqa: BLE001  # gRPC wants the error handed back, not raised
+        except Exception as error:  # gRPC wants the error handed back, not raised
             callback((), error)
 
 

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cdimf.common.security.call_proof import CallAuthenticator, CertificateProofInterceptor, proof_call_credentials, verified_certificate
 from cdimf.common.config import TLSConfig
+from cdimf.common.security.call_proof import CallAuthenticator, CertificateProofInterceptor, proof_call_credentials, verified_certificate
 
 URI_SCHEME = "cdimf"
 PartyKind = Literal["domain", "aggregator", "operator"]

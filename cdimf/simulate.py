@@ -37,9 +37,8 @@ from pydantic import Field, model_validator
 from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
+from cdimf.resources import embedded_pair
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WARM_PAIR = REPO_ROOT / "data" / "amazon-cdr" / "warm-start_sport_cloth"
 TERMINATE_GRACE_S = 5.0
 
 
@@ -55,8 +54,9 @@ class SimulatedDomain(StrictModel):
 
 def _warm_pair() -> list[SimulatedDomain]:
     """The embedded warm Sport&Cloth pair, one SimulatedDomain per domain."""
+    warm_pair = embedded_pair("warm-start_sport_cloth")
     return [
-        SimulatedDomain(name=name, train_path=WARM_PAIR / folder / "train.txt", test_path=WARM_PAIR / folder / "test.txt", data_format="paper")
+        SimulatedDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
         for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
     ]
 

@@ -27,6 +27,7 @@ A refused request changes no state.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -38,8 +39,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cdimf.aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
+from cdimf.aggregator.rounds import Event, Run, StateError
+from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from cdimf.common.core.membership import Membership
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import (
     ChunkError,
@@ -174,11 +177,10 @@ def _event_message(run: Run, event: Event) -> pb.RoundEvent:
     )
 
 
-def _membership_message(layout: Layout, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
+def _membership_message(mine: Membership, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
     """The membership summary a Register call answers with."""
-    mine: DomainLayout = layout.per_domain[domain]
     return pb.Membership(
-        domains=list(layout.domains),
+        domains=list(mine.domains),
         domain=domain,
         rows=len(mine.roles),
         shared_rows=len(mine.shared_rows),
@@ -263,8 +265,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def deadline_loop(self) -> None:
         """Close rounds whose deadline passed (asynchronous mode); runs as a background task."""
         while True:
-            deadline = self.state.deadline_at()
-            timeout = None if deadline is None else max(0.0, deadline - self.state.clock())
+            async with self.lock:
+                timeout = self.state.seconds_to_deadline()
             await self.changes.wait(timeout)
             async with self.lock:
                 try:
@@ -275,7 +277,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             if closed is not None:
                 log.info("round %d closed at its deadline", closed)
                 self.changes.notify()
-            elif deadline is not None and timeout == 0.0:
+            elif timeout == 0.0:
                 # deadline passed without min_domains: wait for the next push, not a busy loop
                 await self.changes.wait(None)
 
@@ -290,8 +292,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
         def register() -> pb.Membership:
             registration = self.state.register(domain, pseudonyms, holder)
-            layout, frozen = self.state.layout_for(domain)
-            return _membership_message(layout, domain, registration.fingerprint, frozen)
+            mine, frozen = self.state.membership_for(domain)
+            return _membership_message(mine, domain, registration.fingerprint, frozen)
 
         reply = await self._locked(context, register, in_thread=True)
         log.info("domain %s registered %d rows", domain, reply.rows)
@@ -302,9 +304,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Stream the domain's per-row roles and holder masks (the run's frozen membership when admitted)."""
         domain = request.header.domain
         await self._domain(context, domain)
-        layout, _ = await self._locked(context, lambda: self.state.layout_for(domain), in_thread=True)
-        mine = layout.per_domain[domain]
-        for chunk in encode_membership(mine.roles, mine.holder_masks, list(layout.domains), request.header):
+        mine, _ = await self._locked(context, lambda: self.state.membership_for(domain), in_thread=True)
+        for chunk in encode_membership(mine.roles, mine.holder_masks, list(mine.domains), request.header):
             yield chunk
 
     async def WaitForRun(self, request: pb.WaitForRunRequest, context: grpc.aio.ServicerContext) -> pb.RunInfo:
@@ -317,10 +318,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if not np.isfinite(request.wait_s) or request.wait_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wait_s must be finite and >= 0, got {request.wait_s}")
         give_up = time.monotonic() + request.wait_s
+
+        def started() -> pb.RunInfo | None:
+            """The wire form of the run to answer with, None while there is none yet."""
+            run = self.state.current_run(request.after_run_id)
+            return None if run is None else run_info(run, domain)
+
         while True:
-            run = self.state.run
-            if run is not None and run.run_id != request.after_run_id:
-                return run_info(run, domain)
+            info = await self._locked(context, started)
+            if info is not None:
+                return info
             left = give_up - time.monotonic()
             if left <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no run started within {request.wait_s} s")
@@ -368,39 +375,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         give_up = time.monotonic() + request.wait_s
 
-        def newest() -> tuple[int, np.ndarray, np.ndarray] | None:
-            """(round, Z, this domain's pull rows) of the newest consensus >= min_round, or None yet."""
-            run = self.state.run
-            # the case where consensus_for would return Z: answered here without it, because it
-            # returns Z[pull_index] copied whole (256 MB at 1M x 64, in the event loop), which
-            # the stream below would gather again chunk by chunk; that copy halved pull speed
-            if (
-                run is not None
-                and run.run_id == header.run_id
-                and header.domain in run.admitted
-                and run.consensus is not None
-                and run.consensus_round >= max(request.min_round, 1)
-            ):
-                return run.consensus_round, run.consensus, run.layout.per_domain[header.domain].pull_index
-            # otherwise the state refuses (unknown run, domain not admitted, a wait that cannot end) or says wait
-            found = self.state.consensus_for(header.run_id, header.domain, request.min_round)
-            if found is None or run is None or run.consensus is None:
-                return None
-            return found[0], run.consensus, run.layout.per_domain[header.domain].pull_index
-
         while True:
-            found = await self._locked(context, newest)
+            found = await self._locked(context, lambda: self.state.pull(header.run_id, header.domain, request.min_round))
             if found is not None:
                 break
             left = give_up - time.monotonic()
             if left <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no consensus of round >= {request.min_round} within {request.wait_s} s")
             await self.changes.wait(left)
-        round_index, z, rows = found
-        # z is never modified in place (each round builds a new array), so streaming it
+        # Z is never modified in place (each round builds a new array), so streaming it
         # outside the lock is safe even if the next round closes meanwhile
-        reply_header = pb.Header(run_id=header.run_id, domain=header.domain, round=round_index)
-        for chunk in encode_matrix_serialized(z, reply_header, dtype=dtype, row_index=rows):
+        reply_header = pb.Header(run_id=header.run_id, domain=header.domain, round=found.round)
+        for chunk in encode_matrix_serialized(found.z, reply_header, dtype=dtype, row_index=found.rows):
             yield chunk
 
     async def ReportMetrics(self, request: pb.MetricsReport, context: grpc.aio.ServicerContext) -> pb.Ack:
@@ -430,25 +416,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.AggregatorStatus:
         """The current run and every registered domain."""
         await self._operator(context)
-        async with self.lock:
-            run = self.state.run
-            status = pb.AggregatorStatus(run=run_info(run))
-            if run is not None:
-                status.shared_users = run.layout.exchanged_rows
-            for name, registration in sorted(self.state.registrations.items()):
-                admitted = run is not None and name in run.admitted
-                entry = pb.DomainStatus(domain=name, rows=len(registration.holder), admitted=admitted)
-                if admitted and run is not None:
-                    mine = run.layout.per_domain[name]
-                    entry.shared_rows = len(mine.shared_rows)
-                    entry.receiver_rows = len(mine.receiver_rows)
-                    entry.latest_contribution_round = run.tags.get(name, 0)
-                    entry.contributions = run.contribution_counts.get(name, 0)
-                    reported = run.metrics.get(name, {})
-                    if reported:
-                        entry.latest_metrics.update(reported[max(reported)])
-                status.domains.append(entry)
-            return status
+
+        def status() -> pb.AggregatorStatus:
+            """The state's status snapshot in its wire form (converted under the lock: it names the live run)."""
+            snapshot = self.state.status()
+            message = pb.AggregatorStatus(run=run_info(snapshot.run), shared_users=snapshot.shared_users)
+            for entry in snapshot.domains:
+                message.domains.append(
+                    pb.DomainStatus(
+                        domain=entry.domain,
+                        rows=entry.rows,
+                        admitted=entry.admitted,
+                        shared_rows=entry.shared_rows,
+                        receiver_rows=entry.receiver_rows,
+                        latest_contribution_round=entry.latest_contribution_round,
+                        contributions=entry.contributions,
+                        latest_metrics=entry.latest_metrics,
+                    )
+                )
+            return message
+
+        return await self._locked(context, status)
 
     async def WatchRun(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RoundEvent]:
         """Replay the run's events of rounds >= from_round, then follow until it ends.
@@ -458,28 +446,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         domain reported them.
         """
         await self._operator(context)
-        run_id = request.header.run_id
-        run = self.state.run
-        if run is None or (run_id and run.run_id != run_id):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown run {run_id!r}")
-            return
+        run = await self._locked(context, lambda: self.state.watched_run(request.header.run_id))
         sent = 0
         ended_at: float | None = None
         while True:
-            # index by index: events appended while a yield is suspended are sent in this pass
-            # (a snapshot's length taken after the loop would count them as sent)
-            while sent < len(run.events):
-                event = run.events[sent]
-                sent += 1
+            watch = await self._locked(context, functools.partial(self.state.watch, run, sent))
+            for event in watch.events:
                 if event.round >= request.from_round or event.kind in ("run_finished", "run_stopped"):
                     yield _event_message(run, event)
-            if self.state.run is not run:
+            sent += len(watch.events)
+            if watch.events:
+                continue  # more may have come while those were sent: decide on a fresh look
+            if not watch.current or watch.complete:
                 return
             timeout = None
-            if run.state != "running":
-                final = run.consensus_round
-                if run.state == "stopped" or all(final in run.metrics.get(d, {}) for d in run.admitted):
-                    return
+            if watch.ended:
                 ended_at = time.monotonic() if ended_at is None else ended_at
                 timeout = ended_at + FINAL_METRICS_GRACE_S - time.monotonic()
                 if timeout <= 0:
@@ -594,13 +575,11 @@ async def _auto_start(running: RunningAggregator, params: RunParams) -> None:
         service = running.service
         while True:
             async with service.lock:
-                state = service.state
-                if state.run is not None and state.run.state == "running":
-                    return
-                if len(state.registrations) >= params.min_domains:
-                    state.start_run(params)
-                    service.changes.notify()
-                    return
+                # aligning the registrations is heavy: off the event loop, like StartRun
+                done = await asyncio.to_thread(service.state.start_when_ready, params)
+            if done:
+                service.changes.notify()
+                return
             await service.changes.wait(None)
 
     running.service.start_task(starter())

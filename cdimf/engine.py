@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from cdimf.common.core.admm import consensus
 from cdimf.common.core.ials import row_counts
-from cdimf.common.core.membership import DomainMembership, align_memberships
+from cdimf.common.core.membership import Membership, align_memberships
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams
 
@@ -62,8 +62,8 @@ class CDIMFEngine:
         self.rank = ranks.pop()
         self.domains = list(domains)
         holds = [row_counts(sp.csr_matrix(d.train)) > 0 for d in domains]
-        self.memberships: list[DomainMembership]
-        self.memberships, self.global_keys = align_memberships([d.user_keys for d in domains], holds)
+        self.memberships: list[Membership]
+        self.memberships, self.global_keys = align_memberships([d.user_keys for d in domains], holds, names)
         self.trainers = [
             DomainTrainer(d.name, d.train, d.params, admm.rho, m.shared_rows, m.receiver_rows, user_step)
             for d, m in zip(domains, self.memberships)

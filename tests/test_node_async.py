@@ -146,6 +146,6 @@ def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_pa
     # cloth's receiver and dual state took the final Z: its consensus equals the aggregator's rows for it
     checkpoint = load_checkpoint(tmp_path / "cloth")
     assert checkpoint is not None and checkpoint.round == rounds and checkpoint.trainer.exchanges == rounds
-    layout = run.layout.per_domain["cloth"]
+    membership = run.memberships["cloth"]
     assert run.consensus is not None and checkpoint.trainer.consensus is not None
-    np.testing.assert_array_equal(checkpoint.trainer.consensus, run.consensus[layout.shared_index])
+    np.testing.assert_array_equal(checkpoint.trainer.consensus, run.consensus[membership.shared_index])

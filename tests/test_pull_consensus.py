@@ -41,10 +41,10 @@ def test_each_domain_gets_its_shared_then_receiver_rows_and_strangers_are_refuse
             for client in (sport, cloth):
                 rows = len(views[client.domain].shared_rows)
                 await client.push_contribution(run.run_id, 1, rng.standard_normal((rows, 4)).astype(np.float32))
-            layout = running.state.run.layout
+            memberships = running.state.run.memberships
             z = running.state.run.consensus
             for client in (sport, cloth):
-                view, mine = views[client.domain], layout.per_domain[client.domain]
+                view, mine = views[client.domain], memberships[client.domain]
                 pulled = await client.pull_consensus(run.run_id, 1, 5.0, len(view.shared_rows), len(view.receiver_rows))
                 assert pulled is not None and pulled.round == 1
                 np.testing.assert_array_equal(pulled.shared, z[mine.shared_index])

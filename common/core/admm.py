@@ -7,6 +7,7 @@ with weight rho.
 """
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 
@@ -73,10 +74,34 @@ def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray
     return (consensus_rows - duals).astype(FLOAT)
 
 
-def residuals(local: np.ndarray, consensus_rows: np.ndarray, previous_consensus: np.ndarray | None, rho: float) -> tuple[float, float]:
-    """ADMM primal ||X - Z|| and dual rho ||Z - Z_prev|| residual norms, for monitoring."""
-    primal = float(np.linalg.norm(local.astype(np.float64) - consensus_rows))
-    if previous_consensus is None:
-        return primal, float("nan")
-    dual = rho * float(np.linalg.norm(consensus_rows.astype(np.float64) - previous_consensus))
-    return primal, dual
+# blockwise_consensus works on blocks of rows whose float64 temporaries take about this many
+# bytes: small enough to stay in cache
+CONSENSUS_BLOCK_BYTES = 512 * 1024
+
+
+def blockwise_consensus(
+    contributions: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, rank: int, params: ADMMParams, block_rows: int | None = None
+) -> np.ndarray:
+    """consensus() applied to blocks of rows: the same values, with one block's temporaries.
+
+    Mean and prox are per row and the domains are summed in the same order, so Z is bit for bit
+    the one-shot consensus, without a float64 copy of everything and in cache-sized passes.
+    block_rows None: rows of about CONSENSUS_BLOCK_BYTES of float64 at this rank.
+    """
+    if block_rows is None:
+        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))
+    z = np.empty((n_rows, rank), dtype=FLOAT)
+    starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
+    parts = []
+    for index, values in contributions:
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        parts.append((order, sorted_index, np.searchsorted(sorted_index, starts), values))
+    # a loop over blocks of rows (n_rows / block_rows iterations), each one vectorised
+    for block, (start, stop) in enumerate(pairwise(starts)):
+        block_parts = [
+            (sorted_index[cuts[block] : cuts[block + 1]] - start, values[order[cuts[block] : cuts[block + 1]]])
+            for order, sorted_index, cuts, values in parts
+        ]
+        z[start:stop], _ = consensus(block_parts, int(stop - start), rank, params)
+    return z

@@ -1,0 +1,169 @@
+"""Where the aggregator keeps registrations and its run: a RunStore protocol, in memory or in a directory.
+
+Both stores keep the same things (a store is written at registrations and at round boundaries,
+never between), so tests/test_run_store.py runs one suite against both.
+"""
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cdimf.aggregator.rounds import Event, SavedRun
+from cdimf.common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
+from cdimf.common.config import ConfigError, RunParams
+from cdimf.common.security.pseudonyms import membership_fingerprint
+
+REGISTRATIONS_FILE = "registrations.npz"
+# written every round before Z is served: the plain container (cdimf.common.atomic_files) skips the
+# zip CRC pass over Z; the .npz of earlier versions is still read when it is the only one
+RUN_FILE = "run.arrays"
+LEGACY_RUN_FILE = "run.npz"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One domain's registered rows: pseudonyms (n, 32) uint8 and holder flags (n,) bool."""
+
+    domain: str
+    pseudonyms: np.ndarray
+    holder: np.ndarray
+    fingerprint: str
+
+
+class RunStore(Protocol):
+    """Keeps the registrations and the latest saved run; what a restarted aggregator resumes from."""
+
+    def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
+        """Replace the stored registrations with these."""
+        ...
+
+    def load_registrations(self) -> dict[str, Registration]:
+        """The stored registrations (empty when none were saved)."""
+        ...
+
+    def save_run(self, run: SavedRun) -> None:
+        """Replace the stored run with this one."""
+        ...
+
+    def load_run(self) -> SavedRun | None:
+        """The stored run, or None when none was saved."""
+        ...
+
+
+class MemoryRunStore:
+    """A RunStore in memory: kept as long as the object (tests, and state_dir None)."""
+
+    def __init__(self) -> None:
+        self._registrations: dict[str, Registration] = {}
+        self._run: SavedRun | None = None
+
+    def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
+        """Replace the stored registrations with these (registrations are immutable: no copy)."""
+        self._registrations = dict(registrations)
+
+    def load_registrations(self) -> dict[str, Registration]:
+        """The stored registrations."""
+        return dict(self._registrations)
+
+    def save_run(self, run: SavedRun) -> None:
+        """Replace the stored run (a SavedRun is a snapshot already)."""
+        self._run = run
+
+    def load_run(self) -> SavedRun | None:
+        """The stored run, or None."""
+        return self._run
+
+
+class DirectoryRunStore:
+    """A RunStore in a directory: atomic files, written with fsync unless `fsync` is False.
+
+    fsync False trades power-loss durability for latency (a killed process still loses nothing).
+    Reads the run saved as .npz by earlier versions when it is the only one.
+    """
+
+    def __init__(self, directory: Path | str, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
+        """Write every domain's pseudonyms and holder flags atomically."""
+        names = sorted(registrations)
+        arrays: dict[str, np.ndarray] = {"domains": np.array(names, dtype="U64")}
+        for index, name in enumerate(names):
+            arrays[f"pseudonyms_{index}"] = registrations[name].pseudonyms
+            arrays[f"holder_{index}"] = registrations[name].holder
+        write_npz_atomically(self.directory / REGISTRATIONS_FILE, arrays, self.fsync)
+
+    def load_registrations(self) -> dict[str, Registration]:
+        """The registrations in the directory (fingerprints recomputed from the rows)."""
+        path = self.directory / REGISTRATIONS_FILE
+        registrations: dict[str, Registration] = {}
+        if path.exists():
+            with np.load(path, allow_pickle=False) as saved:
+                for index, name in enumerate(saved["domains"].tolist()):
+                    pseudonyms, holder = saved[f"pseudonyms_{index}"], saved[f"holder_{index}"]
+                    registrations[name] = Registration(name, pseudonyms, holder, membership_fingerprint(pseudonyms, holder))
+        return registrations
+
+    def save_run(self, run: SavedRun) -> None:
+        """Write the run as one container: its description as JSON, Z and the kept contributions."""
+        meta = {
+            "run_id": run.run_id,
+            "params": run.params.model_dump(mode="json"),
+            "domains": list(run.domains),
+            "fingerprints": run.fingerprints,
+            "state": run.state,
+            "current_round": run.current_round,
+            "consensus_round": run.consensus_round,
+            "tags": run.tags,
+            "contribution_counts": run.contribution_counts,
+            "started_wall": run.started_wall,
+            "metrics": {d: {str(r): m for r, m in rounds.items()} for d, rounds in run.metrics.items()},
+            "events": [asdict(event) for event in run.events],
+            "stop_reason": run.stop_reason,
+        }
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        if run.consensus is not None:
+            arrays["consensus"] = run.consensus
+        for index, name in enumerate(run.domains):
+            if name in run.contributions:
+                arrays[f"contribution_{index}"] = run.contributions[name]
+        write_arrays_atomically(self.directory / RUN_FILE, arrays, self.fsync)
+        # the new file is in place: an older-format run must never be restored instead of it
+        (self.directory / LEGACY_RUN_FILE).unlink(missing_ok=True)
+
+    def load_run(self) -> SavedRun | None:
+        """The run in the directory (the current container, else an earlier version's .npz), or None."""
+        path = self.directory / RUN_FILE
+        if not path.exists():
+            path = self.directory / LEGACY_RUN_FILE
+            if not path.exists():
+                return None
+        saved = read_arrays_or_npz(path)
+        meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
+        try:
+            params = RunParams.model_validate(meta["params"])
+        except Exception as error:
+            raise ConfigError(f"{path}: stored run parameters are invalid: {error}") from error
+        domains = meta["domains"]
+        return SavedRun(
+            run_id=meta["run_id"],
+            params=params,
+            fingerprints={d: meta["fingerprints"][d] for d in domains},
+            state=meta["state"],
+            current_round=meta["current_round"],
+            consensus_round=meta["consensus_round"],
+            consensus=saved.get("consensus"),
+            tags={name: int(tag) for name, tag in meta["tags"].items()},
+            contributions={name: saved[f"contribution_{i}"] for i, name in enumerate(domains) if f"contribution_{i}" in saved},
+            contribution_counts={d: int(c) for d, c in meta["contribution_counts"].items()},
+            started_wall=meta["started_wall"],
+            metrics={d: {int(r): m for r, m in rounds.items()} for d, rounds in meta["metrics"].items()},
+            events=tuple(Event(**event) for event in meta["events"]),
+            stop_reason=meta["stop_reason"],
+        )

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import grpc
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.security.names import validate_party_name
 from cdimf.config_flags import add_model_flags, load_with_flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +47,17 @@ TERMINATE_GRACE_S = 5.0
 class SimulatedDomain(StrictModel):
     """One domain of the simulation: its name and its own files (NodeConfig's data fields)."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    name: str
     train_path: Path
     valid_path: Path | None = None
     test_path: Path | None = None
     data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """A domain name by the federation's one rule."""
+        return validate_party_name(value, "domain name")
 
 
 def _warm_pair() -> list[SimulatedDomain]:

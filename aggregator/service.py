@@ -40,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
 from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from cdimf.common.rpc.fastpath import add_aggregator_to_server
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import (
     ChunkError,
@@ -329,7 +330,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def PushContribution(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.Ack:
         """Receive X + U of the domain's shared rows for header.round; may close the round.
 
-        Its chunks arrive as MatrixChunk wire bytes (see add_aggregator_to_server): only the
+        Its chunks arrive as MatrixChunk wire bytes (cdimf.common.rpc.fastpath): only the
         small fields are parsed, and each payload is copied once, into the matrix.
         """
         first = await self._first_chunk(context, request_iterator, "contribution")
@@ -354,7 +355,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def PullConsensus(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Stream Z for the domain's shared then receiver rows: the newest round >= min_round.
 
-        Chunks are yielded as MatrixChunk wire bytes (see add_aggregator_to_server), each
+        Chunks are yielded as MatrixChunk wire bytes (cdimf.common.rpc.fastpath), each
         payload copied once from Z's rows into the message.
         """
         header = request.header
@@ -492,38 +493,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         run = await self._locked(context, lambda: self.state.stop_run(request.header.run_id, request.reason), in_thread=True)
         self.changes.notify()
         return run_info(run)
-
-
-class _HandlerCapture:
-    """Stands in for a server to receive the generated code's method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        """Ignored: the same handlers also come through add_registered_method_handlers."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        """Keep the handlers by method name."""
-        self.handlers.update(handlers)
-
-
-def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server) -> None:
-    """Register the service as the generated code does, with the factor streams as wire bytes.
-
-    PushContribution takes its MatrixChunk messages unparsed and PullConsensus yields them
-    already serialised: the same bytes on the wire, but each 1 MB payload is copied once
-    instead of three times (upb parse, .data read; tobytes, encoder, output), which was most of
-    the CPU of a push and a pull.
-    """
-    capture = _HandlerCapture()
-    pb_grpc.add_AggregatorServicer_to_server(service, capture)
-    handlers = dict(capture.handlers)
-    handlers["PushContribution"] = handlers["PushContribution"]._replace(request_deserializer=None)
-    handlers["PullConsensus"] = handlers["PullConsensus"]._replace(response_serializer=None)
-    name = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
 
 
 @dataclass

@@ -37,15 +37,14 @@ import grpc
 import numpy as np
 
 from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
-from cdimf.common.wire.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
+from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
-_PULL_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PullConsensus"
-_PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PushContribution"
 _STATES = {
     pb.RUN_STATE_IDLE: "idle",
     pb.RUN_STATE_RUNNING: "running",
@@ -190,14 +189,8 @@ class AggregatorClient:
         else:
             self.channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
         self.stub = pb_grpc.AggregatorStub(self.channel)
-        # PullConsensus without a response deserializer: its chunks arrive as wire bytes, whose
-        # payload MatrixAssembler.add_serialized reads in place (pull throughput, issue 4)
-        self._pull_serialized = self.channel.unary_stream(
-            _PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None
-        )
-        # PushContribution without a request serializer: encode_matrix_serialized gives each
-        # chunk's wire bytes with its payload copied once (push throughput, issue 4)
-        self._push_serialized = self.channel.stream_unary(_PUSH_METHOD, request_serializer=None, response_deserializer=pb.Ack.FromString)
+        # the factor streams skip protobuf's copies of their payloads (cdimf.common.rpc.fastpath)
+        self._matrices = MatrixExchange(self.channel)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -285,8 +278,7 @@ class AggregatorClient:
         async def attempt() -> pb.Ack:
             nonlocal tries
             tries += 1
-            chunks = encode_matrix_serialized(values, header, dtype=dtype)
-            return await self._push_serialized(chunks, timeout=self._stream_timeout(values.nbytes))
+            return await self._matrices.push(values, header, dtype, timeout=self._stream_timeout(values.nbytes))
 
         try:
             ack = await self._call("PushContribution", attempt)
@@ -309,11 +301,7 @@ class AggregatorClient:
 
         async def attempt() -> tuple[np.ndarray, pb.Header]:
             """One PullConsensus stream, assembled."""
-            assembler = MatrixAssembler("consensus", expected_rows=shared + receivers)
-            stream = self._pull_serialized(request, timeout=wait_s + self._stream_timeout(0))
-            async for message in stream:
-                assembler.add_serialized(message)
-            return assembler.result()
+            return await self._matrices.pull(request, "consensus", shared + receivers, timeout=wait_s + self._stream_timeout(0))
 
         try:
             z, header = await self._call("PullConsensus", attempt)

@@ -27,22 +27,6 @@ ENV_PREFIX = "CDIMF_"
 DATA_FORMATS = ("auto", "paper", "csv", "tsv")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
-# Keepalive on every channel and server: dead peers (a killed node, a dropped NAT mapping) are
-# noticed within ~30 s instead of hanging a stream forever.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-)
-
 
 class ConfigError(ValueError):
     """A configuration could not be read or validated; the message names where and which field."""

@@ -22,7 +22,7 @@ push with round = the open round (`info.current_round`, or the pulled `z.round +
 Every call has a deadline (rpc_timeout_s; pulls and waits add their wait time). UNAVAILABLE
 (aggregator down or restarting) is retried with exponential backoff and full jitter until
 `retry_for_s` has passed; other failures raise AggregatorError with the gRPC status code. Each
-channel sends keepalive pings (cdimf.common.config.CHANNEL_OPTIONS). A push whose Ack was lost and is
+channel sends keepalive pings (cdimf.common.rpc.channels.CHANNEL_OPTIONS). A push whose Ack was lost and is
 retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
 """
 
@@ -36,7 +36,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from cdimf.common.config import RunParams
+from cdimf.common.rpc.channels import create_channel
 from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
@@ -152,15 +153,6 @@ def run_info_from_proto(message: pb.RunInfo) -> RunInfo:
     )
 
 
-def channel_credentials_from_config(tls: TLSConfig) -> grpc.ChannelCredentials | None:
-    """Channel credentials for a TLS section (None: plaintext, only with insecure = true)."""
-    if tls.insecure:
-        return None
-    from cdimf.common.security.tls import channel_credentials
-
-    return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)  # type: ignore[arg-type]
-
-
 class AggregatorClient:
     """Async client of cdimf.v1.Aggregator for one domain (domain "" for operator-only use)."""
 
@@ -182,12 +174,8 @@ class AggregatorClient:
         self.retry_for_s = retry_for_s
         self.backoff = backoff
         self._rng = random.Random(seed)
-        options = list(CHANNEL_OPTIONS)
         # interceptors see every outgoing request: the privacy tests capture traffic with them
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-        else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+        self.channel = create_channel(address, credentials, interceptors)
         self.stub = pb_grpc.AggregatorStub(self.channel)
         # the factor streams skip protobuf's copies of their payloads (cdimf.common.rpc.fastpath)
         self._matrices = MatrixExchange(self.channel)

@@ -7,10 +7,11 @@ Entry points:
   RunningAggregator (its bound `port`, `address`, `state`, `await stop()`); for tests and for
   embedding (`listen = "127.0.0.1:0"` binds a free port).
 
-Security (issue 5) follows the TLS section of the config: `insecure = true` serves plaintext and
-lets every caller speak for any domain; otherwise TLS from the config's files, every call's
-client certificate proved and checked by cdimf.common.security.call_proof's interceptor before any handler runs
-(UNAUTHENTICATED), and cdimf.common.security.tls's identity checks in the handlers (PERMISSION_DENIED).
+Security follows the TLS section of the config: `insecure = true` serves plaintext and lets
+every caller speak for any domain; otherwise TLS from the config's files, every call's client
+certificate proved and checked by the server's interceptor before any handler runs
+(UNAUTHENTICATED, cdimf.common.rpc.channels), and cdimf.common.rpc.auth's policy in the handlers
+(PERMISSION_DENIED).
 
 Health: the standard gRPC health service (grpc.health.v1.Health) answers for "" and
 "cdimf.v1.Aggregator": SERVING once the port is bound and serving, NOT_SERVING from the moment
@@ -29,11 +30,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -41,8 +41,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.aggregator.rounds import Event, Run, StateError
 from cdimf.aggregator.state import AggregatorState
-from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
+from cdimf.common.config import AggregatorConfig, ConfigError, RunParams
 from cdimf.common.core.membership import Membership
+from cdimf.common.rpc.auth import Authorizer
+from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
+from cdimf.common.rpc.fastpath import add_aggregator_to_server
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import (
     ChunkError,
@@ -57,7 +60,6 @@ from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cdimf.aggregator")
-Refusal = tuple[grpc.StatusCode, str]
 # How long a watch stays open after the run ended, for the final round's metrics.
 FINAL_METRICS_GRACE_S = 10.0
 # What the health service answers for: the whole server and the aggregator's service.
@@ -74,59 +76,6 @@ _EVENT_KINDS = {
     "run_finished": pb.EVENT_KIND_RUN_FINISHED,
     "run_stopped": pb.EVENT_KIND_RUN_STOPPED,
 }
-
-
-class Authorizer(Protocol):
-    """Decides who may speak for a domain and who may use the control API."""
-
-    def check_domain(self, context: grpc.aio.ServicerContext, domain: str) -> Refusal | None:
-        """None when the caller may act as `domain`, else the status and detail to abort with."""
-        ...
-
-    def check_operator(self, context: grpc.aio.ServicerContext) -> Refusal | None:
-        """None when the caller may start, stop and watch runs."""
-        ...
-
-
-class AllowAll:
-    """Plaintext deployments (tests, loopback demos): every caller may do everything."""
-
-    def check_domain(self, context: grpc.aio.ServicerContext, domain: str) -> Refusal | None:
-        """Always allowed."""
-        return None
-
-    def check_operator(self, context: grpc.aio.ServicerContext) -> Refusal | None:
-        """Always allowed."""
-        return None
-
-
-class CertificateAuthorizer:
-    """Mutual TLS: a domain may only speak for the domain in its certificate (cdimf.common.security.tls)."""
-
-    def check_domain(self, context: grpc.aio.ServicerContext, domain: str) -> Refusal | None:
-        """Refuse unless the client certificate names `domain`."""
-        from cdimf.common.security.tls import domain_check
-
-        return domain_check(context, domain)
-
-    def check_operator(self, context: grpc.aio.ServicerContext) -> Refusal | None:
-        """Refuse unless the client holds an operator or aggregator certificate."""
-        from cdimf.common.security.tls import operator_check
-
-        return operator_check(context)
-
-
-def security_from_config(
-    tls: TLSConfig,
-) -> tuple[grpc.ServerCredentials | None, Authorizer, list[grpc.aio.ServerInterceptor]]:
-    """Server credentials (None: plaintext), the matching authorizer and the server's
-    interceptors (the per-call client certificate check) for a TLS section."""
-    if tls.insecure:
-        return None, AllowAll(), []
-    from cdimf.common.security.tls import server_credentials, server_interceptors
-
-    assert tls.cert_file is not None and tls.key_file is not None and tls.ca_file is not None
-    return server_credentials(tls.cert_file, tls.key_file, tls.ca_file), CertificateAuthorizer(), server_interceptors(tls)
 
 
 class _Changes:
@@ -217,15 +166,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Abort unless header.domain is set and the caller may speak for it."""
         if not domain:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.domain is empty")
-        refusal = self.authorizer.check_domain(context, domain)
-        if refusal is not None:
-            await context.abort(*refusal)
+        await self.authorizer.require_domain(context, domain)
 
     async def _operator(self, context: grpc.aio.ServicerContext) -> None:
         """Abort unless the caller may use the control API."""
-        refusal = self.authorizer.check_operator(context)
-        if refusal is not None:
-            await context.abort(*refusal)
+        await self.authorizer.require_operator(context)
 
     async def _first_chunk(self, context: grpc.aio.ServicerContext, stream: AsyncIterator[Chunk], what: str) -> Chunk:
         """The first message of a request stream (its header decides who may send the rest)."""
@@ -336,7 +281,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def PushContribution(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.Ack:
         """Receive X + U of the domain's shared rows for header.round; may close the round.
 
-        Its chunks arrive as MatrixChunk wire bytes (see add_aggregator_to_server): only the
+        Its chunks arrive as MatrixChunk wire bytes (cdimf.common.rpc.fastpath): only the
         small fields are parsed, and each payload is copied once, into the matrix.
         """
         first = await self._first_chunk(context, request_iterator, "contribution")
@@ -361,7 +306,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def PullConsensus(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Stream Z for the domain's shared then receiver rows: the newest round >= min_round.
 
-        Chunks are yielded as MatrixChunk wire bytes (see add_aggregator_to_server), each
+        Chunks are yielded as MatrixChunk wire bytes (cdimf.common.rpc.fastpath), each
         payload copied once from Z's rows into the message.
         """
         header = request.header
@@ -475,38 +420,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return run_info(run)
 
 
-class _HandlerCapture:
-    """Stands in for a server to receive the generated code's method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        """Ignored: the same handlers also come through add_registered_method_handlers."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        """Keep the handlers by method name."""
-        self.handlers.update(handlers)
-
-
-def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server) -> None:
-    """Register the service as the generated code does, with the factor streams as wire bytes.
-
-    PushContribution takes its MatrixChunk messages unparsed and PullConsensus yields them
-    already serialised: the same bytes on the wire, but each 1 MB payload is copied once
-    instead of three times (upb parse, .data read; tobytes, encoder, output), which was most of
-    the CPU of a push and a pull.
-    """
-    capture = _HandlerCapture()
-    pb_grpc.add_AggregatorServicer_to_server(service, capture)
-    handlers = dict(capture.handlers)
-    handlers["PushContribution"] = handlers["PushContribution"]._replace(request_deserializer=None)
-    handlers["PullConsensus"] = handlers["PullConsensus"]._replace(response_serializer=None)
-    name = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
-
-
 @dataclass
 class RunningAggregator:
     """A started aggregator server: its port, the service, its health service and how to stop it."""
@@ -544,17 +457,13 @@ async def start_aggregator(
 ) -> RunningAggregator:
     """Restore state from config.state_dir, bind config.listen and start serving."""
     reuse_freed_chunk_memory()
-    credentials, authorizer, interceptors = security_from_config(config.tls)
     state = AggregatorState(config.state_dir, clock=clock, fsync=config.fsync_state)
-    service = AggregatorService(state, authorizer)
-    options = [*SERVER_OPTIONS, ("grpc.max_concurrent_streams", config.max_concurrent_streams)]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    service = AggregatorService(state, Authorizer(config.tls.insecure))
+    server = create_server(config.tls, options=[("grpc.max_concurrent_streams", config.max_concurrent_streams)])
     add_aggregator_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    port = server.add_secure_port(config.listen, credentials) if credentials is not None else server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot bind the aggregator to {config.listen}")
+    port = bind_port(server, config.listen, config.tls, "aggregator")
     await server.start()
     service.start_task(service.deadline_loop())
     for name in HEALTH_SERVICE_NAMES:
@@ -585,32 +494,6 @@ async def _auto_start(running: RunningAggregator, params: RunParams) -> None:
     running.service.start_task(starter())
 
 
-def run_on_uvloop(main: Awaitable[None]) -> None:
-    """Run a coroutine to completion on uvloop where available (Linux/macOS), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # Windows: the default loop works, just slower
-        asyncio.run(main)  # type: ignore[arg-type]
-        return
-    uvloop.run(main)  # type: ignore[arg-type]
-
-
 def serve(config: AggregatorConfig, on_ready: Callable[[RunningAggregator], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, on uvloop; `on_ready` gets the started server (e.g. to print its port)."""
-
-    async def main() -> None:
-        """Start, report ready, wait for SIGINT/SIGTERM, then stop gracefully."""
-        running = await start_aggregator(config)
-        if on_ready is not None:
-            maybe = on_ready(running)
-            if maybe is not None:
-                await maybe
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        log.info("stopping the aggregator")
-        await running.stop(grace=2.0)
-
-    run_on_uvloop(main())
+    serve_until_signalled(lambda: start_aggregator(config), on_ready, what="aggregator")

@@ -36,8 +36,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from cdimf.common.config import CHANNEL_OPTIONS, SERVER_OPTIONS, RunParams  # noqa: E402
+from cdimf.common.config import RunParams, TLSConfig  # noqa: E402
 from cdimf.common.rpc.aggregator_client import AggregatorClient  # noqa: E402
+from cdimf.common.rpc.channels import bind_port, create_channel, create_server  # noqa: E402
 
 MB = 1e6
 RAW_CHUNK = 1 << 20
@@ -82,9 +83,10 @@ async def _serve_baseline(port: int) -> None:
             "Source": grpc.unary_stream_rpc_method_handler(source),
         },
     )
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    plaintext = TLSConfig(insecure=True)
+    server = create_server(plaintext)
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bind_port(server, f"127.0.0.1:{port}", plaintext, "baseline")
     await server.start()
     print("LISTENING", flush=True)
     await server.wait_for_termination()
@@ -115,7 +117,7 @@ class _Baseline:
     """Raw-bytes push and pull against the baseline server over one channel."""
 
     def __init__(self, address: str, nbytes: int) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        self.channel = create_channel(address, None)
         self.sink = self.channel.stream_unary(SINK)
         self.source = self.channel.unary_stream(SOURCE)
         self.nbytes = nbytes

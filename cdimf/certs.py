@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from cdimf.common.security import tls
+from cdimf.common.security import names, pki
 from cdimf.common.security.pseudonyms import load_secret
 
 DEFAULT_DAYS = 365
@@ -23,7 +23,7 @@ class PlannedFile:
     """One certificate/key pair `cdimf certs` writes, and which party installs it."""
 
     stem: str
-    identity: tls.PartyIdentity | None  # None for the CA
+    identity: pki.PartyIdentity | None  # None for the CA
 
     def paths(self, folder: Path) -> tuple[Path, Path]:
         """(certificate, key) paths of this pair in `folder`."""
@@ -37,7 +37,7 @@ def _domain_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError("--domains needs at least one domain name")
     for domain in domains:
         try:
-            tls.validate_domain_name(domain)
+            names.validate_domain_name(domain)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     if len(set(domains)) != len(domains):
@@ -103,15 +103,15 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def _plan(args: argparse.Namespace) -> list[PlannedFile]:
     """Every pair to write, CA first; raises ValueError for inconsistent names."""
-    tls.validate_party_name(args.operator, "--operator")
+    names.validate_party_name(args.operator, "--operator")
     unknown = sorted({domain for domain, _ in args.domain_host} - set(args.domains))
     if unknown:
         raise ValueError(f"--domain-host names domains not in --domains: {', '.join(unknown)}")
     return [
         PlannedFile("ca", None),
-        PlannedFile("aggregator", tls.PartyIdentity("aggregator", "aggregator")),
-        *(PlannedFile(domain, tls.PartyIdentity("domain", domain)) for domain in args.domains),
-        PlannedFile("operator", tls.PartyIdentity("operator", args.operator)),
+        PlannedFile("aggregator", pki.PartyIdentity("aggregator", "aggregator")),
+        *(PlannedFile(domain, pki.PartyIdentity("domain", domain)) for domain in args.domains),
+        PlannedFile("operator", pki.PartyIdentity("operator", args.operator)),
     ]
 
 
@@ -124,10 +124,10 @@ def _present(folder: Path, planned: PlannedFile) -> bool:
     return certificate_path.exists()
 
 
-def _check_kept(folder: Path, planned: PlannedFile, ca: tls.IssuedCertificate) -> None:
+def _check_kept(folder: Path, planned: PlannedFile, ca: pki.IssuedCertificate) -> None:
     """Check that an existing pair is unexpired, issued by `ca` and for the planned identity."""
     certificate_path, key_path = planned.paths(folder)
-    issued = tls.load_issued(certificate_path, key_path)
+    issued = pki.load_issued(certificate_path, key_path)
     expiry = issued.certificate.not_valid_after_utc
     if expiry <= datetime.datetime.now(datetime.UTC):
         raise ValueError(f"{certificate_path} expired on {expiry:%Y-%m-%d}: move the pair away to re-issue it")
@@ -137,25 +137,25 @@ def _check_kept(folder: Path, planned: PlannedFile, ca: tls.IssuedCertificate) -
         issued.certificate.verify_directly_issued_by(ca.certificate)
     except (ValueError, TypeError, InvalidSignature):
         raise ValueError(f"{certificate_path} is not issued by the CA in {folder / 'ca.pem'}") from None
-    found = tls.party_identity(issued.certificate)
+    found = pki.party_identity(issued.certificate)
     if found != planned.identity:
         raise ValueError(f"{certificate_path} is for {found.uri()}, expected {planned.identity.uri()}")
 
 
-def _issue(args: argparse.Namespace, ca: tls.IssuedCertificate, planned: PlannedFile) -> tls.IssuedCertificate:
+def _issue(args: argparse.Namespace, ca: pki.IssuedCertificate, planned: PlannedFile) -> pki.IssuedCertificate:
     """Issue the certificate of one planned party under `ca`."""
     identity = planned.identity
     if identity is None:
         raise ValueError("the CA is created, not issued")
     if identity.kind == "aggregator":
-        return tls.issue_aggregator_certificate(ca, args.aggregator_host, days=args.days)
+        return pki.issue_aggregator_certificate(ca, args.aggregator_host, days=args.days)
     if identity.kind == "domain":
         hosts = [host for domain, host in args.domain_host if domain == identity.name]
-        return tls.issue_domain_certificate(ca, identity.name, hosts=hosts, days=args.days)
-    return tls.issue_operator_certificate(ca, identity.name, days=args.days)
+        return pki.issue_domain_certificate(ca, identity.name, hosts=hosts, days=args.days)
+    return pki.issue_operator_certificate(ca, identity.name, days=args.days)
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list[tuple[PlannedFile, tls.IssuedCertificate]], list[str], bool]:
+def _prepare(args: argparse.Namespace) -> tuple[list[tuple[PlannedFile, pki.IssuedCertificate]], list[str], bool]:
     """Everything to write (in memory), the names of the files kept, and whether to write the secret.
 
     Raises ValueError or TLSMaterialError, before anything is written, when the request conflicts
@@ -172,14 +172,14 @@ def _prepare(args: argparse.Namespace) -> tuple[list[tuple[PlannedFile, tls.Issu
         raise ValueError(f"refusing to overwrite existing files in {folder}: {', '.join(existing)} (see --if-missing)")
     ca_plan, party_plans = plan[0], plan[1:]
     if present[ca_plan.stem]:
-        ca = tls.load_issued(*ca_plan.paths(folder))
+        ca = pki.load_issued(*ca_plan.paths(folder))
         _check_kept(folder, ca_plan, ca)
-        writes: list[tuple[PlannedFile, tls.IssuedCertificate]] = []
+        writes: list[tuple[PlannedFile, pki.IssuedCertificate]] = []
     else:
         orphans = [planned.stem for planned in party_plans if present[planned.stem]]
         if orphans:
             raise ValueError(f"{', '.join(orphans)} exist in {folder} without the CA (ca.pem, ca.key) that issued them")
-        ca = tls.create_ca(days=args.days * CA_DAYS_FACTOR)
+        ca = pki.create_ca(days=args.days * CA_DAYS_FACTOR)
         writes = [(ca_plan, ca)]
     for planned in party_plans:
         if present[planned.stem]:
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     folder: Path = args.out
     try:
         writes, kept, write_secret = _prepare(args)
-    except (ValueError, tls.TLSMaterialError) as error:
+    except (ValueError, pki.TLSMaterialError) as error:
         print(f"cdimf certs: error: {error}", file=sys.stderr)
         return 2
     folder.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cdimf certs: wrote {planned.stem}.pem, {planned.stem}.key  -> {_destination(planned)}")
     if write_secret:
         # hex keeps the file printable and free of the newline bytes load_secret strips
-        tls.write_private_file(folder / SECRET_FILE, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
+        pki.write_private_file(folder / SECRET_FILE, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
         print(f"cdimf certs: wrote {SECRET_FILE}  -> every domain node host, never the aggregator")
     if kept:
         print(f"cdimf certs: kept {', '.join(kept)} in {folder}")

@@ -4,9 +4,10 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.security.names import validate_party_name
 
 
 class ConfigError(ValueError):
@@ -16,10 +17,16 @@ class ConfigError(ValueError):
 class DomainPaths(StrictModel):
     """One domain's files; relative paths are resolved against the config file's folder."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     train: Path
     test: Path
     valid: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """A domain name by the federation's one rule."""
+        return validate_party_name(value, "domain name")
 
 
 class DataConfig(StrictModel):

@@ -19,7 +19,6 @@ import grpc
 from pydantic import Field, ValidationError, field_validator
 
 from cdimf.common.config import (
-    CHANNEL_OPTIONS,
     AggregatorConfig,
     ConfigError,
     NodeConfig,
@@ -76,13 +75,6 @@ def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -
     except ValidationError as error:
         problems = "; ".join(f"field tls.{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
         raise ConfigError(f"{config_file or 'TLS options'}: {problems}") from error
-
-
-def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:
-    """A channel to a node or the aggregator with the given TLS settings."""
-    from cdimf.common.security.tls import open_channel
-
-    return open_channel(target, tls, CHANNEL_OPTIONS)
 
 
 # ----- serve-aggregator / serve-node -----
@@ -182,9 +174,10 @@ async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -
 
 def _control_client(config: TrainConfig) -> Any:
     """An operator's client of the aggregator from a TrainConfig."""
-    from cdimf.common.rpc.aggregator_client import AggregatorClient, channel_credentials_from_config
+    from cdimf.common.rpc.aggregator_client import AggregatorClient
+    from cdimf.common.rpc.channels import credentials_for
 
-    return AggregatorClient(config.aggregator, "", channel_credentials_from_config(config.tls), rpc_timeout_s=config.rpc_timeout_s,
+    return AggregatorClient(config.aggregator, "", credentials_for(config.tls), rpc_timeout_s=config.rpc_timeout_s,
                             retry_for_s=config.rpc_timeout_s)
 
 
@@ -278,6 +271,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _recommend(args: argparse.Namespace) -> int:
     """Top-k items of a user key from a node's DomainNode service."""
+    from cdimf.common.rpc.channels import open_channel
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -286,7 +280,7 @@ def _recommend(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         """Call Recommend and print the items."""
-        async with _channel(args.node, tls) as channel:
+        async with open_channel(args.node, tls) as channel:
             stub = pb_grpc.DomainNodeStub(channel)
             try:
                 reply = await stub.Recommend(pb.RecommendRequest(user_key=args.user, k=args.k, include_seen=args.include_seen),
@@ -310,7 +304,9 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
     """(serving, the status or error seen) from the standard gRPC health service of a node or the aggregator."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with _channel(target, tls) as channel:
+    from cdimf.common.rpc.channels import open_channel
+
+    async with open_channel(target, tls) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:

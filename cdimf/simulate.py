@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import grpc
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig, ValidationParams
+from cdimf.common.config import RunParams, TLSConfig, ValidationParams
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.security.names import validate_party_name
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.resources import embedded_pair
 
@@ -45,11 +46,17 @@ TERMINATE_GRACE_S = 5.0
 class SimulatedDomain(StrictModel):
     """One domain of the simulation: its name and its own files (NodeConfig's data fields)."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    name: str
     train_path: Path
     valid_path: Path | None = None
     test_path: Path | None = None
     data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """A domain name by the federation's one rule."""
+        return validate_party_name(value, "domain name")
 
 
 def _warm_pair() -> list[SimulatedDomain]:
@@ -225,15 +232,15 @@ def reserve_loopback_port() -> socket.socket:
 
 def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
-    from cdimf.common.security import tls
+    from cdimf.common.security import pki
 
     folder.mkdir(parents=True, exist_ok=True)
-    ca = tls.create_ca("cdimf simulate CA", days=2)
-    tls.write_public_file(folder / "ca.pem", ca.certificate_pem())
-    issued = {"aggregator": tls.issue_aggregator_certificate(ca, ["127.0.0.1"], days=2),
-              "operator": tls.issue_operator_certificate(ca, days=2)}
+    ca = pki.create_ca("cdimf simulate CA", days=2)
+    pki.write_public_file(folder / "ca.pem", ca.certificate_pem())
+    issued = {"aggregator": pki.issue_aggregator_certificate(ca, ["127.0.0.1"], days=2),
+              "operator": pki.issue_operator_certificate(ca, days=2)}
     for domain in domains:
-        issued[domain] = tls.issue_domain_certificate(ca, domain, hosts=["127.0.0.1"], days=2)
+        issued[domain] = pki.issue_domain_certificate(ca, domain, hosts=["127.0.0.1"], days=2)
     settings = {}
     for party, certificate in issued.items():
         certificate.write(folder / f"{party}.pem", folder / f"{party}.key")
@@ -249,13 +256,13 @@ def _tls_settings(tls: TLSConfig) -> dict[str, Any]:
 async def _drive(config: SimulateConfig, federation: Federation, aggregator: str, nodes: dict[str, str],
                  operator: TLSConfig, as_json: bool) -> dict[str, Any]:
     """Start the run, follow it, then evaluate every node on its test split."""
-    from cdimf.common.rpc.aggregator_client import AggregatorClient, channel_credentials_from_config
-    from cdimf.common.security.tls import open_channel
+    from cdimf.common.rpc.aggregator_client import AggregatorClient
+    from cdimf.common.rpc.channels import credentials_for, open_channel
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
     from cdimf.runtime_cli import follow_run, start_run
 
-    client = AggregatorClient(aggregator, "", channel_credentials_from_config(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
+    client = AggregatorClient(aggregator, "", credentials_for(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
     try:
         await _all_registered(client, set(nodes), config.startup_timeout_s)
         started = time.perf_counter()
@@ -272,7 +279,7 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
 
     async def evaluated(name: str, address: str) -> tuple[str, dict[str, Any]]:
         """(domain, its Evaluate reply on the test split, or valid without one)."""
-        async with open_channel(address, operator, CHANNEL_OPTIONS) as channel:
+        async with open_channel(address, operator) as channel:
             split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
             reply = await pb_grpc.DomainNodeStub(channel).Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
             return name, {"split": reply.split, "users": reply.users, **dict(reply.metrics)}
@@ -333,7 +340,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         else:
             tls_of = write_throwaway_certificates(work_dir / "certs", names)
         secret_file = work_dir / "federation.secret"
-        from cdimf.common.security.tls import write_private_file
+        from cdimf.common.security.pki import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
         # the aggregator's port is known before it listens, so the nodes start (import, load their

@@ -19,30 +19,13 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.security.names import validate_party_name
 from cdimf.common.security.pseudonyms import load_secret
 from cdimf.protos.v1 import federation_pb2 as pb
 
 ENV_PREFIX = "CDIMF_"
 DATA_FORMATS = ("auto", "paper", "csv", "tsv")
-# Domain names end up in headers, file names and certificate identities.
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
-
-# Keepalive on every channel and server: dead peers (a killed node, a dropped NAT mapping) are
-# noticed within ~30 s instead of hanging a stream forever.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-)
 
 
 class ConfigError(ValueError):
@@ -57,13 +40,6 @@ def _check_address(value: str, allow_port_zero: bool) -> str:
     port = int(match.group("port"))
     if port > 65535 or (port == 0 and not allow_port_zero):
         raise ValueError(f"port {port} out of range in {value!r}")
-    return value
-
-
-def _check_name(value: str) -> str:
-    """The value when it is a valid domain name, else ValueError."""
-    if not _NAME.match(value):
-        raise ValueError(f"{value!r} must be 1-63 of a-z 0-9 _ - starting with a letter or digit")
     return value
 
 
@@ -111,7 +87,7 @@ class RunParams(StrictModel):
     def _periods(cls, value: dict[str, int]) -> dict[str, int]:
         """Per-domain periods name valid domains and lie in 1..10000."""
         for name, period in value.items():
-            _check_name(name)
+            validate_party_name(name, "domain name")
             if not 1 <= period <= 10_000:
                 raise ValueError(f"aggregation period of {name!r} must be in 1..10000, got {period}")
         return value
@@ -213,7 +189,7 @@ class NodeConfig(StrictModel):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        return _check_name(value)
+        return validate_party_name(value, "domain name")
 
     @field_validator("listen", "aggregator")
     @classmethod

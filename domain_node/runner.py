@@ -43,8 +43,8 @@ from cdimf.common.rpc.aggregator_client import (
     Backoff,
     MembershipView,
     RunInfo,
-    channel_credentials_from_config,
 )
+from cdimf.common.rpc.channels import credentials_for
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
 from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from cdimf.domain_node.node_data import NodeData, evaluate
@@ -106,7 +106,7 @@ class NodeRunner:
         self.client = AggregatorClient(
             config.aggregator,
             config.domain,
-            channel_credentials_from_config(config.tls),
+            credentials_for(config.tls),
             rpc_timeout_s=config.rpc_timeout_s,
             retry_for_s=retry_for_s,
             backoff=backoff,

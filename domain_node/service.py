@@ -8,17 +8,16 @@ scored with their consensus vector Z.
 
 import asyncio
 import logging
-import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cdimf.common.config import SERVER_OPTIONS, NodeConfig
-from cdimf.common.security.tls import CertificateIdentityError, bind_port, peer_identity, server_interceptors
+from cdimf.common.config import NodeConfig
+from cdimf.common.rpc.auth import Authorizer
+from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.domain_node.node_data import NodeData, evaluate, load_node_data, top_k
 from cdimf.domain_node.runner import Model, NodeRunner, Progress
 from cdimf.protos.v1 import federation_pb2 as pb
@@ -31,26 +30,15 @@ MAX_K = 10_000
 class DomainNodeService(pb_grpc.DomainNodeServicer):
     """Answers from the runner's progress and published model; never touches the aggregator."""
 
-    def __init__(self, domain: str, data: NodeData, progress: Progress, insecure: bool) -> None:
+    def __init__(self, domain: str, data: NodeData, progress: Progress, authorizer: Authorizer) -> None:
         self.domain = domain
         self.data = data
         self.progress = progress
-        self.insecure = insecure
+        self.authorizer = authorizer
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         """Operator, aggregator or this domain's own certificate; plaintext servers skip the check."""
-        if self.insecure:
-            return
-        try:
-            identity = peer_identity(context)
-        except CertificateIdentityError as error:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client certificate has no usable identity: {error}")
-            return
-        if identity is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the federation CA is required")
-            return
-        if identity.kind == "domain" and identity.name != self.domain:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"domain {identity.name!r} may not query domain {self.domain!r}")
+        await self.authorizer.require_node_reader(context, self.domain)
 
     async def _model(self, context: grpc.aio.ServicerContext, k: int) -> Model:
         """The published model, aborting for a bad k or before the first applied round."""
@@ -148,11 +136,12 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
         )
     if runner is None:
         runner = NodeRunner(config, data)
-    server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=server_interceptors(config.tls))
-    pb_grpc.add_DomainNodeServicer_to_server(DomainNodeService(config.domain, data, runner.progress, config.tls.insecure), server)
+    server = create_server(config.tls)
+    service = DomainNodeService(config.domain, data, runner.progress, Authorizer(config.tls.insecure))
+    pb_grpc.add_DomainNodeServicer_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    port = bind_port(server, config.listen, config.tls)
+    port = bind_port(server, config.listen, config.tls, f"node {config.domain}")
     await server.start()
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("cdimf.v1.DomainNode", health_pb2.HealthCheckResponse.SERVING)
@@ -175,32 +164,8 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
 
 
 def serve_node(config: NodeConfig, on_ready: Callable[[RunningNode], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM (on uvloop where available); `on_ready` gets the started node."""
+    """Serve until SIGINT or SIGTERM (on uvloop where available); `on_ready` gets the started node.
 
-    async def main() -> None:
-        """Start the node, then stop on SIGINT/SIGTERM or when training crashed."""
-        signalled = asyncio.get_running_loop().create_future()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, lambda: signalled.done() or signalled.set_result(None))
-        running = await start_node(config)
-        if on_ready is not None:
-            on_ready(running)
-        # a training loop that crashed ends the process too (status != 0 via the logged error)
-        await asyncio.wait([signalled, running.task], return_when=asyncio.FIRST_COMPLETED)
-        log.info("stopping node %s", config.domain)
-        failed = running.task.done() and not running.task.cancelled() and running.task.exception() is not None
-        await running.stop()
-        if failed:
-            raise running.task.exception()  # type: ignore[misc]
-
-    _run_on_uvloop(main())
-
-
-def _run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it is installed (Linux/macOS), else asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+    A training loop that crashed ends the process too (status != 0 via the logged error).
+    """
+    serve_until_signalled(lambda: start_node(config), on_ready, ends_early=lambda running: running.task, what=f"node {config.domain}")

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cdimf.common.config import TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.security.call_proof import proof_call_credentials
-from cdimf.common.security.tls import load_certificate, load_private_key
+from cdimf.common.security.pki import load_certificate, load_private_key
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.simulate import write_throwaway_certificates
 from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains

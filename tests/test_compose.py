@@ -21,7 +21,8 @@ from cryptography import x509
 from cdimf.cli import build_parser
 from cdimf.cli import main as cdimf_main
 from cdimf.common.config import AggregatorConfig, NodeConfig, load_config
-from cdimf.common.security import tls
+from cdimf.common.rpc import channels
+from cdimf.common.security import pki
 from cdimf.runtime_cli import TrainConfig
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -128,8 +129,8 @@ def test_certs_service_makes_exactly_the_tls_material_the_services_use(compose: 
         AggregatorConfig, in_view(roots["aggregator"], option(services["aggregator"]["command"], "--config")), environ={}
     )
     assert not aggregator.tls.insecure
-    tls.server_credentials(aggregator.tls.cert_file, aggregator.tls.key_file, aggregator.tls.ca_file)
-    aggregator_names = tls.load_certificate(aggregator.tls.cert_file).extensions.get_extension_for_class(
+    channels.server_credentials(aggregator.tls.cert_file, aggregator.tls.key_file, aggregator.tls.ca_file)
+    aggregator_names = pki.load_certificate(aggregator.tls.cert_file).extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     aggregator_toml = (REPO / "deploy/config/aggregator.toml").read_text()
     assert "secret" not in aggregator_toml, "the aggregator must not be given the federation secret"
@@ -138,9 +139,9 @@ def test_certs_service_makes_exactly_the_tls_material_the_services_use(compose: 
         node = f"node-{domain}"
         config = load_config(NodeConfig, in_view(roots[node], option(services[node]["command"], "--config")), environ={})
         assert not config.tls.insecure
-        tls.server_credentials(config.tls.cert_file, config.tls.key_file, config.tls.ca_file)
-        certificate = tls.load_certificate(config.tls.cert_file)
-        assert tls.party_identity(certificate) == tls.PartyIdentity("domain", config.domain)
+        channels.server_credentials(config.tls.cert_file, config.tls.key_file, config.tls.ca_file)
+        certificate = pki.load_certificate(config.tls.cert_file)
+        assert pki.party_identity(certificate) == pki.PartyIdentity("domain", config.domain)
         node_names = certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
         assert node in node_names, f"{node}'s certificate does not name its compose host"
@@ -153,8 +154,8 @@ def test_certs_service_makes_exactly_the_tls_material_the_services_use(compose: 
     assert train.aggregator.rsplit(":", 1)[0] in aggregator_names
     assert train.aggregator.rsplit(":", 1)[1] == aggregator.listen.rsplit(":", 1)[1]
     assert not train.tls.insecure
-    tls.channel_credentials(train.tls.ca_file, train.tls.cert_file, train.tls.key_file)  # type: ignore[arg-type]
-    assert tls.party_identity(tls.load_certificate(train.tls.cert_file)).kind == "operator"  # type: ignore[arg-type]
+    channels.channel_credentials(train.tls.ca_file, train.tls.cert_file, train.tls.key_file)  # type: ignore[arg-type]
+    assert pki.party_identity(pki.load_certificate(train.tls.cert_file)).kind == "operator"  # type: ignore[arg-type]
     assert train.run.min_domains == len(DOMAIN_FOLDERS)
 
 

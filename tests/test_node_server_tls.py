@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from cdimf.aggregator.service import start_aggregator
 from cdimf.common.config import AggregatorConfig, NodeConfig
-from cdimf.common.security.tls import open_channel
+from cdimf.common.rpc.channels import open_channel
 from cdimf.domain_node.service import start_node
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc

@@ -20,9 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdimf import certs
 from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.rpc import auth, channels
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.security import call_proof as call_auth
-from cdimf.common.security import tls
+from cdimf.common.security import pki as pkilib
 from cdimf.common.security.pseudonyms import load_secret, pseudonymize
 from cdimf.common.wire.chunks import encode_matrix
 from cdimf.protos.v1 import federation_pb2 as pb
@@ -38,32 +39,32 @@ FEDERATION_SECRET = b"test federation secret, 32 bytes"
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A federation CA with aggregator, domain and operator certificates, plus hostile ones."""
     folder = tmp_path_factory.mktemp("pki")
-    ca = tls.create_ca()
+    ca = pkilib.create_ca()
     ca.write(folder / "ca.pem", folder / "ca.key")
-    tls.issue_aggregator_certificate(ca, ["127.0.0.1"]).write(folder / "aggregator.pem", folder / "aggregator.key")
+    pkilib.issue_aggregator_certificate(ca, ["127.0.0.1"]).write(folder / "aggregator.pem", folder / "aggregator.key")
     for domain in ("sport", "cloth"):
-        tls.issue_domain_certificate(ca, domain).write(folder / f"{domain}.pem", folder / f"{domain}.key")
-    tls.issue_operator_certificate(ca).write(folder / "operator.pem", folder / "operator.key")
+        pkilib.issue_domain_certificate(ca, domain).write(folder / f"{domain}.pem", folder / f"{domain}.key")
+    pkilib.issue_operator_certificate(ca).write(folder / "operator.pem", folder / "operator.key")
     # the same identity, correctly signed, but its window closed nine days ago
     ten_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
-    tls.issue_domain_certificate(ca, "sport", not_before=ten_days_ago, days=1).write(
+    pkilib.issue_domain_certificate(ca, "sport", not_before=ten_days_ago, days=1).write(
         folder / "sport-expired.pem", folder / "sport-expired.key"
     )
     # the same identity from a CA the federation does not trust
-    rogue = tls.create_ca("rogue CA")
+    rogue = pkilib.create_ca("rogue CA")
     rogue.write(folder / "rogue-ca.pem", folder / "rogue-ca.key")
-    tls.issue_domain_certificate(rogue, "sport").write(folder / "sport-rogue.pem", folder / "sport-rogue.key")
-    tls.issue_aggregator_certificate(rogue, ["127.0.0.1"]).write(
+    pkilib.issue_domain_certificate(rogue, "sport").write(folder / "sport-rogue.pem", folder / "sport-rogue.key")
+    pkilib.issue_aggregator_certificate(rogue, ["127.0.0.1"]).write(
         folder / "aggregator-rogue.pem", folder / "aggregator-rogue.key"
     )
     return folder
 
 
 class ProbeServer:
-    """A grpc.aio server with the health service and one test method guarded by require_domain."""
+    """A grpc.aio server with the health service and one test method guarded by the Authorizer's require_domain."""
 
     def __init__(self, insecure: bool, interceptors: list[grpc.aio.ServerInterceptor]) -> None:
-        """Prepare an unstarted server; `insecure` is passed to require_domain."""
+        """Prepare an unstarted server; `insecure` is passed to the Authorizer."""
         self.insecure = insecure
         self.entered = 0  # handler invocations: a call refused by the interceptor never gets here
         self.accepted: list[str] = []  # the "state" a refused call must not change
@@ -80,7 +81,7 @@ class ProbeServer:
         """Accept the call only for the domain its certificate names, recording who got in."""
         self.entered += 1
         claimed = dict(context.invocation_metadata()).get(DOMAIN_HEADER, "")
-        domain = await tls.require_domain(context, claimed, insecure=self.insecure)
+        domain = await auth.Authorizer(self.insecure).require_domain(context, claimed)
         self.accepted.append(domain)
         return domain.encode()
 
@@ -88,12 +89,12 @@ class ProbeServer:
 @asynccontextmanager
 async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
     """Run a ProbeServer on 127.0.0.1 with mutual authentication from `pki`, or plaintext when None."""
-    interceptors = [] if pki is None else [call_auth.CertificateProofInterceptor(tls.call_authenticator(pki / "ca.pem"))]
+    interceptors = [] if pki is None else [call_auth.CertificateProofInterceptor(call_auth.CallAuthenticator(pkilib.load_certificate(pki / "ca.pem")))]
     probe = ProbeServer(insecure=pki is None, interceptors=interceptors)
     if pki is None:
         probe.port = probe.server.add_insecure_port("127.0.0.1:0")
     else:
-        credentials = tls.server_credentials(pki / "aggregator.pem", pki / "aggregator.key", pki / "ca.pem")
+        credentials = channels.server_credentials(pki / "aggregator.pem", pki / "aggregator.key", pki / "ca.pem")
         probe.port = probe.server.add_secure_port("127.0.0.1:0", credentials)
     await probe.server.start()
     try:
@@ -103,12 +104,12 @@ async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
 
 
 def raw_credentials(ca: Path, certificate: Path | None, key: Path | None) -> grpc.ChannelCredentials:
-    """Channel credentials built straight from files, without tls.py's consistency checks,
+    """Channel credentials built straight from files, without channels.py's consistency checks,
     so that a hostile client can prove any certificate with any key (or present none)."""
     transport = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
     if certificate is None or key is None:
         return transport
-    proof = call_auth.proof_call_credentials(tls.load_certificate(certificate), tls.load_private_key(key))
+    proof = call_auth.proof_call_credentials(pkilib.load_certificate(certificate), pkilib.load_private_key(key))
     return grpc.composite_channel_credentials(transport, proof)
 
 
@@ -130,22 +131,22 @@ async def speak(
 
 def test_certificates_carry_identity_and_validity(pki: Path) -> None:
     """Each certificate names its party in CN and URI SAN, is issued by the CA, and keys are 0600."""
-    ca = tls.load_certificate(pki / "ca.pem")
-    sport = tls.load_issued(pki / "sport.pem", pki / "sport.key")
+    ca = pkilib.load_certificate(pki / "ca.pem")
+    sport = pkilib.load_issued(pki / "sport.pem", pki / "sport.key")
     sport.certificate.verify_directly_issued_by(ca)
-    assert tls.party_identity(sport.certificate) == tls.PartyIdentity("domain", "sport")
-    assert tls.party_identity(tls.load_certificate(pki / "aggregator.pem")).kind == "aggregator"
-    assert tls.party_identity(tls.load_certificate(pki / "operator.pem")).kind == "operator"
-    expired = tls.load_certificate(pki / "sport-expired.pem")
+    assert pkilib.party_identity(sport.certificate) == pkilib.PartyIdentity("domain", "sport")
+    assert pkilib.party_identity(pkilib.load_certificate(pki / "aggregator.pem")).kind == "aggregator"
+    assert pkilib.party_identity(pkilib.load_certificate(pki / "operator.pem")).kind == "operator"
+    expired = pkilib.load_certificate(pki / "sport-expired.pem")
     assert expired.not_valid_after_utc < datetime.datetime.now(datetime.UTC)
     for key in pki.glob("*.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
-    with pytest.raises(tls.TLSMaterialError, match="does not belong to certificate"):
-        tls.load_issued(pki / "sport.pem", pki / "cloth.key")
-    with pytest.raises(tls.TLSMaterialError, match="is not issued by the CA"):
-        tls.server_credentials(pki / "sport-rogue.pem", pki / "sport-rogue.key", pki / "ca.pem")
+    with pytest.raises(pkilib.TLSMaterialError, match="does not belong to certificate"):
+        pkilib.load_issued(pki / "sport.pem", pki / "cloth.key")
+    with pytest.raises(pkilib.TLSMaterialError, match="is not issued by the CA"):
+        channels.server_credentials(pki / "sport-rogue.pem", pki / "sport-rogue.key", pki / "ca.pem")
     with pytest.raises(ValueError, match="reserved"):
-        tls.issue_domain_certificate(tls.create_ca(), "aggregator")
+        pkilib.issue_domain_certificate(pkilib.create_ca(), "aggregator")
 
 
 def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
@@ -157,7 +158,7 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
     async def scenario() -> None:
         async with probe_server(pki) as probe:
             ca = pki / "ca.pem"
-            valid = tls.channel_credentials(ca, pki / "sport.pem", pki / "sport.key")
+            valid = channels.channel_credentials(ca, pki / "sport.pem", pki / "sport.key")
             assert await speak(probe.port, valid, "sport") == (grpc.StatusCode.OK, "sport")
             assert probe.accepted == ["sport"]
 
@@ -178,7 +179,7 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
 
             # Hand-made proofs over a TLS channel without call credentials: a fresh one passes once.
             transport = raw_credentials(ca, None, None)
-            sport = tls.load_issued(pki / "sport.pem", pki / "sport.key")
+            sport = pkilib.load_issued(pki / "sport.pem", pki / "sport.key")
             der = sport.certificate.public_bytes(serialization.Encoding.DER)
             proof = call_auth.proof_metadata(der, sport.private_key, PROBE_METHOD)
             assert await speak(probe.port, transport, "sport", proof) == (grpc.StatusCode.OK, "sport")
@@ -196,11 +197,11 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
             assert probe.entered == entered and probe.accepted == ["sport", "sport"]
 
             # Authenticated, but speaking for someone else: refused by require_domain itself.
-            cloth = tls.channel_credentials(ca, pki / "cloth.pem", pki / "cloth.key")
+            cloth = channels.channel_credentials(ca, pki / "cloth.pem", pki / "cloth.key")
             code, detail = await speak(probe.port, cloth, "sport")
             assert code == grpc.StatusCode.PERMISSION_DENIED
             assert "'cloth' cannot speak for domain 'sport'" in detail
-            operator = tls.channel_credentials(ca, pki / "operator.pem", pki / "operator.key")
+            operator = channels.channel_credentials(ca, pki / "operator.pem", pki / "operator.key")
             code, detail = await speak(probe.port, operator, "sport")
             assert code == grpc.StatusCode.PERMISSION_DENIED
             assert "cdimf://operator/operator" in detail
@@ -218,11 +219,11 @@ def test_client_refuses_an_aggregator_from_another_ca(pki: Path) -> None:
     async def scenario() -> None:
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        credentials = tls.server_credentials(pki / "aggregator-rogue.pem", pki / "aggregator-rogue.key", pki / "rogue-ca.pem")
+        credentials = channels.server_credentials(pki / "aggregator-rogue.pem", pki / "aggregator-rogue.key", pki / "rogue-ca.pem")
         port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
         try:
-            channel_credentials = tls.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
+            channel_credentials = channels.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
@@ -238,7 +239,7 @@ def test_health_service_answers_over_mutual_tls(pki: Path) -> None:
 
     async def scenario() -> None:
         async with probe_server(pki) as probe:
-            credentials = tls.channel_credentials(pki / "ca.pem", pki / "aggregator.pem", pki / "aggregator.key")
+            credentials = channels.channel_credentials(pki / "ca.pem", pki / "aggregator.pem", pki / "aggregator.key")
             async with grpc.aio.secure_channel(f"localhost:{probe.port}", credentials) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
@@ -283,20 +284,20 @@ def test_certs_command_writes_a_working_federation(tmp_path: Path) -> None:
     for private in [*out.glob("*.key"), out / "federation.secret"]:
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     assert len(load_secret(secret_file=out / "federation.secret")) == 64
-    sport = tls.load_certificate(out / "sport.pem")
-    assert tls.party_identity(sport) == tls.PartyIdentity("domain", "sport")
+    sport = pkilib.load_certificate(out / "sport.pem")
+    assert pkilib.party_identity(sport) == pkilib.PartyIdentity("domain", "sport")
     assert sport.not_valid_after_utc - sport.not_valid_before_utc == datetime.timedelta(days=30)
     hosts = [str(name.value) for name in sport.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
              if not isinstance(name, x509.UniformResourceIdentifier)]
     assert "10.200.0.2" in hosts and "agg.example.org" not in hosts
-    aggregator_names = tls.load_certificate(out / "aggregator.pem").extensions.get_extension_for_class(
+    aggregator_names = pkilib.load_certificate(out / "aggregator.pem").extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     assert "agg.example.org" in aggregator_names
 
     # the written files are exactly what the servers and clients load
     async def scenario() -> None:
         async with probe_server(out) as probe:
-            credentials = tls.channel_credentials(out / "ca.pem", out / "cloth.pem", out / "cloth.key")
+            credentials = channels.channel_credentials(out / "ca.pem", out / "cloth.pem", out / "cloth.key")
             assert await speak(probe.port, credentials, "cloth") == (grpc.StatusCode.OK, "cloth")
             code, _ = await speak(probe.port, credentials, "sport")
             assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -325,16 +326,16 @@ def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) ->
     assert certs.main(["--out", str(out), "--domains", "sport,cloth,books", "--if-missing"]) == 0
     grown = snapshot()
     assert {name: grown[name] for name in before} == before
-    ca = tls.load_certificate(out / "ca.pem")
-    tls.load_certificate(out / "books.pem").verify_directly_issued_by(ca)
+    ca = pkilib.load_certificate(out / "ca.pem")
+    pkilib.load_certificate(out / "books.pem").verify_directly_issued_by(ca)
 
     # renewal: the operator moves the old pair away and reissues it under the same CA
     (out / "sport.pem").rename(tmp_path / "sport.pem.old")
     (out / "sport.key").rename(tmp_path / "sport.key.old")
     assert certs.main(["--out", str(out), "--domains", "sport,cloth", "--if-missing"]) == 0
-    renewed = tls.load_certificate(out / "sport.pem")
+    renewed = pkilib.load_certificate(out / "sport.pem")
     renewed.verify_directly_issued_by(ca)
-    assert renewed.serial_number != tls.load_certificate(tmp_path / "sport.pem.old").serial_number
+    assert renewed.serial_number != pkilib.load_certificate(tmp_path / "sport.pem.old").serial_number
 
     # inconsistent folders are refused before anything is written
     current = snapshot()
@@ -349,8 +350,8 @@ def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) ->
     assert snapshot() == swapped
     (out / "cloth.pem").write_bytes(current["cloth.pem"])
     ten_days_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
-    ca_issued = tls.load_issued(out / "ca.pem", out / "ca.key")
-    tls.issue_domain_certificate(ca_issued, "cloth", not_before=ten_days_ago, days=1).write(out / "cloth.pem", out / "cloth.key")
+    ca_issued = pkilib.load_issued(out / "ca.pem", out / "ca.key")
+    pkilib.issue_domain_certificate(ca_issued, "cloth", not_before=ten_days_ago, days=1).write(out / "cloth.pem", out / "cloth.key")
     expired = snapshot()
     assert certs.main(["--out", str(out), "--domains", "sport,cloth,fresh", "--if-missing"]) == 2
     assert snapshot() == expired  # not even the valid new domain was written
@@ -368,14 +369,14 @@ def test_certs_command_never_overwrites_and_rejects_bad_input(tmp_path: Path) ->
 
 
 def test_config_driven_port_and_channel(pki: Path) -> None:
-    """bind_port/open_channel follow a TLSConfig: mutual TLS by default, plaintext only when
+    """create_server/bind_port/open_channel follow a TLSConfig: mutual TLS by default, plaintext only when
     insecure, and a TLS client cannot talk to a plaintext server."""
     node_tls = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "sport.pem", key_file=pki / "sport.key")
     server_tls = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "aggregator.pem", key_file=pki / "aggregator.key")
     plaintext = TLSConfig(insecure=True)
 
     async def health_status(port: int, settings: TLSConfig) -> grpc.StatusCode:
-        async with tls.open_channel(f"127.0.0.1:{port}", settings) as channel:
+        async with channels.open_channel(f"127.0.0.1:{port}", settings) as channel:
             try:
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:
@@ -389,9 +390,9 @@ def test_config_driven_port_and_channel(pki: Path) -> None:
             (plaintext, node_tls, grpc.StatusCode.UNAVAILABLE),
             (server_tls, plaintext, grpc.StatusCode.UNAVAILABLE),
         ):
-            server = grpc.aio.server(interceptors=tls.server_interceptors(server_settings))
+            server = channels.create_server(server_settings)
             health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-            port = tls.bind_port(server, "127.0.0.1:0", server_settings)
+            port = channels.bind_port(server, "127.0.0.1:0", server_settings)
             await server.start()
             try:
                 assert await health_status(port, client_settings) == expected, (server_settings, client_settings)
@@ -417,7 +418,7 @@ def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_pa
     ca = pki / "ca.pem"
 
     def party(stem: str) -> grpc.ChannelCredentials:
-        return tls.channel_credentials(ca, pki / f"{stem}.pem", pki / f"{stem}.key")
+        return channels.channel_credentials(ca, pki / f"{stem}.pem", pki / f"{stem}.key")
 
     async def scenario() -> None:
         config = AggregatorConfig(
@@ -455,9 +456,12 @@ def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_pa
             start = pb.StartRunRequest(params=pb.RunParams(rounds=2, rank=4))
             attacks = [
                 ("no certificate", raw_credentials(ca, None, None), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
-                ("another CA", raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
-                ("expired", raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
-                ("sport's certificate, cloth's key", raw_credentials(ca, pki / "sport.pem", pki / "cloth.key"), "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("another CA", raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key"),
+                 "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("expired", raw_credentials(ca, pki / "sport-expired.pem", pki / "sport-expired.key"),
+                 "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
+                ("sport's certificate, cloth's key", raw_credentials(ca, pki / "sport.pem", pki / "cloth.key"),
+                 "PushContribution", push_as("sport"), grpc.StatusCode.UNAUTHENTICATED),
                 ("cloth as sport", party("cloth"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
                 ("operator as sport", party("operator"), "PushContribution", push_as("sport"), grpc.StatusCode.PERMISSION_DENIED),
                 ("domain starts a run", party("sport"), "StartRun", start, grpc.StatusCode.PERMISSION_DENIED),

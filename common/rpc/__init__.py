@@ -1,1 +1,1 @@
-"""gRPC plumbing: channels and servers, authorisation, the aggregator client."""
+"""gRPC plumbing: channels and servers, authorisation, the zero-copy push/pull path, the aggregator client."""

@@ -22,7 +22,7 @@ push with round = the open round (`info.current_round`, or the pulled `z.round +
 Every call has a deadline (rpc_timeout_s; pulls and waits add their wait time). UNAVAILABLE
 (aggregator down or restarting) is retried with exponential backoff and full jitter until
 `retry_for_s` has passed; other failures raise AggregatorError with the gRPC status code. Each
-channel sends keepalive pings (cdimf.common.config.CHANNEL_OPTIONS). A push whose Ack was lost and is
+channel sends keepalive pings (cdimf.common.rpc.channels.CHANNEL_OPTIONS). A push whose Ack was lost and is
 retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
 """
 
@@ -36,16 +36,16 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cdimf.common.config import CHANNEL_OPTIONS, RunParams, TLSConfig
+from cdimf.common.config import RunParams
+from cdimf.common.rpc.channels import create_channel
+from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
-from cdimf.common.wire.chunks import ChunkError, MatrixAssembler, MembershipAssembler, encode_matrix_serialized, encode_registration, wire_dtype
+from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
-_PULL_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PullConsensus"
-_PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/PushContribution"
 _STATES = {
     pb.RUN_STATE_IDLE: "idle",
     pb.RUN_STATE_RUNNING: "running",
@@ -153,15 +153,6 @@ def run_info_from_proto(message: pb.RunInfo) -> RunInfo:
     )
 
 
-def channel_credentials_from_config(tls: TLSConfig) -> grpc.ChannelCredentials | None:
-    """Channel credentials for a TLS section (None: plaintext, only with insecure = true)."""
-    if tls.insecure:
-        return None
-    from cdimf.common.security.tls import channel_credentials
-
-    return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)  # type: ignore[arg-type]
-
-
 class AggregatorClient:
     """Async client of cdimf.v1.Aggregator for one domain (domain "" for operator-only use)."""
 
@@ -183,21 +174,11 @@ class AggregatorClient:
         self.retry_for_s = retry_for_s
         self.backoff = backoff
         self._rng = random.Random(seed)
-        options = list(CHANNEL_OPTIONS)
         # interceptors see every outgoing request: the privacy tests capture traffic with them
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-        else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+        self.channel = create_channel(address, credentials, interceptors)
         self.stub = pb_grpc.AggregatorStub(self.channel)
-        # PullConsensus without a response deserializer: its chunks arrive as wire bytes, whose
-        # payload MatrixAssembler.add_serialized reads in place (pull throughput, issue 4)
-        self._pull_serialized = self.channel.unary_stream(
-            _PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None
-        )
-        # PushContribution without a request serializer: encode_matrix_serialized gives each
-        # chunk's wire bytes with its payload copied once (push throughput, issue 4)
-        self._push_serialized = self.channel.stream_unary(_PUSH_METHOD, request_serializer=None, response_deserializer=pb.Ack.FromString)
+        # the factor streams skip protobuf's copies of their payloads (cdimf.common.rpc.fastpath)
+        self._matrices = MatrixExchange(self.channel)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -285,8 +266,7 @@ class AggregatorClient:
         async def attempt() -> pb.Ack:
             nonlocal tries
             tries += 1
-            chunks = encode_matrix_serialized(values, header, dtype=dtype)
-            return await self._push_serialized(chunks, timeout=self._stream_timeout(values.nbytes))
+            return await self._matrices.push(values, header, dtype, timeout=self._stream_timeout(values.nbytes))
 
         try:
             ack = await self._call("PushContribution", attempt)
@@ -309,11 +289,7 @@ class AggregatorClient:
 
         async def attempt() -> tuple[np.ndarray, pb.Header]:
             """One PullConsensus stream, assembled."""
-            assembler = MatrixAssembler("consensus", expected_rows=shared + receivers)
-            stream = self._pull_serialized(request, timeout=wait_s + self._stream_timeout(0))
-            async for message in stream:
-                assembler.add_serialized(message)
-            return assembler.result()
+            return await self._matrices.pull(request, "consensus", shared + receivers, timeout=wait_s + self._stream_timeout(0))
 
         try:
             z, header = await self._call("PullConsensus", attempt)

@@ -15,12 +15,11 @@ def reuse_freed_chunk_memory(mmap_threshold: int = 1 << 30, trim_threshold: int 
 
     glibc serves each allocation over 128 KiB with a fresh mmap and unmaps it on free, so every
     1 MiB chunk of a matrix stream (its bytes, the protobuf copy, the serialised message)
-    page-faults in anew: that doubled the per-megabyte cost of encoding and decoding. The same
-    holds for the matrices a stream is assembled into (256 MB at 1M x 64), allocated every
+    page-faults in anew, a large part of the per-megabyte cost of encoding and decoding. The
+    same holds for the matrices a stream is assembled into (hundreds of MB), allocated every
     round: below a 1 GiB threshold they come from the heap too and reuse the memory freed by
-    the previous round (A/B at 1M x 64: push 656/391 -> 800/800 MB/s median, pull 763/991 ->
-    921/917). The cost: freed memory up to trim_threshold stays with the process until it is
-    reused, so the resident size stays near its peak, which the exchange target bounds anyway.
+    the previous round. The cost: freed memory up to trim_threshold stays with the process
+    until it is reused, so the resident size stays near its peak.
     Allocations made in other threads still get their own mappings. A no-op off glibc.
     """
     global _tuned

@@ -9,7 +9,7 @@ message that says what was wrong; servers map it to INVALID_ARGUMENT.
 """
 
 import zlib
-from collections.abc import AsyncIterable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -412,19 +412,6 @@ def decode_matrix(
     """Assemble a whole chunk stream (see MatrixAssembler)."""
     assembler = MatrixAssembler(what, expected_rows, expected_cols)
     for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.result()
-
-
-async def decode_matrix_async(
-    chunks: AsyncIterable[pb.MatrixChunk],
-    what: str = "matrix",
-    expected_rows: int | None = None,
-    expected_cols: int | None = None,
-) -> tuple[np.ndarray, pb.Header]:
-    """Assemble a chunk stream from an async iterator (a grpc.aio request or response stream)."""
-    assembler = MatrixAssembler(what, expected_rows, expected_cols)
-    async for chunk in chunks:
         assembler.add(chunk)
     return assembler.result()
 

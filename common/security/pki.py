@@ -1,17 +1,10 @@
-"""Mutual authentication for the federation: a CA, per-party certificates, gRPC credentials, peer checks.
+"""The federation's PKI: a CA, per-party certificates carrying the party's identity, and loading them.
 
 Every party holds a certificate issued by one federation CA. The party's identity travels in a
 URI subject alternative name (`cdimf://domain/<name>`, `cdimf://aggregator/<name>`,
-`cdimf://operator/<name>`) and, for readability, in the subject common name. Channels are TLS
-with the server's certificate checked against the federation CA; the client's certificate is
-checked on every call by common/call_auth.py (a signed proof in the call's metadata, verified by
-a server interceptor before any handler runs), so that a client without a certificate from the
-federation CA, or with an expired one, gets UNAUTHENTICATED. A handler then calls
-`require_domain(context, claimed_domain)` so that a domain can only speak for itself
-(PERMISSION_DENIED otherwise).
-
-Plaintext is never a default: `require_domain(..., insecure=True)` is the explicit opt-out and
-is the only way a request without a certificate is let through.
+`cdimf://operator/<name>`) and, for readability, in the subject common name. How channels and
+servers use these files is cdimf.common.rpc.channels' business; who may call what, given a
+verified identity, is cdimf.common.rpc.auth's.
 """
 
 import datetime
@@ -23,25 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cdimf.common.config import TLSConfig
-from cdimf.common.security.call_proof import CallAuthenticator, CertificateProofInterceptor, proof_call_credentials, verified_certificate
+from cdimf.common.security.names import is_party_name, validate_domain_name, validate_party_name
 
 URI_SCHEME = "cdimf"
 PartyKind = Literal["domain", "aggregator", "operator"]
 PARTY_KINDS: tuple[PartyKind, ...] = ("domain", "aggregator", "operator")
 
-# Names end up in file names, URIs and proto headers, so keep them to a portable alphabet.
-PARTY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-# File names `cdimf certs` writes beside the domain files; a domain with one of these names
-# would overwrite them.
-RESERVED_DOMAIN_NAMES = frozenset({"ca", "aggregator", "operator"})
 # Always in a server certificate so that a process can probe its own port (health checks).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Issued certificates start a little in the past to tolerate clock skew between hosts.
@@ -91,24 +77,6 @@ class IssuedCertificate:
         """Write the certificate (mode 0644) and the private key (mode 0600) as PEM files."""
         write_private_file(key_path, self.private_key_pem())
         write_public_file(certificate_path, self.certificate_pem())
-
-
-def validate_party_name(name: str, what: str = "party name") -> str:
-    """Return `name` if it is a valid party name, else raise ValueError naming `what`."""
-    if not PARTY_NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"{what} {name!r} is invalid: use 1-63 characters of a-z, 0-9, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def validate_domain_name(name: str) -> str:
-    """Return `name` if it can name a domain (valid party name, not a reserved file name)."""
-    validate_party_name(name, "domain name")
-    if name in RESERVED_DOMAIN_NAMES:
-        raise ValueError(f"domain name {name!r} is reserved (one of {sorted(RESERVED_DOMAIN_NAMES)})")
-    return name
 
 
 def _validity(days: float, not_before: datetime.datetime | None) -> tuple[datetime.datetime, datetime.datetime]:
@@ -289,12 +257,12 @@ def party_identity(certificate: x509.Certificate) -> PartyIdentity:
     if len(uris) != 1:
         raise CertificateIdentityError(f"certificate carries {len(uris)} {prefix} URIs, expected exactly 1")
     kind, _, name = uris[0][len(prefix):].partition("/")
-    if kind not in PARTY_KINDS or not PARTY_NAME_PATTERN.fullmatch(name):
+    if kind not in PARTY_KINDS or not is_party_name(name):
         raise CertificateIdentityError(f"certificate URI {uris[0]!r} is not a cdimf party identity")
     common_names = [str(attr.value) for attr in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if common_names != [name]:
         raise CertificateIdentityError(f"certificate common name {common_names} disagrees with its URI {uris[0]!r}")
-    return PartyIdentity(kind, name)  # type: ignore[arg-type]  # kind checked against PARTY_KINDS above
+    return PartyIdentity(kind, name)
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -360,7 +328,7 @@ def load_issued(certificate_path: Path | str, key_path: Path | str) -> IssuedCer
     return IssuedCertificate(certificate, key)
 
 
-def _checked_pair(
+def checked_pair(
     certificate_path: Path | str, key_path: Path | str, ca_path: Path | str
 ) -> tuple[IssuedCertificate, bytes]:
     """This party's certificate and key, and the CA's PEM, after checking that they fit together."""
@@ -373,150 +341,6 @@ def _checked_pair(
     return issued, ca.public_bytes(serialization.Encoding.PEM)
 
 
-def server_credentials(
-    certificate_path: Path | str, key_path: Path | str, ca_path: Path | str
-) -> grpc.ServerCredentials:
-    """TLS server credentials presenting this party's certificate (checked against the CA in
-    `ca_path`). Clients prove their certificates per call (`server_interceptors`), not here."""
-    issued, _ = _checked_pair(certificate_path, key_path, ca_path)
-    return grpc.ssl_server_credentials([(issued.private_key_pem(), issued.certificate_pem())], require_client_auth=False)
-
-
-def call_authenticator(ca_path: Path | str) -> CallAuthenticator:
-    """The per-call certificate check trusting the federation CA in `ca_path`."""
-    return CallAuthenticator(load_certificate(ca_path))
-
-
-def channel_credentials(
-    ca_path: Path | str, certificate_path: Path | str | None = None, key_path: Path | str | None = None
-) -> grpc.ChannelCredentials:
-    """Channel credentials that trust only the federation CA and prove this party's
-    certificate on every call (omit certificate and key only to test a client without one)."""
-    if (certificate_path is None) != (key_path is None):
-        raise TLSMaterialError("give both a client certificate and its key, or neither")
-    if certificate_path is None or key_path is None:
-        return grpc.ssl_channel_credentials(root_certificates=_read(ca_path, "CA certificate"))
-    issued, ca_pem = _checked_pair(certificate_path, key_path, ca_path)
-    return grpc.composite_channel_credentials(
-        grpc.ssl_channel_credentials(root_certificates=ca_pem),
-        proof_call_credentials(issued.certificate, issued.private_key),
-    )
-
-
-def peer_identity(context: grpc.aio.ServicerContext) -> PartyIdentity | None:
-    """The identity in the client certificate this call proved, or None without a proved one.
-
-    Only certificates the server's CertificateProofInterceptor verified for this very call count
-    (CA signature, validity, proof of the key); parsing the URI SAN here checks nothing more.
-    Raises CertificateIdentityError for a certificate without a well-formed cdimf identity.
-    """
-    certificate = verified_certificate(context.invocation_metadata())
-    return None if certificate is None else party_identity(certificate)
-
-
-Refusal = tuple[grpc.StatusCode, str]
-
-
-def _verified_identity(context: grpc.aio.ServicerContext) -> PartyIdentity | Refusal:
-    """The caller's certificate identity, or the refusal for a call without a usable one."""
-    try:
-        identity = peer_identity(context)
-    except CertificateIdentityError as error:
-        return grpc.StatusCode.PERMISSION_DENIED, f"client certificate has no usable identity: {error}"
-    if identity is None:
-        return grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the federation CA is required"
-    return identity
-
-
-def domain_check(
-    context: grpc.aio.ServicerContext, claimed_domain: str, *, insecure: bool = False
-) -> Refusal | None:
-    """None when the caller may speak for `claimed_domain`, else the (status, detail) to abort with."""
-    if insecure:
-        return None
-    identity = _verified_identity(context)
-    if not isinstance(identity, PartyIdentity):
-        return identity
-    if identity.kind != "domain":
-        return grpc.StatusCode.PERMISSION_DENIED, f"certificate of {identity.uri()} cannot speak for a domain"
-    if identity.name != claimed_domain:
-        return (
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"certificate of domain {identity.name!r} cannot speak for domain {claimed_domain!r}",
-        )
-    return None
-
-
-def operator_check(context: grpc.aio.ServicerContext, *, insecure: bool = False) -> Refusal | None:
-    """None when the caller may use the control API (an operator or aggregator certificate),
-    else the (status, detail) to abort with."""
-    if insecure:
-        return None
-    identity = _verified_identity(context)
-    if not isinstance(identity, PartyIdentity):
-        return identity
-    if identity.kind == "domain":
-        return grpc.StatusCode.PERMISSION_DENIED, f"certificate of {identity.uri()} cannot control runs"
-    return None
-
-
-async def require_domain(context: grpc.aio.ServicerContext, claimed_domain: str, *, insecure: bool = False) -> str:
-    """Abort the call unless its client certificate belongs to `claimed_domain`; return the domain.
-
-    UNAUTHENTICATED without a client certificate, PERMISSION_DENIED for a certificate of another
-    domain or party. `insecure=True` (plaintext deployments only) skips the check.
-    """
-    refusal = domain_check(context, claimed_domain, insecure=insecure)
-    if refusal is not None:
-        await context.abort(*refusal)
-    return claimed_domain
-
-
-async def require_operator(context: grpc.aio.ServicerContext, *, insecure: bool = False) -> None:
-    """Abort the call unless the caller holds an operator (or aggregator) certificate.
-
-    For the control API (start, status, follow, stop); `insecure=True` skips the check.
-    """
-    refusal = operator_check(context, insecure=insecure)
-    if refusal is not None:
-        await context.abort(*refusal)
-
-
-def _tls_files(settings: TLSConfig) -> tuple[Path, Path, Path]:
-    """(CA, certificate, key) paths of a TLS config that is not insecure."""
-    if settings.ca_file is None or settings.cert_file is None or settings.key_file is None:
-        raise TLSMaterialError("mutual TLS needs ca_file, cert_file and key_file (or insecure = true)")
-    return settings.ca_file, settings.cert_file, settings.key_file
-
-
-def server_interceptors(settings: TLSConfig) -> list[grpc.aio.ServerInterceptor]:
-    """Interceptors a server built for `settings` must have: the per-call certificate check
-    (none when `settings.insecure`). Pass them to grpc.aio.server(interceptors=...)."""
-    if settings.insecure:
-        return []
-    ca_file, _, _ = _tls_files(settings)
-    return [CertificateProofInterceptor(call_authenticator(ca_file))]
-
-
-def bind_port(server: grpc.aio.Server, address: str, settings: TLSConfig) -> int:
-    """Bind `address` on `server` with TLS from `settings` (the server also needs
-    `server_interceptors(settings)`), or plaintext when `settings.insecure`; return the bound port."""
-    if settings.insecure:
-        port = server.add_insecure_port(address)
-    else:
-        ca_file, cert_file, key_file = _tls_files(settings)
-        port = server.add_secure_port(address, server_credentials(cert_file, key_file, ca_file))
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
-    return port
-
-
-def open_channel(
-    target: str, settings: TLSConfig, options: Sequence[tuple[str, str | int]] = ()
-) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target` presenting this party's certificate from `settings`, or a
-    plaintext one when `settings.insecure`."""
-    if settings.insecure:
-        return grpc.aio.insecure_channel(target, options=list(options))
-    credentials = channel_credentials(*_tls_files(settings))
-    return grpc.aio.secure_channel(target, credentials, options=list(options))
+def read_ca_pem(ca_path: Path | str) -> bytes:
+    """The federation CA's certificate file as it is (PEM), with an error that names the file."""
+    return _read(ca_path, "CA certificate")

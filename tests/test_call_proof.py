@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cdimf.common.security import call_proof as call_auth
-from cdimf.common.security import tls
+from cdimf.common.security import pki
 
 METHOD = "/cdimf.v1.Aggregator/PushContribution"
 
@@ -25,7 +25,7 @@ class Clock:
         return self.now
 
 
-def _der(issued: tls.IssuedCertificate) -> bytes:
+def _der(issued: pki.IssuedCertificate) -> bytes:
     """The certificate in DER form, as the client sends it."""
     return issued.certificate.public_bytes(serialization.Encoding.DER)
 
@@ -40,13 +40,13 @@ def _refusal(authenticator: call_auth.CallAuthenticator, metadata: tuple[tuple[s
 
 def test_validity_is_checked_on_every_call_even_for_a_known_certificate() -> None:
     """A certificate accepted once (and cached) is refused once its window has closed."""
-    ca = tls.create_ca()
+    ca = pki.create_ca()
     start = datetime.datetime.now(datetime.UTC)
-    sport = tls.issue_domain_certificate(ca, "sport", not_before=start, days=1)
+    sport = pki.issue_domain_certificate(ca, "sport", not_before=start, days=1)
     clock = Clock(start.timestamp() + 60)
     authenticator = call_auth.CallAuthenticator(ca.certificate, clock=clock)
     proved = authenticator.authenticate(call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now), METHOD)
-    assert tls.party_identity(proved) == tls.PartyIdentity("domain", "sport")
+    assert pki.party_identity(proved) == pki.PartyIdentity("domain", "sport")
     clock.now = start.timestamp() + 2 * 86400
     late = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now)
     assert "not valid now" in _refusal(authenticator, late)
@@ -55,9 +55,9 @@ def test_validity_is_checked_on_every_call_even_for_a_known_certificate() -> Non
 def test_proofs_are_single_use_and_bound_to_time_method_and_key() -> None:
     """Replays (also with the signature re-encoded), clock skew beyond the window, another
     method, another key, duplicated or missing fields are refused; handlers only see proved calls."""
-    ca = tls.create_ca()
-    sport = tls.issue_domain_certificate(ca, "sport")
-    cloth = tls.issue_domain_certificate(ca, "cloth")
+    ca = pki.create_ca()
+    sport = pki.issue_domain_certificate(ca, "sport")
+    cloth = pki.issue_domain_certificate(ca, "cloth")
     clock = Clock(datetime.datetime.now(datetime.UTC).timestamp())
     authenticator = call_auth.CallAuthenticator(ca.certificate, clock=clock)
     proof = call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, now=clock.now)
@@ -97,8 +97,8 @@ def test_proofs_are_single_use_and_bound_to_time_method_and_key() -> None:
 
 def test_a_server_only_certificate_cannot_authenticate_a_client() -> None:
     """A certificate whose extended key usage lacks clientAuth is refused."""
-    ca = tls.create_ca()
-    server_only = tls.issue_party_certificate(ca, tls.PartyIdentity("domain", "sport"), server=True, client=False)
+    ca = pki.create_ca()
+    server_only = pki.issue_party_certificate(ca, pki.PartyIdentity("domain", "sport"), server=True, client=False)
     authenticator = call_auth.CallAuthenticator(ca.certificate)
     metadata = call_auth.proof_metadata(_der(server_only), server_only.private_key, METHOD)
     assert "client authentication" in _refusal(authenticator, metadata)

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cdimf.aggregator.state import AggregatorState, DomainLayout, Event, Layout, Run, StateError
+from cdimf.aggregator.state import AggregatorState, StateError
 from cdimf.common.config import SERVER_OPTIONS, AggregatorConfig, ConfigError, RunParams, TLSConfig
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import (
@@ -50,6 +50,7 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
+from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -63,14 +64,6 @@ Result = TypeVar("Result")
 # bytes: a MatrixChunk stream received unparsed (PushContribution)
 Chunk = TypeVar("Chunk", pb.MatrixChunk, pb.PseudonymChunk, bytes)
 Assembler = MatrixAssembler | RegistrationAssembler
-_RUN_STATES = {"running": pb.RUN_STATE_RUNNING, "finished": pb.RUN_STATE_FINISHED, "stopped": pb.RUN_STATE_STOPPED}
-_EVENT_KINDS = {
-    "run_started": pb.EVENT_KIND_RUN_STARTED,
-    "round_closed": pb.EVENT_KIND_ROUND_CLOSED,
-    "metrics": pb.EVENT_KIND_METRICS,
-    "run_finished": pb.EVENT_KIND_RUN_FINISHED,
-    "run_stopped": pb.EVENT_KIND_RUN_STOPPED,
-}
 
 
 class Authorizer(Protocol):
@@ -142,50 +135,6 @@ class _Changes:
         event = self._event
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-
-
-def run_info(run: Run | None, domain: str = "") -> pb.RunInfo:
-    """The wire form of a run (aggregation period resolved for `domain`)."""
-    if run is None:
-        return pb.RunInfo(state=pb.RUN_STATE_IDLE)
-    return pb.RunInfo(
-        run_id=run.run_id,
-        state=_RUN_STATES[run.state],
-        params=run.params.to_proto(),
-        aggregation_period=run.params.period_for(domain) if domain else 0,
-        current_round=run.current_round,
-        latest_consensus_round=run.consensus_round,
-        admitted_domains=list(run.admitted),
-    )
-
-
-def _event_message(run: Run, event: Event) -> pb.RoundEvent:
-    """The wire form of one run event."""
-    return pb.RoundEvent(
-        run_id=run.run_id,
-        kind=_EVENT_KINDS[event.kind],
-        round=event.round,
-        contributors=event.contributors,
-        missing=event.missing,
-        domain=event.domain,
-        metrics=event.metrics,
-        elapsed_s=event.elapsed_s,
-        rounds=run.params.rounds,
-    )
-
-
-def _membership_message(layout: Layout, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
-    """The membership summary a Register call answers with."""
-    mine: DomainLayout = layout.per_domain[domain]
-    return pb.Membership(
-        domains=list(layout.domains),
-        domain=domain,
-        rows=len(mine.roles),
-        shared_rows=len(mine.shared_rows),
-        receiver_rows=len(mine.receiver_rows),
-        fingerprint=fingerprint,
-        frozen=frozen,
-    )
 
 
 class AggregatorService(pb_grpc.AggregatorServicer):
@@ -291,7 +240,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         def register() -> pb.Membership:
             registration = self.state.register(domain, pseudonyms, holder)
             layout, frozen = self.state.layout_for(domain)
-            return _membership_message(layout, domain, registration.fingerprint, frozen)
+            return membership_to_proto(layout, domain, registration.fingerprint, frozen)
 
         reply = await self._locked(context, register, in_thread=True)
         log.info("domain %s registered %d rows", domain, reply.rows)
@@ -320,7 +269,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         while True:
             run = self.state.run
             if run is not None and run.run_id != request.after_run_id:
-                return run_info(run, domain)
+                return run_info_to_proto(run)
             left = give_up - time.monotonic()
             if left <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no run started within {request.wait_s} s")
@@ -418,21 +367,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Start a run with the given parameters over the registered domains."""
         await self._operator(context)
         try:
-            params = RunParams.from_proto(request.params)
+            params = run_params_from_proto(request.params)
         except ConfigError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
         run = await self._locked(context, lambda: self.state.start_run(params), in_thread=True)
         log.info("run %s started over %s", run.run_id, ", ".join(run.admitted))
         self.changes.notify()
-        return run_info(run)
+        return run_info_to_proto(run)
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.AggregatorStatus:
         """The current run and every registered domain."""
         await self._operator(context)
         async with self.lock:
             run = self.state.run
-            status = pb.AggregatorStatus(run=run_info(run))
+            status = pb.AggregatorStatus(run=run_info_to_proto(run))
             if run is not None:
                 status.shared_users = run.layout.exchanged_rows
             for name, registration in sorted(self.state.registrations.items()):
@@ -472,7 +421,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 event = run.events[sent]
                 sent += 1
                 if event.round >= request.from_round or event.kind in ("run_finished", "run_stopped"):
-                    yield _event_message(run, event)
+                    yield event_to_proto(run, event)
             if self.state.run is not run:
                 return
             timeout = None
@@ -491,7 +440,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await self._operator(context)
         run = await self._locked(context, lambda: self.state.stop_run(request.header.run_id, request.reason), in_thread=True)
         self.changes.notify()
-        return run_info(run)
+        return run_info_to_proto(run)
 
 
 class _HandlerCapture:

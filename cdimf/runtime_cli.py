@@ -25,7 +25,7 @@ from cdimf.common.config import (
     NodeConfig,
     RunParams,
     TLSConfig,
-    _check_address,
+    check_address,
 )
 from cdimf.common.core.params import StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
@@ -45,7 +45,7 @@ class TrainConfig(StrictModel):
     @field_validator("aggregator")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value, allow_port_zero=False)
+        return check_address(value, allow_port_zero=False)
 
 
 def _logging(level: str) -> None:
@@ -117,46 +117,30 @@ def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str
     return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
 
 
-def _event_json(event: Any) -> dict[str, Any]:
-    """A run event as a JSON-ready dict (what `--json` prints per line)."""
-    from cdimf.protos.v1 import federation_pb2 as pb
-
-    return {
-        "run_id": event.run_id,
-        "kind": pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower(),
-        "round": event.round,
-        "rounds": event.rounds,
-        "domain": event.domain,
-        "metrics": dict(event.metrics),
-        "contributors": list(event.contributors),
-        "missing": list(event.missing),
-        "elapsed_s": round(event.elapsed_s, 3),
-    }
-
-
 async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
     """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
-    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.common.wire.serde import event_kind_name, event_to_json
 
     outcome = EXIT_FAILED
     started = time.monotonic()
     tty = sys.stderr.isatty()
     async for event in client.watch_run(run_id):
+        kind = event_kind_name(event.kind)
         if as_json:
-            print(json.dumps(_event_json(event)), flush=True)
-        elif event.kind == pb.EVENT_KIND_METRICS and event.metrics:
+            print(json.dumps(event_to_json(event)), flush=True)
+        elif kind == "metrics" and event.metrics:
             # an empty set only says the domain is done with the round (it does not validate it)
             shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
             print(f"round {event.round:4d}  {event.domain:<12} {shown}", flush=True)
-        elif event.kind == pb.EVENT_KIND_ROUND_CLOSED and event.missing:
+        elif kind == "round_closed" and event.missing:
             print(f"round {event.round:4d}  closed without {', '.join(event.missing)}", flush=True)
-        if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
+        if kind == "round_closed":
             bar = _progress_bar(event.round, rounds, time.monotonic() - started)
             sys.stderr.write(bar if tty else bar.lstrip("\r") + "\n")
             sys.stderr.flush()
-        if event.kind == pb.EVENT_KIND_RUN_FINISHED:
+        if kind == "run_finished":
             outcome = EXIT_OK
-        elif event.kind == pb.EVENT_KIND_RUN_STOPPED:
+        elif kind == "run_stopped":
             outcome = EXIT_FAILED
     if tty:
         sys.stderr.write("\n")
@@ -223,7 +207,7 @@ def _with_aggregator_errors(main: Any) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """Print the aggregator's run and domains."""
-    from google.protobuf.json_format import MessageToDict
+    from cdimf.common.wire.serde import run_state_name, status_to_json
 
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
@@ -235,12 +219,10 @@ def _status(args: argparse.Namespace) -> int:
         finally:
             await client.close()
         if args.json:
-            print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+            print(json.dumps(status_to_json(status), indent=2))
             return EXIT_OK
-        from cdimf.protos.v1 import federation_pb2 as pb
-
         run = status.run
-        state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
+        state = run_state_name(run.state)
         print(f"run {run.run_id or '-'}: {state}, round {run.current_round}/{run.params.rounds}, "
               f"latest consensus {run.latest_consensus_round}, shared users {status.shared_users}")
         for domain in status.domains:
@@ -281,7 +263,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
-    _check_address(args.node, allow_port_zero=False)
+    check_address(args.node, allow_port_zero=False)
     tls = _tls_only(args.config, args, args.fields)
 
     async def main() -> int:
@@ -320,7 +302,7 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
 
 def _health(args: argparse.Namespace) -> int:
     """gRPC health check of a node or the aggregator; exit 0 when SERVING."""
-    _check_address(args.target, allow_port_zero=False)
+    check_address(args.target, allow_port_zero=False)
     tls = _tls_only(args.config, args, args.fields)
     serving, seen = asyncio.run(check_health(args.target, tls, args.service, args.timeout_s))
     print(seen)
@@ -333,7 +315,7 @@ def _health(args: argparse.Namespace) -> int:
 def _address_argument(text: str) -> str:
     """argparse type: a host:port with a non-zero port."""
     try:
-        return _check_address(text, allow_port_zero=False)
+        return check_address(text, allow_port_zero=False)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

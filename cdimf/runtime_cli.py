@@ -11,17 +11,14 @@ import json
 import logging
 import sys
 import time
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from cdimf.common.config import (
     CHANNEL_OPTIONS,
     AggregatorConfig,
-    ConfigError,
     NodeConfig,
     RunParams,
     TLSConfig,
@@ -55,27 +52,7 @@ def _logging(level: str) -> None:
 
 def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -> TLSConfig:
     """The [tls] table of any of our config files (aggregator, node or run), overridden by the TLS flags."""
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            with open(config_file, "rb") as handle:
-                table = tomllib.load(handle).get("tls", {})
-        except OSError as error:
-            raise ConfigError(f"{config_file}: cannot read: {error.strerror}") from error
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{config_file}: not valid TOML: {error}") from error
-        base = Path(config_file).resolve().parent
-        data = {key: (str(base / value) if key.endswith("_file") and not Path(str(value)).is_absolute() else value)
-                for key, value in table.items()}
-    for dest, (field_path, _) in fields.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            data[field_path[-1]] = str(value) if isinstance(value, Path) else value
-    try:
-        return TLSConfig.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(f"field tls.{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
-        raise ConfigError(f"{config_file or 'TLS options'}: {problems}") from error
+    return load_with_flags(TLSConfig, config_file, args, fields, table="tls")
 
 
 def _channel(target: str, tls: TLSConfig) -> grpc.aio.Channel:

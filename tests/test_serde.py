@@ -1,10 +1,11 @@
 """The wire conversions: run parameters, run info, events and memberships, and the enum maps."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from cdimf.aggregator.state import Event
 from cdimf.common.config import ConfigError, RunParams
 from cdimf.common.core.admm import PROX_OPERATORS
 from cdimf.common.wire import serde
@@ -58,17 +59,6 @@ class _Run:
     admitted: tuple[str, ...] = ("cloth", "sport")
 
 
-@dataclass
-class _Event:
-    kind: str
-    round: int
-    elapsed_s: float
-    contributors: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    domain: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 def test_run_info_reaches_the_client_as_started() -> None:
     params = RunParams(run_id="r", rounds=3, rank=4, domain_aggregation_period={"cloth": 2})
     info = serde.run_info_from_proto(serde.run_info_to_proto(_Run("r", params)))
@@ -80,7 +70,7 @@ def test_run_info_reaches_the_client_as_started() -> None:
 
 def test_events_as_messages_and_json() -> None:
     run = _Run("r", RunParams(run_id="r", rounds=3, rank=4))
-    message = serde.event_to_proto(run, _Event("round_closed", 2, 1.23456, ["sport"], ["cloth"]))
+    message = serde.event_to_proto(run, Event("round_closed", 2, 1.23456, ["sport"], ["cloth"]))
     assert message.kind == pb.EVENT_KIND_ROUND_CLOSED and message.rounds == 3
     assert serde.event_to_json(message) == {"run_id": "r", "kind": "round_closed", "round": 2, "rounds": 3, "domain": "", "metrics": {},
                                             "contributors": ["sport"], "missing": ["cloth"], "elapsed_s": 1.235}

@@ -39,10 +39,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cdimf.aggregator.rounds import Event, Run, StateError
+from cdimf.aggregator.rounds import StateError
 from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import AggregatorConfig, ConfigError, RunParams
-from cdimf.common.core.membership import Membership
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.common.rpc.fastpath import add_aggregator_to_server
@@ -56,6 +55,7 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
+from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -68,14 +68,6 @@ Result = TypeVar("Result")
 # bytes: a MatrixChunk stream received unparsed (PushContribution)
 Chunk = TypeVar("Chunk", pb.MatrixChunk, pb.PseudonymChunk, bytes)
 Assembler = MatrixAssembler | RegistrationAssembler
-_RUN_STATES = {"running": pb.RUN_STATE_RUNNING, "finished": pb.RUN_STATE_FINISHED, "stopped": pb.RUN_STATE_STOPPED}
-_EVENT_KINDS = {
-    "run_started": pb.EVENT_KIND_RUN_STARTED,
-    "round_closed": pb.EVENT_KIND_ROUND_CLOSED,
-    "metrics": pb.EVENT_KIND_METRICS,
-    "run_finished": pb.EVENT_KIND_RUN_FINISHED,
-    "run_stopped": pb.EVENT_KIND_RUN_STOPPED,
-}
 
 
 class _Changes:
@@ -94,49 +86,6 @@ class _Changes:
         event = self._event
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-
-
-def run_info(run: Run | None, domain: str = "") -> pb.RunInfo:
-    """The wire form of a run (aggregation period resolved for `domain`)."""
-    if run is None:
-        return pb.RunInfo(state=pb.RUN_STATE_IDLE)
-    return pb.RunInfo(
-        run_id=run.run_id,
-        state=_RUN_STATES[run.state],
-        params=run.params.to_proto(),
-        aggregation_period=run.params.period_for(domain) if domain else 0,
-        current_round=run.current_round,
-        latest_consensus_round=run.consensus_round,
-        admitted_domains=list(run.admitted),
-    )
-
-
-def _event_message(run: Run, event: Event) -> pb.RoundEvent:
-    """The wire form of one run event."""
-    return pb.RoundEvent(
-        run_id=run.run_id,
-        kind=_EVENT_KINDS[event.kind],
-        round=event.round,
-        contributors=event.contributors,
-        missing=event.missing,
-        domain=event.domain,
-        metrics=event.metrics,
-        elapsed_s=event.elapsed_s,
-        rounds=run.params.rounds,
-    )
-
-
-def _membership_message(mine: Membership, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
-    """The membership summary a Register call answers with."""
-    return pb.Membership(
-        domains=list(mine.domains),
-        domain=domain,
-        rows=len(mine.roles),
-        shared_rows=len(mine.shared_rows),
-        receiver_rows=len(mine.receiver_rows),
-        fingerprint=fingerprint,
-        frozen=frozen,
-    )
 
 
 class AggregatorService(pb_grpc.AggregatorServicer):
@@ -238,7 +187,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         def register() -> pb.Membership:
             registration = self.state.register(domain, pseudonyms, holder)
             mine, frozen = self.state.membership_for(domain)
-            return _membership_message(mine, domain, registration.fingerprint, frozen)
+            return membership_to_proto(mine, domain, registration.fingerprint, frozen)
 
         reply = await self._locked(context, register, in_thread=True)
         log.info("domain %s registered %d rows", domain, reply.rows)
@@ -267,7 +216,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         def started() -> pb.RunInfo | None:
             """The wire form of the run to answer with, None while there is none yet."""
             run = self.state.current_run(request.after_run_id)
-            return None if run is None else run_info(run, domain)
+            return None if run is None else run_info_to_proto(run)
 
         while True:
             info = await self._locked(context, started)
@@ -349,14 +298,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Start a run with the given parameters over the registered domains."""
         await self._operator(context)
         try:
-            params = RunParams.from_proto(request.params)
+            params = run_params_from_proto(request.params)
         except ConfigError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
         run = await self._locked(context, lambda: self.state.start_run(params), in_thread=True)
         log.info("run %s started over %s", run.run_id, ", ".join(run.admitted))
         self.changes.notify()
-        return run_info(run)
+        return run_info_to_proto(run)
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.AggregatorStatus:
         """The current run and every registered domain."""
@@ -365,7 +314,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         def status() -> pb.AggregatorStatus:
             """The state's status snapshot in its wire form (converted under the lock: it names the live run)."""
             snapshot = self.state.status()
-            message = pb.AggregatorStatus(run=run_info(snapshot.run), shared_users=snapshot.shared_users)
+            message = pb.AggregatorStatus(run=run_info_to_proto(snapshot.run), shared_users=snapshot.shared_users)
             for entry in snapshot.domains:
                 message.domains.append(
                     pb.DomainStatus(
@@ -398,7 +347,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             watch = await self._locked(context, functools.partial(self.state.watch, run, sent))
             for event in watch.events:
                 if event.round >= request.from_round or event.kind in ("run_finished", "run_stopped"):
-                    yield _event_message(run, event)
+                    yield event_to_proto(run, event)
             sent += len(watch.events)
             if watch.events:
                 continue  # more may have come while those were sent: decide on a fresh look
@@ -417,7 +366,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await self._operator(context)
         run = await self._locked(context, lambda: self.state.stop_run(request.header.run_id, request.reason), in_thread=True)
         self.changes.notify()
-        return run_info(run)
+        return run_info_to_proto(run)
 
 
 @dataclass

@@ -67,7 +67,7 @@ def engine_arm(config: SimulateConfig, rounds: int, validation: ValidationParams
     started = time.perf_counter()
     data = [load_node_data(d.name, d.train_path, d.valid_path, d.test_path, d.data_format, valid_negatives=validation.negatives)
             for d in config.domains]
-    ials = config.ials.model_copy(update={"rank": config.run.rank})
+    ials = config.ials.at_rank(config.run.rank)
     engine = CDIMFEngine([DomainInput(d.domain, d.users.keys, d.train, ials, config.run.period_for(d.domain)) for d in data],
                          config.run.admm)
     run_started = time.perf_counter()

@@ -5,8 +5,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cdimf.common.config import ConfigError as CommonConfigError
-from cdimf.reproduce_config import ConfigError, load_reproduce_config
+from cdimf.common.config import ConfigError
+from cdimf.reproduce_config import load_reproduce_config
 from cdimf.resources import config_path, shipped_configs
 
 
@@ -65,6 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, CommonConfigError, ValueError, OSError) as error:
+    except (ConfigError, ValueError, OSError) as error:
         print(f"cdimf: error: {error}", file=sys.stderr)
         return 2

@@ -1,21 +1,19 @@
 """Command-line flags generated from pydantic config models, one flag per field, overriding a TOML file.
 
 A field `a.b_c` becomes `--a-b-c` (nested tables listed in `flatten` drop their prefix, e.g.
-`tls.ca_file` is `--ca-file` and `run.rounds` is `--rounds`). Flags take precedence over the
-TOML file and over CDIMF_* environment variables: they are applied as the highest-priority
-overrides through `cdimf.common.config.load_config`, so validation and error messages are the same.
+`tls.ca_file` is `--ca-file` and `run.rounds` is `--rounds`). Each given flag sets exactly its
+field, over the defaults, the TOML file and CDIMF_* environment variables: flags are the last
+layer of `cdimf.common.config.load_config`, so validation is the same and errors name the flag.
 """
 
 import argparse
-import json
-import os
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from cdimf.common.config import ENV_PREFIX, ConfigError, load_config
+from cdimf.common.config import Override, load_config
 
 Model = TypeVar("Model", bound=BaseModel)
 # the flag holding the secret would show it in `ps`: the secret comes from a file or CDIMF_SECRET
@@ -76,35 +74,20 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], fla
     return fields
 
 
-def _variable(field_path: tuple[str, ...]) -> str:
-    return ENV_PREFIX + "__".join(part.upper() for part in field_path)
-
-
-def flag_overrides(args: argparse.Namespace, fields: dict[str, tuple[tuple[str, ...], str]]) -> dict[str, str]:
-    """CDIMF_* variables (JSON values) for the flags that were given."""
-    environ: dict[str, str] = {}
-    for dest, (field_path, _) in fields.items():
+def flag_overrides(args: argparse.Namespace, fields: dict[str, tuple[tuple[str, ...], str]]) -> list[Override]:
+    """One override per flag that was given: its field path, its value and the flag's name."""
+    overrides = []
+    for dest, (field_path, flag) in fields.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
         if isinstance(value, list):
             value = dict(value)
-        elif isinstance(value, Path):
-            value = str(value)
-        environ[_variable(field_path)] = json.dumps(value)
-    return environ
+        overrides.append(Override(field_path, value, f"option {flag}"))
+    return overrides
 
 
 def load_with_flags(model: type[Model], config_file: str | Path | None, args: argparse.Namespace,
-                    fields: dict[str, tuple[tuple[str, ...], str]]) -> Model:
-    """The model from the TOML file, CDIMF_* variables, then the given flags (highest priority)."""
-    overrides = flag_overrides(args, fields)
-    flags_by_variable = {_variable(field_path): flag for field_path, flag in fields.values()}
-    try:
-        return load_config(model, config_file, environ={**os.environ, **overrides})  # type: ignore[return-value]
-    except ConfigError as error:
-        message = str(error)
-        # name the flag rather than the variable it was passed through
-        for variable in overrides:
-            message = message.replace(f"environment variable {variable}", f"option {flags_by_variable[variable]}")
-        raise ConfigError(message) from error
+                    fields: dict[str, tuple[tuple[str, ...], str]], table: str | None = None) -> Model:
+    """The model from the TOML file (or its `table`), CDIMF_* variables, then the given flags (highest priority)."""
+    return load_config(model, config_file, overrides=flag_overrides(args, fields), table=table)

@@ -1,17 +1,19 @@
-"""Configuration of `cdimf reproduce`: data paths, models, early stopping, evaluation, paper numbers."""
+"""Configuration of `cdimf reproduce`: data paths, models, early stopping, evaluation, paper numbers.
 
-import tomllib
+Read by cdimf.common.config's loader: errors are ConfigErrors naming the file and the dotted field.
+"""
+
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from cdimf.common.config import load_config
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
 from cdimf.common.security.names import validate_party_name
 
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message names the file and the field."""
+ModelName = Literal["ALS-separate", "ALS-joined", "CDIMF"]
+MODELS: tuple[ModelName, ...] = ("ALS-separate", "ALS-joined", "CDIMF")
 
 
 class DomainPaths(StrictModel):
@@ -89,36 +91,12 @@ class ReproduceConfig(StrictModel):
     separate: IALSParams
     joined: IALSParams
     cdimf: CDIMFConfig
-    models: list[Literal["ALS-separate", "ALS-joined", "CDIMF"]] = ["ALS-separate", "ALS-joined", "CDIMF"]
+    models: list[ModelName] = Field(default_factory=lambda: list(MODELS))
     paper: dict[str, dict[str, tuple[float, float]]] = Field(
         default_factory=dict, description="model -> domain -> (HR@10 %, NDCG@10 %) reported by the paper"
     )
 
 
 def load_reproduce_config(path: str | Path) -> ReproduceConfig:
-    """Read a TOML config; relative data paths are taken from the config file's folder."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    try:
-        config = ReproduceConfig.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"{path}: field '{field}': {first['msg']}") from None
-    base = path.resolve().parent
-    domains = [
-        d.model_copy(
-            update={
-                "train": base / d.train,
-                "test": base / d.test,
-                "valid": None if d.valid is None else base / d.valid,
-            }
-        )
-        for d in config.data.domains
-    ]
-    return config.model_copy(update={"data": config.data.model_copy(update={"domains": domains})})
+    """Read a TOML config; relative data paths are taken from the config file's folder (no CDIMF_* variables apply)."""
+    return load_config(ReproduceConfig, path, environ={})

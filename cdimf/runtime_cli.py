@@ -11,20 +11,17 @@ import json
 import logging
 import sys
 import time
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from cdimf.common.config import (
     AggregatorConfig,
-    ConfigError,
     NodeConfig,
     RunParams,
     TLSConfig,
-    _check_address,
+    check_address,
 )
 from cdimf.common.core.params import StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
@@ -44,7 +41,7 @@ class TrainConfig(StrictModel):
     @field_validator("aggregator")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value, allow_port_zero=False)
+        return check_address(value, allow_port_zero=False)
 
 
 def _logging(level: str) -> None:
@@ -54,27 +51,7 @@ def _logging(level: str) -> None:
 
 def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -> TLSConfig:
     """The [tls] table of any of our config files (aggregator, node or run), overridden by the TLS flags."""
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            with open(config_file, "rb") as handle:
-                table = tomllib.load(handle).get("tls", {})
-        except OSError as error:
-            raise ConfigError(f"{config_file}: cannot read: {error.strerror}") from error
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{config_file}: not valid TOML: {error}") from error
-        base = Path(config_file).resolve().parent
-        data = {key: (str(base / value) if key.endswith("_file") and not Path(str(value)).is_absolute() else value)
-                for key, value in table.items()}
-    for dest, (field_path, _) in fields.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            data[field_path[-1]] = str(value) if isinstance(value, Path) else value
-    try:
-        return TLSConfig.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(f"field tls.{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
-        raise ConfigError(f"{config_file or 'TLS options'}: {problems}") from error
+    return load_with_flags(TLSConfig, config_file, args, fields, table="tls")
 
 
 # ----- serve-aggregator / serve-node -----
@@ -109,46 +86,30 @@ def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str
     return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
 
 
-def _event_json(event: Any) -> dict[str, Any]:
-    """A run event as a JSON-ready dict (what `--json` prints per line)."""
-    from cdimf.protos.v1 import federation_pb2 as pb
-
-    return {
-        "run_id": event.run_id,
-        "kind": pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower(),
-        "round": event.round,
-        "rounds": event.rounds,
-        "domain": event.domain,
-        "metrics": dict(event.metrics),
-        "contributors": list(event.contributors),
-        "missing": list(event.missing),
-        "elapsed_s": round(event.elapsed_s, 3),
-    }
-
-
 async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
     """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
-    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.common.wire.serde import event_kind_name, event_to_json
 
     outcome = EXIT_FAILED
     started = time.monotonic()
     tty = sys.stderr.isatty()
     async for event in client.watch_run(run_id):
+        kind = event_kind_name(event.kind)
         if as_json:
-            print(json.dumps(_event_json(event)), flush=True)
-        elif event.kind == pb.EVENT_KIND_METRICS and event.metrics:
+            print(json.dumps(event_to_json(event)), flush=True)
+        elif kind == "metrics" and event.metrics:
             # an empty set only says the domain is done with the round (it does not validate it)
             shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
             print(f"round {event.round:4d}  {event.domain:<12} {shown}", flush=True)
-        elif event.kind == pb.EVENT_KIND_ROUND_CLOSED and event.missing:
+        elif kind == "round_closed" and event.missing:
             print(f"round {event.round:4d}  closed without {', '.join(event.missing)}", flush=True)
-        if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
+        if kind == "round_closed":
             bar = _progress_bar(event.round, rounds, time.monotonic() - started)
             sys.stderr.write(bar if tty else bar.lstrip("\r") + "\n")
             sys.stderr.flush()
-        if event.kind == pb.EVENT_KIND_RUN_FINISHED:
+        if kind == "run_finished":
             outcome = EXIT_OK
-        elif event.kind == pb.EVENT_KIND_RUN_STOPPED:
+        elif kind == "run_stopped":
             outcome = EXIT_FAILED
     if tty:
         sys.stderr.write("\n")
@@ -216,7 +177,7 @@ def _with_aggregator_errors(main: Any) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """Print the aggregator's run and domains."""
-    from google.protobuf.json_format import MessageToDict
+    from cdimf.common.wire.serde import run_state_name, status_to_json
 
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
@@ -228,12 +189,10 @@ def _status(args: argparse.Namespace) -> int:
         finally:
             await client.close()
         if args.json:
-            print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
+            print(json.dumps(status_to_json(status), indent=2))
             return EXIT_OK
-        from cdimf.protos.v1 import federation_pb2 as pb
-
         run = status.run
-        state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
+        state = run_state_name(run.state)
         print(f"run {run.run_id or '-'}: {state}, round {run.current_round}/{run.params.rounds}, "
               f"latest consensus {run.latest_consensus_round}, shared users {status.shared_users}")
         for domain in status.domains:
@@ -275,7 +234,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
-    _check_address(args.node, allow_port_zero=False)
+    check_address(args.node, allow_port_zero=False)
     tls = _tls_only(args.config, args, args.fields)
 
     async def main() -> int:
@@ -316,7 +275,7 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
 
 def _health(args: argparse.Namespace) -> int:
     """gRPC health check of a node or the aggregator; exit 0 when SERVING."""
-    _check_address(args.target, allow_port_zero=False)
+    check_address(args.target, allow_port_zero=False)
     tls = _tls_only(args.config, args, args.fields)
     serving, seen = asyncio.run(check_health(args.target, tls, args.service, args.timeout_s))
     print(seen)
@@ -329,7 +288,7 @@ def _health(args: argparse.Namespace) -> int:
 def _address_argument(text: str) -> str:
     """argparse type: a host:port with a non-zero port."""
     try:
-        return _check_address(text, allow_port_zero=False)
+        return check_address(text, allow_port_zero=False)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

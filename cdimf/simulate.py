@@ -35,7 +35,7 @@ import grpc
 from pydantic import Field, field_validator, model_validator
 
 from cdimf.common.config import RunParams, TLSConfig, ValidationParams
-from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
 from cdimf.common.security.names import validate_party_name
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.resources import embedded_pair
@@ -68,9 +68,9 @@ def _warm_pair() -> list[SimulatedDomain]:
     ]
 
 
-def _warm_ials() -> IALSParams:
-    """The local model: configs/warm-sport-cloth.toml's CDIMF hyperparameters."""
-    return IALSParams(rank=64, alpha=0.01, lam=1.0, nu=0.0, seed=0)
+def _warm_ials() -> LocalIALSParams:
+    """The local model: configs/warm-sport-cloth.toml's CDIMF hyperparameters (at the run's rank)."""
+    return LocalIALSParams(alpha=0.01, lam=1.0, nu=0.0, seed=0)
 
 
 def _warm_run() -> RunParams:
@@ -82,7 +82,7 @@ class SimulateConfig(StrictModel):
     """A local federation: the domains' files, the local model, the run and the transport."""
 
     domains: list[SimulatedDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
-    ials: IALSParams = Field(default_factory=_warm_ials, description="local model (its rank is the run's rank)")
+    ials: LocalIALSParams = Field(default_factory=_warm_ials, description="every node's local model (its rank is run.rank)")
     run: RunParams = Field(default_factory=_warm_run)
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
     k: int = Field(10, ge=1, le=1000, description="cut-off of the test metrics")
@@ -92,12 +92,13 @@ class SimulateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SimulateConfig":
-        """Unique domain names and no more min_domains than domains."""
+        """Unique domain names, no more min_domains than domains and no second rank."""
         names = [domain.name for domain in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"domain names must be unique, got {names}")
         if self.run.min_domains > len(self.domains):
             raise ValueError(f"run.min_domains ({self.run.min_domains}) exceeds the {len(self.domains)} domains")
+        self.ials.at_rank(self.run.rank)
         return self
 
 
@@ -294,7 +295,7 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
     """Wait until every domain of the simulation registered with the aggregator.
 
     StartRun admits only the domains that did, and run.min_domains may be lower than the number
-    of domains (1 for asynchronous runs, and whenever a --rounds/--rank flag replaced `run`).
+    of domains (1 for asynchronous runs).
     """
     give_up = time.monotonic() + timeout_s
     while True:
@@ -308,11 +309,11 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
 
 async def _quiet_follow(client: Any, run_id: str) -> int:
     """Follow without printing; 0 when the run finished."""
-    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.common.wire.serde import event_kind_name
 
     outcome = 1
     async for event in client.watch_run(run_id):
-        if event.kind == pb.EVENT_KIND_RUN_FINISHED:
+        if event_kind_name(event.kind) == "run_finished":
             outcome = 0
     return outcome
 

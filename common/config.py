@@ -1,27 +1,33 @@
-"""Runtime configuration of the aggregator and the domain nodes as pydantic models.
+"""Runtime configuration of the aggregator and the domain nodes as pydantic models, and the only TOML loader.
 
-Loaded from TOML files and environment variables: `load_config(NodeConfig, "node.toml")`.
-An environment variable `CDIMF_<FIELD>` overrides the file, nested fields joined by `__`
-(`CDIMF_IALS__RANK=32`, `CDIMF_TLS__INSECURE=true`); a value that parses as JSON (numbers,
-booleans, objects) is used as such, anything else as a string. Relative paths are resolved
-against the folder of the TOML file that names them (against the working directory for
-environment variables). Every error is a ConfigError naming the file or variable and the field.
+Loaded from TOML files, environment variables and command-line flags:
+`load_config(NodeConfig, "node.toml")`. Precedence: the models' defaults < the TOML file <
+environment variables < flags (`overrides`). An environment variable `CDIMF_<FIELD>` sets one
+field, nested fields joined by `__` (`CDIMF_IALS__LAM=0.5`, `CDIMF_TLS__INSECURE=true`); a value
+that parses as JSON (numbers, booleans, objects) is used as such, anything else as a string.
+A variable or flag sets exactly its field: the other fields of its table keep the value the
+file or the default gave them. Relative paths are resolved against the folder of the TOML file
+that names them (against the working directory for variables and flags). Every error is a
+ConfigError naming the file, variable or flag and the dotted field.
+
+The models hold no wire code: their protobuf forms are in cdimf.common.wire.serde.
 """
 
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, IALSParams, LocalIALSParams, StrictModel
 from cdimf.common.security.names import validate_party_name
 from cdimf.common.security.pseudonyms import load_secret
-from cdimf.protos.v1 import federation_pb2 as pb
 
 ENV_PREFIX = "CDIMF_"
 DATA_FORMATS = ("auto", "paper", "csv", "tsv")
@@ -32,7 +38,7 @@ class ConfigError(ValueError):
     """A configuration could not be read or validated; the message names where and which field."""
 
 
-def _check_address(value: str, allow_port_zero: bool) -> str:
+def check_address(value: str, allow_port_zero: bool) -> str:
     """The value when it is host:port with a valid port, else ValueError."""
     match = _ADDRESS.match(value)
     if match is None:
@@ -92,45 +98,11 @@ class RunParams(StrictModel):
                 raise ValueError(f"aggregation period of {name!r} must be in 1..10000, got {period}")
         return value
 
-    def period_for(self, domain: str) -> int:
-        """Local epochs per round for one domain."""
+    def period_for(self, domain: str, node_period: int | None = None) -> int:
+        """Local epochs per round of `domain`: the node's own period when it sets one, else the run's for it."""
+        if node_period is not None:
+            return node_period
         return self.domain_aggregation_period.get(domain, self.aggregation_period)
-
-    def to_proto(self) -> pb.RunParams:
-        """The wire form (StartRun)."""
-        return pb.RunParams(
-            run_id=self.run_id or "",
-            rounds=self.rounds,
-            rank=self.rank,
-            rho=self.admm.rho,
-            prox=pb.PROX_L2 if self.admm.prox == "l2" else pb.PROX_IDENTITY,
-            lambda_z=self.admm.lambda_z,
-            aggregation_period=self.aggregation_period,
-            domain_aggregation_period=self.domain_aggregation_period,
-            round_deadline_s=self.round_deadline_s,
-            min_domains=self.min_domains,
-            max_staleness=self.max_staleness,
-        )
-
-    @classmethod
-    def from_proto(cls, message: pb.RunParams) -> "RunParams":
-        """Validate the wire form; raises ConfigError naming the bad field."""
-        prox = {pb.PROX_UNSPECIFIED: "identity", pb.PROX_IDENTITY: "identity", pb.PROX_L2: "l2"}.get(message.prox)
-        data: dict[str, Any] = {
-            "run_id": message.run_id or None,
-            "rounds": message.rounds,
-            "rank": message.rank,
-            "admm": {"rho": message.rho, "prox": prox if prox is not None else f"<enum {message.prox}>", "lambda_z": message.lambda_z},
-            "aggregation_period": message.aggregation_period or 1,
-            "domain_aggregation_period": dict(message.domain_aggregation_period),
-            "round_deadline_s": message.round_deadline_s,
-            "min_domains": message.min_domains or 1,
-            "max_staleness": message.max_staleness,
-        }
-        try:
-            return cls.model_validate(data)
-        except ValidationError as error:
-            raise ConfigError(_describe(error, "run parameters", {})) from error
 
 
 class AggregatorConfig(StrictModel):
@@ -146,7 +118,7 @@ class AggregatorConfig(StrictModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        return _check_address(value, allow_port_zero=True)
+        return check_address(value, allow_port_zero=True)
 
 
 # Negatives per validation row: the same default as `cdimf reproduce`'s [stopping] valid_negatives.
@@ -180,7 +152,7 @@ class NodeConfig(StrictModel):
     state_dir: Path = Field(description="folder of the atomically written training state")
     secret: SecretStr | None = Field(None, description="federation secret (prefer secret_file)")
     secret_file: Path | None = Field(None, description="file holding the federation secret")
-    ials: IALSParams = Field(default_factory=IALSParams)
+    ials: LocalIALSParams = Field(default_factory=LocalIALSParams, description="local model; its rank is the run's")
     aggregation_period: int | None = Field(None, ge=1, le=10_000, description="local epochs per round; None: the run's")
     tls: TLSConfig
     rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each unary aggregator call")
@@ -194,7 +166,7 @@ class NodeConfig(StrictModel):
     @field_validator("listen", "aggregator")
     @classmethod
     def _addresses(cls, value: str) -> str:
-        return _check_address(value, allow_port_zero=True)
+        return check_address(value, allow_port_zero=True)
 
     @model_validator(mode="after")
     def _one_secret(self) -> "NodeConfig":
@@ -208,8 +180,28 @@ class NodeConfig(StrictModel):
         literal = self.secret.get_secret_value() if self.secret is not None else None
         return load_secret(literal, self.secret_file)
 
+    def model_params(self, run: RunParams) -> IALSParams:
+        """The local model's parameters in `run`: this node's hyperparameters at the run's rank."""
+        try:
+            return self.ials.at_rank(run.rank)
+        except ValueError as error:
+            raise ConfigError(f"domain {self.domain}, run {run.run_id}: {error}") from error
 
-Model = TypeVar("Model", bound=StrictModel)
+    def period(self, run: RunParams) -> int:
+        """Local epochs per round of this node in `run`."""
+        return run.period_for(self.domain, self.aggregation_period)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Override:
+    """One field set from outside the file (a command-line flag): its path, value and origin."""
+
+    path: tuple[str, ...]
+    value: Any
+    origin: str
 
 
 def _env_value(text: str) -> Any:
@@ -220,10 +212,9 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def _env_overrides(model: type[StrictModel], environ: Mapping[str, str], prefix: str) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """Nested overrides from PREFIX<FIELD>[__<FIELD>...] variables whose first field exists."""
-    overrides: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
+def _env_overrides(model: type[BaseModel], environ: Mapping[str, str], prefix: str) -> list[Override]:
+    """Overrides from PREFIX<FIELD>[__<FIELD>...] variables whose first field exists."""
+    overrides = []
     for name, text in sorted(environ.items()):
         if not name.startswith(prefix):
             continue
@@ -231,53 +222,90 @@ def _env_overrides(model: type[StrictModel], environ: Mapping[str, str], prefix:
         # other CDIMF_* variables (e.g. a config file path) are not fields of this model
         if path[0] not in model.model_fields or not all(path):
             continue
-        target = overrides
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"environment variable {name}: {'.'.join(path[:-1])} is set as a value and as a table")
-        target[path[-1]] = _env_value(text)
-        origins[path] = f"environment variable {name}"
-    return overrides, origins
+        overrides.append(Override(path, _env_value(text), f"environment variable {name}"))
+    return overrides
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two nested dicts; `override` wins."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field annotation holds (`Model` or `Model | None`), else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
-def _resolve_paths(model: type[StrictModel], data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative path fields of a TOML table relative to the file's folder."""
+def _apply(data: dict[str, Any], model: type[BaseModel] | None, override: Override) -> None:
+    """Set one field in nested `data`; a table the data lacks starts from the field's default.
+
+    So an override changes exactly its field: its siblings keep their default (a table made by
+    a default factory, e.g. simulate's run) instead of falling back to their class's defaults.
+    """
+    target = data
+    for depth, part in enumerate(override.path[:-1]):
+        info = model.model_fields.get(part) if model is not None else None
+        if part not in target:
+            default = info.get_default(call_default_factory=True) if info is not None else None
+            target[part] = default.model_dump() if isinstance(default, BaseModel) else {}
+        target = target[part]
+        if not isinstance(target, dict):
+            raise ConfigError(f"{override.origin}: {'.'.join(override.path[:depth + 1])} is set as a value and as a table")
+        model = _nested_model(info.annotation) if info is not None else None
+    target[override.path[-1]] = override.value
+
+
+def _resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative path fields of a TOML table (and of its tables and lists of tables) relative to the file's folder."""
     resolved = dict(data)
     for name, field in model.model_fields.items():
         if name not in resolved:
             continue
         annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        nested = [arg for arg in (annotation, *args) if isinstance(arg, type) and issubclass(arg, StrictModel)]
+        args = typing.get_args(annotation)
         value = resolved[name]
-        if nested and isinstance(value, dict):
-            resolved[name] = _resolve_paths(nested[0], value, base)
+        nested = _nested_model(annotation)
+        if typing.get_origin(annotation) is list and args and _nested_model(args[0]) is not None and isinstance(value, list):
+            item_model = _nested_model(args[0])
+            assert item_model is not None
+            resolved[name] = [_resolve_paths(item_model, item, base) if isinstance(item, dict) else item for item in value]
+        elif nested is not None and isinstance(value, dict):
+            resolved[name] = _resolve_paths(nested, value, base)
         elif (annotation is Path or Path in args) and isinstance(value, str) and not Path(value).is_absolute():
             resolved[name] = str(base / value)
     return resolved
 
 
-def _describe(error: ValidationError, source: str, origins: dict[tuple[str, ...], str]) -> str:
+def _describe(error: ValidationError, source: str, origins: Mapping[tuple[str, ...], str], table: tuple[str, ...]) -> str:
     """One line per problem: where it came from, the dotted field, what is wrong."""
     lines = []
     for problem in error.errors():
         location = tuple(str(part) for part in problem["loc"])
-        where = origins.get(location, source)
-        field = ".".join(location) or "(top level)"
+        # the origin of the field, or of the table that set it as a whole (CDIMF_RUN='{...}')
+        where = next((origins[location[:end]] for end in range(len(location), 0, -1) if location[:end] in origins), source)
+        field = ".".join((*table, *location)) or "(top level)"
         lines.append(f"{where}: field {field}: {problem['msg']}")
     return "\n".join(lines)
+
+
+def validate_config(
+    model: type[Model], data: Mapping[str, Any], source: str,
+    origins: Mapping[tuple[str, ...], str] | None = None, table: tuple[str, ...] = (),
+) -> Model:
+    """`model` from plain data; a ConfigError names `source` (or a field's origin) and each bad dotted field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source, origins or {}, table)) from error
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file's tables; ConfigError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
 
 
 def load_config(
@@ -285,22 +313,30 @@ def load_config(
     path: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     prefix: str = ENV_PREFIX,
+    overrides: Sequence[Override] = (),
+    table: str | None = None,
 ) -> Model:
-    """Load `model` from an optional TOML file, overridden by PREFIX* environment variables."""
+    """Load `model` from an optional TOML file, then PREFIX* environment variables, then `overrides` (flags).
+
+    `table`: read only that table of the file (e.g. the [tls] table of any of our files); the
+    overrides are then fields of that table's model, and so are the variables, named
+    PREFIX<TABLE>__<FIELD> as they would be for the whole file (CDIMF_TLS__CA_FILE).
+    """
     data: dict[str, Any] = {}
     source = f"environment ({prefix}*)"
+    within = (table,) if table is not None else ()
     if path is not None:
         source = str(path)
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        data = _read_toml(path)
+        if table is not None:
+            data = data.get(table, {})
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: field {table}: expected a table")
         data = _resolve_paths(model, data, Path(path).resolve().parent)
-    overrides, origins = _env_overrides(model, os.environ if environ is None else environ, prefix)
-    try:
-        return model.model_validate(_merge(data, overrides))
-    except ValidationError as error:
-        raise ConfigError(_describe(error, source, origins)) from error
+    env_prefix = prefix if table is None else f"{prefix}{table.upper()}__"
+    layers = [*_env_overrides(model, os.environ if environ is None else environ, env_prefix), *overrides]
+    origins: dict[tuple[str, ...], str] = {}
+    for override in layers:
+        _apply(data, model, override)
+        origins[override.path] = override.origin
+    return validate_config(model, data, source, origins, within)

@@ -1,7 +1,7 @@
 """The node's training loop as a client of the aggregator: register, wait for a run, train rounds, checkpoint.
 
 Per round r (the engine's order, so that synchronous runs reproduce `CDIMFEngine` exactly):
-local epochs (the run's aggregation period for this domain), push X + U of the shared rows
+local epochs (NodeConfig.period: the node's own aggregation period, else the run's for this domain), push X + U of the shared rows
 (sent as soon as the last epoch solved the users: its item half-step runs meanwhile),
 pull Z (synchronous runs wait for it; with a round deadline the node waits at most that long
 and otherwise keeps training on the last Z), apply Z (dual step), checkpoint atomically,
@@ -31,21 +31,17 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.model import DomainTrainer
-from cdimf.common.rpc.aggregator_client import (
-    AggregatorClient,
-    AggregatorError,
-    Backoff,
-    MembershipView,
-    RunInfo,
-)
+from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff
 from cdimf.common.rpc.channels import credentials_for
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
+from cdimf.common.wire.serde import MembershipView, RunInfo
 from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from cdimf.domain_node.node_data import NodeData, evaluate
 
@@ -53,6 +49,8 @@ log = logging.getLogger("cdimf.node")
 # a synchronous pull is re-issued this often so that a dead stream is noticed and retried
 SYNC_PULL_WAIT_S = 30.0
 WAIT_FOR_RUN_S = 30.0
+# a node retries the aggregator sooner than an operator's client: rounds wait on it
+NODE_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class NodeRunner:
         config: NodeConfig,
         data: NodeData,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-        backoff: Backoff = Backoff(initial_s=0.1, max_s=2.0),
+        backoff: Backoff = NODE_BACKOFF,
         retry_for_s: float = 60.0,
     ) -> None:
         self.config = config
@@ -113,7 +111,7 @@ class NodeRunner:
             interceptors=interceptors,
         )
         self.progress = Progress()
-        self._checkpoint_task: asyncio.Future[object] | None = None
+        self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
         self._registered = False
         self._restore_model()
@@ -195,8 +193,8 @@ class NodeRunner:
         assert info.params is not None
         params = info.params
         view = await self.client.get_membership(info.run_id)
-        ials = self.config.ials.model_copy(update={"rank": params.rank})
-        trainer = DomainTrainer(self.config.domain, self.data.train, ials, params.admm.rho, view.shared_rows, view.receiver_rows)
+        trainer = DomainTrainer(self.config.domain, self.data.train, self.config.model_params(params), params.admm.rho,
+                                view.shared_rows, view.receiver_rows)
         applied = self._resume(info, trainer, view)
         if applied is None:
             return
@@ -206,7 +204,7 @@ class NodeRunner:
             self._publish(info.run_id, applied, trainer)
             self.progress.phase = "finished"
             return
-        period = self.config.aggregation_period or info.aggregation_period or 1
+        period = self.config.period(params)
         try:
             await self._rounds(info, trainer, view, applied, period)
             self.progress.phase = "finished"

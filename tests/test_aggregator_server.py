@@ -22,9 +22,10 @@ from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.core.admm import consensus
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams
-from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff, MembershipView
+from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff
 from cdimf.common.security.pseudonyms import pseudonymize
 from cdimf.common.wire.chunks import encode_matrix, encode_registration
+from cdimf.common.wire.serde import MembershipView
 from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
@@ -112,7 +113,8 @@ def test_synchronous_federated_run_equals_the_in_process_engine(tmp_path: Path) 
                 view = await client.get_membership(run.run_id)
                 trainer = DomainTrainer(domain.name, domain.train, domain.params, admm.rho, view.shared_rows, view.receiver_rows)
                 trainers.append(trainer)
-                tasks.append(_federated_domain(client, trainer, view, run.run_id, 3, info.aggregation_period))
+                assert info.params is not None
+                tasks.append(_federated_domain(client, trainer, view, run.run_id, 3, info.params.period_for(domain.name)))
             await asyncio.gather(*tasks)
             status = await control.get_status()
             assert status.run.state == pb.RUN_STATE_FINISHED and status.run.latest_consensus_round == 3

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, RunParams, load_config
-from cdimf.protos.v1 import federation_pb2 as pb
 
 NODE_TOML = """
 domain = "sport"
@@ -96,19 +95,3 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(NodeConfig, tmp_path / "absent.toml", environ={})
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load_config(NodeConfig, _write(tmp_path, "domain = ", "broken.toml"), environ={})
-
-
-def test_run_params_round_trip_through_the_wire_form() -> None:
-    params = RunParams(
-        run_id="r-1", rounds=7, rank=12, admm={"rho": 2.0, "prox": "l2", "lambda_z": 0.3},
-        aggregation_period=2, domain_aggregation_period={"cloth": 5}, round_deadline_s=1.5,
-        min_domains=2, max_staleness=1,
-    )
-    assert RunParams.from_proto(params.to_proto()) == params
-
-
-def test_run_params_from_a_bad_wire_form_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"run parameters: field admm: .*lambda_z > 0"):
-        RunParams.from_proto(pb.RunParams(rounds=3, rank=4, rho=1.0, prox=pb.PROX_L2))
-    with pytest.raises(ConfigError, match=r"field rounds"):
-        RunParams.from_proto(pb.RunParams(rounds=0, rank=4))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdimf.reproduce_config import ConfigError, load_reproduce_config
+from cdimf.common.config import ConfigError
+from cdimf.reproduce_config import load_reproduce_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def test_config_error_names_file_and_field(tmp_path: Path) -> None:
     """A bad value is reported with the file and the dotted field path."""
     config = tmp_path / "bad.toml"
     config.write_text(CONFIG.replace("rho = 1.0", "rho = -1.0"))
-    with pytest.raises(ConfigError, match=r"bad\.toml: field 'cdimf\.admm\.rho'"):
+    with pytest.raises(ConfigError, match=r"bad\.toml: field cdimf\.admm\.rho:"):
         load_reproduce_config(config)
 
 

@@ -6,7 +6,7 @@ user); each domain then updates U_i += X_i - Z and solves its shared rows toward
 with weight rho.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 import numpy as np
@@ -46,14 +46,27 @@ def _has_repeats(values: np.ndarray) -> bool:
     return bool(np.any(ordered[1:] == ordered[:-1]))
 
 
-def apply_prox(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:
-    """Z = prox(mean): identity, or the L2 shrink mean * N rho / (N rho + lambda_z) with N holders."""
-    if params.prox == "identity":
-        return mean.astype(FLOAT, copy=True)
+def prox_identity(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:
+    """Z = mean (a copy)."""
+    return mean.astype(FLOAT, copy=True)
+
+
+def prox_l2(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:
+    """Z = mean * N rho / (N rho + lambda_z) with N holders per row (rows nobody holds stay 0)."""
     weight = holders.astype(np.float64) * params.rho
     denom = weight + params.lambda_z
     scale = np.divide(weight, denom, out=np.zeros_like(weight), where=denom > 0)
     return (mean * scale[:, None]).astype(FLOAT)
+
+
+ProxOperator = Callable[[np.ndarray, np.ndarray, ADMMParams], np.ndarray]
+# ADMMParams.prox names one of these; the wire's Prox enum maps onto the same names (wire/serde.py).
+PROX_OPERATORS: dict[str, ProxOperator] = {"identity": prox_identity, "l2": prox_l2}
+
+
+def apply_prox(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:
+    """Z = prox(mean) with the operator params.prox names (float32 (n_rows, rank))."""
+    return PROX_OPERATORS[params.prox](mean, holders, params)
 
 
 def consensus(

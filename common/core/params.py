@@ -1,8 +1,6 @@
 """Hyperparameter models shared by the engine, the nodes and the aggregator."""
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -11,10 +9,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class IALSParams(StrictModel):
-    """Local iALS hyperparameters of one domain (Rendle et al. 2021 form)."""
+class LocalIALSParams(StrictModel):
+    """Local iALS hyperparameters of one domain (Rendle et al. 2021 form) as a node configures them.
 
-    rank: int = Field(64, ge=1, le=4096, description="latent dimension d")
+    In a federation the run's rank (RunParams.rank) is the only rank: a node leaves `rank` unset,
+    or gives the run's; `at_rank` builds the local model's parameters from both.
+    """
+
+    rank: int | None = Field(None, ge=1, le=4096, description="latent dimension d; unset: the run's (when given, it must equal the run's)")
     alpha: float = Field(0.1, gt=0, description="weight of the all-pairs term pulling scores to 0")
     lam: float = Field(0.1, ge=0, description="ridge strength lambda")
     nu: float = Field(0.0, ge=0, le=2, description="frequency scaling exponent of the ridge")
@@ -22,13 +24,36 @@ class IALSParams(StrictModel):
     seed: int = Field(0, ge=0, description="seed of the initial factors")
     threads: int | None = Field(None, ge=1, le=64, description="solver threads (default: available cores, max 8)")
 
+    def at_rank(self, rank: int) -> "IALSParams":
+        """The local model's parameters at `rank`; ValueError when this gives another rank."""
+        if self.rank is not None and self.rank != rank:
+            raise ValueError(f"ials.rank = {self.rank} differs from the run's rank {rank} (leave ials.rank unset)")
+        return IALSParams.model_validate({**self.model_dump(), "rank": rank})
+
+
+class IALSParams(LocalIALSParams):
+    """Local iALS hyperparameters with a definite rank: what the local model is built from."""
+
+    rank: int = Field(64, ge=1, le=4096, description="latent dimension d")
+
 
 class ADMMParams(StrictModel):
     """Consensus (ADMM) hyperparameters of a federated run."""
 
     rho: float = Field(1.0, ge=0, description="ADMM penalty; 0 means independent single-domain ALS")
-    prox: Literal["identity", "l2"] = Field("identity", description="prox applied to the mean of X_i + U_i")
+    prox: str = Field("identity", description="prox applied to the mean of X_i + U_i (a name in cdimf.common.core.admm.PROX_OPERATORS)")
     lambda_z: float = Field(0.0, ge=0, description="strength of the L2 prox: Z = mean * N rho / (N rho + lambda_z)")
+
+    @field_validator("prox")
+    @classmethod
+    def _known_prox(cls, value: str) -> str:
+        """A prox operator of the registry."""
+        # imported here: admm builds on these models, so it cannot be imported at module level
+        from cdimf.common.core.admm import PROX_OPERATORS
+
+        if value not in PROX_OPERATORS:
+            raise ValueError(f"unknown prox {value!r}; known: {', '.join(sorted(PROX_OPERATORS))}")
+        return value
 
     @model_validator(mode="after")
     def _l2_needs_strength(self) -> "ADMMParams":

@@ -4,10 +4,10 @@ Usage from a node (inside an asyncio loop; run numpy training in a thread meanwh
 
     client = AggregatorClient("127.0.0.1:7070", domain="sport", credentials=None)
     registration = await client.register(pseudonymize(user_keys, secret), holder_flags)
-    run = await client.wait_for_run(wait_s=600)                 # RunInfo (params for this domain)
+    run = await client.wait_for_run(wait_s=600)                 # RunInfo (the run's params)
     view = await client.get_membership()                        # shared_rows / receiver_rows
     for r in range(1, run.rounds + 1):
-        ... local epochs (run.aggregation_period) ...
+        ... local epochs (run.params.period_for(domain)) ...
         await client.push_contribution(run.run_id, r, trainer.contribution())
         z = await client.pull_consensus(run.run_id, r, wait_s=..., shared=len(view.shared_rows),
                                         receivers=len(view.receiver_rows))
@@ -41,17 +41,24 @@ from cdimf.common.rpc.channels import create_channel
 from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
+from cdimf.common.wire.serde import (
+    Consensus,
+    MembershipView,
+    PushResult,
+    Registered,
+    RunInfo,
+    consensus_from_wire,
+    membership_view,
+    push_result_from_proto,
+    registered_from_proto,
+    run_info_from_proto,
+    run_params_to_proto,
+)
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 Result = TypeVar("Result")
 ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
-_STATES = {
-    pb.RUN_STATE_IDLE: "idle",
-    pb.RUN_STATE_RUNNING: "running",
-    pb.RUN_STATE_FINISHED: "finished",
-    pb.RUN_STATE_STOPPED: "stopped",
-}
 
 
 class AggregatorError(Exception):
@@ -77,80 +84,6 @@ class Backoff:
         return rng.uniform(0.0, min(self.max_s, self.initial_s * self.factor**attempt))
 
 
-@dataclass(frozen=True)
-class Registered:
-    """The aggregator's summary of a registration (the proto Membership)."""
-
-    domains: tuple[str, ...]
-    rows: int
-    shared_rows: int
-    receiver_rows: int
-    fingerprint: str
-    frozen: bool
-
-
-@dataclass(frozen=True)
-class MembershipView:
-    """Per registered row: its role and which domains hold it; the exchanged rows in wire order.
-
-    shared_rows: rows pushed (X + U) and pulled (Z), ascending. receiver_rows: rows pulled only.
-    holder_masks bit i = domains[i] holds the row.
-    """
-
-    domains: tuple[str, ...]
-    roles: np.ndarray
-    holder_masks: np.ndarray
-    shared_rows: np.ndarray
-    receiver_rows: np.ndarray
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """A run as a node sees it; aggregation_period is resolved for this client's domain."""
-
-    run_id: str
-    state: str
-    params: RunParams | None
-    aggregation_period: int
-    current_round: int
-    latest_consensus_round: int
-    admitted_domains: tuple[str, ...]
-
-    @property
-    def rounds(self) -> int:
-        """Rounds of the run (0 when idle)."""
-        return self.params.rounds if self.params is not None else 0
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """The open round the contribution counted in; replayed: the aggregator already had it."""
-
-    accepted_round: int
-    replayed: bool
-
-
-@dataclass(frozen=True)
-class Consensus:
-    """Z of one round for this domain: shared rows then receiver rows (float32)."""
-
-    round: int
-    shared: np.ndarray
-    receivers: np.ndarray
-
-
-def run_info_from_proto(message: pb.RunInfo) -> RunInfo:
-    """Convert the wire RunInfo (idle runs have no params)."""
-    params = RunParams.from_proto(message.params) if message.run_id else None
-    return RunInfo(
-        run_id=message.run_id,
-        state=_STATES.get(message.state, "unknown"),
-        params=params,
-        aggregation_period=message.aggregation_period,
-        current_round=message.current_round,
-        latest_consensus_round=message.latest_consensus_round,
-        admitted_domains=tuple(message.admitted_domains),
-    )
 
 
 class AggregatorClient:
@@ -218,8 +151,7 @@ class AggregatorClient:
         async def attempt() -> pb.Membership:
             return await self.stub.Register(encode_registration(pseudonyms, holder, header), timeout=self.rpc_timeout_s)
 
-        reply = await self._call("Register", attempt)
-        return Registered(tuple(reply.domains), reply.rows, reply.shared_rows, reply.receiver_rows, reply.fingerprint, reply.frozen)
+        return registered_from_proto(await self._call("Register", attempt))
 
     async def get_membership(self, run_id: str = "") -> MembershipView:
         """The roles and holder masks of this domain's rows (the run's frozen membership once admitted)."""
@@ -236,9 +168,7 @@ class AggregatorClient:
             roles, masks, domains = await self._call("GetMembership", attempt)
         except ChunkError as error:
             raise AggregatorError("GetMembership", grpc.StatusCode.DATA_LOSS, str(error)) from error
-        return MembershipView(
-            tuple(domains), roles, masks, np.flatnonzero(roles == ROLE_SHARED), np.flatnonzero(roles == ROLE_RECEIVER)
-        )
+        return membership_view(roles, masks, domains)
 
     async def wait_for_run(self, wait_s: float, after_run_id: str = "") -> RunInfo | None:
         """The current run other than `after_run_id`, waiting up to wait_s; None if none started."""
@@ -275,7 +205,7 @@ class AggregatorClient:
             if error.code == grpc.StatusCode.ALREADY_EXISTS and tries > 1:
                 return PushResult(round_index, replayed=True)
             raise
-        return PushResult(ack.accepted_round, replayed=False)
+        return push_result_from_proto(ack)
 
     async def pull_consensus(
         self, run_id: str, min_round: int, wait_s: float, shared: int, receivers: int, dtype: str = "float32"
@@ -299,7 +229,7 @@ class AggregatorClient:
             raise
         except ChunkError as error:
             raise AggregatorError("PullConsensus", grpc.StatusCode.DATA_LOSS, str(error)) from error
-        return Consensus(header.round, z[:shared], z[shared:])
+        return consensus_from_wire(z, header, shared)
 
     async def report_metrics(self, run_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Report this domain's validation metrics of a round (shown by WatchRun)."""
@@ -314,7 +244,7 @@ class AggregatorClient:
 
     async def start_run(self, params: RunParams) -> RunInfo:
         """Start a run over the registered domains."""
-        request = pb.StartRunRequest(header=self.header(), params=params.to_proto())
+        request = pb.StartRunRequest(header=self.header(), params=run_params_to_proto(params))
 
         async def attempt() -> pb.RunInfo:
             return await self.stub.StartRun(request, timeout=self.rpc_timeout_s)

@@ -490,14 +490,11 @@ class RunInfo(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
-    AGGREGATION_PERIOD_FIELD_NUMBER: _builtins.int
     CURRENT_ROUND_FIELD_NUMBER: _builtins.int
     LATEST_CONSENSUS_ROUND_FIELD_NUMBER: _builtins.int
     ADMITTED_DOMAINS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: Global___RunState.ValueType
-    aggregation_period: _builtins.int
-    """resolved for the asking domain (0 for control calls)"""
     current_round: _builtins.int
     """the open round (rounds + 1 once finished)"""
     latest_consensus_round: _builtins.int
@@ -514,14 +511,13 @@ class RunInfo(_message.Message):
         run_id: _builtins.str = ...,
         state: Global___RunState.ValueType = ...,
         params: Global___RunParams | None = ...,
-        aggregation_period: _builtins.int = ...,
         current_round: _builtins.int = ...,
         latest_consensus_round: _builtins.int = ...,
         admitted_domains: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "aggregation_period", b"aggregation_period", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.common.core.ials import row_counts
+from cdimf.common.core.sparse import row_counts
 from cdimf.domain_node.data import DomainSplit
 from cdimf.reproduce import CDIMF, Contender, HeldOut, JoinedALS, SeparateALS, early_stopped, held_out, load_splits
 from cdimf.reproduce_config import ReproduceConfig, load_reproduce_config

@@ -15,6 +15,8 @@ All metrics are fractions in [0, 1] (a table prints them as %). Conventions:
 import numpy as np
 import scipy.sparse as sp
 
+from cdimf.common.core.sparse import canonical_csr, pairs_to_csr
+
 FLOAT = np.float32
 # Scores held at once when ranking by GEMM (rows x catalog floats): bounds peak memory.
 _SAMPLED_CHUNK_FLOATS = 1 << 23
@@ -40,28 +42,6 @@ def _csr_keys(matrix: sp.csr_matrix) -> np.ndarray:
     matrix = canonical_csr(matrix)
     rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
     return _pair_keys(rows, matrix.indices, matrix.shape[1])
-
-
-def canonical_csr(matrix: sp.csr_matrix, name: str = "matrix") -> sp.csr_matrix:
-    """A CSR with sorted, unique indices (copied only when needed), or ValueError naming the argument."""
-    if not sp.issparse(matrix) or matrix.format != "csr":
-        raise ValueError(f"{name} must be a scipy CSR matrix, got {type(matrix).__name__}")
-    if not matrix.has_canonical_format:
-        matrix = matrix.copy()
-        matrix.sum_duplicates()
-    return matrix
-
-
-def pairs_to_csr(users: np.ndarray, items: np.ndarray, shape: tuple[int, int],
-                 weights: np.ndarray | None = None) -> sp.csr_matrix:
-    """Canonical float32 CSR (sorted indices, duplicates summed) from index pairs; weight 1 when none given."""
-    users = np.asarray(users, dtype=np.int64)
-    items = np.asarray(items, dtype=np.int64)
-    data = np.ones(len(users), dtype=FLOAT) if weights is None else np.asarray(weights, dtype=FLOAT)
-    matrix = sp.csr_matrix((data, (users, items)), shape=shape, dtype=FLOAT)
-    matrix.sum_duplicates()
-    matrix.sort_indices()
-    return matrix
 
 
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -163,7 +143,7 @@ def _draw_rows(rng: np.random.Generator, n_pool: int, n_draws: int, n_negatives:
     query_rows = np.repeat(np.arange(rows.size), counts)
     starts = np.repeat(first_exclusion[rows] - np.cumsum(counts) + counts, counts)
     banned = excluded_positions[starts + np.arange(query_rows.size)] if query_rows.size else excluded_positions[:0]
-    found = _first_at_least(packed, query_rows, banned.astype(key_type) * key_type(n_draws))
+    found = _first_at_least(packed, query_rows, np.multiply(banned.astype(key_type), key_type(n_draws)))
     present = found < n_draws
     present[present] = values[query_rows[present], found[present]] == banned[present]
     keep_sorted[query_rows[present], found[present]] = False

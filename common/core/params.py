@@ -21,6 +21,7 @@ class IALSParams(StrictModel):
     sigma: float = Field(0.1, gt=0, description="init factors ~ N(0, sigma / sqrt(d))")
     seed: int = Field(0, ge=0, description="seed of the initial factors")
     threads: int | None = Field(None, ge=1, le=64, description="solver threads (default: available cores, max 8)")
+    backend: Literal["auto", "numpy", "native"] = Field("auto", description="iALS solver backend; auto: native where it builds")
 
 
 class ADMMParams(StrictModel):

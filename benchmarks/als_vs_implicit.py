@@ -93,9 +93,11 @@ def reference_error(
 
 def run_ours(matrix: sp.csr_matrix, args: argparse.Namespace, backend: str, method: str) -> dict:
     """Time our epochs; check the last epoch's rows against float64 solves."""
-    from cdimf.common.core.ials import frequency_ridge, ials_epoch, ials_loss, init_factors, native_available, row_counts
+    from cdimf.common.core.ials import available_backends, frequency_ridge, ials_loss, init_factors
+    from cdimf.common.core.model import ials_epoch
+    from cdimf.common.core.sparse import row_counts
 
-    if backend == "native" and not native_available():
+    if backend == "native" and "native" not in available_backends():
         return {"error": "native kernel unavailable (no C compiler?)"}
     transposed = matrix.T.tocsr()
     user_ridge = frequency_ridge(row_counts(matrix), matrix.shape[1], LAMBDA, ALPHA, 0.0)
@@ -129,7 +131,8 @@ def run_implicit(matrix: sp.csr_matrix, args: argparse.Namespace, use_cg: bool) 
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    from cdimf.common.core.ials import frequency_ridge, ials_loss, init_factors, row_counts
+    from cdimf.common.core.ials import frequency_ridge, ials_loss, init_factors
+    from cdimf.common.core.sparse import row_counts
 
     confidence = (1.0 + ALPHA) / ALPHA
     scale = np.float32(np.sqrt(1.0 + ALPHA))

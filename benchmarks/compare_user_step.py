@@ -36,12 +36,12 @@ def main() -> None:
     args = parser.parse_args()
     config = load_reproduce_config(args.config)
     splits, _ = load_splits(config)
-    valid = [held_out(s, "valid", s.train, args.valid_negatives, config.evaluation.seed) for s in splits]
+    valid = [held_out(s, "valid", args.valid_negatives, config.evaluation.seed) for s in splits]
     for user_step, rho in FORMS:
         candidate = with_form(config, user_step, rho, args.rank)
         started = time.perf_counter()
         model = CDIMF([s.train for s in splits], candidate, splits[0].users.keys)
-        rounds, _, history = early_stopped(model, valid, candidate)
+        rounds, _, history = early_stopped(model, valid, [s.train for s in splits], candidate)
         print(
             f"{user_step:<15} rho {rho:<4} best validation NDCG@10 {100 * max(history):.2f} % "
             f"at round {rounds} ({time.perf_counter() - started:.0f} s)",

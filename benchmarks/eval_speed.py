@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cdimf.common.core.metrics import full_catalog_metrics, hit_rate, ndcg, sample_negatives, sampled_ranks
-from cdimf.domain_node.data import load_warm_pair
+from cdimf.pairs import load_warm_pair
 
 WARM_ROOT = Path(__file__).resolve().parents[1] / "data" / "amazon-cdr" / "warm-start_sport_cloth"
 

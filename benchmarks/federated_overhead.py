@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from cdimf.common.config import ValidationParams  # noqa: E402
-from cdimf.domain_node.node_data import evaluate, load_node_data  # noqa: E402
+from cdimf.common.core.evaluation import evaluate  # noqa: E402
+from cdimf.domain_node.node_data import load_node_data  # noqa: E402
 from cdimf.engine import CDIMFEngine, DomainInput  # noqa: E402
 from cdimf.simulate import SimulateConfig  # noqa: E402
 

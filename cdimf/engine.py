@@ -8,10 +8,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.core.admm import consensus
-from cdimf.common.core.ials import row_counts
 from cdimf.common.core.membership import Membership, align_memberships
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.core.sparse import row_counts
 
 
 @dataclass(frozen=True)

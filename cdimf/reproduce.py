@@ -8,10 +8,12 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from cdimf.common.core.metrics import full_catalog_metrics, hit_rate, ndcg, sample_negatives, sampled_ranks
+from cdimf.common.core.evaluation import HeldOut, draw_candidates, evaluate
+from cdimf.common.core.metrics import full_catalog_metrics
 from cdimf.common.core.model import DomainTrainer
-from cdimf.domain_node.data import DomainSplit, load_pair, pairs_to_csr
+from cdimf.common.core.sparse import pairs_to_csr
 from cdimf.engine import CDIMFEngine, DomainInput
+from cdimf.pairs import DomainSplit, load_pair
 from cdimf.reproduce_config import ReproduceConfig
 
 Vectors = list[tuple[np.ndarray, np.ndarray]]
@@ -63,7 +65,7 @@ class JoinedALS:
     def vectors(self) -> Vectors:
         """Shared user factors with each domain's block of item factors."""
         users = self.trainer.state.users
-        bounds = np.cumsum([0] + self.widths)
+        bounds = np.cumsum([0, *self.widths])
         items = self.trainer.state.items
         return [(users.copy(), items[bounds[i] : bounds[i + 1]].copy()) for i in range(len(self.widths))]
 
@@ -91,16 +93,6 @@ class CDIMF:
 
 
 @dataclass
-class HeldOut:
-    """One domain's held-out rows with their fixed candidates and the matrix whose items are pushed down."""
-
-    users: np.ndarray
-    items: np.ndarray
-    candidates: np.ndarray
-    train: sp.csr_matrix
-
-
-@dataclass
 class ModelResult:
     """One contender's outcome: chosen round count, test metrics per domain, time."""
 
@@ -111,35 +103,28 @@ class ModelResult:
     validation: list[float] = field(default_factory=list)
 
 
-def held_out(split: DomainSplit, which: str, train: sp.csr_matrix, n_negatives: int, seed: int) -> HeldOut:
-    """Draw the paper's candidates (target + uniform negatives) once, from a fixed seed."""
+def held_out(split: DomainSplit, which: str, n_negatives: int, seed: int) -> HeldOut:
+    """Draw the paper's candidates (target + exactly n_negatives uniform negatives) once, from a fixed seed."""
     users, items = (split.valid_users, split.valid_items) if which == "valid" else (split.test_users, split.test_items)
-    candidates = sample_negatives(
-        split.n_items, users, items, split.held_out_matrix(which), n_negatives, seed, np.arange(split.n_items)
-    )
-    return HeldOut(users, items, candidates, train)
+    return draw_candidates(split.n_items, users, items, split.n_users, seed, n_negatives, shrink=False)
 
 
-def score(vectors: Vectors, held: Sequence[HeldOut], k: int) -> list[dict[str, float]]:
-    """HR@k and NDCG@k (fractions) of each domain on its held-out rows."""
-    out = []
-    for (users, items), rows in zip(vectors, held):
-        ranks = sampled_ranks(users, items, rows.candidates, rows.users, rows.train)
-        out.append({f"HR@{k}": hit_rate(ranks, k), f"NDCG@{k}": ndcg(ranks, k)})
-    return out
+def score(vectors: Vectors, held: Sequence[HeldOut], trains: Sequence[sp.csr_matrix], k: int) -> list[dict[str, float]]:
+    """HR@k and NDCG@k (fractions) of each domain on its held-out rows, its training items pushed down."""
+    return [evaluate(rows, users, items, train, k) for (users, items), rows, train in zip(vectors, held, trains)]
 
 
 def early_stopped(
-    model: Contender, valid: Sequence[HeldOut], config: ReproduceConfig
+    model: Contender, valid: Sequence[HeldOut], trains: Sequence[sp.csr_matrix], config: ReproduceConfig
 ) -> tuple[int, Vectors, list[float]]:
-    """Train round by round; keep the round with the best mean validation NDCG@k."""
+    """Train round by round on `trains`; keep the round with the best mean validation NDCG@k."""
     k = config.evaluation.k
     best_score, best_round, best_vectors = -1.0, 0, model.vectors()
     history = []
     for round_no in range(1, config.stopping.max_rounds + 1):
         model.step()
         vectors = model.vectors()
-        mean_ndcg = float(np.mean([m[f"NDCG@{k}"] for m in score(vectors, valid, k)]))
+        mean_ndcg = float(np.mean([m[f"NDCG@{k}"] for m in score(vectors, valid, trains, k)]))
         history.append(mean_ndcg)
         if mean_ndcg > best_score:
             best_score, best_round, best_vectors = mean_ndcg, round_no, vectors
@@ -166,9 +151,9 @@ def run_model(
     ev = config.evaluation
     started = time.perf_counter()
     trains = [s.train for s in splits]
-    valid = [held_out(s, "valid", s.train, config.stopping.valid_negatives, ev.seed) for s in splits]
+    valid = [held_out(s, "valid", config.stopping.valid_negatives, ev.seed) for s in splits]
     model = make(trains)
-    rounds, vectors, history = early_stopped(model, valid, config)
+    rounds, vectors, history = early_stopped(model, valid, trains, config)
     test_trains = trains
     if carved and config.stopping.refit:
         test_trains = [full_train(s) for s in splits]
@@ -177,8 +162,8 @@ def run_model(
             model.step()
         vectors = model.vectors()
     seconds = time.perf_counter() - started
-    test = [held_out(s, "test", t, ev.n_negatives, ev.seed + 1) for s, t in zip(splits, test_trains)]
-    sampled = score(vectors, test, ev.k)
+    test = [held_out(s, "test", ev.n_negatives, ev.seed + 1) for s in splits]
+    sampled = score(vectors, test, test_trains, ev.k)
     metrics = {}
     for split, (users, items), train, sampled_row in zip(splits, vectors, test_trains, sampled):
         full = full_catalog_metrics(users, items, train, split.test_users, split.test_items, ev.k, np.arange(split.n_items))

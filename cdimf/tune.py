@@ -26,23 +26,24 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cdimf.common.core.ials import row_counts
-from cdimf.domain_node.data import DomainSplit
-from cdimf.reproduce import CDIMF, Contender, HeldOut, JoinedALS, SeparateALS, early_stopped, held_out, load_splits
+from cdimf.common.core.evaluation import HeldOut
+from cdimf.common.core.sparse import row_counts
+from cdimf.pairs import DomainSplit
+from cdimf.reproduce import CDIMF, Contender, JoinedALS, SeparateALS, early_stopped, held_out, load_splits
 from cdimf.reproduce_config import ReproduceConfig, load_reproduce_config
 
 MODELS = ("separate", "joined", "cdimf")
-IALS_KEYS = ("rank", "alpha", "lam", "nu", "sigma", "seed", "threads")
+IALS_KEYS = ("rank", "alpha", "lam", "nu", "sigma", "seed", "threads", "backend")
 ADMM_KEYS = ("rho", "prox", "lambda_z")
 CDIMF_KEYS = ("aggregation_period",)
 INT_KEYS = ("rank", "seed", "threads", "aggregation_period")
-STR_KEYS = ("prox",)
+STR_KEYS = ("prox", "backend")
 
 Settings = dict[str, float | int | str]
 
@@ -72,7 +73,7 @@ class Validation:
 def load_validation(config: ReproduceConfig) -> Validation:
     """The training matrices and validation candidates exactly as `run_model` draws them."""
     splits, _ = load_splits(config)
-    held = [held_out(s, "valid", s.train, config.stopping.valid_negatives, config.evaluation.seed) for s in splits]
+    held = [held_out(s, "valid", config.stopping.valid_negatives, config.evaluation.seed) for s in splits]
     return Validation(splits, held, splits[0].users.keys)
 
 
@@ -113,7 +114,8 @@ def evaluate(config: ReproduceConfig, model: str, settings: Settings, data: Vali
     """Early-stop one candidate on validation and keep its best mean NDCG@k and round count."""
     candidate = with_settings(config, model, settings)
     started = time.perf_counter()
-    rounds, _, history = early_stopped(make_contender(candidate, model, data), data.held, candidate)
+    trains = [s.train for s in data.splits]
+    rounds, _, history = early_stopped(make_contender(candidate, model, data), data.held, trains, candidate)
     seconds = time.perf_counter() - started
     return Trial(model, stage, current_settings(candidate, model), max(history), rounds, seconds, history)
 
@@ -154,7 +156,7 @@ class Search:
         self.best: Settings = current_settings(config, model)
         self.trials: list[Trial] = []
 
-    def stage(self, name: str, candidates: Sequence[Settings]) -> None:
+    def stage(self, name: str, candidates: Sequence[Mapping[str, float | int | str]]) -> None:
         """Try each candidate (changes on top of the best so far); the best overall becomes the new base."""
         base = dict(self.best)
         for change in candidates:
@@ -188,7 +190,7 @@ def staged(search: Search, data: Validation, stages: Sequence[str]) -> None:
         best = search.best
         # nu > 0 moves the ridge by orders of magnitude; holding its user mean fixed keeps the
         # candidates comparable to stage 1, so only the shape across frequencies changes.
-        changes = []
+        changes: list[Settings] = []
         for nu in (0.5, 1.0):
             base_lam = float(best["lam"]) / mean_user_weight(data, search.model, float(best["alpha"]), nu)
             changes += [{"nu": nu, "lam": float(f"{base_lam * s:.3g}")} for s in (0.5, 1.0)]
@@ -201,18 +203,16 @@ def staged(search: Search, data: Validation, stages: Sequence[str]) -> None:
     if "consensus" in stages:
         rhos = (0.3, 1.0, 3.0, 10.0)
         strength = float(search.best["lam"])
-        search.stage(
-            "rho x prox",
-            [{"rho": r, "prox": "identity", "lambda_z": 0.0} for r in rhos]
-            + [{"rho": r, "prox": "l2", "lambda_z": strength} for r in rhos[1:3]],
-        )
+        grid: list[Settings] = [{"rho": r, "prox": "identity", "lambda_z": 0.0} for r in rhos]
+        grid += [{"rho": r, "prox": "l2", "lambda_z": strength} for r in rhos[1:3]]
+        search.stage("rho x prox", grid)
     if "period" in stages:
         search.stage("aggregation period", [{"aggregation_period": p} for p in (1, 2)])
 
 
 def format_trial(trial: Trial) -> str:
     """One line per candidate."""
-    shown = " ".join(f"{k}={v}" for k, v in trial.settings.items() if k not in ("seed", "threads", "sigma"))
+    shown = " ".join(f"{k}={v}" for k, v in trial.settings.items() if k not in ("seed", "threads", "sigma", "backend"))
     return f"{trial.model:<8} {trial.stage:<18} {100 * trial.valid_ndcg:7.2f} {trial.rounds:6d} {trial.seconds:7.1f}  {shown}"
 
 
@@ -226,7 +226,7 @@ def format_table(trials: Sequence[Trial], k: int) -> str:
         lines += [format_trial(t) for t in rows]
         if rows:
             winners.append(format_trial(rows[0]))
-    return "\n".join(lines + ["", "best per model (validation NDCG@%d, %%):" % k, *winners])
+    return "\n".join([*lines, "", f"best per model (validation NDCG@{k}, %):", *winners])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Interaction files, id maps, train/validation/test splits and the paper's Sport&Cloth loaders.
+"""Interaction files, id maps and the leave-one-out / cold-start splits of one training matrix.
 
 File formats read by `read_interactions` (UTF-8, one interaction per line, LF or CRLF):
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cdimf.common.core.metrics import canonical_csr, pairs_to_csr
+from cdimf.common.core.sparse import canonical_csr, pairs_to_csr
 
 FLOAT = np.float32
 FORMATS = ("auto", "paper", "csv", "tsv")
@@ -261,16 +261,13 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
                 first = int(np.argmax(not_integer))
                 raise DataError(path, f"{role} id {_shown(str(keys[first]))} is not a non-negative integer",
                                 int(line_numbers[first]))
-    if expected == 3:
-        weights = _parse_weights(path, fields[:, 2], line_numbers)
-    else:
-        weights = np.ones(len(texts), dtype=FLOAT)
+    weights = _parse_weights(path, fields[:, 2], line_numbers) if expected == 3 else np.ones(len(texts), dtype=FLOAT)
     users, items, weights, line_numbers = _merge_duplicates(path, keys_by_role["user"], keys_by_role["item"], weights,
                                                             line_numbers, duplicates)
     return RawInteractions(path, users, items, weights, line_numbers)
 
 
-def _indices_or_error(raw: RawInteractions, keys: np.ndarray, ids: IdMap, role: str, hint: str) -> np.ndarray:
+def indices_or_error(raw: RawInteractions, keys: np.ndarray, ids: IdMap, role: str, hint: str) -> np.ndarray:
     """Indices of keys in an IdMap, or DataError at the line of the first unknown key."""
     indices = ids.index_of(keys, missing=-1)
     unknown = indices < 0
@@ -282,8 +279,8 @@ def _indices_or_error(raw: RawInteractions, keys: np.ndarray, ids: IdMap, role: 
 
 def to_csr(raw: RawInteractions, users: IdMap, items: IdMap) -> sp.csr_matrix:
     """Users x items float32 CSR of raw interactions; DataError at the line of an unknown key."""
-    rows = _indices_or_error(raw, raw.users, users, "user", "is not in the user id map")
-    cols = _indices_or_error(raw, raw.items, items, "item", "is not in the item id map")
+    rows = indices_or_error(raw, raw.users, users, "user", "is not in the user id map")
+    cols = indices_or_error(raw, raw.items, items, "item", "is not in the item id map")
     return pairs_to_csr(rows, cols, (len(users), len(items)), raw.weights)
 
 
@@ -348,7 +345,7 @@ def cold_start_holdout(target: sp.csr_matrix, other: sp.csr_matrix, fraction: fl
     target_counts = np.diff(target.indptr)
     shared = np.flatnonzero((target_counts > 0) & (np.diff(other.indptr) > 0))
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(shared, size=int(round(fraction * len(shared))), replace=False)
+    chosen = rng.choice(shared, size=round(fraction * len(shared)), replace=False)
     row_chosen = np.zeros(target.shape[0], dtype=bool)
     row_chosen[chosen] = True
     held = np.repeat(row_chosen, target_counts)
@@ -358,97 +355,3 @@ def cold_start_holdout(target: sp.csr_matrix, other: sp.csr_matrix, fraction: fl
     entries = np.flatnonzero(entries)
     users = np.repeat(np.arange(target.shape[0], dtype=np.int64), target_counts)[entries]
     return _with_entries_removed(target, held), users, target.indices[entries].astype(np.int64)
-
-
-@dataclass(eq=False)
-class DomainSplit:
-    """One domain of a pair: id maps, the training matrix and held-out validation/test pairs (indices)."""
-
-    name: str
-    users: IdMap
-    items: IdMap
-    train: sp.csr_matrix
-    valid_users: np.ndarray
-    valid_items: np.ndarray
-    test_users: np.ndarray
-    test_items: np.ndarray
-
-    @property
-    def n_users(self) -> int:
-        """Rows of the training matrix (the pair's shared user index)."""
-        return len(self.users)
-
-    @property
-    def n_items(self) -> int:
-        """Columns of the training matrix."""
-        return len(self.items)
-
-    def catalog(self) -> np.ndarray:
-        """Indices of the items with at least one training entry (the paper's negative pool)."""
-        return np.flatnonzero(np.bincount(self.train.indices, minlength=self.n_items)).astype(np.int64)
-
-    def held_out_matrix(self, which: str = "test") -> sp.csr_matrix:
-        """Users x items CSR of the held-out pairs ("valid" or "test"): the negatives' exclusion set."""
-        if which not in ("valid", "test"):
-            raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-        users, items = (self.valid_users, self.valid_items) if which == "valid" else (self.test_users, self.test_items)
-        return pairs_to_csr(users, items, (self.n_users, self.n_items))
-
-
-def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap,
-                      train_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """User and item indices of a validation/test file, rejecting keys unknown to training."""
-    user_idx = _indices_or_error(raw, raw.users, users, "user",
-                                 "has no training interactions in any domain of the pair")
-    item_idx = _indices_or_error(raw, raw.items, items, "item",
-                                 f"does not occur in the domain's training file {train_path}")
-    order = np.lexsort((item_idx, user_idx))
-    return user_idx[order], item_idx[order]
-
-
-def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path, test_b: str | Path,
-              valid_a: str | Path | None = None, valid_b: str | Path | None = None,
-              names: tuple[str, str] = ("a", "b"), fmt: str = "auto",
-              valid_seed: int = 0) -> tuple[DomainSplit, DomainSplit]:
-    """Load a two-domain pair on one shared user index (the union of both train files' users).
-
-    Item ids are per domain. Validation comes from the valid files when given, else a
-    leave-one-out carved from each domain's train (seeded by (valid_seed, domain number)).
-    A held-out row whose user has no training row in either domain, or whose item is not in
-    that domain's train, raises DataError naming its file and line.
-    """
-    if (valid_a is None) != (valid_b is None):
-        raise ValueError("give both valid files or neither")
-    train_paths = (Path(train_a), Path(train_b))
-    raw_train = [read_interactions(path, fmt) for path in train_paths]
-    raw_test = [read_interactions(path, fmt) for path in (test_a, test_b)]
-    raw_valid = [read_interactions(path, fmt) for path in (valid_a, valid_b)] if valid_a is not None else None
-    users = IdMap.from_keys(np.concatenate([raw.users for raw in raw_train]))
-    domains = []
-    for number, (name, raw, train_path) in enumerate(zip(names, raw_train, train_paths)):
-        items = IdMap.from_keys(raw.items)
-        train = to_csr(raw, users, items)
-        test_users, test_items = _held_out_indices(raw_test[number], users, items, train_path)
-        if raw_valid is not None:
-            valid_users, valid_items = _held_out_indices(raw_valid[number], users, items, train_path)
-        else:
-            train, valid_users, valid_items = leave_one_out(train, seed=(valid_seed, number))
-        domains.append(DomainSplit(name, users, items, train, valid_users, valid_items, test_users, test_items))
-    return domains[0], domains[1]
-
-
-def load_warm_pair(root: str | Path, valid_seed: int = 0) -> tuple[DomainSplit, DomainSplit]:
-    """The paper's warm-start Sport&Cloth pair (validation = leave-one-out carved from train)."""
-    root = Path(root)
-    return load_pair(root / "sport_cloth" / "train.txt", root / "cloth_sport" / "train.txt",
-                     root / "sport_cloth" / "test.txt", root / "cloth_sport" / "test.txt",
-                     names=("sport", "cloth"), fmt="paper", valid_seed=valid_seed)
-
-
-def load_cold_pair(root: str | Path) -> tuple[DomainSplit, DomainSplit]:
-    """The paper's cold-start Sport&Cloth pair (validation and test from the shipped files)."""
-    root = Path(root)
-    return load_pair(root / "sport_cloth" / "train.txt", root / "cloth_sport" / "train.txt",
-                     root / "sport_cloth" / "test.txt", root / "cloth_sport" / "test.txt",
-                     root / "sport_cloth" / "valid.txt", root / "cloth_sport" / "valid.txt",
-                     names=("sport", "cloth"), fmt="paper")

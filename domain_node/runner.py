@@ -37,13 +37,14 @@ import grpc
 import numpy as np
 
 from cdimf.common.config import NodeConfig
+from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff
 from cdimf.common.rpc.channels import credentials_for
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
 from cdimf.common.wire.serde import MembershipView, RunInfo
 from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
-from cdimf.domain_node.node_data import NodeData, evaluate
+from cdimf.domain_node.node_data import NodeData
 
 log = logging.getLogger("cdimf.node")
 # a synchronous pull is re-issued this often so that a dead stream is noticed and retried

@@ -16,9 +16,10 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.common.config import NodeConfig
+from cdimf.common.core.evaluation import evaluate, top_k
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
-from cdimf.domain_node.node_data import NodeData, evaluate, load_node_data, top_k
+from cdimf.domain_node.node_data import NodeData, load_node_data
 from cdimf.domain_node.runner import Model, NodeRunner, Progress
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, RunParams, load_config
+from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, load_config
 
 NODE_TOML = """
 domain = "sport"

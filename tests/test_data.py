@@ -11,12 +11,10 @@ from cdimf.domain_node.data import (
     IdMap,
     cold_start_holdout,
     leave_one_out,
-    load_cold_pair,
-    load_pair,
-    load_warm_pair,
     read_interactions,
     to_csr,
 )
+from cdimf.pairs import load_cold_pair, load_pair, load_warm_pair
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "amazon-cdr"
 WARM = DATA / "warm-start_sport_cloth"

@@ -1,14 +1,18 @@
 """The local iALS solver against float64 brute force, its own invariants, and `implicit`'s exact ALS."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from cdimf.common.core import ials
+from cdimf.common.core.model import ials_epoch
+from cdimf.common.core.sparse import as_csr32, row_counts
 
 # Every backend present on this machine runs the same tests (the compiled one where gcc exists).
-BACKENDS = ["numpy"] + (["native"] if ials.native_available() else [])
+BACKENDS = ials.available_backends()
 # float32 solves of well-conditioned systems: a few ulps times the condition number.
 SOLVE_RTOL = 2e-4
 
@@ -26,7 +30,7 @@ def random_problem(
     rows = np.repeat(np.arange(n_rows), lengths)
     cols = np.concatenate([rng.choice(n_cols, size=length, replace=False) for length in lengths])
     values = rng.uniform(0.3, 3.0, size=len(rows)) if weighted else np.ones(len(rows))
-    matrix = ials.as_csr32(sp.csr_matrix((values, (rows, cols)), shape=(n_rows, n_cols)))
+    matrix = as_csr32(sp.csr_matrix((values, (rows, cols)), shape=(n_rows, n_cols)))
     fixed = ials.init_factors(n_cols, rank, 1.0, seed + 1)
     ridge = rng.uniform(0.05, 0.5, size=n_rows)
     return matrix, fixed, ridge
@@ -68,7 +72,7 @@ def test_half_step_matches_float64_brute_force(backend: str, rank: int, weighted
     prox = None
     if with_prox:
         rng = np.random.default_rng(3)
-        empty = np.flatnonzero(ials.row_counts(matrix) == 0)
+        empty = np.flatnonzero(row_counts(matrix) == 0)
         # the empty rows are cold users: only the proximal target pins them
         rows = np.unique(np.concatenate([empty, rng.choice(matrix.shape[0], 10, replace=False)]))
         prox = ials.Proximal(rows, rng.standard_normal((len(rows), rank)).astype(np.float32), 0.7)
@@ -77,14 +81,14 @@ def test_half_step_matches_float64_brute_force(backend: str, rank: int, weighted
     assert solved.dtype == np.float32 and solved.shape == expected.shape
     assert relative_error(solved, expected) < SOLVE_RTOL
     if with_prox:
-        cold = np.flatnonzero(ials.row_counts(matrix) == 0)
+        cold = np.flatnonzero(row_counts(matrix) == 0)
         assert np.abs(solved[cold]).max() > 0.1  # cold rows moved to their targets, not left at zero
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_longer_than_the_rank_and_a_very_long_row(backend: str) -> None:
     matrix, fixed, ridge = random_problem(30, 400, 16, seed=9, weighted=True, long_rows=12)
-    assert ials.row_counts(matrix).max() > 16 * 4  # several tiles of the dense Gramian
+    assert row_counts(matrix).max() > 16 * 4  # several tiles of the dense Gramian
     solved = ials.solve_half_step(matrix, fixed, 0.05, ridge, threads=1, backend=backend)
     assert relative_error(solved, brute_force_half_step(matrix, fixed, 0.05, ridge, None)) < SOLVE_RTOL
 
@@ -131,8 +135,8 @@ def test_backends_agree_with_each_other() -> None:
 def ridges(matrix: sp.csr_matrix, lam: float, alpha: float, nu: float) -> tuple[np.ndarray, np.ndarray]:
     """Rendle's frequency-scaled ridges for users and items."""
     return (
-        ials.frequency_ridge(ials.row_counts(matrix), matrix.shape[1], lam, alpha, nu),
-        ials.frequency_ridge(ials.row_counts(matrix.T.tocsr()), matrix.shape[0], lam, alpha, nu),
+        ials.frequency_ridge(row_counts(matrix), matrix.shape[1], lam, alpha, nu),
+        ials.frequency_ridge(row_counts(matrix.T.tocsr()), matrix.shape[0], lam, alpha, nu),
     )
 
 
@@ -148,11 +152,11 @@ def test_loss_never_increases_over_epochs(backend: str, nu: float, method: str) 
     prox = ials.Proximal(np.arange(0, 150, 3), rng.standard_normal((50, 16)).astype(np.float32) * 0.1, 0.5)
     losses = [ials.ials_loss(matrix, users, items, 0.1, user_ridge, item_ridge, prox)]
     for _ in range(6):
-        users, items = ials.ials_epoch(
+        users, items = ials_epoch(
             matrix, transposed, users, items, 0.1, user_ridge, item_ridge, prox, threads=2, method=method, backend=backend
         )
         losses.append(ials.ials_loss(matrix, users, items, 0.1, user_ridge, item_ridge, prox))
-    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(losses, losses[1:])), losses
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -216,7 +220,7 @@ def test_agrees_with_implicit_exact_als() -> None:
 
     alpha, lam, rank = 0.25, 0.1, 12
     rng = np.random.default_rng(12)
-    matrix = ials.as_csr32(sp.random(300, 200, density=0.05, random_state=rng, format="csr"))
+    matrix = as_csr32(sp.random(300, 200, density=0.05, random_state=rng, format="csr"))
     matrix.data[:] = 1.0
     user_ridge, item_ridge = ridges(matrix, lam, alpha, 0.0)
     users, items = ials.init_factors(300, rank, 1.0, 13), ials.init_factors(200, rank, 1.0, 14)
@@ -231,7 +235,23 @@ def test_agrees_with_implicit_exact_als() -> None:
         model.fit(matrix * np.float32(confidence), show_progress=False)
     transposed = matrix.T.tocsr()
     for _ in range(3):
-        users, items = ials.ials_epoch(matrix, transposed, users, items, alpha, user_ridge, item_ridge, threads=1)
+        users, items = ials_epoch(matrix, transposed, users, items, alpha, user_ridge, item_ridge, threads=1)
     ours = ials.ials_loss(matrix, users, items, alpha, user_ridge, item_ridge)
     theirs = ials.ials_loss(matrix, model.user_factors / scale, model.item_factors / scale, alpha, user_ridge, item_ridge)
     assert abs(ours - theirs) / theirs < 1e-5
+
+
+def test_the_backend_is_chosen_by_name_in_the_params_and_reported() -> None:
+    """IALSParams.backend reaches the solver through the registry; the trainer says which backend runs."""
+    from cdimf.common.core.model import DomainTrainer
+    from cdimf.common.core.params import IALSParams
+
+    assert ials.resolve_backend() in ials.available_backends()
+    assert ials.resolve_backend("numpy") == "numpy"
+    matrix, _, _ = random_problem(40, 30, 4, seed=13, weighted=False)
+    trainer = DomainTrainer("sport", matrix, IALSParams(rank=4, threads=1, backend="numpy"), 0.0)
+    assert trainer.backend() == "numpy"
+    start = trainer.state.items
+    trainer.users_half_step()
+    expected = ials.solve_half_step(trainer.train, start, trainer.params.alpha, trainer.user_ridge, threads=1, backend="numpy")
+    np.testing.assert_array_equal(trainer.state.users, expected)

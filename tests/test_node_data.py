@@ -1,4 +1,4 @@
-"""A node's own data: rows, holder flags, cold users, carved validation, fixed candidates, top-k."""
+"""A node's own data: rows, holder flags, cold users, carved validation and its splits' candidates."""
 
 from pathlib import Path
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from cdimf.common.config import VALID_NEGATIVES
+from cdimf.common.core.evaluation import PAPER_NEGATIVES
 from cdimf.domain_node.data import DataError
-from cdimf.domain_node.node_data import PAPER_NEGATIVES, fixed_candidates, load_node_data, top_k
+from cdimf.domain_node.node_data import load_node_data
 
 
 def _write(path: Path, pairs: list[tuple[str, str]]) -> Path:
@@ -41,16 +42,6 @@ def test_an_item_unknown_to_train_is_refused_with_file_and_line(tmp_path: Path) 
     test = _write(tmp_path / "test.csv", [("u1", "i2"), ("u2", "i9")])
     with pytest.raises(DataError, match=r"test\.csv:3: item 'i9'"):
         load_node_data("sport", train, None, test, "csv")
-
-
-def test_candidates_and_top_k() -> None:
-    """fixed_candidates puts the target first; top_k leaves out seen items and sorts by score."""
-    held = fixed_candidates(50, np.array([0, 1]), np.array([3, 4]), 2, seed=0)
-    assert held.candidates.shape == (2, 50) and list(held.candidates[:, 0]) == [3, 4]
-    items = np.eye(5, dtype=np.float32)
-    columns, scores = top_k(np.array([5, 4, 3, 2, 1], np.float32), items, np.array([0, 2]), 2)
-    assert list(columns) == [1, 3] and list(scores) == [4.0, 2.0]
-    assert len(top_k(np.ones(5, np.float32), items, np.arange(5), 3)[0]) == 0
 
 
 def test_validation_ranks_against_its_own_negatives_and_test_against_the_papers(tmp_path: Path) -> None:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cdimf.common.core.ials import ials_epoch
-from cdimf.common.core.model import DomainTrainer
+from cdimf.common.core.model import DomainTrainer, ials_epoch
 from cdimf.common.core.params import IALSParams
 
 
@@ -39,7 +38,7 @@ def test_epochs_to_contribution_then_items_equals_local_epochs(epochs: int) -> N
 
 
 def test_half_steps_reproduce_the_solvers_epoch() -> None:
-    """users_half_step + items_half_step is cdimf.common.core.ials.ials_epoch with the trainer's ridges and proximal term."""
+    """users_half_step + items_half_step is cdimf.common.core.model.ials_epoch with the trainer's ridges and proximal term."""
     trainer = _trainer()
     user_ridge, prox = trainer.user_system()
     users, items = ials_epoch(trainer.train, trainer.train_t, trainer.state.users, trainer.state.items, trainer.params.alpha,

@@ -1,4 +1,4 @@
-/* Per-row iALS solves in the eigenbasis of alpha*G (see common/ials.py for the maths).
+/* Per-row iALS solves in the eigenbasis of alpha*G (see ials.py next to this file for the maths).
  *
  * Every row r solves (diag(eig + shift_r) + V_r^T W_r V_r) x = V_r^T w_r + extra_r, where V_r
  * gathers the rotated factor rows of its interactions. Rows shorter than the rank go through

@@ -1,10 +1,11 @@
-"""Optional compiled backend for the iALS row solves: common/ials_kernel.c built with the system C compiler.
+"""The native backend of the iALS half-step: ials_kernel.c (next to this file) built with the system C compiler.
 
-The kernel is compiled on first use into a per-user cache (keyed by the source, the flags and
+The kernel does per-row register-tiled Gramians and Cholesky solves over a length-sorted row
+list. It is compiled on first use into a per-user cache (keyed by the source, the flags and
 this CPU, because it is built for the host's instruction set) and loaded with ctypes, which
 releases the GIL during the call, so the solver's own thread pool runs it in parallel. Where
-no compiler is present or the build fails, `load_kernel()` returns None and the solver uses
-its numpy path; nothing else changes.
+no compiler is present or the build fails, `available()` is False and the backend "auto"
+resolves to numpy; nothing else changes.
 """
 
 import ctypes
@@ -20,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cdimf.common.core.ials_numpy import FLOAT, RowSystems, run_parallel, solve_exact
+
 _SOURCE = Path(__file__).with_name("ials_kernel.c")
 # -fopenmp-simd honours the vectorisation pragmas without linking an OpenMP runtime.
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+# Light rows (shorter than the rank) per grab from the kernel's shared cursor; heavy rows are
+# taken one at a time, longest first, so the threads finish together.
+_BLOCK = 16
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -116,9 +122,7 @@ def _bind(path: Path) -> ctypes.CDLL:
 
 
 def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built or CDIMF_IALS_BACKEND=numpy."""
-    if os.environ.get("CDIMF_IALS_BACKEND", "").lower() == "numpy":
-        return None
+    """The compiled kernel library, or None where it cannot be built."""
     with _lock:
         if "library" not in _state:
             library = None
@@ -130,6 +134,11 @@ def load_kernel() -> ctypes.CDLL | None:
                     library = None
             _state["library"] = library
         return _state["library"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled kernel could be built and loaded here."""
+    return load_kernel() is not None
 
 
 def _address(array: np.ndarray | None) -> int | None:
@@ -183,3 +192,49 @@ class RowKernel:
         if n_failed < 0:
             raise MemoryError("the iALS kernel could not allocate its scratch space")
         return int(n_failed)
+
+
+def _solve_rows(
+    systems: RowSystems, start: np.ndarray | None, cg_steps: int, out: np.ndarray, n_threads: int
+) -> np.ndarray:
+    """All rows through the C kernel; returns the ids of rows whose float32 Cholesky broke down."""
+    csr = systems.pattern
+    indptr = csr.indptr.astype(np.int64, copy=False)
+    indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
+    lengths = np.diff(indptr)
+    heavy = np.flatnonzero(lengths >= systems.rotated.shape[1])
+    heavy = heavy[np.argsort(-lengths[heavy], kind="stable")]
+    light = np.flatnonzero(lengths < systems.rotated.shape[1])
+    heavy_cursor, light_cursor = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    failed = np.zeros(csr.shape[0], dtype=np.uint8)
+    kernel = RowKernel(
+        indptr=indptr,
+        indices=indices,
+        weights=csr.data if systems.weighted else None,
+        rotated=systems.rotated,
+        eigvals=systems.eigvals.astype(FLOAT),
+        shift=systems.shift,
+        extra=systems.extra,
+        start=start,
+        out=out,
+        cg_steps=cg_steps,
+        failed=failed,
+    )
+
+    def task() -> int:
+        """One thread's share: rows from the shared cursors until none are left; returns its failures."""
+        # every thread drains the heavy rows one by one, then the light rows in blocks
+        return kernel.solve(heavy, heavy_cursor, 1) + kernel.solve(light, light_cursor, _BLOCK)
+
+    n_failed = sum(run_parallel([task] * n_threads, n_threads))
+    return np.flatnonzero(failed) if n_failed else np.empty(0, dtype=np.int64)
+
+
+def solve(systems: RowSystems, start: np.ndarray | None, cg_steps: int, n_threads: int) -> np.ndarray:
+    """Every row of `systems` in the eigenbasis through the C kernel: exactly when cg_steps is 0, else CG from `start`."""
+    solved = np.empty((systems.shift.shape[0], systems.rotated.shape[1]), dtype=FLOAT)
+    failed = _solve_rows(systems, start, cg_steps, solved, n_threads)
+    if len(failed):
+        # float32 Cholesky broke down on a nearly singular row: redo those rows with pivoted LU
+        solve_exact(systems, failed, solved, n_threads)
+    return solved

@@ -1,9 +1,9 @@
-"""Ranking evaluation: the paper's sampled protocol (target + 999 negatives) and full-catalog metrics.
+"""Ranking kernels: the paper's sampled protocol (negative sampler, target ranks, HR/NDCG) and full-catalog metrics.
 
 All metrics are fractions in [0, 1] (a table prints them as %). Conventions:
 
 - Sampled protocol: per test row, the target and `n_negatives` items drawn uniformly without
-  replacement from the catalog (by default the items seen in train) minus the user's test
+  replacement from the catalog (every item unless one is given) minus the user's test
   items. The user's training items among the negatives are pushed to the bottom. The rank is
   1 + the number of remaining negatives that score >= the target: ties count against the
   target (pessimistic), so a constant model gets the worst rank, never a lucky one.
@@ -15,6 +15,8 @@ All metrics are fractions in [0, 1] (a table prints them as %). Conventions:
 import numpy as np
 import scipy.sparse as sp
 
+from cdimf.common.core.sparse import canonical_csr
+
 FLOAT = np.float32
 # Scores held at once when ranking by GEMM (rows x catalog floats): bounds peak memory.
 _SAMPLED_CHUNK_FLOATS = 1 << 23
@@ -24,9 +26,9 @@ _SAMPLER_CHUNK_DRAWS = 1 << 22
 _FULL_CHUNK_FLOATS = 1 << 23
 # A gathered block small enough to stay in cache (about 8 MiB).
 _GATHER_CHUNK_FLOATS = 1 << 21
-# Ranking by one GEMM over all items costs per catalog item, gathering candidate vectors per
-# candidate (memory-bound). On warm Sport (30796 items, 1000 candidates, rank 192) both take
-# about 1 CPU-second, but the GEMM runs on every BLAS thread: use it up to this ratio.
+# Ranking by one GEMM over all items costs per catalog item, gathering candidate vectors costs
+# per candidate (memory-bound, one thread); the GEMM runs on every BLAS thread, so it is
+# preferred up to this many catalog items per candidate.
 _GEMM_ITEMS_PER_CANDIDATE = 64
 
 
@@ -40,28 +42,6 @@ def _csr_keys(matrix: sp.csr_matrix) -> np.ndarray:
     matrix = canonical_csr(matrix)
     rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
     return _pair_keys(rows, matrix.indices, matrix.shape[1])
-
-
-def canonical_csr(matrix: sp.csr_matrix, name: str = "matrix") -> sp.csr_matrix:
-    """A CSR with sorted, unique indices (copied only when needed), or ValueError naming the argument."""
-    if not sp.issparse(matrix) or matrix.format != "csr":
-        raise ValueError(f"{name} must be a scipy CSR matrix, got {type(matrix).__name__}")
-    if not matrix.has_canonical_format:
-        matrix = matrix.copy()
-        matrix.sum_duplicates()
-    return matrix
-
-
-def pairs_to_csr(users: np.ndarray, items: np.ndarray, shape: tuple[int, int],
-                 weights: np.ndarray | None = None) -> sp.csr_matrix:
-    """Canonical float32 CSR (sorted indices, duplicates summed) from index pairs; weight 1 when none given."""
-    users = np.asarray(users, dtype=np.int64)
-    items = np.asarray(items, dtype=np.int64)
-    data = np.ones(len(users), dtype=FLOAT) if weights is None else np.asarray(weights, dtype=FLOAT)
-    matrix = sp.csr_matrix((data, (users, items)), shape=shape, dtype=FLOAT)
-    matrix.sum_duplicates()
-    matrix.sort_indices()
-    return matrix
 
 
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -163,7 +143,7 @@ def _draw_rows(rng: np.random.Generator, n_pool: int, n_draws: int, n_negatives:
     query_rows = np.repeat(np.arange(rows.size), counts)
     starts = np.repeat(first_exclusion[rows] - np.cumsum(counts) + counts, counts)
     banned = excluded_positions[starts + np.arange(query_rows.size)] if query_rows.size else excluded_positions[:0]
-    found = _first_at_least(packed, query_rows, banned.astype(key_type) * key_type(n_draws))
+    found = _first_at_least(packed, query_rows, np.multiply(banned.astype(key_type), key_type(n_draws)))
     present = found < n_draws
     present[present] = values[query_rows[present], found[present]] == banned[present]
     keep_sorted[query_rows[present], found[present]] = False
@@ -327,27 +307,12 @@ def _check_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
     return ranks
 
 
-def sampled_metrics(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, test_users: np.ndarray,
-                    test_items: np.ndarray, n_negatives: int = 999, seed: int = 0, k: int = 10,
-                    exclude: sp.csr_matrix | None = None, catalog: np.ndarray | None = None,
-                    candidates: np.ndarray | None = None) -> dict[str, float]:
-    """The paper's protocol: {"HR@k", "NDCG@k"} as fractions, plus "rows", averaged over test rows.
-
-    exclude defaults to the test pairs themselves (the user's test items); catalog defaults to
-    the items with a training entry. Pass `candidates` from `sample_negatives` to reuse one
-    draw across evaluations (e.g. every validation round); the sampling arguments are then unused.
-    """
-    train = canonical_csr(train, "train")
-    test_users, test_items = _check_rows(test_users, test_items, train.shape[0], train.shape[1])
-    if candidates is None:
-        if exclude is None:
-            exclude = pairs_to_csr(test_users, test_items, train.shape)
-        candidates = sample_negatives(train.shape[1], test_users, test_items, exclude, n_negatives, seed,
-                                      _resolve_catalog(catalog, train.shape[1], train))
-    elif not np.array_equal(np.asarray(candidates)[:, 0], test_items):
-        raise ValueError("candidates' first column must be the test items")
-    ranks = sampled_ranks(user_vecs, item_vecs, candidates, test_users, train)
-    return {f"HR@{k}": hit_rate(ranks, k), f"NDCG@{k}": ndcg(ranks, k), "rows": float(ranks.size)}
+def top_k_positions(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a 2-d score block, the columns of its k best scores (1 <= k <= columns), best first, and those scores."""
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    best_scores = np.take_along_axis(scores, best, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
 def _top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, users: np.ndarray, k: int,
@@ -373,11 +338,8 @@ def _top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, u
         seen_rows = np.repeat(np.arange(block.size), np.diff(seen.indptr))
         seen_positions = position_of_item[seen.indices]
         scores[seen_rows[seen_positions >= 0], seen_positions[seen_positions >= 0]] = -np.inf
-        best = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-        best_scores = np.take_along_axis(scores, best, axis=1)
-        order = np.argsort(-best_scores, axis=1, kind="stable")
-        best = np.take_along_axis(best, order, axis=1)
-        recommendable = np.take_along_axis(best_scores, order, axis=1) > -np.inf
+        best, best_scores = top_k_positions(scores, width)
+        recommendable = best_scores > -np.inf
         top[start:start + chunk, :width] = np.where(recommendable, catalog[best], -1)
     return top
 
@@ -409,12 +371,3 @@ def full_catalog_metrics(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp
 def _coverage(top: np.ndarray, catalog_size: int) -> float:
     """Distinct recommended items over the catalog size."""
     return float(np.unique(top[top >= 0]).size / catalog_size) if catalog_size else 0.0
-
-
-def coverage_at_k(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, users: np.ndarray,
-                  k: int = 10, catalog: np.ndarray | None = None) -> float:
-    """Distinct items in the users' full-catalog top-k lists (training items excluded) / catalog size."""
-    train = canonical_csr(train, "train")
-    catalog = _resolve_catalog(catalog, train.shape[1], train)
-    users = np.unique(np.asarray(users, dtype=np.int64))
-    return _coverage(_top_k(user_vecs, item_vecs, train, users, k, catalog), catalog.size)

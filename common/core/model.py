@@ -1,4 +1,4 @@
-"""One domain's local CDIMF model: iALS factors, ADMM duals and the last consensus, as plain arrays."""
+"""One domain's local CDIMF model (iALS factors, ADMM duals and the last consensus, as plain arrays) and one plain iALS epoch."""
 
 from dataclasses import dataclass
 from typing import Literal
@@ -7,17 +7,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.core.admm import dual_update, proximal_target
-from cdimf.common.core.ials import (
-    FLOAT,
-    Proximal,
-    as_csr32,
-    frequency_ridge,
-    ials_loss,
-    init_factors,
-    row_counts,
-    solve_half_step,
-)
+from cdimf.common.core.ials import FLOAT, Proximal, frequency_ridge, init_factors, resolve_backend, solve_half_step
 from cdimf.common.core.params import IALSParams
+from cdimf.common.core.sparse import as_csr32, row_counts
 
 
 @dataclass
@@ -127,12 +119,16 @@ class DomainTrainer:
         """Solve every user given the items (shared rows with the proximal term)."""
         user_ridge, prox = self.user_system()
         state = self.state
-        state.users = solve_half_step(self.train, state.items, self.params.alpha, user_ridge, prox, self.params.threads)
+        state.users = solve_half_step(
+            self.train, state.items, self.params.alpha, user_ridge, prox, self.params.threads, backend=self.params.backend
+        )
 
     def items_half_step(self) -> None:
         """Solve every item given the users; completes an epoch."""
         state = self.state
-        state.items = solve_half_step(self.train_t, state.users, self.params.alpha, self.item_ridge, None, self.params.threads)
+        state.items = solve_half_step(
+            self.train_t, state.users, self.params.alpha, self.item_ridge, None, self.params.threads, backend=self.params.backend
+        )
         state.epochs += 1
 
     def contribution(self) -> np.ndarray:
@@ -165,12 +161,36 @@ class DomainTrainer:
             users[self.receiver_rows] = self.state.receiver_consensus
         return users
 
-    def loss(self) -> float:
-        """The local objective including the current proximal term."""
-        state = self.state
-        return ials_loss(
-            self.train, state.users, state.items, self.params.alpha, self.user_ridge, self.item_ridge, self.proximal()
-        )
+    def backend(self) -> str:
+        """The solver backend this trainer's half-steps run on here (IALSParams.backend with "auto" resolved)."""
+        return resolve_backend(self.params.backend)
+
+
+def ials_epoch(
+    interactions: sp.csr_matrix,
+    interactions_t: sp.csr_matrix,
+    users: np.ndarray,
+    items: np.ndarray,
+    alpha: float,
+    user_ridge: np.ndarray,
+    item_ridge: np.ndarray,
+    user_prox: Proximal | None = None,
+    threads: int | None = None,
+    *,
+    method: str = "exact",
+    cg_steps: int = 3,
+    backend: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch: solve all users given items (with the proximal term), then all items given users.
+
+    With method "cg" each half-step is warm-started from the factors passed in.
+    """
+    warm = method == "cg"  # only CG starts from the current factors
+    users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, method=method, cg_steps=cg_steps,
+                            initial=users if warm else None, backend=backend)
+    items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, method=method, cg_steps=cg_steps,
+                            initial=items if warm else None, backend=backend)
+    return users, items
 
 
 def _checked_rows(rows: np.ndarray | None, n_rows: int, field: str) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Hyperparameter models shared by the engine, the nodes and the aggregator."""
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -23,6 +25,7 @@ class LocalIALSParams(StrictModel):
     sigma: float = Field(0.1, gt=0, description="init factors ~ N(0, sigma / sqrt(d))")
     seed: int = Field(0, ge=0, description="seed of the initial factors")
     threads: int | None = Field(None, ge=1, le=64, description="solver threads (default: available cores, max 8)")
+    backend: Literal["auto", "numpy", "native"] = Field("auto", description="iALS solver backend; auto: native where it builds")
 
     def at_rank(self, rank: int) -> "IALSParams":
         """The local model's parameters at `rank`; ValueError when this gives another rank."""

@@ -84,8 +84,8 @@ def _reencode(chunk: pb.MatrixChunk, values: np.ndarray) -> pb.MatrixChunk:
     ("mutate", "message"),
     [
         (lambda c: c[:2] + c[3:], "out of order or rows 20..29 are missing"),
-        (lambda c: c[:2] + [c[1]] + c[2:], "overlaps"),
-        (lambda c: [c[1], c[0]] + c[2:], "overlaps|out of order"),
+        (lambda c: [*c[:2], c[1], *c[2:]], "overlaps"),
+        (lambda c: [c[1], c[0], *c[2:]], "overlaps|out of order"),
         (lambda c: c[:-1], "ended after 30 of 40 rows"),
         (lambda c: [], "empty stream"),
     ],

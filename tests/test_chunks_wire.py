@@ -86,7 +86,7 @@ def test_non_finite_values_are_refused_with_their_row(bad: float) -> None:
 def test_bookkeeping_checks_apply_to_wire_bytes() -> None:
     messages = _wire()
     with pytest.raises(ChunkError, match="out of order or rows 10..19 are missing"):
-        _assemble([messages[0]] + messages[2:])
+        _assemble([messages[0], *messages[2:]])
     with pytest.raises(ChunkError, match="40 rows announced, expected 41"):
         _assemble(messages, expected_rows=41)
     short = pb.MatrixChunk.FromString(messages[0])

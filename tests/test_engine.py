@@ -117,7 +117,7 @@ def test_cold_user_scored_with_consensus() -> None:
         ADMMParams(rho=1.0),
     )
     engine.run(2)
-    trainer_a, trainer_b = engine.trainers
+    _trainer_a, trainer_b = engine.trainers
     np.testing.assert_array_equal(trainer_b.receiver_rows, [4])
     scored = trainer_b.scoring_users()[4]
     assert np.linalg.norm(scored) > 0

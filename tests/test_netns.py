@@ -5,6 +5,7 @@ import secrets
 import select
 import subprocess
 import sys
+from pathlib import Path
 
 import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
 import pytest
@@ -105,4 +106,4 @@ def test_leftovers_of_a_killed_run_are_removed(namespaces_possible: None) -> Non
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert namespace not in listed
     for pid in orphans:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -67,7 +67,6 @@ HEALTH_SERVICE_NAMES = ("", "cdimf.v1.Aggregator")
 Result = TypeVar("Result")
 # bytes: a MatrixChunk stream received unparsed (PushContribution)
 Chunk = TypeVar("Chunk", pb.MatrixChunk, pb.PseudonymChunk, bytes)
-Assembler = MatrixAssembler | RegistrationAssembler
 
 
 class _Changes:
@@ -130,15 +129,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return first
 
     async def _assemble(
-        self, context: grpc.aio.ServicerContext, assembler: Assembler, first: Chunk, stream: AsyncIterator[Chunk], serialized: bool = False
-    ) -> Any:
-        """Feed the stream (messages, or wire bytes when `serialized`) to a chunk assembler; a malformed stream aborts with INVALID_ARGUMENT."""
-        add = assembler.add_serialized if serialized and isinstance(assembler, MatrixAssembler) else assembler.add
+        self, context: grpc.aio.ServicerContext, add: Callable[[Chunk], None], result: Callable[[], Result], first: Chunk, stream: AsyncIterator[Chunk]
+    ) -> Result:
+        """Feed a stream's chunks (messages or wire bytes) to an assembler's `add`; a malformed stream aborts with INVALID_ARGUMENT."""
         try:
             add(first)
             async for chunk in stream:
                 add(chunk)
-            return assembler.result()
+            return result()
         except ChunkError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
@@ -181,7 +179,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Receive a domain's pseudonyms and holder flags; reply with its membership summary."""
         first = await self._first_chunk(context, request_iterator, "registration")
         await self._domain(context, first.header.domain)
-        pseudonyms, holder, header = await self._assemble(context, RegistrationAssembler(), first, request_iterator)
+        registration = RegistrationAssembler()
+        pseudonyms, holder, header = await self._assemble(context, registration.add, registration.result, first, request_iterator)
         domain = header.domain
 
         def register() -> pb.Membership:
@@ -227,7 +226,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no run started within {request.wait_s} s")
             await self.changes.wait(left)
 
-    async def PushContribution(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.Ack:
+    # the fast path registers this method without a request deserializer: it takes wire bytes
+    async def PushContribution(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.Ack:  # type: ignore[override]
         """Receive X + U of the domain's shared rows for header.round; may close the round.
 
         Its chunks arrive as MatrixChunk wire bytes (cdimf.common.rpc.fastpath): only the
@@ -243,7 +243,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await self._domain(context, header.domain)
         rows, rank = await self._locked(context, lambda: self.state.check_contribution(header.run_id, header.domain, header.round))
         assembler = MatrixAssembler(f"contribution of {header.domain}", expected_rows=rows, expected_cols=rank)
-        values, _ = await self._assemble(context, assembler, first, request_iterator, serialized=True)
+        values, _ = await self._assemble(context, assembler.add_serialized, assembler.result, first, request_iterator)
         outcome = await self._locked(
             context, lambda: self.state.accept_contribution(header.run_id, header.domain, header.round, values), in_thread=True
         )
@@ -252,7 +252,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.changes.notify()
         return pb.Ack(header=header, accepted_round=outcome.accepted_round)
 
-    async def PullConsensus(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    # the fast path registers this method without a response serializer: it yields wire bytes
+    async def PullConsensus(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[override]
         """Stream Z for the domain's shared then receiver rows: the newest round >= min_round.
 
         Chunks are yielded as MatrixChunk wire bytes (cdimf.common.rpc.fastpath), each

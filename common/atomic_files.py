@@ -52,7 +52,8 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], None], fsync: boo
 
 def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray], fsync: bool = True) -> None:
     """Write an .npz atomically (see replace_atomically)."""
-    replace_atomically(path, lambda stream: np.savez(stream, **arrays), fsync)
+    # numpy's stubs type **kwds as if a key could be its allow_pickle flag
+    replace_atomically(path, lambda stream: np.savez(stream, **arrays), fsync)  # type: ignore[arg-type]
 
 
 def write_arrays_atomically(path: Path, arrays: dict[str, np.ndarray], fsync: bool = True) -> None:

@@ -29,18 +29,25 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.model import DomainTrainer
-from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff
-from cdimf.common.rpc.channels import credentials_for
+from cdimf.common.rpc.aggregator_client import (
+    AggregatorClient,
+    AggregatorError,
+    AggregatorUnreachable,
+    AlreadyAccepted,
+    Backoff,
+    NotAcceptedNow,
+    data_mismatch,
+    gave_up,
+    node_client,
+)
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
 from cdimf.common.wire.serde import MembershipView, RunInfo
 from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
@@ -91,9 +98,8 @@ class NodeRunner:
         self,
         config: NodeConfig,
         data: NodeData,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        client: AggregatorClient | None = None,
         backoff: Backoff = NODE_BACKOFF,
-        retry_for_s: float = 60.0,
     ) -> None:
         self.config = config
         self.data = data
@@ -102,15 +108,8 @@ class NodeRunner:
         self.pseudonyms = pseudonymize(data.users.keys, config.federation_secret())
         self.holder = data.holder
         self.fingerprint = membership_fingerprint(self.pseudonyms, self.holder)
-        self.client = AggregatorClient(
-            config.aggregator,
-            config.domain,
-            credentials_for(config.tls),
-            rpc_timeout_s=config.rpc_timeout_s,
-            retry_for_s=retry_for_s,
-            backoff=backoff,
-            interceptors=interceptors,
-        )
+        # the transport is injected (tests wrap it); by default, the node's own client
+        self.client = client if client is not None else node_client(config, backoff=backoff)
         self.progress = Progress()
         self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
@@ -160,7 +159,7 @@ class NodeRunner:
             except AggregatorError as error:
                 # the aggregator may have lost its state: register again before anything else
                 self._registered = False
-                self.progress.connected = error.code != grpc.StatusCode.UNAVAILABLE
+                self.progress.connected = not isinstance(error, AggregatorUnreachable)
                 log.warning("aggregator call failed (%s); retrying", error)
                 await asyncio.sleep(self.backoff.delay(failures, self._rng))
                 failures += 1
@@ -172,7 +171,7 @@ class NodeRunner:
             registered = await self.client.register(self.pseudonyms, self.holder)
             self.progress.connected = True
             if registered.fingerprint != self.fingerprint:
-                raise AggregatorError("Register", grpc.StatusCode.DATA_LOSS, "the aggregator's fingerprint differs from ours")
+                raise data_mismatch("Register", "the aggregator's fingerprint differs from ours")
             log.info("registered %d rows (%d shared, %d receivers)", registered.rows, registered.shared_rows, registered.receiver_rows)
             self._registered = True
         while True:
@@ -273,9 +272,7 @@ class NodeRunner:
             wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
             try:
                 z = await self.client.pull_consensus(run_id, applied + 1, wait_s, len(view.shared_rows), len(view.receiver_rows))
-            except AggregatorError as error:
-                if error.code != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
+            except NotAcceptedNow:
                 current = await self._current(run_id)
                 # the aggregator restarted from an older state and lost our push: send it again
                 pushed_round, open_round = 0, current.current_round
@@ -306,11 +303,9 @@ class NodeRunner:
             try:
                 await self.client.push_contribution(run_id, round_index, values)
                 return round_index
-            except AggregatorError as error:
-                if error.code == grpc.StatusCode.ALREADY_EXISTS:
-                    return round_index  # pushed before a restart (ours or the aggregator's)
-                if error.code != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
+            except AlreadyAccepted:
+                return round_index  # pushed before a restart (ours or the aggregator's)
+            except NotAcceptedNow:
                 current = await self._current(run_id, finished_ok=True)
                 if current.state == "finished":
                     # Late for the last round: it closed without us and the run finished. Pull
@@ -320,7 +315,7 @@ class NodeRunner:
                     return round_index
                 # stale or not yet open (we were paused or restarted): push as the open round
                 round_index = current.current_round
-        raise AggregatorError("PushContribution", grpc.StatusCode.ABORTED, f"round {round_index} kept moving")
+        raise gave_up("PushContribution", f"round {round_index} kept moving")
 
     async def _current(self, run_id: str, finished_ok: bool = False) -> RunInfo:
         """The run as the aggregator sees it now; RunEnded when it is no longer running (or finished, unless finished_ok)."""
@@ -357,10 +352,8 @@ class NodeRunner:
             return
         try:
             await self.client.report_metrics(run_id, round_index, metrics)
-        except AggregatorError as error:
+        except (AlreadyAccepted, NotAcceptedNow) as error:
             # metrics are informative: a duplicate after a restart or an ended run must not stop training
-            if error.code not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
             log.info("metrics of round %d not recorded: %s", round_index, error)
 
     async def _checkpoint_written(self) -> None:

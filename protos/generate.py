@@ -35,7 +35,7 @@ def _plugin(name: str) -> str:
 
 def generated_paths(out_dir: Path) -> list[Path]:
     """Every file that generation writes under out_dir."""
-    paths = []
+    paths: list[Path] = []
     for proto in PROTO_FILES:
         stem = proto.removesuffix(".proto")
         paths.extend(out_dir / f"{stem}{suffix}" for suffix in GENERATED_SUFFIXES)

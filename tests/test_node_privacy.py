@@ -9,7 +9,7 @@ from pydantic import SecretStr
 
 from cdimf.aggregator.service import start_aggregator
 from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
-from cdimf.common.rpc.aggregator_client import AggregatorClient
+from cdimf.common.rpc.aggregator_client import AggregatorClient, node_client
 from cdimf.common.security.pseudonyms import pseudonymize
 from cdimf.common.wire.chunks import MatrixAssembler
 from cdimf.domain_node.runner import NodeRunner
@@ -52,7 +52,8 @@ def test_a_training_node_sends_only_headers_pseudonyms_shared_factor_rows_and_me
                                     data_format="csv", aggregator=aggregator.address, state_dir=tmp_path / domain,
                                     secret=SecretStr(SECRET), ials=ials(seeds()[domain]), tls=TLSConfig(insecure=True))
                 data = node_data(files, domain)
-                runner = NodeRunner(config, data, interceptors=capture.interceptors() if domain == "sport" else None)
+                client = node_client(config, interceptors=capture.interceptors() if domain == "sport" else None)
+                runner = NodeRunner(config, data, client=client)
                 nodes.append(await start_node(config, data, runner))
             async with AggregatorClient(aggregator.address) as control:
                 await wait_for_domains(control, 2)

@@ -36,8 +36,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cdimf.common.config import RunParams
-from cdimf.common.rpc.channels import create_channel
+from cdimf.common.config import NodeConfig, RunParams
+from cdimf.common.rpc.channels import create_channel, credentials_for
 from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
@@ -62,13 +62,56 @@ ROLE_SHARED, ROLE_RECEIVER = pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER
 
 
 class AggregatorError(Exception):
-    """An aggregator call failed with a gRPC status (after retries, for UNAVAILABLE)."""
+    """An aggregator call failed with a gRPC status (after retries, for UNAVAILABLE).
+
+    Callers that act on the reason catch a subclass: the round loop branches on these, in the
+    protocol's terms, and never on status codes.
+    """
 
     def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{method}: {code.name}: {details}")
         self.method = method
         self.code = code
         self.details = details
+
+
+class AggregatorUnreachable(AggregatorError):
+    """The aggregator could not be reached for the whole retry window."""
+
+
+class NotAcceptedNow(AggregatorError):
+    """Refused in this state of the run: a round not open yet or closed, a stale push, an ended run."""
+
+
+class AlreadyAccepted(AggregatorError):
+    """The aggregator already holds this contribution or report (a replay after a restart)."""
+
+
+class DataMismatch(AggregatorError):
+    """What came back does not fit this domain's data or membership (a malformed stream, another fingerprint)."""
+
+
+_ERRORS_BY_CODE: dict[grpc.StatusCode, type[AggregatorError]] = {
+    grpc.StatusCode.UNAVAILABLE: AggregatorUnreachable,
+    grpc.StatusCode.FAILED_PRECONDITION: NotAcceptedNow,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyAccepted,
+    grpc.StatusCode.DATA_LOSS: DataMismatch,
+}
+
+
+def aggregator_error(method: str, code: grpc.StatusCode, details: str) -> AggregatorError:
+    """The domain error for a failed call's status."""
+    return _ERRORS_BY_CODE.get(code, AggregatorError)(method, code, details)
+
+
+def data_mismatch(method: str, details: str) -> DataMismatch:
+    """A DataMismatch found on this side (no status came from the aggregator)."""
+    return DataMismatch(method, grpc.StatusCode.DATA_LOSS, details)
+
+
+def gave_up(method: str, details: str) -> AggregatorError:
+    """A call this side stopped retrying because the run kept moving under it."""
+    return AggregatorError(method, grpc.StatusCode.ABORTED, details)
 
 
 @dataclass(frozen=True)
@@ -137,7 +180,7 @@ class AggregatorClient:
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
-                    raise AggregatorError(method, code, error.details() or "") from error
+                    raise aggregator_error(method, code, error.details() or "") from error
             delay = self.backoff.delay(tries, self._rng)
             tries += 1
             await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
@@ -167,7 +210,7 @@ class AggregatorClient:
         try:
             roles, masks, domains = await self._call("GetMembership", attempt)
         except ChunkError as error:
-            raise AggregatorError("GetMembership", grpc.StatusCode.DATA_LOSS, str(error)) from error
+            raise data_mismatch("GetMembership", str(error)) from error
         return membership_view(roles, masks, domains)
 
     async def wait_for_run(self, wait_s: float, after_run_id: str = "") -> RunInfo | None:
@@ -228,7 +271,7 @@ class AggregatorClient:
                 return None
             raise
         except ChunkError as error:
-            raise AggregatorError("PullConsensus", grpc.StatusCode.DATA_LOSS, str(error)) from error
+            raise data_mismatch("PullConsensus", str(error)) from error
         return consensus_from_wire(z, header, shared)
 
     async def report_metrics(self, run_id: str, round_index: int, metrics: dict[str, float]) -> None:
@@ -281,7 +324,7 @@ class AggregatorClient:
                 return
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
-                    raise AggregatorError("WatchRun", error.code(), error.details() or "") from error
+                    raise aggregator_error("WatchRun", error.code(), error.details() or "") from error
             await asyncio.sleep(self.backoff.delay(tries, self._rng))
             tries += 1
 
@@ -298,3 +341,21 @@ class AggregatorClient:
         """Deadline of a matrix stream: the unary deadline plus time for the bytes at >= 20 MB/s."""
         return self.rpc_timeout_s + nbytes / 20e6
 
+
+
+def node_client(
+    config: NodeConfig,
+    backoff: Backoff = Backoff(initial_s=0.1, max_s=2.0),
+    retry_for_s: float = 60.0,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> AggregatorClient:
+    """The client a domain node dials its aggregator with: its address, domain, TLS and timeouts from its config."""
+    return AggregatorClient(
+        config.aggregator,
+        config.domain,
+        credentials_for(config.tls),
+        rpc_timeout_s=config.rpc_timeout_s,
+        retry_for_s=retry_for_s,
+        backoff=backoff,
+        interceptors=interceptors,
+    )

@@ -69,14 +69,14 @@ class ChunkError(ValueError):
     """A chunked stream is malformed: missing, overlapping or out-of-order chunks, bad shape or values."""
 
 
-def wire_dtype(name: str | int) -> int:
+def wire_dtype(name: str | int) -> pb.DType.ValueType:
     """The proto DType for 'float32'/'float16' (or a DType value, DTYPE_UNSPECIFIED = float32)."""
     if isinstance(name, int):
         if name == pb.DTYPE_UNSPECIFIED:
             return pb.DTYPE_FLOAT32
         if name not in _DTYPES:
             raise ChunkError(f"unknown dtype value {name}")
-        return name
+        return pb.DType.ValueType(name)
     if name not in _DTYPE_BY_NAME:
         raise ChunkError(f"unknown dtype {name!r}, expected one of {sorted(_DTYPE_BY_NAME)}")
     return _DTYPE_BY_NAME[name]
@@ -193,7 +193,7 @@ def encode_matrix_serialized(
         if block.nbytes == 0:
             yield fields.SerializeToString()
         else:
-            yield b"".join((fields.SerializeToString(), _DATA_KEY, _varint_bytes(block.nbytes), block.reshape(-1).view(np.uint8)))
+            yield b"".join((fields.SerializeToString(), _DATA_KEY, _varint_bytes(block.nbytes), block.reshape(-1).view(np.uint8).data))
 
 
 class _RowStream:

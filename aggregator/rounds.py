@@ -20,7 +20,7 @@ import numpy as np
 
 from cdimf.common.config import RunParams
 from cdimf.common.core.admm import blockwise_consensus
-from cdimf.common.core.membership import Membership
+from cdimf.common.core.membership import AlignedMembership
 
 StatusName = Literal["INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED"]
 RunStateName = Literal["running", "finished", "stopped"]
@@ -115,7 +115,7 @@ class Run:
 
     run_id: str
     params: RunParams
-    memberships: dict[str, Membership]
+    memberships: dict[str, AlignedMembership]
     state: RunStateName = "running"
     current_round: int = 1
     consensus: np.ndarray | None = None
@@ -144,13 +144,13 @@ class Run:
         return next(iter(self.memberships.values())).exchanged_rows if self.memberships else 0
 
     @classmethod
-    def start(cls, run_id: str, params: RunParams, memberships: dict[str, Membership], now: float) -> "Run":
+    def start(cls, run_id: str, params: RunParams, memberships: dict[str, AlignedMembership], now: float) -> "Run":
         """A new run with round 1 open at clock time `now`."""
         run = cls(run_id, params, memberships, round_opened_at=now, started_wall=time.time())
         run.events.append(Event("run_started", 0, 0.0))
         return run
 
-    def membership(self, domain: str) -> Membership:
+    def membership(self, domain: str) -> AlignedMembership:
         """An admitted domain's membership, else StateError NOT_FOUND."""
         mine = self.memberships.get(domain)
         if mine is None:
@@ -299,7 +299,7 @@ class Run:
         )
 
     @classmethod
-    def resumed(cls, saved: SavedRun, memberships: dict[str, Membership], now: float) -> "Run":
+    def resumed(cls, saved: SavedRun, memberships: dict[str, AlignedMembership], now: float) -> "Run":
         """A saved run brought back with its frozen memberships; its open round restarts at `now`."""
         run = cls(saved.run_id, saved.params, memberships, state=saved.state, current_round=saved.current_round)
         run.consensus_round = saved.consensus_round

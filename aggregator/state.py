@@ -20,7 +20,7 @@ import numpy as np
 from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, StateError
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
 from cdimf.common.config import RunParams
-from cdimf.common.core.membership import MAX_DOMAINS, Membership, align_memberships, sorted_unique
+from cdimf.common.core.membership import MAX_DOMAINS, AlignedMembership, align_memberships, sorted_unique
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
 
 
@@ -40,7 +40,7 @@ def sortable_keys(pseudonym_sets: list[np.ndarray]) -> list[np.ndarray]:
     return [as_keys(part) for part in pseudonym_sets]
 
 
-def memberships_of(registrations: dict[str, Registration]) -> dict[str, Membership]:
+def memberships_of(registrations: dict[str, Registration]) -> dict[str, AlignedMembership]:
     """Align the domains' pseudonyms; domains are ordered by name (the summation order of Z)."""
     domains = sorted(registrations)
     if len(domains) > MAX_DOMAINS:
@@ -109,7 +109,7 @@ class AggregatorState:
         self.registrations: dict[str, Registration] = {}
         self.run: Run | None = None
         # aligning a million pseudonyms takes seconds; registrations change rarely
-        self._memberships_cache: tuple[tuple[tuple[str, str], ...], dict[str, Membership]] | None = None
+        self._memberships_cache: tuple[tuple[tuple[str, str], ...], dict[str, AlignedMembership]] | None = None
         self._restore()
 
     # ----- registration and membership -----
@@ -137,7 +137,7 @@ class AggregatorState:
         self.store.save_registrations(self.registrations)
         return registration
 
-    def membership_for(self, domain: str) -> tuple[Membership, bool]:
+    def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:
         """The membership a domain sees and whether it is frozen: the run's when admitted, else over all registered."""
         if domain not in self.registrations:
             raise StateError("NOT_FOUND", f"domain {domain!r} is not registered")
@@ -146,7 +146,7 @@ class AggregatorState:
             return run.memberships[domain], True
         return self.current_memberships()[domain], False
 
-    def current_memberships(self) -> dict[str, Membership]:
+    def current_memberships(self) -> dict[str, AlignedMembership]:
         """Every registered domain's membership (cached until a registration changes)."""
         key = tuple((name, self.registrations[name].fingerprint) for name in sorted(self.registrations))
         if self._memberships_cache is None or self._memberships_cache[0] != key:

@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.core.admm import consensus
-from cdimf.common.core.membership import Membership, align_memberships
+from cdimf.common.core.membership import AlignedMembership, align_memberships
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams
 from cdimf.common.core.sparse import row_counts
@@ -62,7 +62,7 @@ class CDIMFEngine:
         self.rank = ranks.pop()
         self.domains = list(domains)
         holds = [row_counts(sp.csr_matrix(d.train)) > 0 for d in domains]
-        self.memberships: list[Membership]
+        self.memberships: list[AlignedMembership]
         self.memberships, self.global_keys = align_memberships([d.user_keys for d in domains], holds, names)
         self.trainers = [
             DomainTrainer(d.name, d.train, d.params, admm.rho, m.shared_rows, m.receiver_rows, user_step)

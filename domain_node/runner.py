@@ -36,6 +36,7 @@ import numpy as np
 
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
+from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
@@ -49,7 +50,7 @@ from cdimf.common.rpc.aggregator_client import (
     node_client,
 )
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
-from cdimf.common.wire.serde import MembershipView, RunInfo
+from cdimf.common.wire.serde import RunInfo
 from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from cdimf.domain_node.node_data import NodeData
 
@@ -214,7 +215,7 @@ class NodeRunner:
         finally:
             await self._checkpoint_written()
 
-    def _resume(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView) -> int | None:
+    def _resume(self, info: RunInfo, trainer: DomainTrainer, view: Membership) -> int | None:
         """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run."""
         try:
             checkpoint = load_checkpoint(self.config.state_dir)
@@ -234,7 +235,7 @@ class NodeRunner:
             return None  # an ended run this node has no state of
         return 0
 
-    async def _rounds(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView, applied: int, period: int) -> None:
+    async def _rounds(self, info: RunInfo, trainer: DomainTrainer, view: Membership, applied: int, period: int) -> None:
         """The round loop; returns once the last round's Z is applied."""
         try:
             await self._round_loop(info, trainer, view, applied, period)
@@ -244,7 +245,7 @@ class NodeRunner:
                 await asyncio.wait([self._items_task])
                 self._items_task = None
 
-    async def _round_loop(self, info: RunInfo, trainer: DomainTrainer, view: MembershipView, applied: int, period: int) -> None:
+    async def _round_loop(self, info: RunInfo, trainer: DomainTrainer, view: Membership, applied: int, period: int) -> None:
         """Rounds from `applied` + 1 until the last round's Z is applied (see _rounds)."""
         assert info.params is not None
         params = info.params
@@ -326,7 +327,7 @@ class NodeRunner:
             raise RunEnded(f"run {run_id} is {info.state}")
         return info
 
-    async def _end_of_round(self, run_id: str, round_index: int, rounds: int, trainer: DomainTrainer, view: MembershipView) -> None:
+    async def _end_of_round(self, run_id: str, round_index: int, rounds: int, trainer: DomainTrainer, view: Membership) -> None:
         """Checkpoint, publish the model, then validate and report the metrics when this round is due."""
         # A snapshot: the trainer replaces (never mutates) its arrays, so a shallow copy of its
         # state stays this round's while the next round's epochs run. Writing it in the

@@ -20,12 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.core.admm import consensus
+from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams
 from cdimf.common.rpc.aggregator_client import AggregatorClient, AggregatorError, Backoff
 from cdimf.common.security.pseudonyms import pseudonymize
 from cdimf.common.wire.chunks import encode_matrix, encode_registration
-from cdimf.common.wire.serde import MembershipView
 from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ def _domain_data(seed: int, n_users: int, n_items: int, empty_rows: list[int]) -
 
 
 async def _federated_domain(
-    client: AggregatorClient, trainer: DomainTrainer, view: MembershipView, run_id: str, rounds: int, period: int
+    client: AggregatorClient, trainer: DomainTrainer, view: Membership, run_id: str, rounds: int, period: int
 ) -> None:
     """What a node does each round, in the order of the in-process engine."""
     for round_index in range(1, rounds + 1):

@@ -79,10 +79,9 @@ def test_events_as_messages_and_json() -> None:
 
 def test_membership_summary_and_view() -> None:
     roles = np.array([pb.ROW_ROLE_LOCAL, pb.ROW_ROLE_SHARED, pb.ROW_ROLE_RECEIVER, pb.ROW_ROLE_SHARED])
-    none = np.zeros(0, dtype=np.int64)
-    mine = Membership(("cloth", "sport"), roles, np.array([2, 3, 3, 1]), np.array([1, 3]), np.array([2]), none, none, none, none, 3)
-    registered = serde.registered_from_proto(serde.membership_to_proto(mine, "sport", "f" * 8, frozen=True))
-    assert registered == serde.Registered(("cloth", "sport"), 4, 2, 1, "f" * 8, True)
-    view = serde.membership_view(roles, np.array([2, 3, 3, 1]), ["cloth", "sport"])
+    mine = Membership(("cloth", "sport"), roles, np.array([2, 3, 3, 1]), np.array([1, 3]), np.array([2]))
+    registered = serde.receipt_from_proto(serde.membership_to_proto(mine, "sport", "f" * 8, frozen=True))
+    assert registered == serde.RegistrationReceipt(("cloth", "sport"), 4, 2, 1, "f" * 8, True)
+    view = serde.membership_from_wire(roles, np.array([2, 3, 3, 1]), ["cloth", "sport"])
     np.testing.assert_array_equal(view.shared_rows, [1, 3])
     np.testing.assert_array_equal(view.receiver_rows, [2])

@@ -11,18 +11,14 @@ ROLE_LOCAL, ROLE_SHARED, ROLE_RECEIVER = 1, 2, 3  # the values of the wire's Row
 
 @dataclass(frozen=True)
 class Membership:
-    """One domain's place in an alignment of domains: the roles of its rows and where they meet.
+    """One domain's rows in the federation: their roles, who holds them, which are exchanged.
 
     roles: per row of the domain, ROLE_LOCAL, ROLE_SHARED or ROLE_RECEIVER. holder_masks: per row,
     bit i set when domains[i] holds that user. shared_rows: rows with interactions here whose user
     another domain also holds or wants scored (pushed and pulled; a user held here alone but cold
     elsewhere must still be pushed, or the cold domain would receive nothing). receiver_rows: rows
     with no interactions here that some other domain holds (pulled only: cold-start users scored
-    with the consensus). Both ascending.
-
-    shared_global/receiver_global: those rows' ids in the union of every domain's keys.
-    shared_index/receiver_index: their positions among the exchanged rows (shared or received
-    somewhere), of which there are exchanged_rows: the rows of the aggregator's Z.
+    with the consensus). Both ascending. This is what a node learns of the alignment.
     """
 
     domains: tuple[str, ...]
@@ -30,6 +26,22 @@ class Membership:
     holder_masks: np.ndarray
     shared_rows: np.ndarray
     receiver_rows: np.ndarray
+
+    @classmethod
+    def from_roles(cls, domains: Sequence[str], roles: np.ndarray, holder_masks: np.ndarray) -> "Membership":
+        """A Membership whose exchanged rows follow from the roles (as a node rebuilds it from the wire)."""
+        return cls(tuple(domains), roles, holder_masks, np.flatnonzero(roles == ROLE_SHARED), np.flatnonzero(roles == ROLE_RECEIVER))
+
+
+@dataclass(frozen=True)
+class AlignedMembership(Membership):
+    """A Membership with its place in the aligned union of domains, known to the aligner (aggregator, engine).
+
+    shared_global/receiver_global: the exchanged rows' ids in the union of every domain's keys.
+    shared_index/receiver_index: their positions among the exchanged rows (shared or received
+    somewhere), of which there are exchanged_rows: the rows of the aggregator's Z.
+    """
+
     shared_global: np.ndarray
     receiver_global: np.ndarray
     shared_index: np.ndarray
@@ -52,7 +64,7 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
 
 def align_memberships(
     keys: Sequence[np.ndarray], holds: Sequence[np.ndarray], domains: Sequence[str] | None = None
-) -> tuple[list[Membership], np.ndarray]:
+) -> tuple[list[AlignedMembership], np.ndarray]:
     """Align domains on user keys; holds[i][r] says whether domain i's row r has interactions.
 
     Returns each domain's Membership and the global key array (global id = position in it).
@@ -104,7 +116,7 @@ def align_memberships(
         roles[receiver] = ROLE_RECEIVER
         shared_global, receiver_global = ids[shared], ids[receiver]
         memberships.append(
-            Membership(
+            AlignedMembership(
                 domains=names,
                 roles=roles,
                 holder_masks=holder_masks[ids],

@@ -37,20 +37,20 @@ import grpc
 import numpy as np
 
 from cdimf.common.config import NodeConfig, RunParams
+from cdimf.common.core.membership import Membership
 from cdimf.common.rpc.channels import create_channel, credentials_for
 from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
 from cdimf.common.wire.serde import (
     Consensus,
-    MembershipView,
     PushResult,
-    Registered,
+    RegistrationReceipt,
     RunInfo,
     consensus_from_wire,
-    membership_view,
+    membership_from_wire,
     push_result_from_proto,
-    registered_from_proto,
+    receipt_from_proto,
     run_info_from_proto,
     run_params_to_proto,
 )
@@ -187,16 +187,16 @@ class AggregatorClient:
 
     # ----- node API -----
 
-    async def register(self, pseudonyms: np.ndarray, holder: np.ndarray) -> Registered:
+    async def register(self, pseudonyms: np.ndarray, holder: np.ndarray) -> RegistrationReceipt:
         """Register every row of this domain: (n, 32) pseudonyms and n holder flags, in row order."""
         header = self.header()
 
         async def attempt() -> pb.Membership:
             return await self.stub.Register(encode_registration(pseudonyms, holder, header), timeout=self.rpc_timeout_s)
 
-        return registered_from_proto(await self._call("Register", attempt))
+        return receipt_from_proto(await self._call("Register", attempt))
 
-    async def get_membership(self, run_id: str = "") -> MembershipView:
+    async def get_membership(self, run_id: str = "") -> Membership:
         """The roles and holder masks of this domain's rows (the run's frozen membership once admitted)."""
         request = pb.GetMembershipRequest(header=self.header(run_id))
 
@@ -211,7 +211,7 @@ class AggregatorClient:
             roles, masks, domains = await self._call("GetMembership", attempt)
         except ChunkError as error:
             raise data_mismatch("GetMembership", str(error)) from error
-        return membership_view(roles, masks, domains)
+        return membership_from_wire(roles, masks, domains)
 
     async def wait_for_run(self, wait_s: float, after_run_id: str = "") -> RunInfo | None:
         """The current run other than `after_run_id`, waiting up to wait_s; None if none started."""

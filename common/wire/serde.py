@@ -182,8 +182,8 @@ def membership_to_proto(mine: Membership, domain: str, fingerprint: str, frozen:
 
 
 @dataclass(frozen=True)
-class Registered:
-    """The aggregator's summary of a registration (the proto Membership)."""
+class RegistrationReceipt:
+    """What the aggregator answers a registration with: row counts, fingerprint, whether a run froze it."""
 
     domains: tuple[str, ...]
     rows: int
@@ -191,21 +191,6 @@ class Registered:
     receiver_rows: int
     fingerprint: str
     frozen: bool
-
-
-@dataclass(frozen=True)
-class MembershipView:
-    """Per registered row: its role and which domains hold it; the exchanged rows in wire order.
-
-    shared_rows: rows pushed (X + U) and pulled (Z), ascending. receiver_rows: rows pulled only.
-    holder_masks bit i = domains[i] holds the row.
-    """
-
-    domains: tuple[str, ...]
-    roles: np.ndarray
-    holder_masks: np.ndarray
-    shared_rows: np.ndarray
-    receiver_rows: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -242,16 +227,14 @@ class Consensus:
     receivers: np.ndarray
 
 
-def registered_from_proto(message: pb.Membership) -> Registered:
+def receipt_from_proto(message: pb.Membership) -> RegistrationReceipt:
     """The summary of a Register reply."""
-    return Registered(tuple(message.domains), message.rows, message.shared_rows, message.receiver_rows, message.fingerprint, message.frozen)
+    return RegistrationReceipt(tuple(message.domains), message.rows, message.shared_rows, message.receiver_rows, message.fingerprint, message.frozen)
 
 
-def membership_view(roles: np.ndarray, holder_masks: np.ndarray, domains: Sequence[str]) -> MembershipView:
-    """A GetMembership stream's assembled roles and masks as a view (exchanged rows from the roles)."""
-    return MembershipView(
-        tuple(domains), roles, holder_masks, np.flatnonzero(roles == pb.ROW_ROLE_SHARED), np.flatnonzero(roles == pb.ROW_ROLE_RECEIVER)
-    )
+def membership_from_wire(roles: np.ndarray, holder_masks: np.ndarray, domains: Sequence[str]) -> Membership:
+    """A GetMembership stream's assembled roles and masks as this domain's Membership."""
+    return Membership.from_roles(domains, roles, holder_masks)
 
 
 def run_info_from_proto(message: pb.RunInfo) -> RunInfo:

@@ -55,7 +55,7 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
-from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto
+from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto, status_to_proto
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -314,22 +314,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
         def status() -> pb.AggregatorStatus:
             """The state's status snapshot in its wire form (converted under the lock: it names the live run)."""
-            snapshot = self.state.status()
-            message = pb.AggregatorStatus(run=run_info_to_proto(snapshot.run), shared_users=snapshot.shared_users)
-            for entry in snapshot.domains:
-                message.domains.append(
-                    pb.DomainStatus(
-                        domain=entry.domain,
-                        rows=entry.rows,
-                        admitted=entry.admitted,
-                        shared_rows=entry.shared_rows,
-                        receiver_rows=entry.receiver_rows,
-                        latest_contribution_round=entry.latest_contribution_round,
-                        contributions=entry.contributions,
-                        latest_metrics=entry.latest_metrics,
-                    )
-                )
-            return message
+            return status_to_proto(self.state.status())
 
         return await self._locked(context, status)
 

@@ -136,6 +136,77 @@ class EventView(Protocol):
         """The reported metrics."""
 
 
+class DomainStatusView(Protocol):
+    """What GetStatus shows of one registered domain (round fields 0 unless admitted)."""
+
+    @property
+    def domain(self) -> str:
+        """The domain's name."""
+
+    @property
+    def rows(self) -> int:
+        """Its registered rows."""
+
+    @property
+    def admitted(self) -> bool:
+        """Whether the current run admitted it."""
+
+    @property
+    def shared_rows(self) -> int:
+        """Rows it pushes and pulls."""
+
+    @property
+    def receiver_rows(self) -> int:
+        """Rows it only pulls."""
+
+    @property
+    def latest_contribution_round(self) -> int:
+        """The round of its newest accepted contribution."""
+
+    @property
+    def contributions(self) -> int:
+        """Contributions accepted in the run."""
+
+    @property
+    def latest_metrics(self) -> Mapping[str, float]:
+        """Its newest reported validation metrics."""
+
+
+class StatusView(Protocol):
+    """What GetStatus shows of the aggregator: the current run, its exchanged rows, every registered domain."""
+
+    @property
+    def run(self) -> RunView | None:
+        """The current run, if any."""
+
+    @property
+    def shared_users(self) -> int:
+        """Rows of the run's Z."""
+
+    @property
+    def domains(self) -> Sequence[DomainStatusView]:
+        """Every registered domain, by name."""
+
+
+def status_to_proto(status: StatusView) -> pb.AggregatorStatus:
+    """The wire form of an aggregator status snapshot."""
+    message = pb.AggregatorStatus(run=run_info_to_proto(status.run), shared_users=status.shared_users)
+    for entry in status.domains:
+        message.domains.append(
+            pb.DomainStatus(
+                domain=entry.domain,
+                rows=entry.rows,
+                admitted=entry.admitted,
+                shared_rows=entry.shared_rows,
+                receiver_rows=entry.receiver_rows,
+                latest_contribution_round=entry.latest_contribution_round,
+                contributions=entry.contributions,
+                latest_metrics=entry.latest_metrics,
+            )
+        )
+    return message
+
+
 def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
     """The wire form of a run (an idle RunInfo when there is none)."""
     if run is None:

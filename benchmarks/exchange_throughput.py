@@ -15,7 +15,7 @@ The first --warmup rounds are run and shown but not in the medians: a fresh proc
 still growing on a new channel (on our VMs the first pull ran at ~300 MB/s whatever the code,
 and the raw baseline's first pull is also ~35% slower). The second push is often as slow for
 the same reason; it is one of the measured rounds, so the medians include it.
-Targets (issue 4): >= 500 MB/s each way, peak <= 3x held.
+Targets: >= 500 MB/s each way, peak <= 3x held.
 """
 
 import argparse

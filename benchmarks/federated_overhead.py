@@ -2,7 +2,7 @@
 
     python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--repeats 3] [--insecure]
 
-Issue 4's target: federated `cdimf simulate` on warm Sport&Cloth vs the in-process engine with
+The target: federated `cdimf simulate` on warm Sport&Cloth vs the in-process engine with
 the same config, wall-time ratio <= 1.10. Both arms do the same work with the simulation's
 default config (configs/warm-sport-cloth.toml's CDIMF hyperparameters, synchronous rounds, same
 rounds and rank): load each domain's own files (validation carved from train, candidates
@@ -181,7 +181,7 @@ def main() -> None:
         print(f"  test {name:<6} HR@{k} engine {100 * metrics[f'HR@{k}']:.2f} federated {100 * fed[f'HR@{k}']:.2f}   "
               f"NDCG@{k} engine {100 * metrics[f'NDCG@{k}']:.2f} federated {100 * fed[f'NDCG@{k}']:.2f}")
     # (b) is `cdimf simulate` as shipped (per-round validation, what the CLI reports) against the
-    # engine with the same config: issue 4's target. (a) isolates the exchange: no validation work
+    # engine with the same config: the target. (a) isolates the exchange: no validation work
     # dilutes it, and on 2 cores the four processes compete for the CPU the engine has to itself.
     print(f"ratio_default_config={whole_ratio['(b) default validation']:.3f}  (target <= 1.10)")
     print(f"ratio_validation_off={whole_ratio['(a) validation off']:.3f}  (exchange overhead isolated)")

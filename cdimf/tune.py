@@ -1,10 +1,10 @@
 """Choose `cdimf reproduce` hyperparameters on validation rows only (never test): a small staged grid.
 
 Usage:
-    python scripts/tune.py configs/warm-sport-cloth.toml                 # staged search, all models
-    python scripts/tune.py CONFIG --models cdimf --grid rho=0.3,1,3 --grid prox=identity,l2
-    python scripts/tune.py CONFIG --json > tune.json
-    python scripts/tune.py CONFIG --valid-negatives 99    # cheaper, but ranks candidates differently
+    cdimf tune warm-sport-cloth                                  # staged search, all models
+    cdimf tune CONFIG --models cdimf --grid rho=0.3,1,3 --grid prox=identity,l2
+    cdimf tune CONFIG --json > tune.json
+    cdimf tune CONFIG --valid-negatives 99    # cheaper, but ranks candidates differently
 
 Each candidate is the config's section for one model with some values replaced; it trains with
 `cdimf.reproduce.early_stopped` on the validation rows that `cdimf reproduce` itself uses (the
@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from cdimf.common.core.sparse import row_counts
 from cdimf.pairs import DomainSplit
 from cdimf.reproduce import CDIMF, Contender, JoinedALS, SeparateALS, early_stopped, held_out, load_splits
 from cdimf.reproduce_config import ReproduceConfig, load_reproduce_config
+from cdimf.resources import config_path
 
 MODELS = ("separate", "joined", "cdimf")
 IALS_KEYS = ("rank", "alpha", "lam", "nu", "sigma", "seed", "threads", "backend")
@@ -231,8 +231,8 @@ def format_table(trials: Sequence[Trial], k: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the search and print the table (or JSON)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="reproduce config (TOML); its values are the starting point")
+    parser = argparse.ArgumentParser(prog="cdimf tune", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a shipped config by name or a reproduce config's path (TOML); its values are the starting point")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of separate,joined,cdimf")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="one-stage grid instead of the staged search (repeat for a product)")
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "validation is scored like the test; [stopping] valid_negatives is for reproduce's per-round check)")
     parser.add_argument("--json", action="store_true", help="print every trial and the best per model as JSON")
     args = parser.parse_args(argv)
-    config = load_reproduce_config(args.config)
+    config = load_reproduce_config(config_path(args.config))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if bad := [m for m in models if m not in MODELS]:
         parser.error(f"--models: unknown {bad}; choose from {list(MODELS)}")

@@ -135,6 +135,10 @@ class EventView(Protocol):
     def metrics(self) -> Mapping[str, float]:
         """The reported metrics."""
 
+    @property
+    def message(self) -> str:
+        """Why a save failed (persist_failed events)."""
+
 
 def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
     """The wire form of a run (an idle RunInfo when there is none)."""
@@ -162,6 +166,7 @@ def event_to_proto(run: RunView, event: EventView) -> pb.RoundEvent:
         metrics=event.metrics,
         elapsed_s=event.elapsed_s,
         rounds=run.params.rounds,
+        message=event.message,
     )
 
 
@@ -301,6 +306,7 @@ def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
         "contributors": list(event.contributors),
         "missing": list(event.missing),
         "elapsed_s": round(event.elapsed_s, 3),
+        "message": event.message,
     }
 
 

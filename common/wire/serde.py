@@ -296,7 +296,7 @@ def event_kind_name(kind: int) -> str:
 
 def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
     """A run event as a JSON-ready dict (what `cdimf train --json` prints per line)."""
-    return {
+    shown: dict[str, Any] = {
         "run_id": event.run_id,
         "kind": event_kind_name(event.kind),
         "round": event.round,
@@ -306,8 +306,10 @@ def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
         "contributors": list(event.contributors),
         "missing": list(event.missing),
         "elapsed_s": round(event.elapsed_s, 3),
-        "message": event.message,
     }
+    if event.message:  # persist_failed: why
+        shown["message"] = event.message
+    return shown
 
 
 def status_to_json(status: pb.AggregatorStatus) -> dict[str, Any]:

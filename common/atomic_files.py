@@ -247,9 +247,8 @@ def _read_record(path: Path, stream: BinaryIO, name: str, size: int, digest: "xx
         raise StateFileError(f"{path}: array {name!r} is cut short")
     array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
     payload = array.reshape(-1, order="A").view(np.uint8)
-    for offset in range(0, nbytes, _SLICE_BYTES):
-        piece = payload[offset : offset + _SLICE_BYTES]
-        if stream.readinto(piece.data) != len(piece):  # type: ignore[attr-defined]
-            raise StateFileError(f"{path}: array {name!r} is cut short")
-        digest.update(piece.data)
+    # one read straight into the array (the kernel copies once), then one pass of the digest
+    if nbytes and stream.readinto(payload.data) != nbytes:  # type: ignore[attr-defined]
+        raise StateFileError(f"{path}: array {name!r} is cut short")
+    digest.update(payload.data)
     return array

@@ -165,3 +165,18 @@ def test_write_errors_name_the_file_and_errno(tmp_path: Path) -> None:
     with pytest.raises(StateWriteError, match=r"x\.arrays.*EISDIR"):
         write_arrays_atomically(target, {"a": np.ones(3)})
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["x.arrays"]
+
+
+@pytest.mark.parametrize("field", ["rho", "lambda_z", "round_deadline_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinite_or_nan_run_parameters_are_refused(field: str, value: float) -> None:
+    """rho = inf broke every solve and a deadline of inf never closes a round: both are configuration errors."""
+    from pydantic import ValidationError
+
+    from cdimf.common.core.params import ADMMParams
+
+    with pytest.raises(ValidationError, match="finite"):
+        if field == "round_deadline_s":
+            RunParams(rounds=2, rank=RANK, round_deadline_s=value)
+        else:
+            RunParams(rounds=2, rank=RANK, admm=ADMMParams(**{field: value}))

@@ -13,15 +13,20 @@ from typing import Any, Protocol
 import numpy as np
 
 from cdimf.aggregator.rounds import Event, SavedRun
-from cdimf.common.atomic_files import read_arrays_or_npz, write_arrays_atomically, write_npz_atomically
+from cdimf.common.atomic_files import StateFileError, read_arrays_or_npz, remove_stale_temporaries, write_arrays_atomically
 from cdimf.common.config import ConfigError, RunParams
 from cdimf.common.security.pseudonyms import membership_fingerprint
 
-REGISTRATIONS_FILE = "registrations.npz"
+# checksummed containers (cdimf.common.atomic_files); the .npz of earlier versions is still read
+# when it is the only one
+REGISTRATIONS_FILE = "registrations.arrays"
+LEGACY_REGISTRATIONS_FILE = "registrations.npz"
 # written every round before Z is served: the plain container (cdimf.common.atomic_files) skips the
 # zip CRC pass over Z; the .npz of earlier versions is still read when it is the only one
 RUN_FILE = "run.arrays"
 LEGACY_RUN_FILE = "run.npz"
+# what a refusal to resume tells the operator to do
+_START_OVER = "restore the folder from a backup, or move it away to start over (its run is then lost)"
 
 
 @dataclass(frozen=True)
@@ -89,25 +94,42 @@ class DirectoryRunStore:
         self.directory = Path(directory)
         self.fsync = fsync
         self.directory.mkdir(parents=True, exist_ok=True)
+        for name in (REGISTRATIONS_FILE, RUN_FILE):
+            remove_stale_temporaries(self.directory / name)
 
     def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
-        """Write every domain's pseudonyms and holder flags atomically."""
+        """Write every domain's pseudonyms and holder flags atomically (names in a JSON header: never cut)."""
         names = sorted(registrations)
-        arrays: dict[str, np.ndarray] = {"domains": np.array(names, dtype="U64")}
+        arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps({"domains": names}).encode(), dtype=np.uint8)}
         for index, name in enumerate(names):
             arrays[f"pseudonyms_{index}"] = registrations[name].pseudonyms
             arrays[f"holder_{index}"] = registrations[name].holder
-        write_npz_atomically(self.directory / REGISTRATIONS_FILE, arrays, self.fsync)
+        write_arrays_atomically(self.directory / REGISTRATIONS_FILE, arrays, self.fsync)
+        (self.directory / LEGACY_REGISTRATIONS_FILE).unlink(missing_ok=True)
+
+    def registrations_path(self) -> Path | None:
+        """The registrations file a restart reads (the current one, else an earlier version's), or None."""
+        for name in (REGISTRATIONS_FILE, LEGACY_REGISTRATIONS_FILE):
+            if (self.directory / name).exists():
+                return self.directory / name
+        return None
 
     def load_registrations(self) -> dict[str, Registration]:
-        """The registrations in the directory (fingerprints recomputed from the rows)."""
-        path = self.directory / REGISTRATIONS_FILE
+        """The registrations in the directory (fingerprints recomputed from the rows); StateFileError naming a damaged file."""
+        path = self.registrations_path()
         registrations: dict[str, Registration] = {}
-        if path.exists():
-            with np.load(path, allow_pickle=False) as saved:
-                for index, name in enumerate(saved["domains"].tolist()):
-                    pseudonyms, holder = saved[f"pseudonyms_{index}"], saved[f"holder_{index}"]
-                    registrations[name] = Registration(name, pseudonyms, holder, membership_fingerprint(pseudonyms, holder))
+        if path is None:
+            return registrations
+        saved = read_arrays_or_npz(path)
+        try:
+            names = json.loads(saved["meta"].tobytes())["domains"] if "meta" in saved else saved["domains"].tolist()
+            for index, name in enumerate(names):
+                pseudonyms, holder = saved[f"pseudonyms_{index}"], saved[f"holder_{index}"]
+                if pseudonyms.ndim != 2 or holder.shape != (len(pseudonyms),):
+                    raise ValueError(f"rows of {name!r} are malformed")
+                registrations[str(name)] = Registration(str(name), pseudonyms, holder.astype(bool), membership_fingerprint(pseudonyms, holder))
+        except (KeyError, ValueError, TypeError) as error:
+            raise StateFileError(f"{path}: damaged registrations ({type(error).__name__}: {error}); {_START_OVER}") from error
         return registrations
 
     def save_run(self, run: SavedRun) -> None:
@@ -145,11 +167,27 @@ class DirectoryRunStore:
             if not path.exists():
                 return None
         saved = read_arrays_or_npz(path)
-        meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
         try:
-            params = RunParams.model_validate(meta["params"])
+            meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
+            params_json = meta["params"]
+        except (KeyError, ValueError, TypeError) as error:
+            raise StateFileError(f"{path}: damaged run description ({type(error).__name__}: {error}); {_START_OVER}") from error
+        try:
+            params = RunParams.model_validate(params_json)
         except Exception as error:
             raise ConfigError(f"{path}: stored run parameters are invalid: {error}") from error
+        try:
+            run = self._saved_run(meta, params, saved)
+        except (KeyError, ValueError, TypeError) as error:
+            raise StateFileError(f"{path}: damaged run description ({type(error).__name__}: {error}); {_START_OVER}") from error
+        consensus = run.consensus
+        if consensus is not None and (consensus.dtype != np.float32 or consensus.ndim != 2 or not np.isfinite(consensus).all()):
+            raise StateFileError(f"{path}: the stored consensus is not a finite float32 matrix; {_START_OVER}")
+        return run
+
+    @staticmethod
+    def _saved_run(meta: dict[str, Any], params: RunParams, saved: dict[str, np.ndarray]) -> SavedRun:
+        """A SavedRun from a run file's description and arrays (KeyError/ValueError when they are malformed)."""
         domains = meta["domains"]
         return SavedRun(
             run_id=meta["run_id"],

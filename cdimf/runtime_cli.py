@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -86,17 +87,26 @@ def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str
     return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
 
 
-async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
-    """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
+# how long `train --follow` keeps retrying an unreachable aggregator (restarts, pauses) by default
+FOLLOW_OUTAGE_S = 86_400.0
+
+
+async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool, outage_s: float = FOLLOW_OUTAGE_S) -> int:
+    """Print the run's events until it ends (an aggregator unreachable up to `outage_s` at a time is
+    waited for); EXIT_OK when it finished, EXIT_FAILED when stopped."""
     from cdimf.common.wire.serde import event_kind_name, event_to_json
 
     outcome = EXIT_FAILED
     started = time.monotonic()
     tty = sys.stderr.isatty()
-    async for event in client.watch_run(run_id):
+    async for event in client.watch_run(run_id, outage_s=outage_s):
         kind = event_kind_name(event.kind)
         if as_json:
             print(json.dumps(event_to_json(event)), flush=True)
+        elif kind == "persist_failed":
+            print(f"round {event.round:4d}  the aggregator cannot save its state: {event.message} (Z held back, retrying)", file=sys.stderr, flush=True)
+        elif kind == "persist_recovered":
+            print(f"round {event.round:4d}  the aggregator saved its state again", file=sys.stderr, flush=True)
         elif kind == "metrics" and event.metrics:
             # an empty set only says the domain is done with the round (it does not validate it)
             shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
@@ -115,6 +125,14 @@ async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> in
         sys.stderr.write("\n")
     print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
     return outcome
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -> Any:
@@ -157,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
             if not args.follow:
                 return EXIT_OK
-            return await follow_run(client, info.run_id, info.rounds, args.json)
+            return await follow_run(client, info.run_id, info.rounds, args.json, args.follow_timeout_s)
         finally:
             await client.close()
 
@@ -309,6 +327,8 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     train.add_argument("--config", help="TOML file: aggregator, [tls] (operator certificate) and [run] (RunParams)")
     train.add_argument("--follow", action="store_true", help="follow the run: progress bar on stderr, per-round HR/NDCG per domain")
     train.add_argument("--json", action="store_true", help="machine-readable output (one JSON object per event)")
+    train.add_argument("--follow-timeout-s", type=_positive_seconds, default=FOLLOW_OUTAGE_S,
+                       help="with --follow: how long an unreachable aggregator (restart, pause) is waited for, in seconds")
     train.add_argument("--wait-for-domains-s", type=float, default=120.0,
                        help="retry starting the run this long while fewer than min_domains domains registered")
     train.set_defaults(handler=_train, fields=add_model_flags(train, TrainConfig, TLS_FLATTEN))

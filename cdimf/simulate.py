@@ -1,8 +1,8 @@
 """`cdimf simulate`: the aggregator and one node per domain as separate OS processes on 127.0.0.1.
 
-It starts them at once (each in its own process group; the aggregator on a loopback port that
-this process reserved, so the nodes know its address before it listens; the nodes on port 0, read
-back from their `LISTENING host:port` line), waits until every node registered, runs one
+It starts them (each in its own process group, every server on port 0 of 127.0.0.1 and read back
+from its `LISTENING host:port` line: a server owns the port it bound, so the aggregator comes
+first and the nodes, told its address, after it), waits until every node registered, runs one
 training run to its end, asks every node's Evaluate RPC for
 HR@k/NDCG@k on its test split, prints the table and shuts everything down: SIGTERM to each
 process group, SIGKILL after a grace period, also on Ctrl-C/SIGTERM of `cdimf simulate` itself.
@@ -22,7 +22,6 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -213,24 +212,6 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         pass
 
 
-def reserve_loopback_port() -> socket.socket:
-    """A socket holding a free 127.0.0.1 port for a gRPC server that is still starting.
-
-    Bound with SO_REUSEPORT and not listening: no other program can take the port (its binds
-    fail, and connects never pick it as their local port), while a gRPC server, which sets
-    SO_REUSEPORT on Linux, can bind it. Close it once the server listens; until then,
-    connections to the port are refused (the nodes retry).
-    """
-    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(("127.0.0.1", 0))
-    except BaseException:
-        reservation.close()
-        raise
-    return reservation
-
-
 def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
     from cdimf.common.security import pki
@@ -344,14 +325,13 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         from cdimf.common.security.pki import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
-        # the aggregator's port is known before it listens, so the nodes start (import, load their
-        # data) alongside it instead of after it; they retry until it answers
-        reservation = reserve_loopback_port()
-        aggregator_address = f"127.0.0.1:{reservation.getsockname()[1]}"
+        # the aggregator binds a port of its own (no port is reserved and handed over: servers
+        # never share a port), and the nodes learn it from its LISTENING line
         aggregator = federation.start(
             "aggregator", ["serve-aggregator"],
-            {"listen": aggregator_address, "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
+            {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
         )
+        aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
         # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
         threads = max(1, (os.cpu_count() or 1) // len(config.domains))
         ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
@@ -375,12 +355,6 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 if value is not None:
                     settings[field] = str(value.resolve())
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
-        try:
-            listening = federation.wait_listening(aggregator, config.startup_timeout_s)
-        finally:
-            reservation.close()
-        if listening != aggregator_address:
-            raise SimulationError(f"the aggregator listens on {listening}, not on the reserved {aggregator_address}")
         # the nodes load their data in parallel; each prints LISTENING once it serves
         nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
         return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))

@@ -156,6 +156,8 @@ class NodeConfig(StrictModel):
     aggregation_period: int | None = Field(None, ge=1, le=10_000, description="local epochs per round; None: the run's")
     tls: TLSConfig
     rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each unary aggregator call")
+    checkpoint_retry_s: float = Field(60.0, ge=0, le=86_400,
+                                      description="a checkpoint that cannot be written (full or read-only disk) is retried this long, then the node exits")
     validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @field_validator("domain")

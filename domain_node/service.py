@@ -19,6 +19,7 @@ from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate, top_k
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
+from cdimf.domain_node.checkpoint import CheckpointError
 from cdimf.domain_node.node_data import NodeData, load_node_data
 from cdimf.domain_node.runner import Model, NodeRunner, Progress
 from cdimf.protos.v1 import federation_pb2 as pb
@@ -153,8 +154,12 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
             await runner.run()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("the training loop failed")
+        except Exception as error:
+            if isinstance(error, CheckpointError | OSError):
+                # a refusal that names its file and what to do: a traceback adds nothing
+                log.error("the training loop stopped: %s", error)
+            else:
+                log.exception("the training loop failed")
             await health_service.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             raise
 

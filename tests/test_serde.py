@@ -45,7 +45,7 @@ def test_every_prox_operator_has_a_wire_value_and_back() -> None:
 
 def test_enum_maps_cover_the_models_names() -> None:
     assert set(serde.RUN_STATES) == {"idle", "running", "finished", "stopped"}
-    assert set(serde.EVENT_KINDS) == {"run_started", "round_closed", "metrics", "run_finished", "run_stopped"}
+    assert set(serde.EVENT_KINDS) == {"run_started", "round_closed", "metrics", "run_finished", "run_stopped", "persist_failed", "persist_recovered"}
     assert serde.run_state_name(pb.RUN_STATE_RUNNING) == "running" and serde.run_state_name(77) == "unknown"
     assert serde.event_kind_name(pb.EVENT_KIND_ROUND_CLOSED) == "round_closed"
 

@@ -135,6 +135,10 @@ class EventView(Protocol):
     def metrics(self) -> Mapping[str, float]:
         """The reported metrics."""
 
+    @property
+    def message(self) -> str:
+        """Why a save failed (persist_failed events)."""
+
 
 class DomainStatusView(Protocol):
     """What GetStatus shows of one registered domain (round fields 0 unless admitted)."""
@@ -187,10 +191,14 @@ class StatusView(Protocol):
     def domains(self) -> Sequence[DomainStatusView]:
         """Every registered domain, by name."""
 
+    @property
+    def persistence_error(self) -> str:
+        """Why the last round could not be saved ("" while state is saved)."""
+
 
 def status_to_proto(status: StatusView) -> pb.AggregatorStatus:
     """The wire form of an aggregator status snapshot."""
-    message = pb.AggregatorStatus(run=run_info_to_proto(status.run), shared_users=status.shared_users)
+    message = pb.AggregatorStatus(run=run_info_to_proto(status.run), shared_users=status.shared_users, persistence_error=status.persistence_error)
     for entry in status.domains:
         message.domains.append(
             pb.DomainStatus(
@@ -233,6 +241,7 @@ def event_to_proto(run: RunView, event: EventView) -> pb.RoundEvent:
         metrics=event.metrics,
         elapsed_s=event.elapsed_s,
         rounds=run.params.rounds,
+        message=event.message,
     )
 
 
@@ -345,7 +354,7 @@ def event_kind_name(kind: int) -> str:
 
 def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
     """A run event as a JSON-ready dict (what `cdimf train --json` prints per line)."""
-    return {
+    shown: dict[str, Any] = {
         "run_id": event.run_id,
         "kind": event_kind_name(event.kind),
         "round": event.round,
@@ -356,6 +365,9 @@ def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
         "missing": list(event.missing),
         "elapsed_s": round(event.elapsed_s, 3),
     }
+    if event.message:  # persist_failed: why
+        shown["message"] = event.message
+    return shown
 
 
 def status_to_json(status: pb.AggregatorStatus) -> dict[str, Any]:

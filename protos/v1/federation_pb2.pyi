@@ -136,6 +136,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_METRICS: _EventKind.ValueType  # 3
     EVENT_KIND_RUN_FINISHED: _EventKind.ValueType  # 4
     EVENT_KIND_RUN_STOPPED: _EventKind.ValueType  # 5
+    EVENT_KIND_PERSIST_FAILED: _EventKind.ValueType  # 6
+    """the aggregator could not save a round: its Z is held back"""
+    EVENT_KIND_PERSIST_RECOVERED: _EventKind.ValueType  # 7
+    """the held-back round is saved; the run goes on"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -145,6 +149,10 @@ EVENT_KIND_ROUND_CLOSED: EventKind.ValueType  # 2
 EVENT_KIND_METRICS: EventKind.ValueType  # 3
 EVENT_KIND_RUN_FINISHED: EventKind.ValueType  # 4
 EVENT_KIND_RUN_STOPPED: EventKind.ValueType  # 5
+EVENT_KIND_PERSIST_FAILED: EventKind.ValueType  # 6
+"""the aggregator could not save a round: its Z is held back"""
+EVENT_KIND_PERSIST_RECOVERED: EventKind.ValueType  # 7
+"""the held-back round is saved; the run goes on"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -745,8 +753,11 @@ class AggregatorStatus(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
     SHARED_USERS_FIELD_NUMBER: _builtins.int
+    PERSISTENCE_ERROR_FIELD_NUMBER: _builtins.int
     shared_users: _builtins.int
     """users exchanged in the current run"""
+    persistence_error: _builtins.str
+    """why the latest save failed (empty: the state is on disk)"""
     @_builtins.property
     def run(self) -> Global___RunInfo: ...
     @_builtins.property
@@ -757,10 +768,11 @@ class AggregatorStatus(_message.Message):
         run: Global___RunInfo | None = ...,
         domains: _abc.Iterable[Global___DomainStatus] | None = ...,
         shared_users: _builtins.int = ...,
+        persistence_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "run", b"run", "shared_users", b"shared_users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "persistence_error", b"persistence_error", "run", b"run", "shared_users", b"shared_users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -825,6 +837,7 @@ class RoundEvent(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     kind: Global___EventKind.ValueType
     round: _builtins.int
@@ -833,6 +846,8 @@ class RoundEvent(_message.Message):
     elapsed_s: _builtins.float
     """seconds since the run started"""
     rounds: _builtins.int
+    message: _builtins.str
+    """PERSIST_FAILED: why the save failed"""
     @_builtins.property
     def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ROUND_CLOSED: domains that reported in this round"""
@@ -857,10 +872,11 @@ class RoundEvent(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         elapsed_s: _builtins.float = ...,
         rounds: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributors", b"contributors", "domain", b"domain", "elapsed_s", b"elapsed_s", "kind", b"kind", "metrics", b"metrics", "missing", b"missing", "round", b"round", "rounds", b"rounds", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributors", b"contributors", "domain", b"domain", "elapsed_s", b"elapsed_s", "kind", b"kind", "message", b"message", "metrics", b"metrics", "missing", b"missing", "round", b"round", "rounds", b"rounds", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, StateError
+from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, SavedRun, StateError
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
 from cdimf.common.config import RunParams
 from cdimf.common.core.membership import MAX_DOMAINS, Membership, align_memberships, sorted_unique
@@ -170,6 +170,9 @@ class AggregatorState:
             raise StateError("INVALID_ARGUMENT", f"domain_aggregation_period names unregistered domains {unknown}")
         memberships = self.current_memberships()
         run_id = params.run_id or f"run-{uuid.uuid4().hex[:12]}"
+        if self.run is not None:
+            # the ended run stays listable (`cdimf runs`, `cdimf log`) after this one replaces it
+            self.store.archive_run(self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted}))
         self.run = Run.start(run_id, params.model_copy(update={"run_id": run_id}), memberships, self.clock())
         self._save_run()
         return self.run
@@ -263,6 +266,17 @@ class AggregatorState:
                 )
             )
         return Status(run, run.exchanged_rows if run is not None else 0, tuple(domains))
+
+    def runs(self, run_id: str = "") -> list[SavedRun]:
+        """Every run kept, oldest first (the current one with its live events), or only `run_id`; NOT_FOUND if unknown."""
+        kept = {run.run_id: run for run in self.store.archived_runs()}
+        if self.run is not None:
+            kept[self.run.run_id] = self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted})
+        if run_id:
+            if run_id not in kept:
+                raise StateError("NOT_FOUND", f"unknown run {run_id!r}; kept runs: {', '.join(kept) or 'none'}")
+            return [kept[run_id]]
+        return sorted(kept.values(), key=lambda run: run.started_wall)
 
     def watched_run(self, run_id: str) -> Run:
         """The run a watch follows: the current one, if `run_id` is empty or names it; else NOT_FOUND."""

@@ -50,7 +50,7 @@ class SimulatedDomain(StrictModel):
     train_path: Path
     valid_path: Path | None = None
     test_path: Path | None = None
-    data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    data_format: Literal["auto", "paper", "csv", "tsv"] = Field("auto", description="file format of the data files; auto: from the extension and first line")
 
     @field_validator("name")
     @classmethod

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -146,7 +146,12 @@ class DirectoryRunStore:
         folder = self.directory / ARCHIVE_DIR
         folder.mkdir(exist_ok=True)
         text = json.dumps(_meta(run)).encode()
-        replace_atomically(folder / f"{run.run_id}.json", lambda handle: handle.write(text), self.fsync)
+
+        def write(handle: BinaryIO) -> None:
+            """The description's bytes."""
+            handle.write(text)
+
+        replace_atomically(folder / f"{run.run_id}.json", write, self.fsync)
 
     def archived_runs(self) -> list[SavedRun]:
         """The runs under runs/, oldest first; ConfigError naming a file that cannot be read."""

@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from cdimf.common.config import ConfigError
 from cdimf.reproduce_config import load_reproduce_config
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="cdimf", description="Federated cross-domain implicit matrix factorisation.")
     parser.add_argument("--version", action="version", version=f"cdimf {__version__}", help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]", parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     rep = commands.add_parser("reproduce", help="train ALS-separate, ALS-joined and CDIMF on a pair and compare with the paper")
     rep.add_argument("config", help=f"a shipped config by name ({', '.join(shipped_configs())}) or the path of a reproduction config (TOML)")
     rep.add_argument("--json", action="store_true", help="print machine-readable results (one JSON object)")

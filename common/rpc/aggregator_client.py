@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import numpy as np
@@ -215,7 +215,7 @@ class AggregatorClient:
         `shared` and `receivers` are the row counts from the membership: the stream must hold
         exactly shared + receivers rows (a mismatch raises AggregatorError DATA_LOSS).
         """
-        request = pb.PullRequest(header=self.header(run_id), min_round=min_round, wait_s=wait_s, dtype=wire_dtype(dtype))
+        request = pb.PullRequest(header=self.header(run_id), min_round=min_round, wait_s=wait_s, dtype=cast("pb.DType.ValueType", wire_dtype(dtype)))
 
         async def attempt() -> tuple[np.ndarray, pb.Header]:
             """One PullConsensus stream, assembled."""

@@ -76,8 +76,8 @@ def run_params_from_proto(message: pb.RunParams) -> RunParams:
 # ----- the aggregator's side: its state as messages -----
 
 
-class RunView(Protocol):
-    """What the wire shows of the aggregator's run."""
+class RunBasics(Protocol):
+    """What the wire shows of any run, current or kept."""
 
     @property
     def run_id(self) -> str:
@@ -98,6 +98,10 @@ class RunView(Protocol):
     @property
     def consensus_round(self) -> int:
         """The round of the newest Z (0 before the first)."""
+
+
+class RunView(RunBasics, Protocol):
+    """What the wire shows of the aggregator's current run."""
 
     @property
     def admitted(self) -> tuple[str, ...]:
@@ -150,7 +154,7 @@ def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
     )
 
 
-def event_to_proto(run: RunView, event: EventView) -> pb.RoundEvent:
+def event_to_proto(run: RunBasics, event: EventView) -> pb.RoundEvent:
     """The wire form of one run event."""
     return pb.RoundEvent(
         run_id=run.run_id,
@@ -302,16 +306,16 @@ def run_record_to_proto(run: "RecordView", with_events: bool) -> pb.RunRecord:
     return message
 
 
-class RecordView(Protocol):
+class RecordView(RunBasics, Protocol):
     """What the wire shows of a kept run (the aggregator's SavedRun)."""
 
-    run_id: str
-    params: RunParams
-    state: str
-    current_round: int
-    consensus_round: int
-    started_wall: float
-    stop_reason: str
+    @property
+    def started_wall(self) -> float:
+        """Wall-clock start, seconds since the epoch."""
+
+    @property
+    def stop_reason(self) -> str:
+        """Why it was stopped ('' otherwise)."""
 
     @property
     def domains(self) -> tuple[str, ...]:

@@ -55,7 +55,14 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
-from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto, status_to_proto
+from cdimf.common.wire.serde import (
+    event_to_proto,
+    membership_to_proto,
+    run_info_to_proto,
+    run_params_from_proto,
+    run_record_to_proto,
+    status_to_proto,
+)
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -368,6 +375,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 if timeout <= 0:
                     return
             await self.changes.wait(timeout)
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.RunList:
+        """The kept runs (current and ended, oldest first), or the one header.run_id names, with their events when asked for."""
+        await self._operator(context)
+
+        def listed() -> pb.RunList:
+            """Converted under the lock: the current run's events are live."""
+            return pb.RunList(runs=[run_record_to_proto(run, request.with_events) for run in self.state.runs(request.header.run_id)])
+
+        return await self._locked(context, listed)
 
     async def StopRun(self, request: pb.StopRunRequest, context: grpc.aio.ServicerContext) -> pb.RunInfo:
         """Stop the running run; nodes see FAILED_PRECONDITION on their next push or pull."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, StateError, elapsed_since
+from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, SavedRun, StateError, elapsed_since
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
 from cdimf.common.atomic_files import StateFileError
 from cdimf.common.config import RunParams
@@ -196,6 +196,9 @@ class AggregatorState:
         run_id = params.run_id or f"run-{uuid.uuid4().hex[:12]}"
         run = Run.start(run_id, params.model_copy(update={"run_id": run_id}), memberships, self.clock())
         try:
+            if self.run is not None:
+                # the ended run stays listable (`cdimf runs`, `cdimf log`) after this one replaces it
+                self.store.archive_run(self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted}))
             self.store.save_run(run.saved({d: self.registrations[d].fingerprint for d in run.admitted}))
         except OSError as error:
             raise StateError("UNAVAILABLE", f"the aggregator cannot save the new run: {error}") from error
@@ -322,6 +325,17 @@ class AggregatorState:
                 )
             )
         return Status(run, run.exchanged_rows if run is not None else 0, tuple(domains), self.persist_error or "")
+
+    def runs(self, run_id: str = "") -> list[SavedRun]:
+        """Every run kept, oldest first (the current one with its live events), or only `run_id`; NOT_FOUND if unknown."""
+        kept = {run.run_id: run for run in self.store.archived_runs()}
+        if self.run is not None:
+            kept[self.run.run_id] = self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted})
+        if run_id:
+            if run_id not in kept:
+                raise StateError("NOT_FOUND", f"unknown run {run_id!r}; kept runs: {', '.join(kept) or 'none'}")
+            return [kept[run_id]]
+        return sorted(kept.values(), key=lambda run: run.started_wall)
 
     def watched_run(self, run_id: str) -> Run:
         """The run a watch follows: the current one, if `run_id` is empty or names it; else NOT_FOUND."""

@@ -42,6 +42,7 @@ from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
+from cdimf.common.metric_labels import NEGATIVES_KEY, shown
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
     AggregatorError,
@@ -376,7 +377,9 @@ class NodeRunner:
             assert model is not None
             started = time.perf_counter()
             metrics = await asyncio.to_thread(evaluate, self.data.valid, model.users, model.items, self.data.train, validation.k)
-            log.info("round %d: %s (%.2f s)", round_index, metrics, time.perf_counter() - started)
+            # the protocol travels with the numbers, so that whoever shows them can say so
+            metrics[NEGATIVES_KEY] = float(self.data.valid.candidates.shape[1] - 1)
+            log.info("round %d: %s (%.2f s)", round_index, shown(metrics, "valid"), time.perf_counter() - started)
             self.progress.latest_metrics = metrics
         elif round_index < rounds:
             return

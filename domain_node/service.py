@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate, top_k
+from cdimf.common.core.metrics import full_catalog_metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.domain_node.checkpoint import CheckpointError
@@ -80,10 +81,22 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT if split not in ("valid", "test") else grpc.StatusCode.NOT_FOUND, str(error))
             raise
+        protocol = request.protocol or "sampled"
+        if protocol not in ("sampled", "full"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"protocol must be 'sampled' or 'full', got {protocol!r}")
         model = await self._model(context, k)
-        metrics = await asyncio.to_thread(evaluate, held, model.users, model.items, self.data.train, k)
+        if protocol == "full":
+            full = await asyncio.to_thread(full_catalog_metrics, model.users, model.items, self.data.train, held.users, held.items, k,
+                                           np.arange(self.data.train.shape[1]))
+            metrics = {name: value for name, value in full.items() if name != "users"}
+            negatives = 0
+        else:
+            metrics = await asyncio.to_thread(evaluate, held, model.users, model.items, self.data.train, k)
+            negatives = held.candidates.shape[1] - 1
+        # kept in the map for clients of earlier versions; the reply's own field is `round`
         metrics["round"] = float(model.round)
-        return pb.EvaluateReply(split=split, k=k, metrics=metrics, users=len(held.users))
+        return pb.EvaluateReply(split=split, k=k, metrics=metrics, users=len(held.users), protocol=protocol, negatives=negatives,
+                                round=model.round)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendReply:
         """Top-k items for one of this domain's user keys (cold-start users via their consensus vector)."""

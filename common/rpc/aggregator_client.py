@@ -330,6 +330,15 @@ class AggregatorClient:
             await asyncio.sleep(self.backoff.delay(tries, self._rng))
             tries += 1
 
+    async def list_runs(self, run_id: str = "", with_events: bool = False) -> pb.RunList:
+        """The aggregator's kept runs (or the one named), with their events when asked for."""
+        request = pb.ListRunsRequest(header=self.header(run_id), with_events=with_events)
+
+        async def attempt() -> pb.RunList:
+            return await self.stub.ListRuns(request, timeout=self.rpc_timeout_s)
+
+        return await self._call("ListRuns", attempt)
+
     async def stop_run(self, run_id: str, reason: str = "") -> RunInfo:
         """Stop a running run."""
         request = pb.StopRunRequest(header=self.header(run_id), reason=reason)

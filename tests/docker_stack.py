@@ -140,9 +140,13 @@ class Stack:
         self.run("down", "-v", "-t", "2", "--remove-orphans", timeout=180, check=False)
 
 
-def round_lines(launcher_output: str) -> list[str]:
-    """The launcher's per-round metric lines (`round N  domain  HR@10 ...`)."""
-    return [line.strip() for line in launcher_output.splitlines() if re.match(r"^\s*(\S+\s+\|\s+)?round\s+\d+\s+\S+\s+HR@", line)]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def round_metrics(launcher_output: str) -> set[tuple[int, str]]:
+    """(round, domain) of the launcher's per-round metric lines (`round N  domain  HR@10 ...`), colours stripped."""
+    text = ANSI.sub("", launcher_output)
+    return {(int(number), domain) for number, domain in re.findall(r"\bround\s+(\d+)\s+(\w+)\s+HR@", text)}
 
 
 def node_test_tables(output: str) -> dict[str, list[str]]:

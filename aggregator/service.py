@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdimf.aggregator.rounds import StateError
 from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import AggregatorConfig, ConfigError, RunParams
+from cdimf.common.rpc import metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.common.rpc.fastpath import add_aggregator_to_server
@@ -69,6 +70,9 @@ from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 log = logging.getLogger("cdimf.aggregator")
 # How long a watch stays open after the run ended, for the final round's metrics.
 FINAL_METRICS_GRACE_S = 10.0
+# With exit_after_run: how long the server keeps serving after the run completed, so that the
+# last replies (final metrics acks, the end of watch streams) reach their callers.
+EXIT_LINGER_S = 2.0
 # What the health service answers for: the whole server and the aggregator's service.
 HEALTH_SERVICE_NAMES = ("", "cdimf.v1.Aggregator")
 Result = TypeVar("Result")
@@ -109,14 +113,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
     # ----- plumbing -----
 
-    async def _locked(self, context: grpc.aio.ServicerContext, action: Callable[[], Result], in_thread: bool = False) -> Result:
-        """Run a state action under the lock; StateError becomes the gRPC status it names."""
+    async def _locked(self, context: grpc.aio.ServicerContext, action: Callable[[], Result], in_thread: bool = False,
+                      call: str = "other") -> Result:
+        """Run a state action under the lock; StateError becomes the gRPC status it names (counted per `call`)."""
         async with self.lock:
             try:
                 # heavy actions (consensus, saving state) run off the event loop so keepalives
                 # and other streams are served meanwhile; the lock still serialises state access
                 return await asyncio.to_thread(action) if in_thread else action()
             except StateError as error:
+                metrics.on_refused(call, error.status)
                 await context.abort(grpc.StatusCode[error.status], error.message)
                 raise AssertionError("unreachable") from error
             finally:
@@ -195,6 +201,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             if closed is not None or recovered:
                 if closed is not None:
                     log.info("round %d closed at its deadline", closed)
+                    metrics.on_round_closed()
                 self.changes.notify()
             elif failing:
                 continue  # the save is retried on its own clock (seconds_to_deadline)
@@ -219,6 +226,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
         reply = await self._locked(context, register, in_thread=True)
         log.info("domain %s registered %d rows", domain, reply.rows)
+        metrics.on_registration(domain)
         self.changes.notify()
         return reply
 
@@ -270,14 +278,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         header = fields.header
         await self._domain(context, header.domain)
-        rows, rank = await self._locked(context, lambda: self.state.check_contribution(header.run_id, header.domain, header.round))
+        rows, rank = await self._locked(context, lambda: self.state.check_contribution(header.run_id, header.domain, header.round),
+                                        call="PushContribution")
         assembler = MatrixAssembler(f"contribution of {header.domain}", expected_rows=rows, expected_cols=rank)
         values, _ = await self._assemble(context, assembler.add_serialized, assembler.result, first, request_iterator)
         outcome = await self._locked(
-            context, lambda: self.state.accept_contribution(header.run_id, header.domain, header.round, values), in_thread=True
+            context, lambda: self.state.accept_contribution(header.run_id, header.domain, header.round, values), in_thread=True,
+            call="PushContribution",
         )
+        metrics.on_contribution(header.domain, values.nbytes, header.round, outcome.accepted_round)
         if outcome.closed_round is not None:
             log.info("round %d closed", outcome.closed_round)
+            metrics.on_round_closed()
         self.changes.notify()
         return pb.Ack(header=header, accepted_round=outcome.accepted_round)
 
@@ -310,15 +322,20 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # Z is never modified in place (each round builds a new array), so streaming it
         # outside the lock is safe even if the next round closes meanwhile
         reply_header = pb.Header(run_id=header.run_id, domain=header.domain, round=found.round)
+        sent = 0
         for chunk in encode_matrix_serialized(found.z, reply_header, dtype=dtype, row_index=found.rows):
+            sent += len(chunk)
             yield chunk
+        metrics.on_pull(header.domain, sent)
 
     async def ReportMetrics(self, request: pb.MetricsReport, context: grpc.aio.ServicerContext) -> pb.Ack:
         """Record the domain's validation metrics for header.round."""
         header = request.header
         await self._domain(context, header.domain)
-        metrics = dict(request.metrics)
-        await self._locked(context, lambda: self.state.report_metrics(header.run_id, header.domain, header.round, metrics))
+        reported = dict(request.metrics)
+        await self._locked(context, lambda: self.state.report_metrics(header.run_id, header.domain, header.round, reported),
+                           call="ReportMetrics")
+        metrics.on_validation(header.domain, reported)
         self.changes.notify()
         return pb.Ack(header=header, accepted_round=header.round)
 
@@ -334,6 +351,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         run = await self._locked(context, lambda: self.state.start_run(params), in_thread=True)
         log.info("run %s started over %s", run.run_id, ", ".join(run.admitted))
+        metrics.on_run_started()
         self.changes.notify()
         return run_info_to_proto(run)
 
@@ -445,6 +463,9 @@ async def start_aggregator(
     service.health = health_service
     host = config.listen.rsplit(":", 1)[0]
     running = RunningAggregator(server, service, port, host, health_service)
+    if config.metrics_listen:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
+                 metrics.start_metrics_server(config.metrics_listen, "aggregator"))
     if config.run is not None:
         await _auto_start(running, config.run)
     log.info("aggregator listening on %s", running.address)
@@ -462,6 +483,7 @@ async def _auto_start(running: RunningAggregator, params: RunParams) -> None:
                 # aligning the registrations is heavy: off the event loop, like StartRun
                 done = await asyncio.to_thread(service.state.start_when_ready, params)
             if done:
+                metrics.on_run_started()
                 service.changes.notify()
                 return
             await service.changes.wait(None)
@@ -469,6 +491,29 @@ async def _auto_start(running: RunningAggregator, params: RunParams) -> None:
     running.service.start_task(starter())
 
 
+async def run_completed(running: RunningAggregator) -> None:
+    """Return once a run that was not already over when this server started has ended and is complete.
+
+    Complete: stopped, or every admitted domain reported the final round (so every node has
+    pulled the last Z). A run restored already ended (a second `up` on old volumes) is not it.
+    """
+    service = running.service
+    async with service.lock:
+        restored = service.state.run
+        already_over = restored if restored is not None and restored.state != "running" else None
+    while True:
+        async with service.lock:
+            run = service.state.run
+            complete = run is not None and run is not already_over and service.state.watch(run, len(run.events)).complete
+        if complete:
+            assert run is not None
+            log.info("run %s %s: exiting (exit_after_run)", run.run_id, run.state)
+            await asyncio.sleep(EXIT_LINGER_S)
+            return
+        await service.changes.wait(None)
+
+
 def serve(config: AggregatorConfig, on_ready: Callable[[RunningAggregator], Awaitable[None] | None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, on uvloop; `on_ready` gets the started server (e.g. to print its port)."""
-    serve_until_signalled(lambda: start_aggregator(config), on_ready, what="aggregator")
+    """Serve until SIGINT or SIGTERM (or, with exit_after_run, the end of a run), on uvloop; `on_ready` gets the started server."""
+    ends_early = (lambda running: asyncio.ensure_future(run_completed(running))) if config.exit_after_run else None
+    serve_until_signalled(lambda: start_aggregator(config), on_ready, ends_early=ends_early, what="aggregator")

@@ -8,7 +8,6 @@ flags override the file and CDIMF_* variables. Exit status: 0 success, 1 the run
 import argparse
 import asyncio
 import json
-import logging
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ from cdimf.common.config import (
     check_address,
 )
 from cdimf.common.core.params import StrictModel
+from cdimf.common.logs import LOG_FORMATS, configure_logging
 from cdimf.config_flags import add_model_flags, load_with_flags
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,9 +51,9 @@ class TrainConfig(ControlConfig):
     run: RunParams = Field(default_factory=RunParams)
 
 
-def _logging(level: str) -> None:
-    """Log to stderr at `level`."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+def _logging(args: argparse.Namespace) -> None:
+    """Log to stderr at --log-level in --log-format."""
+    configure_logging(args.log_level, args.log_format)
 
 
 def _tls_only(config_file: str | None, args: argparse.Namespace, fields: dict) -> TLSConfig:
@@ -69,7 +69,7 @@ def _serve_aggregator(args: argparse.Namespace) -> int:
     from cdimf.aggregator.service import serve
 
     config = load_with_flags(AggregatorConfig, args.config, args, args.fields)
-    _logging(args.log_level)
+    _logging(args)
     serve(config, on_ready=lambda running: print(f"LISTENING {running.address}", flush=True))
     return EXIT_OK
 
@@ -79,7 +79,7 @@ def _serve_node(args: argparse.Namespace) -> int:
     from cdimf.domain_node.service import serve_node
 
     config = load_with_flags(NodeConfig, args.config, args, args.fields)
-    _logging(args.log_level)
+    _logging(args)
     serve_node(config, on_ready=lambda running: print(f"LISTENING {running.address}", flush=True))
     return EXIT_OK
 
@@ -464,12 +464,14 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     agg = commands.add_parser("serve-aggregator", help="serve the aggregator (AggregatorConfig)", description="Serve the aggregator.")
     agg.add_argument("--config", help="TOML file with the AggregatorConfig fields")
     agg.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log messages at this level and above on stderr (default: INFO)")
+    agg.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines or one JSON object per line")
     agg.set_defaults(handler=_serve_aggregator, fields=add_model_flags(agg, AggregatorConfig, TLS_FLATTEN))
 
     node = commands.add_parser("serve-node", help="serve one domain node (NodeConfig); the secret comes from secret_file or CDIMF_SECRET",
                                description="Serve one domain node.")
     node.add_argument("--config", help="TOML file with the NodeConfig fields")
     node.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log messages at this level and above on stderr (default: INFO)")
+    node.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines or one JSON object per line")
     node.set_defaults(handler=_serve_node, fields=add_model_flags(node, NodeConfig, TLS_FLATTEN))
 
     train = commands.add_parser("train", help="start a training run (RunParams) and follow it", description="Start a training run.")

@@ -114,11 +114,18 @@ class AggregatorConfig(StrictModel):
     tls: TLSConfig
     run: RunParams | None = Field(None, description="a run to start as soon as min_domains domains registered")
     max_concurrent_streams: int = Field(64, ge=1, le=4096, description="per-connection HTTP/2 stream limit")
+    metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint; empty: none")
+    exit_after_run: bool = Field(False, description="stop serving once a run this process served ended (one-shot simulations)")
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_address(value, allow_port_zero=True)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return check_address(value, allow_port_zero=True) if value else value
 
 
 # Negatives per validation row: the same default as `cdimf reproduce`'s [stopping] valid_negatives.
@@ -159,6 +166,8 @@ class NodeConfig(StrictModel):
     checkpoint_retry_s: float = Field(60.0, ge=0, le=86_400,
                                       description="a checkpoint that cannot be written (full or read-only disk) is retried this long, then the node exits")
     validation: ValidationParams = Field(default_factory=ValidationParams)
+    metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint; empty: none")
+    exit_after_run: bool = Field(False, description="after a run finished: print the test table (999 negatives) and exit")
 
     @field_validator("domain")
     @classmethod
@@ -169,6 +178,11 @@ class NodeConfig(StrictModel):
     @classmethod
     def _addresses(cls, value: str) -> str:
         return check_address(value, allow_port_zero=True)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        return check_address(value, allow_port_zero=True) if value else value
 
     @model_validator(mode="after")
     def _one_secret(self) -> "NodeConfig":

@@ -40,9 +40,11 @@ import numpy as np
 from cdimf.common.atomic_files import remove_stale_temporaries
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
+from cdimf.common.core.ials import resolve_backend
 from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.metric_labels import NEGATIVES_KEY, shown
+from cdimf.common.rpc import metrics as prometheus
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
     AggregatorError,
@@ -100,6 +102,7 @@ class Progress:
     connected: bool = False
     latest_metrics: dict[str, float] = field(default_factory=dict)
     model: Model | None = None
+    solver_backend: str = ""
 
 
 class RunEnded(Exception):
@@ -127,7 +130,9 @@ class NodeRunner:
         remove_stale_temporaries(checkpoint_path(config.state_dir))
         # the transport is injected (tests wrap it); by default, the node's own client
         self.client = client if client is not None else node_client(config, backoff=backoff)
-        self.progress = Progress()
+        self.progress = Progress(solver_backend=resolve_backend(config.ials.backend))
+        log.info("domain %s: solver backend %s", config.domain, self.progress.solver_backend)
+        prometheus.on_solver_backend(config.domain, self.progress.solver_backend)
         self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
         self._registered = False
@@ -173,6 +178,11 @@ class NodeRunner:
             try:
                 finished_run = await self._session(finished_run)
                 failures = 0
+                if self.config.exit_after_run and self.progress.phase in ("finished", "stopped"):
+                    if self.progress.phase == "finished":
+                        await asyncio.to_thread(self.print_test_table)
+                    log.info("run %s %s: exiting (exit_after_run)", finished_run, self.progress.phase)
+                    return
             except AggregatorError as error:
                 # the aggregator may have lost its state: register again before anything else
                 self._registered = False
@@ -208,6 +218,20 @@ class NodeRunner:
                 return info.run_id
             await self._take_part(info)
             return info.run_id
+
+    def print_test_table(self) -> None:
+        """Print the current model's test HR@k / NDCG@k (the paper's protocol) as a labelled table on stdout."""
+        model, held = self.progress.model, self.data.test
+        if model is None or held is None:
+            log.info("no test table: %s", "no model" if model is None else "no test split")
+            return
+        k = self.config.validation.k
+        scores = evaluate(held, model.users, model.items, self.data.train, k)
+        negatives = held.candidates.shape[1] - 1
+        lines = [f"TEST {self.config.domain}: run {model.run_id} round {model.round}, {len(held.users)} users,"
+                 f" each test item ranked against {negatives} sampled negatives"]
+        lines += [f"TEST {self.config.domain}:   {name:<8} {value:.4f}" for name, value in sorted(scores.items())]
+        print("\n".join(lines), flush=True)
 
     # ----- one run -----
 
@@ -313,6 +337,8 @@ class NodeRunner:
             await self._epoch_finished(trainer)
             trainer.receive_consensus(z.shared, z.receivers)
             applied = z.round
+            prometheus.on_pull(self.config.domain, z.shared.nbytes + z.receivers.nbytes)
+            prometheus.on_round_applied(self.config.domain)
             open_round = max(open_round, applied + 1)
             if pushed_round >= open_round:
                 pushed_round = open_round - 1
@@ -331,6 +357,7 @@ class NodeRunner:
         for _ in range(3):
             try:
                 await self.client.push_contribution(run_id, round_index, values)
+                prometheus.on_push(self.config.domain, values.nbytes)
                 return round_index
             except AlreadyAccepted:
                 return round_index  # pushed before a restart (ours or the aggregator's)
@@ -381,6 +408,7 @@ class NodeRunner:
             metrics[NEGATIVES_KEY] = float(self.data.valid.candidates.shape[1] - 1)
             log.info("round %d: %s (%.2f s)", round_index, shown(metrics, "valid"), time.perf_counter() - started)
             self.progress.latest_metrics = metrics
+            prometheus.on_validation(self.config.domain, metrics)
         elif round_index < rounds:
             return
         try:

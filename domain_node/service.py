@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate, top_k
 from cdimf.common.core.metrics import full_catalog_metrics
+from cdimf.common.rpc import metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.domain_node.checkpoint import CheckpointError
@@ -69,6 +70,7 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             phase=progress.phase,
             latest_metrics=progress.latest_metrics,
             connected=progress.connected,
+            solver_backend=progress.solver_backend,
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:
@@ -178,6 +180,9 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
 
     task = asyncio.ensure_future(train())
     host = config.listen.rsplit(":", 1)[0]
+    if config.metrics_listen:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_listen.rsplit(":", 1)[0],
+                 metrics.start_metrics_server(config.metrics_listen, f"node {config.domain}"))
     log.info("node %s listening on %s:%d", config.domain, host, port)
     return RunningNode(server, port, host, runner, health_service, task)
 

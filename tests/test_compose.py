@@ -55,6 +55,9 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     assert not errors, "\n".join(f"{list(error.path)}: {error.message}" for error in errors)
 
 
+METRICS_PORT = "9100"
+
+
 def load_service_config(name: str, service: dict[str, Any]) -> str:
     """Load the config a long-running service is started with; return its listen address."""
     config = option(service["command"], "--config")
@@ -76,7 +79,11 @@ def test_services_health_checks_and_start_order(compose: dict[str, Any]) -> None
         listen = load_service_config(name, services[name])
         port = listen.split(":")[-1]
         assert option(test, "--target") == f"127.0.0.1:{port}", f"{name} probes a port it does not listen on"
-        assert services[name]["expose"] == [port]
+        # the gRPC port and the Prometheus /metrics port of its config
+        assert services[name]["expose"] == [port, METRICS_PORT]
+        model = AggregatorConfig if name == "aggregator" else NodeConfig
+        metrics_listen = load_config(model, REPO / f"deploy/config/{name}.toml", environ={}).metrics_listen
+        assert metrics_listen == f"0.0.0.0:{METRICS_PORT}"
         assert services[name]["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
     for name in ONE_SHOT:
         assert services[name]["healthcheck"] == {"disable": True}
@@ -195,8 +202,11 @@ def test_every_command_is_a_valid_cdimf_invocation(compose: dict[str, Any]) -> N
 # Shrinks the run so the test stays short: the same commands, files and network, fewer rounds
 # and a smaller rank (the run's, so the nodes follow). The full run is `tests/compose_local.py`
 # (see deploy/README.md).
+# The servers stay up after the run here (their own exit after it is the container tier's
+# test, tests/test_docker_compose.py), so that this test can check they stop on SIGTERM.
 SHORT_RUN = {
     "launcher": {"CDIMF_RUN__ROUNDS": "1", "CDIMF_RUN__RANK": "8"},
+    **{name: {"CDIMF_EXIT_AFTER_RUN": "false"} for name in ("aggregator", "node-sport", "node-cloth")},
 }
 
 

@@ -1,13 +1,13 @@
 """The shared `python -m <server>` entry: parse --config, load the pydantic config, serve, print LISTENING."""
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cdimf.common.config import ConfigError, load_config
 from cdimf.common.core.params import StrictModel
+from cdimf.common.logs import LOG_FORMATS, configure_logging
 
 Config = TypeVar("Config", bound=StrictModel)
 
@@ -24,8 +24,9 @@ def server_main(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"TOML file with the {model.__name__} fields")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines or one JSON object per line")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         config = load_config(model, args.config)
     except ConfigError as error:

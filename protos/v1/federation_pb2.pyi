@@ -1026,6 +1026,7 @@ class NodeStatus(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     LATEST_METRICS_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
+    SOLVER_BACKEND_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
@@ -1039,6 +1040,8 @@ class NodeStatus(_message.Message):
     """e.g. idle, training, waiting, finished"""
     connected: _builtins.bool
     """whether the aggregator is reachable"""
+    solver_backend: _builtins.str
+    """the iALS backend its half-steps run on ("native", "numpy")"""
     @_builtins.property
     def latest_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -1055,10 +1058,11 @@ class NodeStatus(_message.Message):
         phase: _builtins.str = ...,
         latest_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         connected: _builtins.bool = ...,
+        solver_backend: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "receiver_rows", b"receiver_rows", "round", b"round", "run_id", b"run_id", "shared_rows", b"shared_rows", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "receiver_rows", b"receiver_rows", "round", b"round", "run_id", b"run_id", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

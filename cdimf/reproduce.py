@@ -182,7 +182,7 @@ def run_model(
     seconds = time.perf_counter() - started
     metrics, seen_counts = {}, {}
     for split, (users, items), train in zip(splits, vectors, test_trains):
-        test_users, test_items, seen_counts[split.name] = test_rows(split, train, ev.seen_test_pairs)
+        test_users, test_items, seen_counts[split.name] = scored_test_rows(split, train, ev.seen_test_pairs)
         paper_code = draw_candidates(split.n_items, test_users, test_items, split.n_users, ev.seed + 1, ev.n_negatives, shrink=False)
         unseen = unseen_held_out(split, train, test_users, test_items, ev.n_negatives, ev.seed + 2)
         full = full_catalog_metrics(users, items, train, test_users, test_items, ev.k, np.arange(split.n_items))
@@ -194,7 +194,7 @@ def run_model(
     return ModelResult(model.name, rounds, seconds, metrics, history, seen_counts)
 
 
-def test_rows(split: DomainSplit, train: sp.csr_matrix, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
+def scored_test_rows(split: DomainSplit, train: sp.csr_matrix, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
     """The test rows to score and how many of the split's test pairs also occur in `train`.
 
     "drop" leaves those rows out of every metric (a model that learnt the pair would score it

@@ -227,17 +227,36 @@ def run_study(config: ReproduceConfig, model: str, data: Validation, args: argpa
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ranks = sorted({r for r in RANKS if r <= args.max_rank} | {baseline_params(config, model, True)["rank"]})
+    # the rank is categorical: the usual ranks up to --max-rank, --max-rank itself and every starting point's
+    starts = {int(start["rank"]) for start in args.start if "rank" in start}
+    ranks = sorted({r for r in RANKS if r <= args.max_rank} | {args.max_rank, baseline_params(config, model, True)["rank"]} | starts)
     sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials, n_warmup_steps=args.warmup_rounds)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=f"cdimf-tune-{model}")
     per_domain = not args.shared_local
     if not args.no_baseline:
         study.enqueue_trial(baseline_params(config, model, per_domain))
+    for start in args.start:
+        study.enqueue_trial(start)  # keys it leaves out are sampled
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     objective = Objective(config, model, data, per_domain, ranks, args.threads, deadline, report)
     study.optimize(objective, n_trials=args.trials, timeout=args.timeout, catch=())
     return objective.records
+
+
+def parse_start(text: str) -> dict[str, Any]:
+    """`key=value,...` as trial parameters: numbers where they parse, else strings (prox, consensus)."""
+    params: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"'{item}': expected key=value")
+        key, value = key.strip(), value.strip()
+        try:
+            params[key] = int(value) if key in ("rank", "aggregation_period") else float(value)
+        except ValueError:
+            params[key] = value
+    return params
 
 
 def best_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
@@ -348,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rank", type=int, default=512, help="largest rank tried (default 512)")
     parser.add_argument("--shared-local", action="store_true", help="one alpha/lam/nu for every domain instead of each domain's own")
     parser.add_argument("--no-baseline", action="store_true", help="do not start from the config's own values")
+    parser.add_argument("--start", action="append", default=[], metavar="KEY=V,...",
+                        help="an extra first trial, e.g. rank=256,alpha=0.3,nu=0.5 (names as in --json's params; repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="solver threads of every trial (a run setting, not tuned)")
     parser.add_argument("--valid-negatives", type=int, default=None,
                         help="negatives per validation row (default: the config's [evaluation] n_negatives, so validation is scored like the test)")
@@ -366,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("--warmup-rounds", args.warmup_rounds, 0), ("--valid-negatives", args.valid_negatives or 1, 1)):
         if value < least:
             parser.error(f"{flag}: must be >= {least}, got {value}")
+    try:
+        args.start = [parse_start(text) for text in args.start]
+    except ValueError as error:
+        parser.error(f"--start: {error}")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout: must be > 0, got {args.timeout}")
     source = config_path(args.config)

@@ -100,17 +100,19 @@ def test_tune_never_opens_test_files_and_writes_a_config_that_reproduces_its_bes
 
 
 def test_tune_cli_by_path_with_shared_local_values_and_a_time_budget(tmp_path: Path) -> None:
-    """`cdimf tune` as a process: --shared-local gives one alpha/lam/nu; --timeout stops the study before --trials."""
+    """`cdimf tune` as a process: --shared-local gives one alpha/lam/nu, --start a first point; --timeout stops the study early."""
     write_pair(tmp_path)
     (tmp_path / "pair.toml").write_text(CONFIG)
     done = subprocess.run(
         [sys.executable, "-m", "cdimf", "tune", "pair.toml", "--models", "cdimf", "--shared-local", "--trials", "500",
-         "--timeout", "3", "--max-rank", "8", "--json"],
+         "--timeout", "3", "--max-rank", "8", "--start", "rank=8,alpha=0.07,consensus=off", "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert 1 <= len(report["trials"]) < 500
+    assert 2 <= len(report["trials"]) < 500
+    start = report["trials"][1]["params"]  # after the config's own values: the --start point, the rest sampled
+    assert (start["rank"], start["alpha"], start["consensus"]) == (8, 0.07, "off") and "rho" not in start
     assert all({"alpha", "lam", "nu"} <= set(t["params"]) and t["params"]["rank"] <= 8 for t in report["trials"])
     assert (tmp_path / "pair-tuned.toml").is_file() and report["output"] == "pair-tuned.toml"
 

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.core.sparse import pairs_to_csr
-from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr
+from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr, union_keys
 
 
 @dataclass(eq=False)
@@ -53,10 +53,8 @@ class DomainSplit:
 def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap,
                       train_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """User and item indices of a validation/test file, rejecting keys unknown to training."""
-    user_idx = indices_or_error(raw, raw.users, users, "user",
-                                 "has no training interactions in any domain of the pair")
-    item_idx = indices_or_error(raw, raw.items, items, "item",
-                                 f"does not occur in the domain's training file {train_path}")
+    user_idx = indices_or_error(raw, "user", users, "has no training interactions in any domain of the pair")
+    item_idx = indices_or_error(raw, "item", items, f"does not occur in the domain's training file {train_path}")
     order = np.lexsort((item_idx, user_idx))
     return user_idx[order], item_idx[order]
 
@@ -84,10 +82,10 @@ def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path | Non
     raw_valid = None
     if valid_a is not None and valid_b is not None:
         raw_valid = [read_interactions(path, fmt) for path in (valid_a, valid_b)]
-    users = IdMap.from_keys(np.concatenate([raw.users for raw in raw_train]))
+    users = IdMap.from_keys(union_keys(*[raw.user_keys for raw in raw_train]))
     domains = []
     for number, (name, raw, train_path) in enumerate(zip(names, raw_train, train_paths)):
-        items = IdMap.from_keys(raw.items)
+        items = IdMap.from_keys(raw.item_keys)
         train = to_csr(raw, users, items)
         test_users, test_items = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         if raw_test is not None:

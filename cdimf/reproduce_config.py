@@ -35,7 +35,7 @@ class DataConfig(StrictModel):
     """The pair (or more) of domains and how to read them."""
 
     domains: list[DomainPaths] = Field(min_length=2)
-    format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
     valid_seed: int = Field(0, ge=0, description="seed of the leave-one-out validation carved from train")
 
     @model_validator(mode="after")

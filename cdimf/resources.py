@@ -17,7 +17,7 @@ def _package_folder(package: str) -> Path:
 
 def embedded_data_root() -> Path:
     """The folder of the embedded Amazon pairs (MIT licence, see its LICENSE file)."""
-    return _package_folder("cdimf.datasets") / "amazon-cdr"
+    return _package_folder("cdimf.data") / "amazon-cdr"
 
 
 def embedded_pair(name: str) -> Path:

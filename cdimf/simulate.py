@@ -50,7 +50,7 @@ class SimulatedDomain(StrictModel):
     train_path: Path
     valid_path: Path | None = None
     test_path: Path | None = None
-    data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
 
     @field_validator("name")
     @classmethod

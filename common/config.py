@@ -146,7 +146,7 @@ class NodeConfig(StrictModel):
     train_path: Path = Field(description="training interactions")
     valid_path: Path | None = Field(None, description="validation interactions (per-round HR/NDCG)")
     test_path: Path | None = Field(None, description="test interactions")
-    data_format: Literal["auto", "paper", "csv", "tsv"] = "auto"
+    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
     listen: str = Field("127.0.0.1:0", description="host:port of the node's own server")
     aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
     state_dir: Path = Field(description="folder of the atomically written training state")

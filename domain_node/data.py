@@ -8,8 +8,15 @@ File formats read by `read_interactions` (UTF-8, one interaction per line, LF or
   non-empty strings (surrounding spaces are stripped). The first line is a header, and skipped,
   exactly when its first field starts with ``user`` and its second with ``item``
   (case-insensitive), e.g. ``user,item,weight`` or ``user_id\\titem_id``.
-- ``auto``: ``.csv`` means csv, ``.tsv`` means tsv, anything else is sniffed from the first
-  line (a tab means tsv, else a comma means csv).
+- ``parquet``: a Parquet table whose first two columns are the user and item keys (integers or
+  strings) and an optional third the weight (a number); no missing values. Its "line" in an
+  error is the 1-based row.
+- ``auto``: ``.csv`` means csv, ``.tsv`` means tsv, ``.parquet``/``.pq`` parquet, anything else
+  is sniffed from the first line (a tab means tsv, else a comma means csv).
+
+Text files are parsed by pyarrow's C++ reader; whenever it refuses a file or a row breaks a
+rule below, the file is read again by the exact line-by-line reader, whose message names the
+first bad line (so the fast path never changes an error, only the time to a good load).
 
 Every line has the same number of fields, 2 or 3; a missing weight is 1. A weight must be a
 finite number > 0. Empty lines are rejected except at the very end of the file. A repeated
@@ -22,12 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from cdimf.common.core.sparse import canonical_csr, pairs_to_csr
+from cdimf.domain_node import arrow_reader
 
 FLOAT = np.float32
-FORMATS = ("auto", "paper", "csv", "tsv")
+FORMATS = ("auto", "paper", "csv", "tsv", "parquet")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 DUPLICATE_POLICIES = ("reject", "sum")
 # Ids are held as fixed-width strings (fast to sort and search); this bounds their width.
 MAX_KEY_CHARS = 256
@@ -67,63 +77,167 @@ def _as_str(keys: np.ndarray) -> np.ndarray:
     return keys.astype(str)
 
 
+def _canonical_integers(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flags, values): which str keys are the plain decimal text of an int64 (ASCII digits, no leading 0), and their values."""
+    lengths = np.strings.str_len(keys)
+    ok = (lengths > 0) & (lengths <= 18) & (np.strings.str_len(np.strings.strip(keys, "0123456789")) == 0)
+    ok &= (lengths == 1) | ~np.strings.startswith(keys, "0")
+    values = np.zeros(keys.shape, dtype=np.int64)
+    values[ok] = keys[ok].astype(np.int64)
+    return ok, values
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct integers (sort and drop repeats: faster than np.unique's hashing on millions of ids)."""
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+
+
+def union_keys(*key_arrays: np.ndarray) -> np.ndarray:
+    """Keys of several vocabularies in one array (integers stay integers unless some keys are text)."""
+    if all(np.asarray(keys).dtype.kind in "iu" for keys in key_arrays):
+        return np.concatenate([np.asarray(keys, dtype=np.int64) for keys in key_arrays])
+    return np.concatenate([_as_str(keys) for keys in key_arrays])
+
+
 @dataclass(frozen=True, eq=False)
 class IdMap:
-    """Frozen bijection between original keys (strings) and contiguous indices 0..n-1."""
+    """Frozen bijection between original keys (strings) and contiguous indices 0..n-1.
 
-    keys: np.ndarray
-    _lexical_keys: np.ndarray = field(repr=False)
-    _lexical_positions: np.ndarray = field(repr=False)
+    Maps whose keys are all plain non-negative integers hold them as a sorted int64 array (the
+    key strings are made on demand); other maps hold the ordered strings and a lexical index.
+    """
+
+    _numbers: np.ndarray | None = field(repr=False)
+    _text: np.ndarray | None = field(repr=False)
+    _lexical_keys: np.ndarray | None = field(repr=False)
+    _lexical_positions: np.ndarray | None = field(repr=False)
 
     @classmethod
     def from_keys(cls, keys: np.ndarray) -> "IdMap":
         """Map the unique keys to 0..n-1 in sorted order (numeric order when all keys are integers)."""
+        keys = np.asarray(keys)
+        if keys.dtype.kind in "iu" and (keys.size == 0 or int(keys.min()) >= 0):
+            return cls._of_numbers(_sorted_unique(keys.astype(np.int64)))
         lexical_keys = np.unique(_as_str(keys))
+        canonical, values = _canonical_integers(lexical_keys)
+        if lexical_keys.size and bool(canonical.all()):
+            return cls._of_numbers(_sorted_unique(values))
         order = _numeric_order(lexical_keys)
         ordered = lexical_keys[order]
         positions = np.empty(len(order), dtype=np.int64)
         positions[order] = np.arange(len(order), dtype=np.int64)
         for array in (ordered, lexical_keys, positions):
             array.flags.writeable = False
-        return cls(ordered, lexical_keys, positions)
+        return cls(None, ordered, lexical_keys, positions)
+
+    @classmethod
+    def _of_numbers(cls, numbers: np.ndarray) -> "IdMap":
+        """A map of sorted unique non-negative integer keys."""
+        numbers.flags.writeable = False
+        return cls(numbers, None, None, None)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The keys in index order, as a read-only str array (built on each call for integer maps)."""
+        if self._text is not None:
+            return self._text
+        assert self._numbers is not None
+        text = self._numbers.astype(str)
+        text.flags.writeable = False
+        return text
 
     def __len__(self) -> int:
         """Number of keys."""
-        return len(self.keys)
+        return len(self._numbers if self._numbers is not None else self._text)  # type: ignore[arg-type]
+
+    def _slots(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found flags, index where found) of each query key."""
+        query = np.asarray(keys)
+        positions: np.ndarray | None
+        haystack: np.ndarray | None
+        if self._numbers is not None:
+            if query.dtype.kind in "iu":
+                found, values = np.ones(query.shape, dtype=bool), query.astype(np.int64, copy=False)
+            else:
+                found, values = _canonical_integers(_as_str(query))
+            haystack, positions = self._numbers, None
+        else:
+            found, values = np.ones(query.shape, dtype=bool), _as_str(query)
+            haystack, positions = self._lexical_keys, self._lexical_positions
+        assert haystack is not None
+        if len(haystack) == 0:
+            return np.zeros(query.shape, dtype=bool), np.zeros(query.shape, dtype=np.int64)
+        slots = np.searchsorted(haystack, values).clip(max=len(haystack) - 1)
+        found &= haystack[slots] == values
+        return found, (slots if positions is None else positions[slots])
 
     def index_of(self, keys: np.ndarray, missing: int | None = None) -> np.ndarray:
         """Indices of the given keys; unknown keys raise KeyError, or map to `missing` when it is given."""
-        query = _as_str(keys)
-        if len(self) == 0:
-            found = np.zeros(query.shape, dtype=bool)
-            slots = np.zeros(query.shape, dtype=np.int64)
-        else:
-            slots = np.searchsorted(self._lexical_keys, query).clip(max=len(self) - 1)
-            found = self._lexical_keys[slots] == query
-        indices = np.where(found, self._lexical_positions[slots], -1 if missing is None else missing)
+        found, slots = self._slots(keys)
+        indices = np.where(found, slots, -1 if missing is None else missing)
         if missing is None and not bool(found.all()):
-            first = query.reshape(-1)[int(np.argmin(found.reshape(-1)))]
+            first = np.asarray(keys).reshape(-1)[int(np.argmin(found.reshape(-1)))]
             raise KeyError(f"unknown key {_shown(str(first))}")
         return indices.astype(np.int64, copy=False)
 
     def key_of(self, indices: np.ndarray) -> np.ndarray:
         """Original keys of the given indices."""
-        return self.keys[np.asarray(indices, dtype=np.int64)]
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._numbers is not None:
+            return self._numbers[indices].astype(str)
+        assert self._text is not None
+        return self._text[indices]
 
 
 @dataclass(frozen=True, eq=False)
 class RawInteractions:
-    """Interactions as read from one file: original keys, weights and their source lines."""
+    """Interactions as read from one file: key vocabularies, each row's codes into them, weights and source lines.
+
+    Rows are held as int32 codes (no per-row strings); `lines` is stored only when rows do not
+    follow the file's lines one to one (after duplicates were summed).
+    """
 
     path: Path
-    users: np.ndarray
-    items: np.ndarray
+    user_keys: np.ndarray
+    user_codes: np.ndarray
+    item_keys: np.ndarray
+    item_codes: np.ndarray
     weights: np.ndarray
-    lines: np.ndarray
+    first_line: int = 1
+    row_lines: np.ndarray | None = None
+    # the users x items CSR over codes (rows = user codes), kept from the duplicate check
+    code_matrix: sp.csr_matrix | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         """Number of interactions."""
-        return len(self.users)
+        return len(self.user_codes)
+
+    @property
+    def users(self) -> np.ndarray:
+        """Each row's user key (a str array, built on each call)."""
+        return _as_str(self.user_keys)[self.user_codes]
+
+    @property
+    def items(self) -> np.ndarray:
+        """Each row's item key (a str array, built on each call)."""
+        return _as_str(self.item_keys)[self.item_codes]
+
+    @property
+    def lines(self) -> np.ndarray:
+        """Each row's 1-based source line (for Parquet files, the 1-based row)."""
+        if self.row_lines is not None:
+            return self.row_lines
+        return np.arange(self.first_line, self.first_line + len(self), dtype=np.int64)
+
+    def line_of(self, row: int) -> int:
+        """The source line of one row."""
+        return int(self.row_lines[row]) if self.row_lines is not None else self.first_line + row
+
+    def key(self, role: str, row: int) -> str:
+        """The user or item key of one row."""
+        keys, codes = (self.user_keys, self.user_codes) if role == "user" else (self.item_keys, self.item_codes)
+        return str(keys[codes[row]])
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -176,34 +290,135 @@ def _parse_weights(path: Path, texts: np.ndarray, lines: np.ndarray) -> np.ndarr
     return weights.astype(FLOAT)
 
 
-def _merge_duplicates(path: Path, users: np.ndarray, items: np.ndarray, weights: np.ndarray, lines: np.ndarray,
-                      policy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _first_row(flags_of_key: np.ndarray, codes: np.ndarray) -> int | None:
+    """The first row whose key is flagged, or None."""
+    if not flags_of_key.any():
+        return None
+    return int(np.argmax(flags_of_key[codes]))
+
+
+def _check_keys(raw: RawInteractions, role: str, paper: bool) -> None:
+    """DataError at the first row whose `role` key is empty, too long, or (paper format) not an integer."""
+    keys, codes = (raw.user_keys, raw.user_codes) if role == "user" else (raw.item_keys, raw.item_codes)
+    if keys.dtype.kind in "iu":
+        return  # integer vocabularies hold only canonical non-negative integers
+    lengths = np.strings.str_len(keys)
+    problems = [(lengths == 0, f"empty {role} id"), (lengths > MAX_KEY_CHARS, f"{role} id longer than {MAX_KEY_CHARS} characters")]
+    if paper:
+        problems.append((~np.strings.isdecimal(keys), ""))
+    for flags, message in problems:
+        row = _first_row(flags, codes)
+        if row is not None:
+            raise DataError(raw.path, message or f"{role} id {_shown(raw.key(role, row))} is not a non-negative integer",
+                            raw.line_of(row))
+
+
+def _check_weights(raw: RawInteractions) -> None:
+    """DataError at the first row whose weight is not a finite number > 0."""
+    bad = ~(np.isfinite(raw.weights) & (raw.weights > 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(raw.path, f"weight {_shown(str(raw.weights[row]))} must be a finite number > 0", raw.line_of(row))
+
+
+def _merge_duplicates(raw: RawInteractions, policy: str) -> RawInteractions:
     """Reject repeated (user, item) pairs, or sum their weights keeping the first line."""
-    _, user_codes = np.unique(users, return_inverse=True)
-    item_codes_unique, item_codes = np.unique(items, return_inverse=True)
-    pair_codes = user_codes.astype(np.int64) * len(item_codes_unique) + item_codes
+    n = len(raw)
+    # cheap existence test: the CSR of the codes sums repeated pairs into one entry
+    probe = sp.csr_matrix((raw.weights, (raw.user_codes, raw.item_codes)), shape=(len(raw.user_keys), len(raw.item_keys)),
+                          dtype=FLOAT)
+    if probe.nnz == n:
+        probe.sort_indices()
+        return RawInteractions(raw.path, raw.user_keys, raw.user_codes, raw.item_keys, raw.item_codes, raw.weights,
+                               raw.first_line, raw.row_lines, probe)
+    del probe
+    pair_codes = raw.user_codes.astype(np.int64) * len(raw.item_keys) + raw.item_codes
     order = np.argsort(pair_codes, kind="stable")
     repeated = pair_codes[order][1:] == pair_codes[order][:-1]
-    if not repeated.any():
-        return users, items, weights, lines
+    lines = raw.lines
     if policy == "reject":
         later = order[1:][repeated]
         earlier = order[:-1][repeated]
         first = int(np.argmin(lines[later]))
         raise DataError(
-            path,
-            f"duplicate pair user {_shown(str(users[later[first]]))}, item {_shown(str(items[later[first]]))} "
-            f"(first on line {int(lines[earlier[first]])})",
+            raw.path,
+            f"duplicate pair user {_shown(raw.key('user', int(later[first])))}, "
+            f"item {_shown(raw.key('item', int(later[first])))} (first on line {int(lines[earlier[first]])})",
             int(lines[later[first]]),
         )
     starts = np.flatnonzero(np.concatenate(([True], ~repeated)))
     keep = np.sort(order[starts])  # first occurrence of each pair, in file order
     group_of_row = np.cumsum(np.concatenate(([True], ~repeated))) - 1
     summed = np.zeros(len(starts), dtype=np.float64)
-    np.add.at(summed, group_of_row, weights[order])
-    summed_by_first_row = np.empty(len(users), dtype=np.float64)
+    np.add.at(summed, group_of_row, raw.weights[order])
+    summed_by_first_row = np.empty(n, dtype=np.float64)
     summed_by_first_row[order[starts]] = summed
-    return users[keep], items[keep], summed_by_first_row[keep].astype(FLOAT), lines[keep]
+    return RawInteractions(raw.path, raw.user_keys, raw.user_codes[keep], raw.item_keys, raw.item_codes[keep],
+                           summed_by_first_row[keep].astype(FLOAT), raw.first_line, lines[keep])
+
+
+def _resolve_format(path: Path, fmt: str) -> str:
+    """The format of a file: `fmt`, or under "auto" parquet for a .parquet/.pq suffix (text formats are sniffed later)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown interaction format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "auto" and path.suffix.lower() in PARQUET_SUFFIXES:
+        return "parquet"
+    return fmt
+
+
+def _read_fast(path: Path, fmt: str) -> RawInteractions:
+    """A text file through pyarrow, validated; Declined whenever only the exact reader can tell what is wrong."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.readline()
+        first_line = head.decode("utf-8").removeprefix("\ufeff").rstrip("\n").removesuffix("\r")
+        delimiter = _delimiter(path, fmt, first_line)
+    except (OSError, UnicodeDecodeError, DataError):
+        raise arrow_reader.Declined("the first line") from None
+    n_fields = first_line.count(delimiter) + 1
+    if n_fields not in (2, 3) or not first_line.strip() or arrow_reader.has_lone_carriage_return(path):
+        raise arrow_reader.Declined("field count or line endings")
+    header = fmt != "paper" and _is_header(first_line, delimiter)
+    columns = arrow_reader.read_delimited(path, delimiter, len(head) if header else 0, n_fields)
+    raw = _raw_of_columns(path, columns, first_line=1 + int(header))
+    try:
+        # pyarrow keeps empty lines as rows of empty keys: the exact reader names those (and the rest)
+        for role in ("user", "item"):
+            _check_keys(raw, role, fmt == "paper")
+        _check_weights(raw)
+    except DataError:
+        raise arrow_reader.Declined("invalid rows") from None
+    return raw
+
+
+def _raw_of_columns(path: Path, columns: arrow_reader.Columns, first_line: int) -> RawInteractions:
+    """RawInteractions of columns read by pyarrow (weight 1 when the file has none)."""
+    n = len(columns.users.codes)
+    weights = np.ones(n, dtype=FLOAT) if columns.weights is None else columns.weights
+    return RawInteractions(path, columns.users.keys, columns.users.codes, columns.items.keys, columns.items.codes,
+                           weights, first_line)
+
+
+def _read_parquet(path: Path) -> RawInteractions:
+    """A Parquet file (user, item[, weight] columns), validated; DataError names the file and the 1-based row."""
+    try:
+        columns, _ = arrow_reader.read_parquet_columns(path)
+    except arrow_reader.NullCell as error:
+        raise DataError(path, f"missing value in column {error.column!r}", error.row + 1) from None
+    except OSError as error:
+        raise DataError(path, f"cannot read: {error.strerror or error}") from None
+    except (ValueError, TypeError, pa.ArrowException) as error:
+        raise DataError(path, f"not a readable interaction table: {error}") from None
+    if len(columns.users.codes) == 0:
+        raise DataError(path, "file is empty")
+    raw = _raw_of_columns(path, columns, first_line=1)
+    for role in ("user", "item"):
+        _check_keys(raw, role, paper=False)
+    bad = ~(np.isfinite(raw.weights) & (raw.weights > 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(path, f"weight {float(raw.weights[row])!r} must be a finite number > 0", row + 1)
+    return raw
 
 
 def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "reject") -> RawInteractions:
@@ -211,11 +426,27 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
     path = Path(path)
     if duplicates not in DUPLICATE_POLICIES:
         raise ValueError(f"unknown duplicates policy {duplicates!r}; expected one of {DUPLICATE_POLICIES}")
+    fmt = _resolve_format(path, fmt)
+    if fmt == "parquet":
+        raw = _read_parquet(path)
+    else:
+        try:
+            raw = _read_fast(path, fmt)
+        except arrow_reader.Declined:
+            raw = _read_exact(path, fmt)
+    raw = RawInteractions(raw.path, raw.user_keys, raw.user_codes, raw.item_keys, raw.item_codes,
+                          raw.weights.astype(FLOAT, copy=False), raw.first_line, raw.row_lines)
+    return _merge_duplicates(raw, duplicates)
+
+
+def _read_exact(path: Path, fmt: str) -> RawInteractions:
+    """The exact (slower) reader of a text file: every rule checked line by line, DataError at the first bad line."""
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise DataError(path, f"cannot read: {error.strerror or error}") from None
     text = _decode(path, raw).rstrip("\n")
+    del raw
     if not text.strip():
         raise DataError(path, "file is empty")
     texts = text.split("\n")
@@ -244,7 +475,7 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
     data_text = text.split("\n", 1)[1] if first_data else text
     fields = np.array(data_text.replace("\n", delimiter).split(delimiter), dtype=np.dtypes.StringDType())
     fields = np.strings.strip(fields.reshape(len(texts), expected))
-    keys_by_role = {}
+    vocabularies = {}
     for column, role in enumerate(("user", "item")):
         keys = fields[:, column]
         key_lengths = np.strings.str_len(keys)
@@ -254,34 +485,52 @@ def read_interactions(path: str | Path, fmt: str = "auto", duplicates: str = "re
             raise DataError(path, f"{role} id longer than {MAX_KEY_CHARS} characters",
                             int(line_numbers[np.argmax(key_lengths > MAX_KEY_CHARS)]))
         # Fixed-width keys (now of bounded width) sort and search several times faster.
-        keys_by_role[role] = keys = _as_str(keys)
+        keys = _as_str(keys)
         if fmt == "paper":
             not_integer = ~np.strings.isdecimal(keys)
             if not_integer.any():
                 first = int(np.argmax(not_integer))
                 raise DataError(path, f"{role} id {_shown(str(keys[first]))} is not a non-negative integer",
                                 int(line_numbers[first]))
+        vocabulary, codes = np.unique(keys, return_inverse=True)
+        vocabularies[role] = (vocabulary, codes.astype(np.int32))
     weights = _parse_weights(path, fields[:, 2], line_numbers) if expected == 3 else np.ones(len(texts), dtype=FLOAT)
-    users, items, weights, line_numbers = _merge_duplicates(path, keys_by_role["user"], keys_by_role["item"], weights,
-                                                            line_numbers, duplicates)
-    return RawInteractions(path, users, items, weights, line_numbers)
+    (user_keys, user_codes), (item_keys, item_codes) = vocabularies["user"], vocabularies["item"]
+    return RawInteractions(path, user_keys, user_codes, item_keys, item_codes, weights, first_data + 1)
 
 
-def indices_or_error(raw: RawInteractions, keys: np.ndarray, ids: IdMap, role: str, hint: str) -> np.ndarray:
-    """Indices of keys in an IdMap, or DataError at the line of the first unknown key."""
-    indices = ids.index_of(keys, missing=-1)
-    unknown = indices < 0
-    if unknown.any():
-        first = int(np.argmax(unknown))
-        raise DataError(raw.path, f"{role} {_shown(str(keys[first]))} {hint}", int(raw.lines[first]))
-    return indices
+def _index_of_keys(raw: RawInteractions, role: str, ids: IdMap, hint: str) -> np.ndarray:
+    """Each `role` key's index in an IdMap (one per vocabulary entry), or DataError at the line of the first unknown key."""
+    keys, codes = (raw.user_keys, raw.user_codes) if role == "user" else (raw.item_keys, raw.item_codes)
+    of_key = ids.index_of(keys, missing=-1)
+    row = _first_row(of_key < 0, codes)
+    if row is not None:
+        raise DataError(raw.path, f"{role} {_shown(raw.key(role, row))} {hint}", raw.line_of(row))
+    return of_key.astype(np.int32 if len(ids) < np.iinfo(np.int32).max else np.int64)
+
+
+def indices_or_error(raw: RawInteractions, role: str, ids: IdMap, hint: str) -> np.ndarray:
+    """Each row's index of its `role` key in an IdMap, or DataError at the line of the first unknown key."""
+    return _index_of_keys(raw, role, ids, hint)[raw.user_codes if role == "user" else raw.item_codes]
 
 
 def to_csr(raw: RawInteractions, users: IdMap, items: IdMap) -> sp.csr_matrix:
     """Users x items float32 CSR of raw interactions; DataError at the line of an unknown key."""
-    rows = indices_or_error(raw, raw.users, users, "user", "is not in the user id map")
-    cols = indices_or_error(raw, raw.items, items, "item", "is not in the item id map")
-    return pairs_to_csr(rows, cols, (len(users), len(items)), raw.weights)
+    row_of_code = _index_of_keys(raw, "user", users, "is not in the user id map")
+    col_of_code = _index_of_keys(raw, "item", items, "is not in the item id map")
+    matrix = raw.code_matrix
+    if matrix is not None and bool(np.all(np.diff(row_of_code) > 0)) and bool(np.all(np.diff(col_of_code) > 0)):
+        # both maps keep the vocabularies' order (sorted keys): the code matrix only needs its rows
+        # spread out and its columns renamed, with no sort
+        counts = np.zeros(len(users), dtype=np.int64)
+        counts[row_of_code] = np.diff(matrix.indptr)
+        index_type = np.int32 if max(matrix.nnz, len(items)) < np.iinfo(np.int32).max else np.int64
+        indptr = np.zeros(len(users) + 1, dtype=index_type)
+        np.cumsum(counts, out=indptr[1:])
+        identity = len(col_of_code) == len(items)
+        indices = matrix.indices if identity else col_of_code[matrix.indices]
+        return sp.csr_matrix((matrix.data, indices.astype(index_type, copy=False), indptr), shape=(len(users), len(items)))
+    return pairs_to_csr(row_of_code[raw.user_codes], col_of_code[raw.item_codes], (len(users), len(items)), raw.weights)
 
 
 def _with_entries_removed(matrix: sp.csr_matrix, removed: np.ndarray) -> sp.csr_matrix:

@@ -16,8 +16,7 @@ import scipy.sparse as sp
 
 from cdimf.common.config import VALID_NEGATIVES
 from cdimf.common.core.evaluation import PAPER_NEGATIVES, HeldOut, draw_candidates
-from cdimf.common.core.sparse import pairs_to_csr
-from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions
+from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr, union_keys
 
 EVALUATION_SEED = 0
 
@@ -60,15 +59,15 @@ def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None
     raw_valid = read_interactions(valid_path, fmt) if valid_path is not None else None
     raw_test = read_interactions(test_path, fmt) if test_path is not None else None
     held_files = [raw for raw in (raw_valid, raw_test) if raw is not None]
-    users = IdMap.from_keys(np.concatenate([raw_train.users, *[raw.users for raw in held_files]]))
-    items = IdMap.from_keys(raw_train.items)
-    rows = users.index_of(raw_train.users)
-    train = pairs_to_csr(rows, items.index_of(raw_train.items), (len(users), len(items)), raw_train.weights)
+    users = IdMap.from_keys(union_keys(raw_train.user_keys, *[raw.user_keys for raw in held_files]))
+    items = IdMap.from_keys(raw_train.item_keys)
+    train = to_csr(raw_train, users, items)
+    del raw_train
 
     def held_pairs(raw: RawInteractions) -> tuple[np.ndarray, np.ndarray]:
         """(user rows, item columns) of a held-out file, sorted by user then item."""
-        user_rows = users.index_of(raw.users)
-        item_cols = indices_or_error(raw, raw.items, items, "item", "does not occur in the domain's training file")
+        user_rows = indices_or_error(raw, "user", users, "is not in the user id map")
+        item_cols = indices_or_error(raw, "item", items, "does not occur in the domain's training file")
         order = np.lexsort((item_cols, user_rows))
         return user_rows[order], item_cols[order]
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 tree=build/linktree
 rm -rf "$tree" && mkdir -p "$tree/cdimf"
 for entry in cdimf/*; do ln -s "$PWD/$entry" "$tree/cdimf/"; done
-for pair in common:common aggregator:aggregator domain_node:domain_node protos:protos configs:configs datasets:data; do
+for pair in common:common aggregator:aggregator domain_node:domain_node protos:protos configs:configs data:data; do
   ln -s "$PWD/${pair#*:}" "$tree/cdimf/${pair%%:*}"
 done
 ruff check .

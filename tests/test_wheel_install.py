@@ -46,8 +46,8 @@ def test_wheel_holds_one_top_level_package(installed: tuple[Path, Path]) -> None
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"cdimf", next(top for top in tops if top.endswith(".dist-info"))}, tops
     assert "cdimf/configs/warm-sport-cloth.toml" in names
-    assert "cdimf/datasets/amazon-cdr/LICENSE" in names
-    assert "cdimf/datasets/amazon-cdr/warm-start_sport_cloth/sport_cloth/train.txt" in names
+    assert "cdimf/data/amazon-cdr/LICENSE" in names
+    assert "cdimf/data/amazon-cdr/warm-start_sport_cloth/sport_cloth/train.txt" in names
     assert "cdimf/common/core/ials_kernel.c" in names
 
 
@@ -59,6 +59,16 @@ def test_installed_package_runs_from_any_folder(installed: tuple[Path, Path], tm
     assert located.returncode == 0, located.stderr
     package_file, config = located.stdout.split()
     assert not Path(package_file).is_relative_to(REPO_ROOT) and Path(config).is_file() and not Path(config).is_relative_to(REPO_ROOT)
+    # every file a shipped config names is installed (the configs reach the data by relative paths)
+    checked = _run(venv, tmp_path, "python", "-c", (
+        "from cdimf.reproduce_config import load_reproduce_config; from cdimf.resources import config_path, shipped_configs\n"
+        "for name in shipped_configs():\n"
+        "    for d in load_reproduce_config(config_path(name)).data.domains:\n"
+        "        for path in (d.train, d.test, d.valid):\n"
+        "            assert path is None or path.is_file(), path\n"
+        "        print(name, d.name, d.train)\n"))
+    assert checked.returncode == 0, checked.stderr
+    assert len(checked.stdout.splitlines()) == 4 and all("site-packages" in line for line in checked.stdout.splitlines())
     helped = _run(venv, tmp_path, "cdimf", "reproduce", "--help")
     assert helped.returncode == 0 and "warm-sport-cloth" in helped.stdout, helped.stderr
     simulated = _run(venv, tmp_path, "cdimf", "simulate", "--rounds", "1", "--insecure", "--json")

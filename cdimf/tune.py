@@ -124,14 +124,17 @@ def baseline_params(config: ReproduceConfig, model: str, per_domain: bool) -> di
     return params
 
 
-def suggest(trial: Any, model: str, names: Sequence[str], ranks: Sequence[int], per_domain: bool) -> dict[str, Any]:
-    """One point of the search space (Optuna's define-by-run: the consensus settings are conditional)."""
+def suggest(trial: Any, model: str, names: Sequence[str], ranks: Sequence[int], per_domain: bool, nu_free: bool = True) -> dict[str, Any]:
+    """One point of the search space (Optuna's define-by-run: the consensus settings are conditional).
+
+    `nu_free` False holds nu at 0 (CDIMF's "reference-code" user step is defined for nu = 0 only).
+    """
     params: dict[str, Any] = {"rank": trial.suggest_categorical("rank", list(ranks))}
     suffixes = [f".{n}" for n in names] if per_domain and model != "joined" else [""]
     for suffix in suffixes:
         params[f"alpha{suffix}"] = trial.suggest_float(f"alpha{suffix}", *ALPHA, log=True)
         params[f"lam{suffix}"] = trial.suggest_float(f"lam{suffix}", *LAM, log=True)
-        params[f"nu{suffix}"] = trial.suggest_float(f"nu{suffix}", *NU)
+        params[f"nu{suffix}"] = trial.suggest_float(f"nu{suffix}", *NU) if nu_free else 0.0
     if model == "cdimf":
         params["consensus"] = trial.suggest_categorical("consensus", ["on", "off"])
         if params["consensus"] == "on":
@@ -187,7 +190,8 @@ class Objective:
         """One trial: its value is the best round's mean validation NDCG@k."""
         import optuna
 
-        params = suggest(trial, self.model, domain_names(self.config), self.ranks, self.per_domain)
+        nu_free = self.model != "cdimf" or self.config.cdimf.user_step == "paper"
+        params = suggest(trial, self.model, domain_names(self.config), self.ranks, self.per_domain, nu_free)
         candidate = with_params(self.config, self.model, params, self.threads)
         started = time.perf_counter()
         contender = make_contender(candidate, self.model, self.data)
@@ -229,7 +233,9 @@ def run_study(config: ReproduceConfig, model: str, data: Validation, args: argpa
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # the rank is categorical: the usual ranks up to --max-rank, --max-rank itself and every starting point's
     starts = {int(start["rank"]) for start in args.start if "rank" in start}
-    ranks = sorted({r for r in RANKS if r <= args.max_rank} | {args.max_rank, baseline_params(config, model, True)["rank"]} | starts)
+    if not args.no_baseline:
+        starts.add(int(baseline_params(config, model, True)["rank"]))
+    ranks = sorted({r for r in RANKS if r <= args.max_rank} | {args.max_rank} | starts)
     sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials, n_warmup_steps=args.warmup_rounds)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name=f"cdimf-tune-{model}")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -340,14 +341,14 @@ def render_config(config: ReproduceConfig, folder: Path, comments: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def summary(model: str, records: Sequence[TrialRecord], k: int, top: int = 5) -> list[str]:
+def summary(model: str, records: Sequence[TrialRecord], k: int, top: int = 5, baseline_first: bool = True) -> list[str]:
     """Comment lines on one model's study: counts, the baseline, the best few trials."""
     if not records:
         return [f"{model}: no trial ran"]
     pruned = sum(r.state == "pruned" for r in records)
     seconds = sum(r.seconds for r in records)
     lines = [f"{model}: {len(records)} trials ({pruned} pruned) in {seconds:.0f} s; validation NDCG@{k} %, best round:"]
-    baseline = next((r for r in records if r.number == 0), None)
+    baseline = next((r for r in records if r.number == 0), None) if baseline_first else None
     ranked = sorted((r for r in records if r.state == "complete"), key=lambda r: -r.valid_ndcg)[:top]
     for record in ranked:
         tag = " (the source config's values)" if record is baseline else ""
@@ -419,16 +420,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             tuned = with_params(tuned, model, winner.params)
     tuned = tuned.model_copy(update={"title": config.title if config.title.endswith("(tuned)") else f"{config.title} (tuned)"})
     k = config.evaluation.k
-    budget = f"--trials {args.trials}" + (f" --timeout {args.timeout:g}" if args.timeout else "") + f" --seed {args.seed}"
+    command = shlex.join(sys.argv[1:] if argv is None else list(argv))
     comments = [
-        f"Tuned by `cdimf tune {args.config} --models {','.join(models)} {budget}` from {source.name}:",
+        f"Tuned by `cdimf tune {command}` from {source.name}:",
         f"mean validation NDCG@{k} over the domains ({negatives} negatives per validation row), the best round by early",
         f"stopping ([stopping] patience {config.stopping.patience}, at most {config.stopping.max_rounds} rounds); the test files were never opened.",
         f"Wall time {wall:.0f} s. Sections of models not tuned are the source config's.",
         "",
     ]
     for model in models:
-        comments += [*summary(model, records[model], k), ""]
+        comments += [*summary(model, records[model], k, baseline_first=not args.no_baseline), ""]
     output.write_text(render_config(tuned, output.parent, comments))
     load_reproduce_config(output)  # what was written must load back as it is
     print(f"wrote {output} (validation NDCG@{k}: " + ", ".join(f"{m} {100 * r.valid_ndcg:.2f} %" for m, r in best.items()) + ")",
@@ -439,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "best": {m: asdict(r) for m, r in best.items()}}, indent=2))
     else:
         for model in models:
-            print("\n".join(summary(model, records[model], k, top=10)))
+            print("\n".join(summary(model, records[model], k, top=10, baseline_first=not args.no_baseline)))
     return 0
 
 

@@ -22,9 +22,13 @@ from cdimf.common.config import RunParams
 from cdimf.common.core.admm import blockwise_consensus
 from cdimf.common.core.membership import AlignedMembership
 
-StatusName = Literal["INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED"]
+StatusName = Literal["INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"]
 RunStateName = Literal["running", "finished", "stopped"]
-EventKind = Literal["run_started", "round_closed", "metrics", "run_finished", "run_stopped"]
+EventKind = Literal["run_started", "round_closed", "metrics", "run_finished", "run_stopped", "persist_failed", "persist_recovered"]
+# A metrics report is a few named numbers (HR@k, NDCG@k); these bounds keep a report from
+# growing the saved run (which every round close rewrites) beyond a few kilobytes.
+MAX_METRICS = 16
+MAX_METRIC_NAME = 32
 
 
 class StateError(Exception):
@@ -47,6 +51,7 @@ class Event:
     missing: list[str] = field(default_factory=list)
     domain: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ class SavedRun:
         return tuple(self.fingerprints)
 
 
-def _elapsed(started_wall: float) -> float:
+def elapsed_since(started_wall: float) -> float:
     """Wall seconds since a run started (event timestamps)."""
     return max(0.0, time.time() - started_wall)
 
@@ -163,7 +168,7 @@ class Run:
             raise StateError("FAILED_PRECONDITION", f"run {self.run_id} is already {self.state}")
         self.state = "stopped"
         self.stop_reason = reason
-        self.events.append(Event("run_stopped", self.current_round, _elapsed(self.started_wall)))
+        self.events.append(Event("run_stopped", self.current_round, elapsed_since(self.started_wall)))
 
     def check_contribution(self, domain: str, tag: int) -> tuple[int, int]:
         """Validate a push before its payload is read; returns the expected (rows, rank)."""
@@ -226,13 +231,13 @@ class Run:
         self.consensus_round = closed
         contributors = [d for d in self.admitted if d in self.reported]
         missing = [d for d in self.admitted if d not in self.reported]
-        self.events.append(Event("round_closed", closed, _elapsed(self.started_wall), contributors, missing))
+        self.events.append(Event("round_closed", closed, elapsed_since(self.started_wall), contributors, missing))
         self.reported = []
         self.current_round = closed + 1
         self.round_opened_at = now
         if closed >= self.params.rounds:
             self.state = "finished"
-            self.events.append(Event("run_finished", closed, _elapsed(self.started_wall)))
+            self.events.append(Event("run_finished", closed, elapsed_since(self.started_wall)))
         return closed
 
     def pull(self, domain: str, min_round: int) -> Pulled | None:
@@ -257,8 +262,14 @@ class Run:
         return None
 
     def report_metrics(self, domain: str, round_index: int, metrics: dict[str, float]) -> None:
-        """Record a domain's validation metrics for a round (once per domain and round)."""
+        """Record a domain's validation metrics for a round (once per domain and round, rounds >= 1, bounded)."""
         self.membership(domain)
+        if round_index < 1:
+            raise StateError("INVALID_ARGUMENT", f"metrics for round {round_index}: rounds count from 1")
+        if len(metrics) > MAX_METRICS:
+            raise StateError("INVALID_ARGUMENT", f"metrics of {domain}: {len(metrics)} values, at most {MAX_METRICS}")
+        if not all(0 < len(name) <= MAX_METRIC_NAME and name.isascii() and name.isprintable() for name in metrics):
+            raise StateError("INVALID_ARGUMENT", f"metrics of {domain}: names must be 1-{MAX_METRIC_NAME} printable ASCII characters")
         if round_index > self.consensus_round:
             raise StateError("FAILED_PRECONDITION", f"metrics for round {round_index} but the latest consensus is round {self.consensus_round}")
         if not all(np.isfinite(value) for value in metrics.values()):
@@ -267,7 +278,7 @@ class Run:
         if round_index in per_round:
             raise StateError("ALREADY_EXISTS", f"{domain} already reported metrics for round {round_index}")
         per_round[round_index] = dict(metrics)
-        self.events.append(Event("metrics", round_index, _elapsed(self.started_wall), domain=domain, metrics=dict(metrics)))
+        self.events.append(Event("metrics", round_index, elapsed_since(self.started_wall), domain=domain, metrics=dict(metrics)))
 
     def final_metrics_in(self) -> bool:
         """Whether every admitted domain reported metrics for the latest consensus round."""

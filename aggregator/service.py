@@ -55,7 +55,14 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
     wire_dtype,
 )
-from cdimf.common.wire.serde import event_to_proto, membership_to_proto, run_info_to_proto, run_params_from_proto, status_to_proto
+from cdimf.common.wire.serde import (
+    event_to_proto,
+    membership_to_proto,
+    run_info_to_proto,
+    run_params_from_proto,
+    run_record_to_proto,
+    status_to_proto,
+)
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
@@ -96,6 +103,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.lock = asyncio.Lock()
         self.changes = _Changes()
         self.tasks: list[asyncio.Task[None]] = []
+        # set once serving: answers NOT_SERVING while the state cannot be saved
+        self.health: health.aio.HealthServicer | None = None
+        self._healthy = True
 
     # ----- plumbing -----
 
@@ -109,6 +119,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             except StateError as error:
                 await context.abort(grpc.StatusCode[error.status], error.message)
                 raise AssertionError("unreachable") from error
+            finally:
+                await self.reflect_persistence()
+
+    async def reflect_persistence(self) -> None:
+        """Health NOT_SERVING while the state cannot be saved, SERVING again once it is."""
+        healthy = self.state.persist_error is None
+        if self.health is None or healthy == self._healthy:
+            return
+        self._healthy = healthy
+        answer = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in HEALTH_SERVICE_NAMES:
+            await self.health.set(name, answer)
 
     async def _domain(self, context: grpc.aio.ServicerContext, domain: str) -> None:
         """Abort unless header.domain is set and the caller may speak for it."""
@@ -161,14 +183,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 timeout = self.state.seconds_to_deadline()
             await self.changes.wait(timeout)
             async with self.lock:
+                failing = self.state.persist_error is not None
                 try:
                     closed = await asyncio.to_thread(self.state.poll)
                 except Exception:  # a failing close must not kill the loop; it is retried
                     log.exception("closing a round at its deadline failed")
                     closed = None
-            if closed is not None:
-                log.info("round %d closed at its deadline", closed)
+                await self.reflect_persistence()
+                recovered = failing and self.state.persist_error is None
+                failing = self.state.persist_error is not None
+            if closed is not None or recovered:
+                if closed is not None:
+                    log.info("round %d closed at its deadline", closed)
                 self.changes.notify()
+            elif failing:
+                continue  # the save is retried on its own clock (seconds_to_deadline)
             elif timeout == 0.0:
                 # deadline passed without min_domains: wait for the next push, not a busy loop
                 await self.changes.wait(None)
@@ -347,6 +376,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     return
             await self.changes.wait(timeout)
 
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.RunList:
+        """The kept runs (current and ended, oldest first), or the one header.run_id names, with their events when asked for."""
+        await self._operator(context)
+
+        def listed() -> pb.RunList:
+            """Converted under the lock: the current run's events are live."""
+            return pb.RunList(runs=[run_record_to_proto(run, request.with_events) for run in self.state.runs(request.header.run_id)])
+
+        return await self._locked(context, listed)
+
     async def StopRun(self, request: pb.StopRunRequest, context: grpc.aio.ServicerContext) -> pb.RunInfo:
         """Stop the running run; nodes see FAILED_PRECONDITION on their next push or pull."""
         await self._operator(context)
@@ -403,6 +442,7 @@ async def start_aggregator(
     service.start_task(service.deadline_loop())
     for name in HEALTH_SERVICE_NAMES:
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    service.health = health_service
     host = config.listen.rsplit(":", 1)[0]
     running = RunningAggregator(server, service, port, host, health_service)
     if config.run is not None:

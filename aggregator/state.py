@@ -7,8 +7,13 @@
   follow the rules of cdimf.aggregator.rounds. The run is saved to the RunStore when it starts,
   stops and whenever a round closes (before its Z is served).
 - Every refusal raises StateError with a status name and changes nothing.
+- A save that fails (a full or read-only disk) is never silent: the round stays closed in
+  memory but its Z is not served, pushes are refused UNAVAILABLE, `persist_error` says why
+  (health NOT_SERVING, GetStatus, a persist_failed event for followers) and `poll` retries the
+  save every SAVE_RETRY_S until it succeeds; then Z is served and the run goes on, nothing lost.
 """
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -17,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, StateError
+from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, SavedRun, StateError, elapsed_since
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
+from cdimf.common.atomic_files import StateFileError
 from cdimf.common.config import RunParams
 from cdimf.common.core.membership import MAX_DOMAINS, AlignedMembership, align_memberships, sorted_unique
+from cdimf.common.security.names import is_party_name, shown
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
+
+log = logging.getLogger("cdimf.aggregator")
+# how often a failed save of the run is tried again
+SAVE_RETRY_S = 1.0
 
 
 def sortable_keys(pseudonym_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -71,6 +82,7 @@ class Status:
     run: Run | None
     shared_users: int
     domains: tuple[DomainStatus, ...]
+    persistence_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,9 @@ class AggregatorState:
         self.clock = clock
         self.registrations: dict[str, Registration] = {}
         self.run: Run | None = None
+        # why the latest save failed (None: everything in memory is on disk) and when to retry
+        self.persist_error: str | None = None
+        self._retry_at = 0.0
         # aligning a million pseudonyms takes seconds; registrations change rarely
         self._memberships_cache: tuple[tuple[tuple[str, str], ...], dict[str, AlignedMembership]] | None = None
         self._restore()
@@ -118,6 +133,10 @@ class AggregatorState:
         """Record a domain's rows; idempotent for the same rows, refused while a run uses other ones."""
         if not domain:
             raise StateError("INVALID_ARGUMENT", "header.domain is empty")
+        # the party-name rule of configs and certificates, so plaintext servers apply it too
+        # (a NUL or a 70-character name would not come back from the state folder as given)
+        if not is_party_name(domain):
+            raise StateError("INVALID_ARGUMENT", f"domain name {shown(domain)} is invalid: use 1-63 of a-z 0-9 _ - starting with a letter or digit")
         if pseudonyms.ndim != 2 or pseudonyms.shape[1] != PSEUDONYM_BYTES or holder.shape != (len(pseudonyms),):
             raise StateError("INVALID_ARGUMENT", f"registration of {domain}: pseudonyms {pseudonyms.shape} / flags {holder.shape} malformed")
         keys = sortable_keys([pseudonyms])[0]
@@ -133,8 +152,12 @@ class AggregatorState:
             )
         if previous is None and len(self.registrations) >= MAX_DOMAINS:
             raise StateError("RESOURCE_EXHAUSTED", f"at most {MAX_DOMAINS} domains can register")
-        self.registrations[domain] = registration
-        self.store.save_registrations(self.registrations)
+        updated = {**self.registrations, domain: registration}
+        try:
+            self.store.save_registrations(updated)
+        except OSError as error:
+            raise StateError("UNAVAILABLE", f"the aggregator cannot save the registration: {error}") from error
+        self.registrations = updated
         return registration
 
     def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:
@@ -169,10 +192,18 @@ class AggregatorState:
         if unknown:
             raise StateError("INVALID_ARGUMENT", f"domain_aggregation_period names unregistered domains {unknown}")
         memberships = self.current_memberships()
+        self._require_saved()
         run_id = params.run_id or f"run-{uuid.uuid4().hex[:12]}"
-        self.run = Run.start(run_id, params.model_copy(update={"run_id": run_id}), memberships, self.clock())
-        self._save_run()
-        return self.run
+        run = Run.start(run_id, params.model_copy(update={"run_id": run_id}), memberships, self.clock())
+        try:
+            if self.run is not None:
+                # the ended run stays listable (`cdimf runs`, `cdimf log`) after this one replaces it
+                self.store.archive_run(self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted}))
+            self.store.save_run(run.saved({d: self.registrations[d].fingerprint for d in run.admitted}))
+        except OSError as error:
+            raise StateError("UNAVAILABLE", f"the aggregator cannot save the new run: {error}") from error
+        self.run = run
+        return run
 
     def start_when_ready(self, params: RunParams) -> bool:
         """Start a run once min_domains domains registered, unless one is running; True when nothing is left to do."""
@@ -203,13 +234,22 @@ class AggregatorState:
 
     # ----- rounds -----
 
+    def _require_saved(self) -> None:
+        """StateError UNAVAILABLE while the latest save failed: nothing may build on an unsaved round."""
+        if self.persist_error is not None:
+            raise StateError("UNAVAILABLE", f"the aggregator cannot save its state ({self.persist_error}); it retries every {SAVE_RETRY_S:.0f} s")
+
     def check_contribution(self, run_id: str, domain: str, tag: int) -> tuple[int, int]:
         """Validate a push before its payload is read; returns the expected (rows, rank)."""
-        return self._run(run_id).check_contribution(domain, tag)
+        run = self._run(run_id)
+        self._require_saved()
+        return run.check_contribution(domain, tag)
 
     def accept_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> PushOutcome:
         """Take a decoded contribution; closes the round (and saves the run) when that completes it."""
-        accepted_round = self._run(run_id).accept_contribution(domain, tag, values)
+        run = self._run(run_id)
+        self._require_saved()
+        accepted_round = run.accept_contribution(domain, tag, values)
         return PushOutcome(accepted_round, self.poll())
 
     def deadline_at(self) -> float | None:
@@ -217,13 +257,22 @@ class AggregatorState:
         return None if self.run is None else self.run.deadline_at()
 
     def seconds_to_deadline(self) -> float | None:
-        """Seconds until the open round's deadline (0 once passed; None: no deadline)."""
+        """Seconds until the open round's deadline or the next save retry (0 once passed; None: neither)."""
         deadline = self.deadline_at()
+        if self.persist_error is not None:
+            deadline = self._retry_at if deadline is None else min(deadline, self._retry_at)
         return None if deadline is None else max(0.0, deadline - self.clock())
 
     def poll(self) -> int | None:
-        """Close the open round when its rule says so (saving the run); returns the closed round or None."""
+        """Close the open round when its rule says so (saving the run); returns the closed round or None.
+
+        While a save is failing it only retries the save (when SAVE_RETRY_S passed).
+        """
         run = self.run
+        if self.persist_error is not None:
+            if run is not None and self.clock() >= self._retry_at:
+                self._save_run()
+            return None
         if run is None or not run.due(self.clock()):
             return None
         closed = run.close_round(self.clock())
@@ -231,12 +280,25 @@ class AggregatorState:
         return closed
 
     def pull(self, run_id: str, domain: str, min_round: int) -> Pulled | None:
-        """A pull's answer: the newest Z of round >= min_round (ready), None (wait), or StateError (refused)."""
-        return self._run(run_id).pull(domain, min_round)
+        """A pull's answer: the newest Z of round >= min_round (ready), None (wait), or StateError (refused).
+
+        A Z whose round is not saved yet is never served: the pull waits for the save.
+        """
+        run = self._run(run_id)
+        if self.persist_error is not None:
+            run.membership(domain)
+            return None
+        return run.pull(domain, min_round)
 
     def report_metrics(self, run_id: str, domain: str, round_index: int, metrics: dict[str, float]) -> None:
-        """Record a domain's validation metrics for a round (once per domain and round)."""
-        self._run(run_id).report_metrics(domain, round_index, metrics)
+        """Record a domain's validation metrics for a round (once per domain and round).
+
+        Saved with the next round; once the run ended there is no next round, so those are saved now.
+        """
+        run = self._run(run_id)
+        run.report_metrics(domain, round_index, metrics)
+        if run.state != "running" and self.persist_error is None:
+            self._save_run()
 
     # ----- what the control API shows -----
 
@@ -262,7 +324,18 @@ class AggregatorState:
                     latest_metrics=dict(reported[max(reported)]) if reported else {},
                 )
             )
-        return Status(run, run.exchanged_rows if run is not None else 0, tuple(domains))
+        return Status(run, run.exchanged_rows if run is not None else 0, tuple(domains), self.persist_error or "")
+
+    def runs(self, run_id: str = "") -> list[SavedRun]:
+        """Every run kept, oldest first (the current one with its live events), or only `run_id`; NOT_FOUND if unknown."""
+        kept = {run.run_id: run for run in self.store.archived_runs()}
+        if self.run is not None:
+            kept[self.run.run_id] = self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted})
+        if run_id:
+            if run_id not in kept:
+                raise StateError("NOT_FOUND", f"unknown run {run_id!r}; kept runs: {', '.join(kept) or 'none'}")
+            return [kept[run_id]]
+        return sorted(kept.values(), key=lambda run: run.started_wall)
 
     def watched_run(self, run_id: str) -> Run:
         """The run a watch follows: the current one, if `run_id` is empty or names it; else NOT_FOUND."""
@@ -280,9 +353,32 @@ class AggregatorState:
     # ----- persistence -----
 
     def _save_run(self) -> None:
-        """Hand the run to the store (at its start, its stop and each round boundary)."""
-        assert self.run is not None
-        self.store.save_run(self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted}))
+        """Hand the run to the store (at its stop, each round boundary and the final metrics).
+
+        A failure is recorded (persist_error, a persist_failed event) instead of raised: the
+        caller's change is kept in memory, served only once a retry saved it.
+        """
+        run = self.run
+        assert run is not None
+        retrying = self.persist_error is not None
+        if retrying:
+            # saved with the round it recovers, so that the history on disk tells of the outage
+            run.events.append(Event("persist_recovered", run.consensus_round, elapsed_since(run.started_wall)))
+        try:
+            self.store.save_run(run.saved({d: self.registrations[d].fingerprint for d in run.admitted}))
+        except OSError as error:
+            self._retry_at = self.clock() + SAVE_RETRY_S
+            if retrying:
+                run.events.pop()
+            else:
+                log.error("cannot save run %s at round %d: %s; its Z is held back and the save retried every %.0f s",
+                          run.run_id, run.consensus_round, error, SAVE_RETRY_S)
+                run.events.append(Event("persist_failed", run.consensus_round, elapsed_since(run.started_wall), message=str(error)))
+            self.persist_error = str(error)
+            return
+        if retrying:
+            log.warning("run %s saved again at round %d; serving its Z", run.run_id, run.consensus_round)
+            self.persist_error = None
 
     def _restore(self) -> None:
         """Load the registrations and the run from the store (after a restart)."""
@@ -290,6 +386,13 @@ class AggregatorState:
         saved = self.store.load_run()
         if saved is None:
             return
+        lost = [d for d in saved.domains if d not in self.registrations]
+        if lost:
+            # a run never outlives its registrations: the registrations file was lost or replaced
+            raise StateFileError(
+                f"the stored run {saved.run_id} needs the registrations of {lost}, which the state folder lacks;"
+                " restore the registrations file from a backup, or move the folder away to start over (its run is then lost)"
+            )
         missing = [d for d in saved.domains if d not in self.registrations or self.registrations[d].fingerprint != saved.fingerprints[d]]
         if missing and saved.state != "running":
             return  # an ended run whose domains re-registered since: nothing to resume

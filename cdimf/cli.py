@@ -1,9 +1,12 @@
 """The `cdimf` command line: one subcommand per job, each mapping onto a pydantic config model."""
 
 import argparse
+import difflib
 import json
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn, cast
 
 from cdimf.common.config import ConfigError
 from cdimf.reproduce_config import load_reproduce_config
@@ -34,13 +37,43 @@ def _tune(args: argparse.Namespace) -> int:
     return tune.main(arguments)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with suggestions: an unknown flag or command names the closest known ones."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with the message and, for a typo, `did you mean ...?`."""
+        hint = ""
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if unknown:
+            known = [option for action in self._all_actions() for option in action.option_strings]
+            guesses = {word: difflib.get_close_matches(word.split("=")[0], known, n=2) for word in unknown.group(1).split() if word.startswith("-")}
+            hint = "; ".join(f"{word}: did you mean {' or '.join(found)}?" for word, found in guesses.items() if found)
+        elif choice:
+            found = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=2)
+            hint = f"did you mean {' or '.join(found)}?" if found else ""
+        super().error(f"{message}{' (' + hint + ')' if hint else ''}")
+
+    def _all_actions(self) -> list[argparse.Action]:
+        """This parser's actions and those of the subcommand being parsed."""
+        actions = list(self._actions)
+        command = getattr(self, "chosen_command", None)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                actions += action.choices[command]._actions
+        return actions
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="cdimf", description="Federated cross-domain implicit matrix factorisation.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from cdimf import __version__
+
+    parser = Parser(prog="cdimf", description="Federated cross-domain implicit matrix factorisation.")
+    parser.add_argument("--version", action="version", version=f"cdimf {__version__}", help="print the version and exit")
+    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]", parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     rep = commands.add_parser("reproduce", help="train ALS-separate, ALS-joined and CDIMF on a pair and compare with the paper")
     rep.add_argument("config", help=f"a shipped config by name ({', '.join(shipped_configs())}) or the path of a reproduction config (TOML)")
-    rep.add_argument("--json", action="store_true", help="print machine-readable results")
+    rep.add_argument("--json", action="store_true", help="print machine-readable results (one JSON object)")
     rep.set_defaults(handler=_reproduce)
     tune = commands.add_parser("tune", add_help=False, help="choose reproduce hyperparameters on validation rows (`cdimf tune --help`)")
     tune.add_argument("arguments", nargs=argparse.REMAINDER)
@@ -60,11 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments[:1] == ["tune"]:
         # the tuner parses its own flags (argparse's REMAINDER would not pass a leading --help on)
         arguments = ["tune", "--", *arguments[1:]]
+    parser.chosen_command = next((word for word in arguments if not word.startswith("-")), None)  # type: ignore[attr-defined]
     args = parser.parse_args(arguments)
+    as_json = bool(getattr(args, "json", False))
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
     except (ConfigError, ValueError, OSError) as error:
-        print(f"cdimf: error: {error}", file=sys.stderr)
+        from cdimf.runtime_cli import report_error
+
+        report_error(str(error), as_json)
         return 2

@@ -40,6 +40,17 @@ def _key_values(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=N with a whole number N, got {text!r}") from None
 
 
+def _with_default(text: str, info: Any) -> str:
+    """The field's help with its default, as the model holds it (one place for defaults)."""
+    if info.is_required():
+        return f"{text} (required)"
+    default = info.get_default(call_default_factory=True)
+    if default is None or isinstance(default, BaseModel) or default == {} or default == []:
+        return text
+    shown = str(default).lower() if isinstance(default, bool) else str(default)
+    return f"{text} (default: {shown})"
+
+
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flatten: frozenset[str] = frozenset(),
                     path: tuple[str, ...] = (), flag_prefix: str = "") -> dict[str, tuple[tuple[str, ...], str]]:
     """Add one flag per (nested) field of `model`; returns {argparse dest: (field path, flag)}."""
@@ -57,7 +68,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], fla
             continue  # tables of records (e.g. simulate's domains) are TOML-only
         flag = f"--{flag_prefix}{name.replace('_', '-')}"
         dest = "field__" + "__".join(field_path)
-        help_text = (info.description or name).replace("%", "%%")
+        help_text = _with_default((info.description or name.replace("_", " ")), info).replace("%", "%%")
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,18 +32,23 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TLS_FLATTEN = frozenset({"tls", "run"})
 
 
-class TrainConfig(StrictModel):
-    """What `cdimf train`, `status` and `stop` need: the aggregator, the operator's TLS material, the run."""
+class ControlConfig(StrictModel):
+    """What every control command needs: the aggregator and the operator's TLS material."""
 
     aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
     tls: TLSConfig
-    run: RunParams = Field(default_factory=RunParams)
-    rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each control call")
+    rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each control call in seconds")
 
     @field_validator("aggregator")
     @classmethod
     def _address(cls, value: str) -> str:
         return check_address(value, allow_port_zero=False)
+
+
+class TrainConfig(ControlConfig):
+    """What `cdimf train` needs (and the file `status`, `stop`, `runs` and `log` read): the control settings and the run."""
+
+    run: RunParams = Field(default_factory=RunParams)
 
 
 def _logging(level: str) -> None:
@@ -80,41 +87,60 @@ def _serve_node(args: argparse.Namespace) -> int:
 # ----- train / status / stop -----
 
 
-def _progress_bar(done: int, total: int, elapsed: float, width: int = 30) -> str:
-    """One progress-bar line for `done` of `total` rounds."""
-    filled = int(width * done / max(total, 1))
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] round {done}/{total}  {elapsed:6.1f} s"
+# how long `train --follow` keeps retrying an unreachable aggregator (restarts, pauses) by default
+FOLLOW_OUTAGE_S = 86_400.0
 
 
-async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool) -> int:
-    """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped."""
+async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool, outage_s: float = FOLLOW_OUTAGE_S) -> int:
+    """Print the run's events until it ends; EXIT_OK when it finished, EXIT_FAILED when stopped.
+
+    An aggregator unreachable for up to `outage_s` at a time (a restart, a pause) is waited for.
+    Text: a progress bar of rounds on a terminal (one line per round elsewhere), each domain's
+    validation metrics labelled with split and protocol, in %. JSON: one event per line, the
+    run's end (run_finished or run_stopped) always last, after the final round's metrics.
+    """
+    from cdimf.common.metric_labels import shown
     from cdimf.common.wire.serde import event_kind_name, event_to_json
+    from cdimf.progress import Progress
 
     outcome = EXIT_FAILED
-    started = time.monotonic()
-    tty = sys.stderr.isatty()
-    async for event in client.watch_run(run_id):
-        kind = event_kind_name(event.kind)
-        if as_json:
-            print(json.dumps(event_to_json(event)), flush=True)
-        elif kind == "metrics" and event.metrics:
-            # an empty set only says the domain is done with the round (it does not validate it)
-            shown = "  ".join(f"{name} {value:.4f}" for name, value in sorted(event.metrics.items()))
-            print(f"round {event.round:4d}  {event.domain:<12} {shown}", flush=True)
-        elif kind == "round_closed" and event.missing:
-            print(f"round {event.round:4d}  closed without {', '.join(event.missing)}", flush=True)
-        if kind == "round_closed":
-            bar = _progress_bar(event.round, rounds, time.monotonic() - started)
-            sys.stderr.write(bar if tty else bar.lstrip("\r") + "\n")
-            sys.stderr.flush()
-        if kind == "run_finished":
-            outcome = EXIT_OK
-        elif kind == "run_stopped":
-            outcome = EXIT_FAILED
-    if tty:
-        sys.stderr.write("\n")
-    print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
+    ending: list[dict[str, Any]] = []
+    with Progress(f"run {run_id}", rounds, "rounds", enabled=not as_json) as progress:
+        async for event in client.watch_run(run_id, outage_s=outage_s):
+            kind = event_kind_name(event.kind)
+            if kind == "run_finished":
+                outcome = EXIT_OK
+            if as_json:
+                line = event_to_json(event)
+                if kind in ("run_finished", "run_stopped"):
+                    # the final round's metrics may come after the run ended: the end goes last
+                    ending.append(line)
+                else:
+                    print(json.dumps(line), flush=True)
+            elif kind == "persist_failed":
+                progress.write(f"round {event.round:4d}  the aggregator cannot save its state: {event.message} (Z held back, retrying)")
+            elif kind == "persist_recovered":
+                progress.write(f"round {event.round:4d}  the aggregator saved its state again")
+            elif kind == "metrics" and event.metrics:
+                # an empty set only says the domain is done with the round (it does not validate it)
+                progress.write(f"round {event.round:4d}  {event.domain:<12} {shown(event.metrics, 'valid')}")
+            elif kind == "round_closed" and event.missing:
+                progress.write(f"round {event.round:4d}  closed without {', '.join(event.missing)}")
+            if kind == "round_closed" and not as_json:
+                progress.update(1)
+    for line in ending[-1:]:
+        print(json.dumps(line), flush=True)
+    if not as_json:
+        print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
     return outcome
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -> Any:
@@ -152,32 +178,46 @@ def _train(args: argparse.Namespace) -> int:
         try:
             info = await start_run(client, config.run, args.wait_for_domains_s)
             if args.json and not args.follow:
-                print(json.dumps({"run_id": info.run_id, "state": info.state, "domains": list(info.admitted_domains)}))
-            else:
+                print_json({"run_id": info.run_id, "state": info.state, "domains": list(info.admitted_domains)})
+            elif not args.json:
                 print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
             if not args.follow:
                 return EXIT_OK
-            return await follow_run(client, info.run_id, info.rounds, args.json)
+            return await follow_run(client, info.run_id, info.rounds, args.json, args.follow_timeout_s)
         finally:
             await client.close()
 
-    return _with_aggregator_errors(main)
+    return _with_aggregator_errors(main, args.json)
 
 
-def _with_aggregator_errors(main: Any) -> int:
-    """Run a coroutine function; an AggregatorError prints and exits 1."""
+def _with_aggregator_errors(main: Any, as_json: bool = False) -> int:
+    """Run a coroutine function; an AggregatorError prints (as {"ok": false, "error": ...} with --json) and exits 1."""
     from cdimf.common.rpc.aggregator_client import AggregatorError
 
     try:
         return asyncio.run(main())
     except AggregatorError as error:
-        print(f"cdimf: {error}", file=sys.stderr)
+        report_error(str(error), as_json)
         return EXIT_FAILED
+
+
+def report_error(message: str, as_json: bool) -> None:
+    """An error on stderr, or as the JSON schema's failure object on stdout."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": message}), flush=True)
+    else:
+        print(f"cdimf: error: {message}", file=sys.stderr)
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    """A successful command's JSON object: {"ok": true, ...}."""
+    print(json.dumps({"ok": True, **payload}, indent=2), flush=True)
 
 
 def _status(args: argparse.Namespace) -> int:
     """Print the aggregator's run and domains."""
-    from cdimf.common.wire.serde import run_state_name, status_to_json
+    from cdimf.common.metric_labels import shown
+    from cdimf.common.wire.serde import status_to_json
 
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
@@ -188,20 +228,20 @@ def _status(args: argparse.Namespace) -> int:
             status = await client.get_status()
         finally:
             await client.close()
+        view = status_to_json(status)
         if args.json:
-            print(json.dumps(status_to_json(status), indent=2))
+            print_json(view)
             return EXIT_OK
-        run = status.run
-        state = run_state_name(run.state)
-        print(f"run {run.run_id or '-'}: {state}, round {run.current_round}/{run.params.rounds}, "
-              f"latest consensus {run.latest_consensus_round}, shared users {status.shared_users}")
+        run = view["run"]
+        print(f"run {run['run_id'] or '-'}: {run['state']}, round {run['round']}/{run['rounds']}, "
+              f"latest consensus {run['consensus_round']}, shared users {view['shared_users']}")
         for domain in status.domains:
-            metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(domain.latest_metrics.items()))
             print(f"  {domain.domain:<12} rows {domain.rows:>8}  shared {domain.shared_rows:>8}  "
-                  f"admitted {str(domain.admitted).lower():<5}  last push {domain.latest_contribution_round:>4}  {metrics}")
+                  f"admitted {str(domain.admitted).lower():<5}  last push {domain.latest_contribution_round:>4}  "
+                  f"{shown(domain.latest_metrics, 'valid')}")
         return EXIT_OK
 
-    return _with_aggregator_errors(main)
+    return _with_aggregator_errors(main, args.json)
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -214,15 +254,73 @@ def _stop(args: argparse.Namespace) -> int:
         try:
             run_id = config.run.run_id or (await client.get_status()).run.run_id
             if not run_id:
-                print("cdimf: no run to stop", file=sys.stderr)
+                report_error("no run to stop", args.json)
                 return EXIT_FAILED
             info = await client.stop_run(run_id, args.reason)
         finally:
             await client.close()
-        print(f"run {info.run_id} {info.state}", file=sys.stderr)
+        if args.json:
+            print_json({"run_id": info.run_id, "state": info.state})
+        else:
+            print(f"run {info.run_id} {info.state}", file=sys.stderr)
         return EXIT_OK
 
-    return _with_aggregator_errors(main)
+    return _with_aggregator_errors(main, args.json)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    """List the aggregator's kept runs (current and ended)."""
+    from cdimf.common.wire.serde import run_record_to_json
+
+    config = load_with_flags(TrainConfig, args.config, args, args.fields)
+
+    async def main() -> int:
+        """ListRuns without events."""
+        client = _control_client(config)
+        try:
+            runs = [run_record_to_json(record) for record in (await client.list_runs()).runs]
+        finally:
+            await client.close()
+        if args.json:
+            print_json({"runs": [{key: value for key, value in run.items() if key != "events"} for run in runs]})
+            return EXIT_OK
+        print(f"{'run':<20} {'state':<9} {'round':>9} {'domains'}")
+        for run in runs:
+            print(f"{run['run_id']:<20} {run['state']:<9} {str(run['round']) + '/' + str(run['rounds']):>9} {', '.join(run['domains'])}")
+        return EXIT_OK
+
+    return _with_aggregator_errors(main, args.json)
+
+
+def _log(args: argparse.Namespace) -> int:
+    """A run's per-round history (also after it ended): its events, metrics labelled and in %."""
+    from cdimf.common.metric_labels import shown
+    from cdimf.common.wire.serde import event_kind_name, run_record_to_json
+
+    config = load_with_flags(TrainConfig, args.config, args, args.fields)
+
+    async def main() -> int:
+        """ListRuns for one run with its events."""
+        client = _control_client(config)
+        try:
+            record = (await client.list_runs(args.run, with_events=True)).runs[0]
+        finally:
+            await client.close()
+        if args.json:
+            print_json(run_record_to_json(record))
+            return EXIT_OK
+        view = run_record_to_json(record)
+        print(f"run {view['run_id']}: {view['state']}, round {view['round']}/{view['rounds']}, domains {', '.join(view['domains'])}"
+              + (f", stopped: {view['stop_reason']}" if view["stop_reason"] else ""))
+        for event in record.events:
+            kind = event_kind_name(event.kind)
+            detail = {"metrics": f"{event.domain:<12} {shown(event.metrics, 'valid')}",
+                      "round_closed": f"closed by {', '.join(event.contributors)}" + (f", without {', '.join(event.missing)}" if event.missing else "")
+                      }.get(kind, "")
+            print(f"{event.elapsed_s:8.1f} s  round {event.round:4d}  {kind:<13} {detail}".rstrip())
+        return EXIT_OK
+
+    return _with_aggregator_errors(main, args.json)
 
 
 # ----- recommend / health -----
@@ -245,11 +343,11 @@ def _recommend(args: argparse.Namespace) -> int:
                 reply = await stub.Recommend(pb.RecommendRequest(user_key=args.user, k=args.k, include_seen=args.include_seen),
                                              timeout=args.timeout_s)
             except grpc.aio.AioRpcError as error:
-                print(f"cdimf: Recommend: {error.code().name}: {error.details()}", file=sys.stderr)
+                report_error(f"Recommend: {error.code().name}: {error.details()}", args.json)
                 return EXIT_FAILED
         if args.json:
-            print(json.dumps({"user": reply.user_key, "cold_start": reply.cold_start,
-                              "items": [{"item": i, "score": s} for i, s in zip(reply.items, reply.scores)]}))
+            print_json({"user": reply.user_key, "cold_start": reply.cold_start,
+                        "items": [{"item": i, "score": round(float(s), 6)} for i, s in zip(reply.items, reply.scores)]})
         else:
             print(f"user {reply.user_key}{' (cold start: scored with its consensus vector)' if reply.cold_start else ''}")
             for rank, (item, score) in enumerate(zip(reply.items, reply.scores), 1):
@@ -257,6 +355,50 @@ def _recommend(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(main())
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """A node's current model on its test or valid split, by the sampled or the full-catalog protocol."""
+    from cdimf.common.metric_labels import labelled_percent, shown
+    from cdimf.common.rpc.channels import open_channel
+    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
+
+    tls = _tls_only(args.config, args, args.fields)
+
+    async def main() -> int:
+        """Call Evaluate and print the labelled metrics."""
+        async with open_channel(args.node, tls) as channel:
+            try:
+                reply = await pb_grpc.DomainNodeStub(channel).Evaluate(
+                    pb.EvaluateRequest(split=args.split, k=args.k, protocol=args.protocol), timeout=args.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                report_error(f"Evaluate: {error.code().name}: {error.details()}", args.json)
+                return EXIT_FAILED
+        negatives = reply.negatives if reply.protocol == "sampled" else None
+        if args.json:
+            print_json({"split": reply.split, "protocol": reply.protocol, "negatives": reply.negatives, "k": reply.k, "users": reply.users,
+                        "round": reply.round, "metrics": labelled_percent(reply.metrics, reply.split, negatives)})
+        else:
+            print(f"round {reply.round}, {reply.users} users: {shown(reply.metrics, reply.split, negatives)}")
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Write a saved model's or a node's factors and id maps as .npy files or Parquet tables."""
+    from cdimf.export import model_factors, node_factors, write_factors
+
+    if (args.model is None) == (args.node_config is None):
+        raise ValueError("give exactly one of --model DIR (a saved model) or --node-config FILE (a node's config and state_dir)")
+    factors = model_factors(args.model) if args.model is not None else node_factors(load_with_flags(NodeConfig, args.node_config, args, {}))
+    written = write_factors(factors, args.out, args.format)
+    if args.json:
+        print_json({"out": str(args.out), "format": args.format, "domains": sorted(factors), "files": [path.name for path in written]})
+    else:
+        print(f"wrote {len(written)} files for {', '.join(sorted(factors))} into {args.out}", file=sys.stderr)
+    return EXIT_OK
 
 
 async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: float) -> tuple[bool, str]:
@@ -293,48 +435,96 @@ def _address_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _control_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, what: str, handler: Any,
+                    json_help: str = "print one JSON object (README: machine-readable output)") -> argparse.ArgumentParser:
+    """A control command: --config, --json and the ControlConfig flags only (the file may also hold [run])."""
+    sub = commands.add_parser(name, help=what, description=what)
+    sub.add_argument("--config", help="TOML file: aggregator and [tls] (operator certificate); a train file's [run] is allowed")
+    sub.add_argument("--json", action="store_true", help=json_help)
+    sub.set_defaults(handler=handler, fields=add_model_flags(sub, ControlConfig, TLS_FLATTEN))
+    return sub
+
+
 def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the runtime subcommands on the `cdimf` parser."""
-    agg = commands.add_parser("serve-aggregator", help="serve the aggregator (AggregatorConfig)")
+    agg = commands.add_parser("serve-aggregator", help="serve the aggregator (AggregatorConfig)", description="Serve the aggregator.")
     agg.add_argument("--config", help="TOML file with the AggregatorConfig fields")
-    agg.add_argument("--log-level", default="INFO")
+    agg.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log messages at this level and above on stderr (default: INFO)")
     agg.set_defaults(handler=_serve_aggregator, fields=add_model_flags(agg, AggregatorConfig, TLS_FLATTEN))
 
-    node = commands.add_parser("serve-node", help="serve one domain node (NodeConfig); the secret comes from secret_file or CDIMF_SECRET")
+    node = commands.add_parser("serve-node", help="serve one domain node (NodeConfig); the secret comes from secret_file or CDIMF_SECRET",
+                               description="Serve one domain node.")
     node.add_argument("--config", help="TOML file with the NodeConfig fields")
-    node.add_argument("--log-level", default="INFO")
+    node.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log messages at this level and above on stderr (default: INFO)")
     node.set_defaults(handler=_serve_node, fields=add_model_flags(node, NodeConfig, TLS_FLATTEN))
 
-    train = commands.add_parser("train", help="start a training run (RunParams) and follow it")
+    train = commands.add_parser("train", help="start a training run (RunParams) and follow it", description="Start a training run.")
     train.add_argument("--config", help="TOML file: aggregator, [tls] (operator certificate) and [run] (RunParams)")
-    train.add_argument("--follow", action="store_true", help="follow the run: progress bar on stderr, per-round HR/NDCG per domain")
-    train.add_argument("--json", action="store_true", help="machine-readable output (one JSON object per event)")
+    train.add_argument("--follow", action="store_true", help="follow the run: progress of rounds on stderr, per-round validation metrics per domain")
+    train.add_argument("--json", action="store_true", help="machine-readable output (with --follow: one JSON event per line, the run's end last)")
+    train.add_argument("--follow-timeout-s", type=_positive_seconds, default=FOLLOW_OUTAGE_S,
+                       help="with --follow: how long an unreachable aggregator (restart, pause) is waited for, in seconds")
     train.add_argument("--wait-for-domains-s", type=float, default=120.0,
-                       help="retry starting the run this long while fewer than min_domains domains registered")
+                       help="retry starting the run this long while fewer than min_domains domains registered (default: 120)")
     train.set_defaults(handler=_train, fields=add_model_flags(train, TrainConfig, TLS_FLATTEN))
 
-    for name, handler, what in (("status", _status, "show the aggregator's run and domains"), ("stop", _stop, "stop the current run")):
-        sub = commands.add_parser(name, help=what)
-        sub.add_argument("--config", help="TOML file: aggregator and [tls] (operator certificate)")
-        sub.add_argument("--json", action="store_true", help="machine-readable output")
-        if name == "stop":
-            sub.add_argument("--reason", default="stopped by the operator")
-        sub.set_defaults(handler=handler, fields=add_model_flags(sub, TrainConfig, TLS_FLATTEN))
+    _control_parser(commands, "status", "show the aggregator's run and domains", _status)
+    stop = _control_parser(commands, "stop", "stop the current run (or the one --run-id names)", _stop)
+    stop.add_argument("--run-id", dest="field__run__run_id", metavar="RUN_ID", help="the run to stop (default: the current one)")
+    stop.add_argument("--reason", default="stopped by the operator", help="why, kept with the run and shown by `cdimf log` (default: %(default)s)")
+    stop.get_default("fields")["field__run__run_id"] = (("run", "run_id"), "--run-id")
+    _control_parser(commands, "runs", "list the aggregator's runs, the current one and those that ended", _runs)
+    log = _control_parser(commands, "log", "show a run's per-round history (also after it ended)", _log)
+    log.add_argument("run", help="the run's id (see `cdimf runs`)")
 
-    rec = commands.add_parser("recommend", help="top-k items for a user key from a domain node")
+    rec = commands.add_parser("recommend", help="top-k items for a user key from a domain node", description="Top-k items for a user key.")
     rec.add_argument("--node", required=True, type=_address_argument, help="host:port of the node's server")
     rec.add_argument("--user", required=True, help="the domain's own user key")
-    rec.add_argument("-k", type=int, default=10, help="number of items")
+    rec.add_argument("-k", type=_positive_int, default=10, help="number of items (default: 10)")
     rec.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")
-    rec.add_argument("--json", action="store_true")
-    rec.add_argument("--timeout-s", type=float, default=10.0)
+    rec.add_argument("--json", action="store_true", help="print one JSON object")
+    rec.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call in seconds (default: 10)")
     rec.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
     rec.set_defaults(handler=_recommend, fields=add_model_flags(rec, TLSConfig))
 
-    health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING")
+    ev = commands.add_parser("evaluate", help="evaluate a node's current model on its test or valid split",
+                             description="Evaluate a node's current model: HR@k / NDCG@k (full: also Recall and Coverage), in %%.")
+    ev.add_argument("--node", required=True, type=_address_argument, help="host:port of the node's server")
+    ev.add_argument("--split", choices=("test", "valid"), default="test", help="held-out split (default: test)")
+    ev.add_argument("--protocol", choices=("sampled", "full"), default="sampled",
+                    help="sampled: target among the split's fixed negatives (test 999, valid 99); full: the whole catalog (default: sampled)")
+    ev.add_argument("-k", type=_positive_int, default=10, help="cut-off (default: 10)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the call in seconds (default: 600)")
+    ev.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
+    ev.set_defaults(handler=_evaluate, fields=add_model_flags(ev, TLSConfig))
+
+    ex = commands.add_parser("export", help="write a saved model's or a node's factors and id maps (.npy or Parquet)",
+                             description="Export factors with their id maps: row i of <domain>.user_factors belongs to <domain>.user_ids[i].")
+    ex.add_argument("--model", type=Path, help="a model folder written by the Python API's save()")
+    ex.add_argument("--node-config", type=Path, help="a node's TOML config: its files give the ids, its state_dir's checkpoint the factors")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write into (created)")
+    ex.add_argument("--format", choices=("npy", "parquet"), default="npy", help="npy files, or Parquet tables (needs pyarrow) (default: npy)")
+    ex.add_argument("--json", action="store_true", help="print one JSON object")
+    ex.set_defaults(handler=_export)
+
+    health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING", description="gRPC health check.")
     health.add_argument("--target", required=True, type=_address_argument, help="host:port of a node or the aggregator")
     health.add_argument("--service", default="", help="service name ('' = the whole server)")
-    health.add_argument("--timeout-s", type=float, default=5.0)
+    health.add_argument("--timeout-s", type=float, default=5.0, help="deadline of the check in seconds (default: 5)")
     health.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
     health.set_defaults(handler=_health, fields=add_model_flags(health, TLSConfig))
-

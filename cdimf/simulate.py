@@ -1,8 +1,8 @@
 """`cdimf simulate`: the aggregator and one node per domain as separate OS processes on 127.0.0.1.
 
-It starts them at once (each in its own process group; the aggregator on a loopback port that
-this process reserved, so the nodes know its address before it listens; the nodes on port 0, read
-back from their `LISTENING host:port` line), waits until every node registered, runs one
+It starts them (each in its own process group, every server on port 0 of 127.0.0.1 and read back
+from its `LISTENING host:port` line: a server owns the port it bound, so the aggregator comes
+first and the nodes, told its address, after it), waits until every node registered, runs one
 training run to its end, asks every node's Evaluate RPC for
 HR@k/NDCG@k on its test split, prints the table and shuts everything down: SIGTERM to each
 process group, SIGKILL after a grace period, also on Ctrl-C/SIGTERM of `cdimf simulate` itself.
@@ -22,7 +22,6 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ class SimulatedDomain(StrictModel):
     train_path: Path
     valid_path: Path | None = None
     test_path: Path | None = None
-    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
+    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = Field("auto", description="file format; auto: from the extension and first line")
 
     @field_validator("name")
     @classmethod
@@ -213,24 +212,6 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         pass
 
 
-def reserve_loopback_port() -> socket.socket:
-    """A socket holding a free 127.0.0.1 port for a gRPC server that is still starting.
-
-    Bound with SO_REUSEPORT and not listening: no other program can take the port (its binds
-    fail, and connects never pick it as their local port), while a gRPC server, which sets
-    SO_REUSEPORT on Linux, can bind it. Close it once the server listens; until then,
-    connections to the port are refused (the nodes retry).
-    """
-    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(("127.0.0.1", 0))
-    except BaseException:
-        reservation.close()
-        raise
-    return reservation
-
-
 def write_throwaway_certificates(folder: Path, domains: list[str]) -> dict[str, TLSConfig]:
     """Throwaway CA and certificates for the aggregator, each domain and the operator (this process)."""
     from cdimf.common.security import pki
@@ -257,8 +238,10 @@ def _tls_settings(tls: TLSConfig) -> dict[str, Any]:
 async def _drive(config: SimulateConfig, federation: Federation, aggregator: str, nodes: dict[str, str],
                  operator: TLSConfig, as_json: bool) -> dict[str, Any]:
     """Start the run, follow it, then evaluate every node on its test split."""
+    from cdimf.common.metric_labels import labelled_percent
     from cdimf.common.rpc.aggregator_client import AggregatorClient
     from cdimf.common.rpc.channels import credentials_for, open_channel
+    from cdimf.common.wire.serde import event_to_json
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
     from cdimf.runtime_cli import follow_run, start_run
@@ -271,6 +254,7 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
         if not as_json:
             print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
         outcome = await follow_run(client, info.run_id, info.rounds, as_json=False) if not as_json else await _quiet_follow(client, info.run_id)
+        history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs for event in record.events]
     finally:
         await client.close()
     seconds = time.perf_counter() - started
@@ -283,12 +267,13 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
         async with open_channel(address, operator) as channel:
             split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
             reply = await pb_grpc.DomainNodeStub(channel).Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
-            return name, {"split": reply.split, "users": reply.users, **dict(reply.metrics)}
+            return name, {"split": reply.split, "negatives": int(reply.negatives), "users": int(reply.users), "round": int(reply.round),
+                          "metrics": labelled_percent(reply.metrics, reply.split, reply.negatives)}
 
     # every node evaluates in its own process: ask them all at once
     results = dict(await asyncio.gather(*(evaluated(name, address) for name, address in nodes.items())))
     return {"run_id": info.run_id, "rounds": info.rounds, "admitted": list(info.admitted_domains), "train_seconds": round(seconds, 3),
-            "transport": "insecure" if config.insecure else "mutual TLS", "domains": results}
+            "transport": "insecure" if config.insecure else "mutual TLS", "domains": results, "history": history}
 
 
 async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> None:
@@ -319,18 +304,19 @@ async def _quiet_follow(client: Any, run_id: str) -> int:
 
 
 def format_results(results: dict[str, Any], k: int) -> str:
-    """The results table: one row per domain with HR@k and NDCG@k in percent."""
-    lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}",
-             f"{'domain':<12} {'split':<6} {'users':>7} {f'HR@{k}':>8} {f'NDCG@{k}':>8}"]
+    """The results table: one row per domain, each metric labelled with its split and protocol, in %."""
+    lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}"]
     for name, row in results["domains"].items():
-        lines.append(f"{name:<12} {row['split']:<6} {row['users']:>7} {100 * row[f'HR@{k}']:>8.2f} {100 * row[f'NDCG@{k}']:>8.2f}")
+        shown = "  ".join(f"{label} {value:.2f}%" for label, value in row["metrics"].items())
+        lines.append(f"{name:<12} {row['users']:>7} users  {shown}")
     return "\n".join(lines)
 
 
 def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
     """Run the whole simulation; returns the results (raises SimulationError on failure)."""
     temporary = config.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="cdimf-simulate-")) if temporary else Path(config.work_dir)  # type: ignore[arg-type]
+    # absolute: the children run with the work dir as their working directory
+    work_dir = (Path(tempfile.mkdtemp(prefix="cdimf-simulate-")) if temporary else Path(config.work_dir)).resolve()  # type: ignore[arg-type]
     work_dir.mkdir(parents=True, exist_ok=True)
     federation = Federation(work_dir)
     failed = False
@@ -344,14 +330,13 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         from cdimf.common.security.pki import write_private_file
 
         write_private_file(secret_file, secrets.token_hex(32).encode() + b"\n")
-        # the aggregator's port is known before it listens, so the nodes start (import, load their
-        # data) alongside it instead of after it; they retry until it answers
-        reservation = reserve_loopback_port()
-        aggregator_address = f"127.0.0.1:{reservation.getsockname()[1]}"
+        # the aggregator binds a port of its own (no port is reserved and handed over: servers
+        # never share a port), and the nodes learn it from its LISTENING line
         aggregator = federation.start(
             "aggregator", ["serve-aggregator"],
-            {"listen": aggregator_address, "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
+            {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
         )
+        aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
         # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
         threads = max(1, (os.cpu_count() or 1) // len(config.domains))
         ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
@@ -375,12 +360,6 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 if value is not None:
                     settings[field] = str(value.resolve())
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
-        try:
-            listening = federation.wait_listening(aggregator, config.startup_timeout_s)
-        finally:
-            reservation.close()
-        if listening != aggregator_address:
-            raise SimulationError(f"the aggregator listens on {listening}, not on the reserved {aggregator_address}")
         # the nodes load their data in parallel; each prints LISTENING once it serves
         nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
         return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))
@@ -413,15 +392,14 @@ def _run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt_like_ctrl_c)
     try:
         results = simulate(config, args.json)
-    except SimulationError as error:
-        print(f"cdimf simulate: {error}", file=sys.stderr)
-        return 1
-    except grpc.RpcError as error:
-        print(f"cdimf simulate: {error}", file=sys.stderr)
+    except (SimulationError, grpc.RpcError) as error:
+        from cdimf.runtime_cli import report_error
+
+        report_error(f"simulate: {error}", args.json)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(results, indent=2) if args.json else format_results(results, config.k))
+    print(json.dumps({"ok": True, **results}, indent=2) if args.json else format_results(results, config.k))
     return 0
 
 

@@ -70,7 +70,7 @@ class TLSConfig(StrictModel):
 class RunParams(StrictModel):
     """Parameters of one federated training run, set by the operator when starting it."""
 
-    run_id: str | None = Field(None, description="run identifier; None: the aggregator picks one")
+    run_id: str | None = Field(None, description="run identifier (default: the aggregator picks one)")
     rounds: int = Field(10, ge=1, le=1_000_000, description="consensus rounds")
     rank: int = Field(64, ge=1, le=4096, description="latent dimension shared by all domains")
     admm: ADMMParams = Field(default_factory=ADMMParams)
@@ -146,7 +146,7 @@ class NodeConfig(StrictModel):
     train_path: Path = Field(description="training interactions")
     valid_path: Path | None = Field(None, description="validation interactions (per-round HR/NDCG)")
     test_path: Path | None = Field(None, description="test interactions")
-    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
+    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = Field("auto", description="file format; auto: from the extension and first line")
     listen: str = Field("127.0.0.1:0", description="host:port of the node's own server")
     aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
     state_dir: Path = Field(description="folder of the atomically written training state")
@@ -156,6 +156,8 @@ class NodeConfig(StrictModel):
     aggregation_period: int | None = Field(None, ge=1, le=10_000, description="local epochs per round; None: the run's")
     tls: TLSConfig
     rpc_timeout_s: float = Field(30.0, gt=0, description="deadline of each unary aggregator call")
+    checkpoint_retry_s: float = Field(60.0, ge=0, le=86_400,
+                                      description="a checkpoint that cannot be written (full or read-only disk) is retried this long, then the node exits")
     validation: ValidationParams = Field(default_factory=ValidationParams)
 
     @field_validator("domain")
@@ -323,7 +325,7 @@ def load_config(
     PREFIX<TABLE>__<FIELD> as they would be for the whole file (CDIMF_TLS__CA_FILE).
     """
     data: dict[str, Any] = {}
-    source = f"environment ({prefix}*)"
+    source = "defaults (no config file given)"
     within = (table,) if table is not None else ()
     if path is not None:
         source = str(path)

@@ -21,7 +21,10 @@ validation metrics. Interaction data and user keys never do.
 
 Restarts: the checkpoint holds the state after the last applied Z; a restarted node redoes
 that round's local epochs (deterministic) and pushes again (the aggregator answers
-ALREADY_EXISTS when it already had the push), so the run equals the uninterrupted one.
+ALREADY_EXISTS when it already had the push), so the run equals the uninterrupted one. A
+checkpoint of the current run trained on other data or users, or a damaged one, is never
+resumed nor silently replaced: the node exits naming the file and how to start over
+(cdimf.domain_node.checkpoint, which also holds the retry-or-exit rule of a failing write).
 """
 
 import asyncio
@@ -34,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cdimf.common.atomic_files import remove_stale_temporaries
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
+from cdimf.common.metric_labels import NEGATIVES_KEY, shown
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
     AggregatorError,
@@ -51,7 +56,16 @@ from cdimf.common.rpc.aggregator_client import (
 )
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
 from cdimf.common.wire.serde import RunInfo
-from cdimf.domain_node.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from cdimf.domain_node.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_resumable,
+    check_same_data,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint_retrying,
+    training_digest,
+)
 from cdimf.domain_node.node_data import NodeData
 
 log = logging.getLogger("cdimf.node")
@@ -109,6 +123,8 @@ class NodeRunner:
         self.pseudonyms = pseudonymize(data.users.keys, config.federation_secret())
         self.holder = data.holder
         self.fingerprint = membership_fingerprint(self.pseudonyms, self.holder)
+        self.data_digest = training_digest(data.train)
+        remove_stale_temporaries(checkpoint_path(config.state_dir))
         # the transport is injected (tests wrap it); by default, the node's own client
         self.client = client if client is not None else node_client(config, backoff=backoff)
         self.progress = Progress()
@@ -136,7 +152,7 @@ class NodeRunner:
         except CheckpointError as error:
             log.warning("ignoring the checkpoint: %s", error)
             return
-        if checkpoint is None or checkpoint.fingerprint != self.fingerprint:
+        if checkpoint is None or checkpoint.fingerprint != self.fingerprint or checkpoint.data_digest not in ("", self.data_digest):
             return
         state = checkpoint.trainer
         users = state.users.copy()
@@ -169,7 +185,13 @@ class NodeRunner:
         """Register, wait for a run other than finished_run, take part in it; returns its id."""
         if not self._registered:
             self.progress.phase = "registering"
-            registered = await self.client.register(self.pseudonyms, self.holder)
+            try:
+                registered = await self.client.register(self.pseudonyms, self.holder)
+            except NotAcceptedNow:
+                # the running run holds other rows of ours: with a checkpoint of it, our data
+                # changed under it, which no retry mends
+                self._refuse_changed_data()
+                raise
             self.progress.connected = True
             if registered.fingerprint != self.fingerprint:
                 raise data_mismatch("Register", "the aggregator's fingerprint differs from ours")
@@ -215,14 +237,20 @@ class NodeRunner:
         finally:
             await self._checkpoint_written()
 
+    def _refuse_changed_data(self) -> None:
+        """CheckpointMismatch when the checkpoint in the state folder was trained on other data than ours."""
+        checkpoint = load_checkpoint(self.config.state_dir)
+        if checkpoint is not None:
+            check_same_data(checkpoint, checkpoint_path(self.config.state_dir), self.fingerprint, self.data_digest)
+
     def _resume(self, info: RunInfo, trainer: DomainTrainer, view: Membership) -> int | None:
-        """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run."""
-        try:
-            checkpoint = load_checkpoint(self.config.state_dir)
-        except CheckpointError as error:
-            log.warning("starting over: %s", error)
-            checkpoint = None
-        if checkpoint is not None and checkpoint.run_id == info.run_id and checkpoint.fingerprint == self.fingerprint:
+        """Rounds already applied (0 for a fresh start); None when there is nothing to do in this run.
+
+        A damaged checkpoint, or one of this run on other data, raises CheckpointError (fatal).
+        """
+        checkpoint = load_checkpoint(self.config.state_dir)
+        if checkpoint is not None and checkpoint.run_id == info.run_id:
+            check_same_data(checkpoint, checkpoint_path(self.config.state_dir), self.fingerprint, self.data_digest)
             assert info.params is not None
             check_resumable(checkpoint, self.data.train.shape[0], self.data.train.shape[1], len(view.shared_rows), info.params.rank)
             if not (np.array_equal(checkpoint.shared_rows, view.shared_rows)
@@ -334,8 +362,10 @@ class NodeRunner:
         # background overlaps the disk with those epochs (it was most of a round's overhead).
         await self._checkpoint_written()
         snapshot = dataclasses.replace(trainer.state)
-        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, snapshot)
-        self._checkpoint_task = asyncio.ensure_future(asyncio.to_thread(save_checkpoint, self.config.state_dir, checkpoint))
+        checkpoint = Checkpoint(run_id, round_index, self.fingerprint, view.shared_rows, view.receiver_rows, snapshot, self.data_digest)
+        self._checkpoint_task = asyncio.ensure_future(
+            asyncio.to_thread(save_checkpoint_retrying, self.config.state_dir, checkpoint, self.config.checkpoint_retry_s)
+        )
         if round_index >= rounds:
             await self._checkpoint_written()
         self._publish(run_id, round_index, trainer)
@@ -347,7 +377,9 @@ class NodeRunner:
             assert model is not None
             started = time.perf_counter()
             metrics = await asyncio.to_thread(evaluate, self.data.valid, model.users, model.items, self.data.train, validation.k)
-            log.info("round %d: %s (%.2f s)", round_index, metrics, time.perf_counter() - started)
+            # the protocol travels with the numbers, so that whoever shows them can say so
+            metrics[NEGATIVES_KEY] = float(self.data.valid.candidates.shape[1] - 1)
+            log.info("round %d: %s (%.2f s)", round_index, shown(metrics, "valid"), time.perf_counter() - started)
             self.progress.latest_metrics = metrics
         elif round_index < rounds:
             return

@@ -17,8 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate, top_k
+from cdimf.common.core.metrics import full_catalog_metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
+from cdimf.domain_node.checkpoint import CheckpointError
 from cdimf.domain_node.node_data import NodeData, load_node_data
 from cdimf.domain_node.runner import Model, NodeRunner, Progress
 from cdimf.protos.v1 import federation_pb2 as pb
@@ -79,10 +81,22 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT if split not in ("valid", "test") else grpc.StatusCode.NOT_FOUND, str(error))
             raise
+        protocol = request.protocol or "sampled"
+        if protocol not in ("sampled", "full"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"protocol must be 'sampled' or 'full', got {protocol!r}")
         model = await self._model(context, k)
-        metrics = await asyncio.to_thread(evaluate, held, model.users, model.items, self.data.train, k)
+        if protocol == "full":
+            full = await asyncio.to_thread(full_catalog_metrics, model.users, model.items, self.data.train, held.users, held.items, k,
+                                           np.arange(self.data.train.shape[1]))
+            metrics = {name: value for name, value in full.items() if name != "users"}
+            negatives = 0
+        else:
+            metrics = await asyncio.to_thread(evaluate, held, model.users, model.items, self.data.train, k)
+            negatives = held.candidates.shape[1] - 1
+        # kept in the map for clients of earlier versions; the reply's own field is `round`
         metrics["round"] = float(model.round)
-        return pb.EvaluateReply(split=split, k=k, metrics=metrics, users=len(held.users))
+        return pb.EvaluateReply(split=split, k=k, metrics=metrics, users=len(held.users), protocol=protocol, negatives=negatives,
+                                round=model.round)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendReply:
         """Top-k items for one of this domain's user keys (cold-start users via their consensus vector)."""
@@ -153,8 +167,12 @@ async def start_node(config: NodeConfig, data: NodeData | None = None, runner: N
             await runner.run()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("the training loop failed")
+        except Exception as error:
+            if isinstance(error, CheckpointError | OSError):
+                # a refusal that names its file and what to do: a traceback adds nothing
+                log.error("the training loop stopped: %s", error)
+            else:
+                log.exception("the training loop failed")
             await health_service.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             raise
 

@@ -205,13 +205,48 @@ def test_runs_start_and_stop_with_the_right_statuses() -> None:
     assert state.start_run(RunParams(run_id="r2", rounds=2, rank=RANK)).run_id == "r2"
 
 
+def _close_first_round(state: AggregatorState, run_id: str) -> None:
+    """Every admitted domain pushes round 1, which closes it."""
+    for name in DOMAINS:
+        state.accept_contribution(run_id, name, 1, contribution_of(state, name, 1))
+    assert state.run is not None and state.run.consensus_round == 1
+
+
 def test_metrics_once_per_domain_and_round() -> None:
     state = registered()
     run = state.start_run(RunParams(rounds=2, rank=RANK))
-    state.report_metrics(run.run_id, "sport", 0, {"hr@10": 0.1})
-    expect("ALREADY_EXISTS", lambda: state.report_metrics(run.run_id, "sport", 0, {"hr@10": 0.2}))
-    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "cloth", 0, {"hr@10": float("nan")}))
-    assert run.metrics == {"sport": {0: {"hr@10": 0.1}}}
+    expect("FAILED_PRECONDITION", lambda: state.report_metrics(run.run_id, "sport", 1, {"hr@10": 0.1}))
+    _close_first_round(state, run.run_id)
+    state.report_metrics(run.run_id, "sport", 1, {"hr@10": 0.1})
+    expect("ALREADY_EXISTS", lambda: state.report_metrics(run.run_id, "sport", 1, {"hr@10": 0.2}))
+    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "cloth", 1, {"hr@10": float("nan")}))
+    assert run.metrics == {"sport": {1: {"hr@10": 0.1}}}
+
+
+def test_metrics_reports_are_bounded_and_refused_before_round_one() -> None:
+    """Round 0, too many values or overlong names are INVALID_ARGUMENT and record nothing."""
+    state = registered()
+    run = state.start_run(RunParams(rounds=2, rank=RANK))
+    _close_first_round(state, run.run_id)
+    events = len(run.events)
+    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "sport", 0, {"hr@10": 0.1}))
+    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "sport", 1, {f"m{i}": 0.5 for i in range(17)}))
+    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "sport", 1, {"x" * 33: 0.5}))
+    expect("INVALID_ARGUMENT", lambda: state.report_metrics(run.run_id, "sport", 1, {"hr\x00": 0.5}))
+    assert run.metrics == {} and len(run.events) == events
+    state.report_metrics(run.run_id, "sport", 1, {f"m{i}": 0.5 for i in range(16)})
+
+
+def test_domain_names_follow_the_party_name_rule_without_tls() -> None:
+    """A NUL, a path, spaces, capitals or 64+ characters are refused (the rule of configs and certificates), echoed cut short."""
+    state = registered()
+    before = dict(state.registrations)
+    keys = pseudonymize(np.array([1, 2, 3], dtype=np.int64), SECRET)
+    for name in ("sport\x00", "Sport/../x y", "a" * 64, "x" * 100_000):
+        with pytest.raises(StateError) as refused:
+            state.register(name, keys, np.ones(3, dtype=bool))
+        assert refused.value.status == "INVALID_ARGUMENT" and len(refused.value.message) < 300
+    assert state.registrations == before
 
 
 @pytest.mark.parametrize("admm", [ADMMParams(), ADMMParams(rho=2.0, prox="l2", lambda_z=0.7)])

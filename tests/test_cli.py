@@ -66,27 +66,100 @@ def test_train_follow_status_recommend_and_health(tmp_path: Path, processes: Pro
     events = [json.loads(line) for line in trained.stdout.splitlines()]
     assert {(e["domain"], e["round"]) for e in events if e["kind"] == "metrics"} == {(d, r) for d in ("sport", "cloth") for r in (1, 2)}
     assert [e["kind"] for e in events].count("run_finished") == 1 and all(e["run_id"] == "cli-run" for e in events)
-    assert "round 2/2" in trained.stderr, "progress bar on stderr"
+    assert events[-1]["kind"] == "run_finished", "the run's end comes after the final round's metrics"
+    assert all(isinstance(e["round"], int) for e in events) and trained.stderr == ""
 
     status, table, warm, cold, unknown, finished = cdimf_all(
         ["status", "--aggregator", aggregator, "--insecure", "--json"],
         ["status", "--aggregator", aggregator, "--insecure"],
-        ["recommend", "--node", sport, "--user", user_key(3), "-k", "3", "--insecure", "--json"],
-        ["recommend", "--node", sport, "--user", user_key(91), "--insecure", "--json"],
+        ["recommend", "--node", sport, "--user", user_key(3), "-k", "3", "--insecure", "--json", "--include-seen"],
+        ["recommend", "--node", sport, "--user", user_key(91), "--insecure", "--json", "--include-seen"],
         ["recommend", "--node", sport, "--user", "nobody", "--insecure"],
-        ["stop", "--aggregator", aggregator, "--insecure"],
+        ["stop", "--aggregator", aggregator, "--insecure", "--json"],
     )
     assert status.returncode == 0, status.stderr
     reply = json.loads(status.stdout)
-    assert reply["run"]["state"] == "RUN_STATE_FINISHED" and {d["domain"] for d in reply["domains"]} == {"sport", "cloth"}
-    assert "cli-run" in table.stdout
+    assert reply["ok"] is True and reply["run"]["state"] == "finished" and {d["domain"] for d in reply["domains"]} == {"sport", "cloth"}
+    assert reply["run"]["round"] == 2 and reply["run"]["rounds"] == 2 and isinstance(reply["shared_users"], int) and reply["shared_users"] > 0
+    assert all(set(d["latest_metrics"]) == {"valid HR@10 (59 neg)", "valid NDCG@10 (59 neg)"} for d in reply["domains"]), reply
+    assert "cli-run: finished, round 2/2" in table.stdout and "valid NDCG@10 (59 neg)" in table.stdout
     assert warm.returncode == 0, warm.stderr
     warm_reply = json.loads(warm.stdout)
     assert len(warm_reply["items"]) == 3 and warm_reply["cold_start"] is False
     cold_reply = json.loads(cold.stdout)
     assert cold_reply["cold_start"] is True and len(cold_reply["items"]) == 10
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
-    assert finished.returncode == 1 and "already finished" in finished.stderr
+    assert finished.returncode == 1 and json.loads(finished.stdout)["ok"] is False and "already finished" in json.loads(finished.stdout)["error"]
+
+    # a second run replaces the first, which `runs` and `log` still show with its per-round history
+    second = cdimf("train", "--aggregator", aggregator, "--insecure", "--rounds", "1", "--rank", "6", "--min-domains", "2",
+                   "--run-id", "cli-run-2", "--follow")
+    assert second.returncode == 0, second.stderr
+    assert "round    1  sport        valid HR@10 (59 neg) " in second.stderr and "%" in second.stderr
+    assert "run cli-run-2: 1/1 rounds" in second.stderr, "one progress line per round on a non-terminal"
+    runs, log, log_text, missing, test_eval, full_eval, exported, warm_now, cold_now = cdimf_all(
+        ["runs", "--aggregator", aggregator, "--insecure", "--json"],
+        ["log", "cli-run", "--aggregator", aggregator, "--insecure", "--json"],
+        ["log", "cli-run", "--aggregator", aggregator, "--insecure"],
+        ["log", "no-such-run", "--aggregator", aggregator, "--insecure", "--json"],
+        ["evaluate", "--node", sport, "--insecure", "--json"],
+        ["evaluate", "--node", sport, "--split", "valid", "--protocol", "full", "-k", "5", "--insecure", "--json"],
+        ["export", "--node-config", str(_node_config(tmp_path)), "--out", str(tmp_path / "export"), "--json"],
+        ["recommend", "--node", sport, "--user", user_key(3), "-k", "3", "--insecure", "--json", "--include-seen"],
+        ["recommend", "--node", sport, "--user", user_key(91), "--insecure", "--json", "--include-seen"],
+    )
+    listed = json.loads(runs.stdout)["runs"]
+    assert [(r["run_id"], r["state"], r["round"], r["rounds"]) for r in listed] == [("cli-run", "finished", 2, 2), ("cli-run-2", "finished", 1, 1)]
+    history = json.loads(log.stdout)
+    assert history["run_id"] == "cli-run" and history["events"][-1]["kind"] in ("run_finished", "metrics")
+    assert {(e["domain"], e["round"]) for e in history["events"] if e["kind"] == "metrics"} == {(d, r) for d in ("sport", "cloth") for r in (1, 2)}
+    assert [e["round"] for e in history["events"] if e["kind"] == "round_closed"] == [1, 2]
+    assert "round_closed" in log_text.stdout and "valid NDCG@10 (59 neg)" in log_text.stdout
+    assert missing.returncode == 1 and json.loads(missing.stdout) == {"ok": False, "error": missing_error(missing.stdout)}
+    assert "unknown run 'no-such-run'" in json.loads(missing.stdout)["error"]
+    sampled = json.loads(test_eval.stdout)
+    assert (sampled["split"], sampled["protocol"], sampled["round"], sampled["users"]) == ("test", "sampled", 1, 4)
+    assert set(sampled["metrics"]) == {f"test HR@10 ({sampled['negatives']} neg)", f"test NDCG@10 ({sampled['negatives']} neg)"}
+    full = json.loads(full_eval.stdout)
+    assert full["protocol"] == "full" and "valid Recall@5 (full catalog)" in full["metrics"], full
+    assert all(0.0 <= value <= 100.0 for value in [*sampled["metrics"].values(), *full["metrics"].values()])
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    _check_export(tmp_path / "export", json.loads(warm_now.stdout), json.loads(cold_now.stdout))
+
+
+def missing_error(stdout: str) -> str:
+    """The error text of a JSON failure object."""
+    return str(json.loads(stdout)["error"])
+
+
+def _node_config(tmp_path: Path) -> Path:
+    """The sport node's settings (as the harness starts it) as a TOML file for `cdimf export`."""
+    files = write_domains(tmp_path / "data")
+    path = tmp_path / "node-sport.toml"
+    path.write_text(f"""domain = "sport"
+train_path = "{files['sport']['train']}"
+test_path = "{files['sport']['test']}"
+data_format = "csv"
+state_dir = "{tmp_path / 'sport'}"
+secret = "unused by export"
+[tls]
+insecure = true
+""")
+    return path
+
+
+def _check_export(folder: Path, warm: dict, cold: dict) -> None:
+    """Brute-force top-k over the exported factors equals the node's own Recommend (seen items included), ids included."""
+    import numpy as np
+
+    user_ids = np.load(folder / "sport.user_ids.npy").tolist()
+    users, items = np.load(folder / "sport.user_factors.npy"), np.load(folder / "sport.item_factors.npy")
+    item_ids = np.load(folder / "sport.item_ids.npy")
+    for reply in (warm, cold):
+        scores = items @ users[user_ids.index(reply["user"])]
+        best = np.argsort(-scores, kind="stable")[: len(reply["items"])]
+        assert item_ids[best].tolist() == [entry["item"] for entry in reply["items"]]
+        np.testing.assert_allclose(scores[best], [entry["score"] for entry in reply["items"]], rtol=1e-4)
 
 
 async def _wait_until_running(aggregator: str) -> None:

@@ -211,7 +211,8 @@ def test_compose_stack_runs_as_local_processes(compose: dict[str, Any], tmp_path
     assert launcher.returncode == 0, launcher.stderr[-3000:]
     assert re.search(r"run \S+ finished", launcher.stderr), launcher.stderr[-2000:]
     for domain in DOMAIN_FOLDERS:
-        assert re.search(rf"round\s+1\s+{domain}\s+HR@10 0\.\d+", launcher.stdout), launcher.stdout
+        # labelled with split and protocol, in %, on stderr with the progress lines
+        assert re.search(rf"round\s+1\s+{domain}\s+valid HR@10 \(\d+ neg\) \d+\.\d\d%", launcher.stderr), launcher.stderr
     for volume in ("aggregator-state", "sport-state", "cloth-state"):
         assert any((tmp_path / "volumes" / volume).iterdir()), f"{volume} is empty"
     assert run.stop_status == {name: 0 for name in LONG_RUNNING}, run.stop_status

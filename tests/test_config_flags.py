@@ -1,6 +1,8 @@
 """Flags reach the models as the last layer of the one loader: each sets exactly its field, errors name the flag."""
 
 import argparse
+import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,65 @@ def test_environment_sets_one_field_of_a_defaulted_table(monkeypatch: pytest.Mon
     """A variable, like a flag, sets exactly its field: simulate's other run defaults stay."""
     config = load_config(SimulateConfig, None, environ={"CDIMF_RUN__ROUNDS": "4"})
     assert config.run.rounds == 4 and config.run.min_domains == 2
+
+
+# (flag, field path, valid values): every SimulateConfig field a flag sets, with values its model accepts
+_FLAGS = {
+    "--rounds": (("run", "rounds"), "int", (1, 1000)),
+    "--min-domains": (("run", "min_domains"), "int", (1, 2)),
+    "--aggregation-period": (("run", "aggregation_period"), "int", (1, 50)),
+    "--max-staleness": (("run", "max_staleness"), "int", (0, 5)),
+    "--round-deadline-s": (("run", "round_deadline_s"), "float", (0.0, 100.0)),
+    "--admm-rho": (("run", "admm", "rho"), "float", (0.0, 10.0)),
+    "--ials-alpha": (("ials", "alpha"), "float", (1e-4, 10.0)),
+    "--ials-lam": (("ials", "lam"), "float", (0.0, 10.0)),
+    "--ials-nu": (("ials", "nu"), "float", (0.0, 2.0)),
+    "--ials-seed": (("ials", "seed"), "int", (0, 2**31)),
+    "--ials-sigma": (("ials", "sigma"), "float", (1e-3, 1.0)),
+    "--k": (("k",), "int", (1, 1000)),
+    "--validation-every": (("validation", "every"), "int", (0, 100)),
+    "--validation-negatives": (("validation", "negatives"), "int", (1, 1000)),
+    "--startup-timeout-s": (("startup_timeout_s",), "float", (0.5, 1000.0)),
+    "--insecure": (("insecure",), "bool", None),
+}
+
+
+def _values():
+    """A hypothesis strategy: {flag: value} for any subset of _FLAGS."""
+    from hypothesis import strategies as st
+
+    def value(kind: str, bounds: tuple | None):
+        if kind == "int":
+            return st.integers(*bounds)
+        if kind == "float":
+            return st.floats(*bounds, allow_nan=False)
+        return st.booleans()
+
+    return st.fixed_dictionaries({}, optional={flag: value(kind, bounds) for flag, (_, kind, bounds) in _FLAGS.items()})
+
+
+def test_any_subset_of_flags_replaces_exactly_those_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For any subset of flags: the loaded config is the defaults with exactly those fields replaced (a dict edit in the test)."""
+    from hypothesis import given, settings
+
+    for name in [name for name in os.environ if name.startswith("CDIMF_")]:
+        monkeypatch.delenv(name)
+    defaults = SimulateConfig().model_dump()
+
+    @settings(max_examples=150, deadline=None)
+    @given(_values())
+    def check(chosen: dict) -> None:
+        argv: list[str] = []
+        expected = copy.deepcopy(defaults)
+        for flag, value in chosen.items():
+            path, kind, _ = _FLAGS[flag]
+            argv += [flag if value else "--no-insecure"] if kind == "bool" else [flag, repr(value)]
+            target = expected
+            for part in path[:-1]:
+                target = target[part]
+            target[path[-1]] = value
+        loaded = _load(SimulateConfig, argv)
+        assert isinstance(loaded, SimulateConfig)
+        assert loaded.model_dump() == expected
+
+    check()

@@ -93,7 +93,8 @@ def test_a_training_node_sends_only_headers_pseudonyms_shared_factor_rows_and_me
             assert message.total_rows == shared < data.train.shape[0] and message.cols == RANK
             pushes.setdefault(message.header.round, MatrixAssembler("push")).add(message)
         elif method.endswith("ReportMetrics"):
-            assert set(message.metrics) == {"HR@10", "NDCG@10"}
+            # the metrics and the number of negatives they were ranked against: no user-level values
+            assert set(message.metrics) == {"HR@10", "NDCG@10", "negatives"}
         else:
             assert message.ListFields() and all(field.name in ("header", "wait_s", "after_run_id", "min_round", "dtype")
                                                 for field, _ in message.ListFields()), message

@@ -61,7 +61,8 @@ def test_validation_every_k_and_negatives_and_a_node_that_never_validates(tmp_pa
     events, after_finish, sport = asyncio.run(scenario())
     reported = {(e.domain, e.round): dict(e.metrics) for e in events if e.kind == pb.EVENT_KIND_METRICS}
     assert set(reported) == {("sport", 2), ("sport", 3), ("cloth", 3)}
-    assert all(set(reported["sport", r]) == {"HR@5", "NDCG@5"} for r in (2, 3))
+    assert all(set(reported["sport", r]) == {"HR@5", "NDCG@5", "negatives"} for r in (2, 3))
+    assert all(reported["sport", r]["negatives"] == 20 for r in (2, 3)), "the report says which protocol its numbers are under"
     assert reported["cloth", 3] == {}
     assert after_finish < FINAL_METRICS_GRACE_S, "the watch waited for metrics that never come"
     valid = sport.runner.data.valid

@@ -45,7 +45,7 @@ def test_every_prox_operator_has_a_wire_value_and_back() -> None:
 
 def test_enum_maps_cover_the_models_names() -> None:
     assert set(serde.RUN_STATES) == {"idle", "running", "finished", "stopped"}
-    assert set(serde.EVENT_KINDS) == {"run_started", "round_closed", "metrics", "run_finished", "run_stopped"}
+    assert set(serde.EVENT_KINDS) == {"run_started", "round_closed", "metrics", "run_finished", "run_stopped", "persist_failed", "persist_recovered"}
     assert serde.run_state_name(pb.RUN_STATE_RUNNING) == "running" and serde.run_state_name(77) == "unknown"
     assert serde.event_kind_name(pb.EVENT_KIND_ROUND_CLOSED) == "round_closed"
 
@@ -73,8 +73,23 @@ def test_events_as_messages_and_json() -> None:
     run = _Run("r", RunParams(run_id="r", rounds=3, rank=4))
     message = serde.event_to_proto(run, Event("round_closed", 2, 1.23456, ["sport"], ["cloth"]))
     assert message.kind == pb.EVENT_KIND_ROUND_CLOSED and message.rounds == 3
-    assert serde.event_to_json(message) == {"run_id": "r", "kind": "round_closed", "round": 2, "rounds": 3, "domain": "", "metrics": {},
+    assert serde.event_to_json(message) == {"run_id": "r", "kind": "round_closed", "round": 2, "rounds": 3, "domain": None, "metrics": {},
                                             "contributors": ["sport"], "missing": ["cloth"], "elapsed_s": 1.235}
+    metrics = serde.event_to_proto(run, Event("metrics", 3, 2.0, domain="sport", metrics={"HR@10": 0.25, "NDCG@10": 0.125, "negatives": 99}))
+    assert serde.event_to_json(metrics)["metrics"] == {"valid HR@10 (99 neg)": 25.0, "valid NDCG@10 (99 neg)": 12.5}
+
+
+def test_status_json_has_numbers_lower_case_states_and_every_field() -> None:
+    run = _Run("r", RunParams(run_id="r", rounds=5, rank=4))
+    info = serde.run_info_to_proto(run)
+    info.current_round = 6  # a finished run's open round is rounds + 1
+    status = pb.AggregatorStatus(run=info, shared_users=7, domains=[pb.DomainStatus(domain="sport", rows=3)])
+    shown = serde.status_to_json(status)
+    assert shown["run"]["round"] == 5 and shown["run"]["rounds"] == 5 and shown["shared_users"] == 7
+    assert shown["domains"] == [{"domain": "sport", "rows": 3, "shared_rows": 0, "receiver_rows": 0, "admitted": False,
+                                 "latest_contribution_round": 0, "contributions": 0, "latest_metrics": {}}]
+    idle = serde.status_to_json(pb.AggregatorStatus(run=serde.run_info_to_proto(None)))
+    assert idle["run"]["state"] == "idle" and idle["run"]["run_id"] is None and idle["run"]["round"] == 0
 
 
 def test_membership_summary_and_view() -> None:

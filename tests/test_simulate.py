@@ -85,7 +85,14 @@ def test_simulate_runs_the_federation_with_mutual_tls_and_prints_the_table(tmp_p
     assert results["domains"]["sport"]["split"] == "test" and results["domains"]["sport"]["users"] == 4
     assert results["domains"]["cloth"]["split"] == "valid"
     for row in results["domains"].values():
-        assert 0.0 <= row["NDCG@10"] <= row["HR@10"] <= 1.0 and row["round"] == 2
+        split, neg = row["split"], row["negatives"]
+        assert isinstance(row["round"], int) and row["round"] == 2 and neg >= 1
+        metrics = row["metrics"]
+        assert 0.0 <= metrics[f"{split} NDCG@10 ({neg} neg)"] <= metrics[f"{split} HR@10 ({neg} neg)"] <= 100.0
+    assert results["ok"] is True
+    # the per-round history: every round closed, the end last
+    assert [e["round"] for e in results["history"] if e["kind"] == "round_closed"] == [1, 2]
+    assert results["history"][-1]["kind"] in ("run_finished", "metrics")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

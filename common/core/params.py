@@ -6,9 +6,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that rejects unknown fields and is immutable."""
+    """A pydantic model that rejects unknown fields, infinities and NaNs, and is immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no setting means "forever" or "undefined" by inf/nan: rho = inf broke every solve and
+    # a deadline of inf never closes a round
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LocalIALSParams(StrictModel):

@@ -302,21 +302,23 @@ class AggregatorClient:
 
         return await self._call("GetStatus", attempt)
 
-    async def watch_run(self, run_id: str = "", from_round: int = 0) -> AsyncIterator[pb.RoundEvent]:
+    async def watch_run(self, run_id: str = "", from_round: int = 0, outage_s: float | None = None) -> AsyncIterator[pb.RoundEvent]:
         """Yield the run's events (replayed from from_round, then live) until it ends.
 
         No overall deadline (runs are long); keepalive detects a dead aggregator, and a dropped
-        stream is resumed after the last round seen.
+        stream is resumed after the last round seen. An unreachable aggregator is retried for
+        `outage_s` (default retry_for_s) since the last event, so a follower outlasts restarts.
         """
         next_round = from_round
-        give_up = time.monotonic() + self.retry_for_s
+        window_s = self.retry_for_s if outage_s is None else outage_s
+        give_up = time.monotonic() + window_s
         tries = 0
         while True:
             request = pb.WatchRequest(header=self.header(run_id), from_round=next_round)
             try:
                 async for event in self.stub.WatchRun(request):
                     tries = 0
-                    give_up = time.monotonic() + self.retry_for_s
+                    give_up = time.monotonic() + window_s
                     # resume after the last closed round; metrics of that round may repeat
                     if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
                         next_round = event.round + 1
@@ -327,6 +329,15 @@ class AggregatorClient:
                     raise aggregator_error("WatchRun", error.code(), error.details() or "") from error
             await asyncio.sleep(self.backoff.delay(tries, self._rng))
             tries += 1
+
+    async def list_runs(self, run_id: str = "", with_events: bool = False) -> pb.RunList:
+        """The aggregator's kept runs (or the one named), with their events when asked for."""
+        request = pb.ListRunsRequest(header=self.header(run_id), with_events=with_events)
+
+        async def attempt() -> pb.RunList:
+            return await self.stub.ListRuns(request, timeout=self.rpc_timeout_s)
+
+        return await self._call("ListRuns", attempt)
 
     async def stop_run(self, run_id: str, reason: str = "") -> RunInfo:
         """Stop a running run."""

@@ -33,6 +33,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # a server owns its port: gRPC's default SO_REUSEPORT let a second aggregator bind the same
+    # address and take half the connections
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -126,13 +129,17 @@ def create_server(
 def bind_port(server: grpc.aio.Server, address: str, settings: TLSConfig, what: str = "server") -> int:
     """Bind `address` on `server` with TLS from `settings`, or plaintext when `settings.insecure`;
     return the bound port (`what` names the server in the error)."""
-    if settings.insecure:
-        port = server.add_insecure_port(address)
-    else:
-        ca_file, cert_file, key_file = tls_files(settings)
-        port = server.add_secure_port(address, server_credentials(cert_file, key_file, ca_file))
+    refused = f"cannot listen on {address} for the {what}: the port is taken or the address is not this host's"
+    try:
+        if settings.insecure:
+            port = server.add_insecure_port(address)
+        else:
+            ca_file, cert_file, key_file = tls_files(settings)
+            port = server.add_secure_port(address, server_credentials(cert_file, key_file, ca_file))
+    except RuntimeError as error:  # grpcio's "Failed to bind": one line for the operator, no traceback
+        raise OSError(refused) from error
     if port == 0:
-        raise OSError(f"cannot bind the {what} to {address}")
+        raise OSError(refused)
     return port
 
 
@@ -185,6 +192,9 @@ def serve_until_signalled(
         # installed before starting, so a signal during a slow start stops the server once it is up
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop_soon)
+        # a write over the file-size limit must fail (EFBIG, handled like a full disk), not kill the server
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         running = await start()
         if on_ready is not None:
             maybe = on_ready(running)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from google.protobuf.json_format import MessageToDict
 
 from cdimf.common.config import RunParams, validate_config
 from cdimf.common.core.membership import Membership
+from cdimf.common.metric_labels import labelled_percent
 from cdimf.protos.v1 import federation_pb2 as pb
 
 
@@ -76,8 +76,8 @@ def run_params_from_proto(message: pb.RunParams) -> RunParams:
 # ----- the aggregator's side: its state as messages -----
 
 
-class RunView(Protocol):
-    """What the wire shows of the aggregator's run."""
+class RunBasics(Protocol):
+    """What the wire shows of any run, current or kept."""
 
     @property
     def run_id(self) -> str:
@@ -98,6 +98,10 @@ class RunView(Protocol):
     @property
     def consensus_round(self) -> int:
         """The round of the newest Z (0 before the first)."""
+
+
+class RunView(RunBasics, Protocol):
+    """What the wire shows of the aggregator's current run."""
 
     @property
     def admitted(self) -> tuple[str, ...]:
@@ -134,6 +138,10 @@ class EventView(Protocol):
     @property
     def metrics(self) -> Mapping[str, float]:
         """The reported metrics."""
+
+    @property
+    def message(self) -> str:
+        """Why a save failed (persist_failed events)."""
 
 
 class DomainStatusView(Protocol):
@@ -187,10 +195,14 @@ class StatusView(Protocol):
     def domains(self) -> Sequence[DomainStatusView]:
         """Every registered domain, by name."""
 
+    @property
+    def persistence_error(self) -> str:
+        """Why the last round could not be saved ("" while state is saved)."""
+
 
 def status_to_proto(status: StatusView) -> pb.AggregatorStatus:
     """The wire form of an aggregator status snapshot."""
-    message = pb.AggregatorStatus(run=run_info_to_proto(status.run), shared_users=status.shared_users)
+    message = pb.AggregatorStatus(run=run_info_to_proto(status.run), shared_users=status.shared_users, persistence_error=status.persistence_error)
     for entry in status.domains:
         message.domains.append(
             pb.DomainStatus(
@@ -221,7 +233,7 @@ def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
     )
 
 
-def event_to_proto(run: RunView, event: EventView) -> pb.RoundEvent:
+def event_to_proto(run: RunBasics, event: EventView) -> pb.RoundEvent:
     """The wire form of one run event."""
     return pb.RoundEvent(
         run_id=run.run_id,
@@ -233,6 +245,7 @@ def event_to_proto(run: RunView, event: EventView) -> pb.RoundEvent:
         metrics=event.metrics,
         elapsed_s=event.elapsed_s,
         rounds=run.params.rounds,
+        message=event.message,
     )
 
 
@@ -343,21 +356,95 @@ def event_kind_name(kind: int) -> str:
     return EVENT_KIND_NAMES.get(kind, "unknown")
 
 
+def run_record_to_proto(run: "RecordView", with_events: bool) -> pb.RunRecord:
+    """The wire form of a kept run (ListRuns), its events when asked for."""
+    message = pb.RunRecord(
+        info=pb.RunInfo(run_id=run.run_id, state=RUN_STATES[run.state], params=run_params_to_proto(run.params),
+                        current_round=run.current_round, latest_consensus_round=run.consensus_round, admitted_domains=list(run.domains)),
+        started_unix_s=run.started_wall,
+        stop_reason=run.stop_reason,
+    )
+    if with_events:
+        message.events.extend(event_to_proto(run, event) for event in run.events)
+    return message
+
+
+class RecordView(RunBasics, Protocol):
+    """What the wire shows of a kept run (the aggregator's SavedRun)."""
+
+    @property
+    def started_wall(self) -> float:
+        """Wall-clock start, seconds since the epoch."""
+
+    @property
+    def stop_reason(self) -> str:
+        """Why it was stopped ('' otherwise)."""
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The admitted domains."""
+
+    @property
+    def events(self) -> Sequence[EventView]:
+        """Its events, oldest first."""
+
+
+# ----- JSON: one schema for every command's --json (documented in README, "Machine-readable output") -----
+
+
+def metrics_to_json(metrics: Mapping[str, float], split: str = "valid") -> dict[str, float]:
+    """Reported metrics (fractions) as {labelled name: percent}: `{"valid NDCG@10 (99 neg)": 12.5}`."""
+    return labelled_percent(metrics, split)
+
+
+def run_info_to_json(info: pb.RunInfo) -> dict[str, Any]:
+    """A run: id (null while idle), lower-case state, the round it is in, its rounds, the newest Z's round, its domains."""
+    rounds = info.params.rounds if info.run_id else 0
+    return {
+        "run_id": info.run_id or None,
+        "state": run_state_name(info.state),
+        # a finished run's open round is rounds + 1: show the last one it closed
+        "round": min(info.current_round, rounds) if rounds else int(info.current_round),
+        "rounds": rounds,
+        "consensus_round": int(info.latest_consensus_round),
+        "domains": list(info.admitted_domains),
+        "params": run_params_from_proto(info.params).model_dump(mode="json") if info.run_id else None,
+    }
+
+
 def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
     """A run event as a JSON-ready dict (what `cdimf train --json` prints per line)."""
-    return {
-        "run_id": event.run_id,
+    shown: dict[str, Any] = {
         "kind": event_kind_name(event.kind),
-        "round": event.round,
-        "rounds": event.rounds,
-        "domain": event.domain,
-        "metrics": dict(event.metrics),
+        "run_id": event.run_id,
+        "round": int(event.round),
+        "rounds": int(event.rounds),
+        "domain": event.domain or None,
+        "metrics": metrics_to_json(event.metrics),
         "contributors": list(event.contributors),
         "missing": list(event.missing),
         "elapsed_s": round(event.elapsed_s, 3),
     }
+    if event.message:  # persist_failed: why
+        shown["message"] = event.message
+    return shown
+
+
+def run_record_to_json(record: pb.RunRecord) -> dict[str, Any]:
+    """A kept run (`cdimf runs`, `cdimf log`): its run_info fields, start time, stop reason and, when fetched, its events."""
+    return {**run_info_to_json(record.info), "started_unix_s": round(record.started_unix_s, 3), "stop_reason": record.stop_reason or None,
+            "events": [event_to_json(event) for event in record.events]}
 
 
 def status_to_json(status: pb.AggregatorStatus) -> dict[str, Any]:
-    """The aggregator's status as a JSON-ready dict (what `cdimf status --json` prints)."""
-    return MessageToDict(status, preserving_proto_field_name=True)
+    """The aggregator's status (what `cdimf status --json` prints): numbers as numbers, every field present."""
+    return {
+        "run": run_info_to_json(status.run),
+        "shared_users": int(status.shared_users),
+        "domains": [
+            {"domain": entry.domain, "rows": int(entry.rows), "shared_rows": int(entry.shared_rows), "receiver_rows": int(entry.receiver_rows),
+             "admitted": entry.admitted, "latest_contribution_round": int(entry.latest_contribution_round),
+             "contributions": int(entry.contributions), "latest_metrics": metrics_to_json(entry.latest_metrics)}
+            for entry in status.domains
+        ],
+    }

@@ -136,6 +136,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_METRICS: _EventKind.ValueType  # 3
     EVENT_KIND_RUN_FINISHED: _EventKind.ValueType  # 4
     EVENT_KIND_RUN_STOPPED: _EventKind.ValueType  # 5
+    EVENT_KIND_PERSIST_FAILED: _EventKind.ValueType  # 6
+    """the aggregator could not save a round: its Z is held back"""
+    EVENT_KIND_PERSIST_RECOVERED: _EventKind.ValueType  # 7
+    """the held-back round is saved; the run goes on"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -145,6 +149,10 @@ EVENT_KIND_ROUND_CLOSED: EventKind.ValueType  # 2
 EVENT_KIND_METRICS: EventKind.ValueType  # 3
 EVENT_KIND_RUN_FINISHED: EventKind.ValueType  # 4
 EVENT_KIND_RUN_STOPPED: EventKind.ValueType  # 5
+EVENT_KIND_PERSIST_FAILED: EventKind.ValueType  # 6
+"""the aggregator could not save a round: its Z is held back"""
+EVENT_KIND_PERSIST_RECOVERED: EventKind.ValueType  # 7
+"""the held-back round is saved; the run goes on"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -745,8 +753,11 @@ class AggregatorStatus(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
     SHARED_USERS_FIELD_NUMBER: _builtins.int
+    PERSISTENCE_ERROR_FIELD_NUMBER: _builtins.int
     shared_users: _builtins.int
     """users exchanged in the current run"""
+    persistence_error: _builtins.str
+    """why the latest save failed (empty: the state is on disk)"""
     @_builtins.property
     def run(self) -> Global___RunInfo: ...
     @_builtins.property
@@ -757,10 +768,11 @@ class AggregatorStatus(_message.Message):
         run: Global___RunInfo | None = ...,
         domains: _abc.Iterable[Global___DomainStatus] | None = ...,
         shared_users: _builtins.int = ...,
+        persistence_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "run", b"run", "shared_users", b"shared_users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "persistence_error", b"persistence_error", "run", b"run", "shared_users", b"shared_users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -825,6 +837,7 @@ class RoundEvent(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     kind: Global___EventKind.ValueType
     round: _builtins.int
@@ -833,6 +846,8 @@ class RoundEvent(_message.Message):
     elapsed_s: _builtins.float
     """seconds since the run started"""
     rounds: _builtins.int
+    message: _builtins.str
+    """PERSIST_FAILED: why the save failed"""
     @_builtins.property
     def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ROUND_CLOSED: domains that reported in this round"""
@@ -857,10 +872,11 @@ class RoundEvent(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         elapsed_s: _builtins.float = ...,
         rounds: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributors", b"contributors", "domain", b"domain", "elapsed_s", b"elapsed_s", "kind", b"kind", "metrics", b"metrics", "missing", b"missing", "round", b"round", "rounds", b"rounds", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributors", b"contributors", "domain", b"domain", "elapsed_s", b"elapsed_s", "kind", b"kind", "message", b"message", "metrics", b"metrics", "missing", b"missing", "round", b"round", "rounds", b"rounds", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -888,6 +904,90 @@ class StopRunRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StopRunRequest: _TypeAlias = StopRunRequest  # noqa: Y015
+
+@_typing.final
+class RunRecord(_message.Message):
+    """A run as the aggregator keeps it, current or ended: ListRuns answers with these."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_S_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    started_unix_s: _builtins.float
+    """wall-clock start (seconds since the epoch)"""
+    stop_reason: _builtins.str
+    """STOPPED runs: why"""
+    @_builtins.property
+    def info(self) -> Global___RunInfo: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundEvent]:
+        """every event of the run, oldest first (when asked for)"""
+
+    def __init__(
+        self,
+        *,
+        info: Global___RunInfo | None = ...,
+        started_unix_s: _builtins.float = ...,
+        stop_reason: _builtins.str = ...,
+        events: _abc.Iterable[Global___RoundEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "info", b"info", "started_unix_s", b"started_unix_s", "stop_reason", b"stop_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunRecord: _TypeAlias = RunRecord  # noqa: Y015
+
+@_typing.final
+class ListRunsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    WITH_EVENTS_FIELD_NUMBER: _builtins.int
+    with_events: _builtins.bool
+    """include each run's events (its per-round history)"""
+    @_builtins.property
+    def header(self) -> Global___Header:
+        """header.run_id: only that run (empty: every run kept)"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___Header | None = ...,
+        with_events: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "with_events", b"with_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunsRequest: _TypeAlias = ListRunsRequest  # noqa: Y015
+
+@_typing.final
+class RunList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunRecord]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[Global___RunRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunList: _TypeAlias = RunList  # noqa: Y015
 
 @_typing.final
 class NodeStatus(_message.Message):
@@ -971,9 +1071,12 @@ class EvaluateRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
     split: _builtins.str
     """"valid" or "test" """
     k: _builtins.int
+    protocol: _builtins.str
+    """"sampled" (default: target + the split's fixed negatives) or "full" (whole catalog)"""
     @_builtins.property
     def header(self) -> Global___Header: ...
     def __init__(
@@ -982,10 +1085,11 @@ class EvaluateRequest(_message.Message):
         header: Global___Header | None = ...,
         split: _builtins.str = ...,
         k: _builtins.int = ...,
+        protocol: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "k", b"k", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "k", b"k", "protocol", b"protocol", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1019,11 +1123,21 @@ class EvaluateReply(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     USERS_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    NEGATIVES_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     split: _builtins.str
     k: _builtins.int
     users: _builtins.int
+    protocol: _builtins.str
+    negatives: _builtins.int
+    """sampled: negatives per held-out row (0 for full)"""
+    round: _builtins.int
+    """the round of the model evaluated"""
     @_builtins.property
-    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """fractions (HR@k, NDCG@k; full: also Recall@k, Coverage@k)"""
+
     def __init__(
         self,
         *,
@@ -1031,10 +1145,13 @@ class EvaluateReply(_message.Message):
         k: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         users: _builtins.int = ...,
+        protocol: _builtins.str = ...,
+        negatives: _builtins.int = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "metrics", b"metrics", "split", b"split", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "metrics", b"metrics", "negatives", b"negatives", "protocol", b"protocol", "round", b"round", "split", b"split", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,6 +84,11 @@ class AggregatorStub:
                 request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
                 response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/cdimf.v1.Aggregator/ListRuns',
+                request_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunList.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -151,6 +156,13 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """current and ended runs, also after they ended
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +215,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.StopRun,
                     request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.FromString,
                     response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.ListRunsRequest.FromString,
+                    response_serializer=cdimf_dot_protos_dot_v1_dot_federation__pb2.RunList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +492,33 @@ class Aggregator:
             '/cdimf.v1.Aggregator/StopRun',
             cdimf_dot_protos_dot_v1_dot_federation__pb2.StopRunRequest.SerializeToString,
             cdimf_dot_protos_dot_v1_dot_federation__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdimf.v1.Aggregator/ListRuns',
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.ListRunsRequest.SerializeToString,
+            cdimf_dot_protos_dot_v1_dot_federation__pb2.RunList.FromString,
             options,
             channel_credentials,
             insecure,

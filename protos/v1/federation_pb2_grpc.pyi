@@ -62,6 +62,8 @@ class AggregatorStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.AggregatorStatus]
     WatchRun: _grpc.UnaryStreamMultiCallable[_federation_pb2.WatchRequest, _federation_pb2.RoundEvent]
     StopRun: _grpc.UnaryUnaryMultiCallable[_federation_pb2.StopRunRequest, _federation_pb2.RunInfo]
+    ListRuns: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ListRunsRequest, _federation_pb2.RunList]
+    """current and ended runs, also after they ended"""
 
 @_typing.type_check_only
 class AggregatorAsyncStub(AggregatorStub):
@@ -78,6 +80,8 @@ class AggregatorAsyncStub(AggregatorStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_federation_pb2.StatusRequest, _federation_pb2.AggregatorStatus]  # type: ignore[assignment]
     WatchRun: _aio.UnaryStreamMultiCallable[_federation_pb2.WatchRequest, _federation_pb2.RoundEvent]  # type: ignore[assignment]
     StopRun: _aio.UnaryUnaryMultiCallable[_federation_pb2.StopRunRequest, _federation_pb2.RunInfo]  # type: ignore[assignment]
+    ListRuns: _aio.UnaryUnaryMultiCallable[_federation_pb2.ListRunsRequest, _federation_pb2.RunList]  # type: ignore[assignment]
+    """current and ended runs, also after they ended"""
 
 class AggregatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,6 +155,14 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.StopRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.RunInfo, _abc.Awaitable[_federation_pb2.RunInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRuns(
+        self,
+        request: _federation_pb2.ListRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.RunList, _abc.Awaitable[_federation_pb2.RunList]]:
+        """current and ended runs, also after they ended"""
 
 def add_AggregatorServicer_to_server(servicer: AggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -59,7 +59,7 @@ def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap,
     return user_idx[order], item_idx[order]
 
 
-def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path, test_b: str | Path,
+def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path | None, test_b: str | Path | None,
               valid_a: str | Path | None = None, valid_b: str | Path | None = None,
               names: tuple[str, str] = ("a", "b"), fmt: str = "auto",
               valid_seed: int = 0) -> tuple[DomainSplit, DomainSplit]:
@@ -68,13 +68,17 @@ def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path, test
     Item ids are per domain. Validation comes from the valid files when given, else a
     leave-one-out carved from each domain's train (seeded by (valid_seed, domain number)).
     A held-out row whose user has no training row in either domain, or whose item is not in
-    that domain's train, raises DataError naming its file and line.
+    that domain's train, raises DataError naming its file and line. Without test paths (the
+    tuner) the test files are never opened and the test arrays are empty: the id maps come from
+    the train files alone.
     """
     if (valid_a is None) != (valid_b is None):
         raise ValueError("give both valid files or neither")
+    if (test_a is None) != (test_b is None):
+        raise ValueError("give both test files or neither")
     train_paths = (Path(train_a), Path(train_b))
     raw_train = [read_interactions(path, fmt) for path in train_paths]
-    raw_test = [read_interactions(path, fmt) for path in (test_a, test_b)]
+    raw_test = None if test_a is None or test_b is None else [read_interactions(path, fmt) for path in (test_a, test_b)]
     raw_valid = None
     if valid_a is not None and valid_b is not None:
         raw_valid = [read_interactions(path, fmt) for path in (valid_a, valid_b)]
@@ -83,7 +87,9 @@ def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path, test
     for number, (name, raw, train_path) in enumerate(zip(names, raw_train, train_paths)):
         items = IdMap.from_keys(raw.item_keys)
         train = to_csr(raw, users, items)
-        test_users, test_items = _held_out_indices(raw_test[number], users, items, train_path)
+        test_users, test_items = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if raw_test is not None:
+            test_users, test_items = _held_out_indices(raw_test[number], users, items, train_path)
         if raw_valid is not None:
             valid_users, valid_items = _held_out_indices(raw_valid[number], users, items, train_path)
         else:

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.core.evaluation import HeldOut, draw_candidates, evaluate
-from cdimf.common.core.metrics import full_catalog_metrics
+from cdimf.common.core.metrics import full_catalog_metrics, sample_negatives
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.sparse import pairs_to_csr
 from cdimf.engine import CDIMFEngine, DomainInput
@@ -37,7 +37,9 @@ class SeparateALS:
     name = "ALS-separate"
 
     def __init__(self, trains: Sequence[sp.csr_matrix], config: ReproduceConfig) -> None:
-        self.trainers = [DomainTrainer(f"d{i}", t, config.separate, 0.0) for i, t in enumerate(trains)]
+        self.trainers = [
+            DomainTrainer(d.name, t, config.separate.for_domain(d.name), 0.0) for d, t in zip(config.data.domains, trains)
+        ]
 
     def step(self) -> None:
         """One local epoch per domain."""
@@ -78,7 +80,7 @@ class CDIMF:
     def __init__(self, trains: Sequence[sp.csr_matrix], config: ReproduceConfig, user_keys: np.ndarray) -> None:
         cfg = config.cdimf
         domains = [
-            DomainInput(d.name, user_keys, t, cfg.ials, cfg.aggregation_period)
+            DomainInput(d.name, user_keys, t, cfg.ials.for_domain(d.name), cfg.aggregation_period)
             for d, t in zip(config.data.domains, trains)
         ]
         self.engine = CDIMFEngine(domains, cfg.admm, cfg.user_step)
@@ -101,12 +103,28 @@ class ModelResult:
     seconds: float
     metrics: dict[str, dict[str, float]]
     validation: list[float] = field(default_factory=list)
+    seen_test_pairs: dict[str, int] = field(default_factory=dict)
 
 
 def held_out(split: DomainSplit, which: str, n_negatives: int, seed: int) -> HeldOut:
     """Draw the paper's candidates (target + exactly n_negatives uniform negatives) once, from a fixed seed."""
     users, items = (split.valid_users, split.valid_items) if which == "valid" else (split.test_users, split.test_items)
     return draw_candidates(split.n_items, users, items, split.n_users, seed, n_negatives, shrink=False)
+
+
+def seen_in_train(train: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per held-out row, whether its (user, item) pair is also a training entry."""
+    if len(users) == 0:
+        return np.zeros(0, dtype=bool)
+    return np.asarray(train[users, items]).ravel() != 0
+
+
+def unseen_held_out(split: DomainSplit, train: sp.csr_matrix, users: np.ndarray, items: np.ndarray,
+                    n_negatives: int, seed: int) -> HeldOut:
+    """DisenCDR/UniCDR candidates: target + n_negatives uniform items the user neither trained on nor holds in test."""
+    exclude = (train + pairs_to_csr(users, items, train.shape)).tocsr()
+    candidates = sample_negatives(split.n_items, users, items, exclude, n_negatives, seed, np.arange(split.n_items))
+    return HeldOut(users, items, candidates)
 
 
 def score(vectors: Vectors, held: Sequence[HeldOut], trains: Sequence[sp.csr_matrix], k: int) -> list[dict[str, float]]:
@@ -162,23 +180,43 @@ def run_model(
             model.step()
         vectors = model.vectors()
     seconds = time.perf_counter() - started
-    test = [held_out(s, "test", ev.n_negatives, ev.seed + 1) for s in splits]
-    sampled = score(vectors, test, test_trains, ev.k)
-    metrics = {}
-    for split, (users, items), train, sampled_row in zip(splits, vectors, test_trains, sampled):
-        full = full_catalog_metrics(users, items, train, split.test_users, split.test_items, ev.k, np.arange(split.n_items))
-        metrics[split.name] = {**sampled_row, **{f"full {k}": v for k, v in full.items() if k != "users"}}
-    return ModelResult(model.name, rounds, seconds, metrics, history)
+    metrics, seen_counts = {}, {}
+    for split, (users, items), train in zip(splits, vectors, test_trains):
+        test_users, test_items, seen_counts[split.name] = scored_test_rows(split, train, ev.seen_test_pairs)
+        paper_code = draw_candidates(split.n_items, test_users, test_items, split.n_users, ev.seed + 1, ev.n_negatives, shrink=False)
+        unseen = unseen_held_out(split, train, test_users, test_items, ev.n_negatives, ev.seed + 2)
+        full = full_catalog_metrics(users, items, train, test_users, test_items, ev.k, np.arange(split.n_items))
+        metrics[split.name] = {
+            **evaluate(paper_code, users, items, train, ev.k),
+            **{f"unseen {k}": v for k, v in evaluate(unseen, users, items, train, ev.k).items()},
+            **{f"full {k}": v for k, v in full.items() if k != "users"},
+        }
+    return ModelResult(model.name, rounds, seconds, metrics, history, seen_counts)
 
 
-def load_splits(config: ReproduceConfig) -> tuple[list[DomainSplit], bool]:
-    """Read the configured pair; True when validation was carved from train (no valid files)."""
+def scored_test_rows(split: DomainSplit, train: sp.csr_matrix, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The test rows to score and how many of the split's test pairs also occur in `train`.
+
+    "drop" leaves those rows out of every metric (a model that learnt the pair would score it
+    top, and the full-catalog ranking could never hit it); "keep" scores them as given.
+    """
+    seen = seen_in_train(train, split.test_users, split.test_items)
+    if policy == "keep":
+        return split.test_users, split.test_items, int(seen.sum())
+    return split.test_users[~seen], split.test_items[~seen], int(seen.sum())
+
+
+def load_splits(config: ReproduceConfig, with_test: bool = True) -> tuple[list[DomainSplit], bool]:
+    """Read the configured pair; True when validation was carved from train (no valid files).
+
+    Without `with_test` the test files are never opened (the tuner) and the test arrays are empty.
+    """
     a, b = config.data.domains[:2]
     if len(config.data.domains) != 2:
         raise ValueError("reproduce takes exactly two domains")
     has_valid = a.valid is not None and b.valid is not None
     splits = load_pair(
-        a.train, b.train, a.test, b.test,
+        a.train, b.train, a.test if with_test else None, b.test if with_test else None,
         a.valid if has_valid else None, b.valid if has_valid else None,
         names=(a.name, b.name), fmt=config.data.format, valid_seed=config.data.valid_seed,
     )
@@ -207,6 +245,7 @@ def format_table(results: Sequence[ModelResult], config: ReproduceConfig) -> str
     k = config.evaluation.k
     header = (
         f"{'model':<13} {'domain':<8} {'HR@' + str(k):>7} {'NDCG@' + str(k):>8} {'paper HR':>9} {'paper NDCG':>10}"
+        f" {'uHR@' + str(k):>7} {'uNDCG@' + str(k):>8}"
         f" {'full HR':>8} {'full NDCG':>9} {'cov':>6} {'rounds':>6} {'seconds':>7}"
     )
     lines = [config.title, header, "-" * len(header)]
@@ -216,8 +255,21 @@ def format_table(results: Sequence[ModelResult], config: ReproduceConfig) -> str
             paper_hr, paper_ndcg = (f"{paper[0]:.2f}", f"{paper[1]:.2f}") if paper else ("-", "-")
             lines.append(
                 f"{result.model:<13} {domain:<8} {100 * m[f'HR@{k}']:>7.2f} {100 * m[f'NDCG@{k}']:>8.2f}"
-                f" {paper_hr:>9} {paper_ndcg:>10} {100 * m[f'full HR@{k}']:>8.2f} {100 * m[f'full NDCG@{k}']:>9.2f}"
+                f" {paper_hr:>9} {paper_ndcg:>10} {100 * m[f'unseen HR@{k}']:>7.2f} {100 * m[f'unseen NDCG@{k}']:>8.2f}"
+                f" {100 * m[f'full HR@{k}']:>8.2f} {100 * m[f'full NDCG@{k}']:>9.2f}"
                 f" {100 * m[f'full Coverage@{k}']:>6.2f} {result.rounds:>6} {result.seconds:>7.1f}"
             )
-    lines.append(f"sampled protocol: target + {config.evaluation.n_negatives} uniform negatives, seed {config.evaluation.seed + 1}; values in %")
+    ev = config.evaluation
+    lines.append(
+        f"HR/NDCG: the paper's code (target + {ev.n_negatives} uniform negatives from the catalog, seed {ev.seed + 1}, "
+        "the user's training items among them pushed to the bottom)"
+    )
+    lines.append(
+        f"uHR/uNDCG: DisenCDR/UniCDR (target + {ev.n_negatives} uniform negatives the user neither trained on nor holds "
+        f"in test, seed {ev.seed + 2}); full: the whole catalog less the user's training items; values in %"
+    )
+    if results:
+        seen = ", ".join(f"{name} {count}" for name, count in results[0].seen_test_pairs.items())
+        handled = "left out of every metric" if ev.seen_test_pairs == "drop" else "scored as given"
+        lines.append(f"test pairs that also occur in train: {seen} ({handled}: [evaluation] seen_test_pairs = \"{ev.seen_test_pairs}\")")
     return "\n".join(lines)

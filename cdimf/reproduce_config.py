@@ -47,11 +47,14 @@ class DataConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
-    """The paper's sampled protocol: target + n_negatives uniform negatives, top-k metrics."""
+    """The test protocols: the paper code's and DisenCDR/UniCDR's sampled ones (n_negatives each), and the full catalog."""
 
     n_negatives: int = Field(999, ge=1)
     k: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
+    seen_test_pairs: Literal["drop", "keep"] = Field(
+        "drop", description="test pairs that also occur in train: 'drop' leaves them out of every metric, 'keep' scores them"
+    )
 
 
 class StoppingConfig(StrictModel):
@@ -68,10 +71,32 @@ class StoppingConfig(StrictModel):
     )
 
 
+class DomainLocal(StrictModel):
+    """One domain's own local hyperparameters over a model's shared ones (the rank stays shared)."""
+
+    alpha: float | None = Field(None, gt=0, description="this domain's alpha; unset: the model's")
+    lam: float | None = Field(None, ge=0, description="this domain's lambda; unset: the model's")
+    nu: float | None = Field(None, ge=0, le=2, description="this domain's nu; unset: the model's")
+
+
+class PerDomainIALS(IALSParams):
+    """A model's iALS hyperparameters, with optional per-domain alpha/lam/nu under `domains.NAME`."""
+
+    domains: dict[str, DomainLocal] = Field(default_factory=dict, description="domain name -> its own alpha/lam/nu")
+
+    def for_domain(self, name: str) -> IALSParams:
+        """The local model of domain `name`: the shared values with its own ones put over them."""
+        values = self.model_dump(exclude={"domains"})
+        own = self.domains.get(name)
+        if own is not None:
+            values.update(own.model_dump(exclude_none=True))
+        return IALSParams.model_validate(values)
+
+
 class CDIMFConfig(StrictModel):
     """CDIMF's local model, consensus and aggregation period (local epochs between exchanges)."""
 
-    ials: IALSParams
+    ials: PerDomainIALS
     admm: ADMMParams
     aggregation_period: int = Field(1, ge=1)
     user_step: Literal["paper", "reference-code"] = Field(
@@ -88,13 +113,22 @@ class ReproduceConfig(StrictModel):
     data: DataConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     stopping: StoppingConfig = StoppingConfig()
-    separate: IALSParams
+    separate: PerDomainIALS
     joined: IALSParams
     cdimf: CDIMFConfig
     models: list[ModelName] = Field(default_factory=lambda: list(MODELS))
     paper: dict[str, dict[str, tuple[float, float]]] = Field(
         default_factory=dict, description="model -> domain -> (HR@10 %, NDCG@10 %) reported by the paper"
     )
+
+    @model_validator(mode="after")
+    def _known_domains(self) -> "ReproduceConfig":
+        """Per-domain hyperparameters name domains of [data]."""
+        names = {d.name for d in self.data.domains}
+        for section, params in (("separate", self.separate), ("cdimf.ials", self.cdimf.ials)):
+            if unknown := sorted(set(params.domains) - names):
+                raise ValueError(f"{section}.domains: unknown domain(s) {unknown}; [data] has {sorted(names)}")
+        return self
 
 
 def load_reproduce_config(path: str | Path) -> ReproduceConfig:

@@ -81,12 +81,14 @@ def node_data(files: dict[str, dict[str, Path]], domain: str) -> NodeData:
     return load_node_data(domain, files[domain]["train"], None, files[domain].get("test"), "csv")
 
 
-def reference_engine(files: dict[str, dict[str, Path]], admm: ADMMParams, rounds: int, periods: dict[str, int]) -> CDIMFEngine:
-    """The in-process engine on exactly the nodes' data, run for `rounds`."""
+def reference_engine(files: dict[str, dict[str, Path]], admm: ADMMParams, rounds: int, periods: dict[str, int],
+                     local: dict[str, dict[str, float]] | None = None) -> CDIMFEngine:
+    """The in-process engine on exactly the nodes' data, run for `rounds`; `local`: a domain's own alpha/lam/nu."""
     inputs = []
     for domain in DOMAINS:
         data = node_data(files, domain)
-        inputs.append(DomainInput(domain, data.users.keys, data.train, ials(seeds()[domain]), periods.get(domain, 1)))
+        params = ials(seeds()[domain]).model_copy(update=(local or {}).get(domain, {}))
+        inputs.append(DomainInput(domain, data.users.keys, data.train, params, periods.get(domain, 1)))
     engine = CDIMFEngine(inputs, admm)
     engine.run(rounds)
     return engine
@@ -120,6 +122,7 @@ class Processes:
 
     folder: Path
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    local: dict[str, dict[str, float]] = field(default_factory=dict)  # a node's own alpha/lam/nu, as --ials-* flags
 
     def launch(self, name: str, arguments: list[str], environ: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `cdimf ARGUMENTS` in its own process group (see `listening`)."""
@@ -161,6 +164,8 @@ class Processes:
                      "--ials-seed", str(seeds()[domain]), "--ials-threads", "1", "--rpc-timeout-s", "10"]
         if "test" in files[domain]:
             arguments += ["--test-path", str(files[domain]["test"])]
+        for name, value in self.local.get(domain, {}).items():  # argparse keeps a repeated flag's last value
+            arguments += [f"--ials-{name}", str(value)]
         return arguments
 
     def node(self, domain: str, files: dict[str, dict[str, Path]], aggregator: str, name: str | None = None) -> tuple[subprocess.Popen[bytes], str]:

@@ -31,6 +31,8 @@ from tests.federation_harness import (
 
 pytestmark = pytest.mark.timeout(90)
 ADMM = ADMMParams(rho=1.5, prox="l2", lambda_z=0.2)
+# each node its own local hyperparameters (only the rank is the run's)
+LOCAL = {"sport": {"alpha": 0.05, "lam": 0.3, "nu": 0.0}, "cloth": {"alpha": 0.3, "lam": 0.8, "nu": 0.5}}
 
 
 @pytest.fixture
@@ -50,8 +52,9 @@ async def _run_to_end(address: str, params: RunParams, folder: Path) -> list[pb.
 
 
 def test_a_synchronous_federated_run_of_processes_reproduces_the_engine(tmp_path: Path, processes: Processes) -> None:
-    """Separate node processes, gRPC on loopback: X, Y and U equal the engine's to 1e-5 relative."""
+    """Separate node processes, each with its own alpha/lam/nu, gRPC on loopback: X, Y and U equal the engine's to 1e-5 relative."""
     files = write_domains(tmp_path / "data")
+    processes.local = LOCAL
     _, address = processes.aggregator()
     processes.nodes(files, address)
     params = RunParams(rounds=4, rank=6, admm=ADMM, domain_aggregation_period={"cloth": 2}, min_domains=2)
@@ -63,7 +66,10 @@ def test_a_synchronous_federated_run_of_processes_reproduces_the_engine(tmp_path
     assert reported == {(d, r) for d in ("sport", "cloth") for r in range(1, 5)}
     found = checkpoints(tmp_path)
     assert len(found["sport"].receiver_rows) == 2, "users 90, 91 are cold in sport, held by cloth"
-    assert_matches_engine(found, reference_engine(files, ADMM, 4, {"cloth": 2}))
+    assert_matches_engine(found, reference_engine(files, ADMM, 4, {"cloth": 2}, LOCAL))
+    # the nodes really trained with their own values: the engine with one shared set differs
+    shared = reference_engine(files, ADMM, 4, {"cloth": 2})
+    assert not np.allclose(found["cloth"].trainer.items, shared.trainers[1].state.items, rtol=1e-3)
 
 
 async def _node_call(address: str, method: str, request: object) -> object:

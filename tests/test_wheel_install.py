@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_reproduce import CONFIG, write_pair
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +80,9 @@ def test_installed_package_runs_from_any_folder(installed: tuple[Path, Path], tm
     for domain, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport")):
         lines = len((pair / folder / "test.txt").read_text().splitlines())
         assert result["domains"][domain]["users"] == lines
+    # the tuner on a pair given only by paths, its tuned config written beside it
+    write_pair(tmp_path)
+    (tmp_path / "pair.toml").write_text(CONFIG)
+    tuned = _run(venv, tmp_path, "cdimf", "tune", "pair.toml", "--models", "joined", "--trials", "2", "--json")
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert len(json.loads(tuned.stdout)["trials"]) == 2 and (tmp_path / "pair-tuned.toml").is_file()

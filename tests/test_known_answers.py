@@ -190,6 +190,7 @@ def test_the_l2_prox_shrinks_the_mean_by_n_rho_over_n_rho_plus_lambda_z() -> Non
     b = (np.array([1, 2]), np.array([[6.0], [8.0]], np.float32))
     c = (np.array([2]), np.array([[8.0]], np.float32))
     z, holders = consensus([a, b, c], 4, 1, ADMMParams(rho=2.0, prox="l2", lambda_z=2.0))
+    assert holders.tolist() == [1, 2, 3, 0]
     np.testing.assert_allclose(z[:, 0], [4.0 * 2 / 4, 6.0 * 4 / 6, 8.0 * 6 / 8, 0.0], rtol=1e-6)
     assert prox_l2(np.array([[3.0]]), np.array([0]), ADMMParams(rho=1.0, prox="l2", lambda_z=1.0)).tolist() == [[0.0]]
     # a denominator N rho + lambda_z below 1 still divides: 1 * 0.25 / (0.25 + 0.25) = 0.5

@@ -40,7 +40,7 @@ class Target:
 
 
 TARGETS = (
-    Target("common/core/ials_numpy.py", ("tests/test_ials.py", KNOWN)),
+    Target("common/core/ials_numpy.py", ("tests/test_ials.py", "tests/test_solver_plan.py", KNOWN)),
     Target("common/core/ials.py", ("tests/test_ials.py", KNOWN),
            ("frequency_ridge", "init_factors", "_row_blocks", "_gram64", "_solve_half_step", "observed_residual_sq", "ials_loss")),
     Target("common/core/admm.py", (KNOWN, REFERENCE_ENGINE, "tests/test_engine.py", "tests/test_aggregator_state.py")),

@@ -145,6 +145,19 @@ def main() -> int:
     environ["PYTHONDONTWRITEBYTECODE"] = "1"
     _clear_bytecode()
     started = time.monotonic()
+    originals = {target.path: (ROOT / target.path).read_bytes() for target in targets}
+    try:
+        return _run(targets, args, environ, started)
+    finally:
+        # cosmic-ray restores each mutant itself; this covers an interrupted run
+        for path, content in originals.items():
+            if (ROOT / path).read_bytes() != content:
+                (ROOT / path).write_bytes(content)
+                print(f"restored {path}", file=sys.stderr)
+
+
+def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str], started: float) -> int:
+    """The sessions of `targets`: init, sample, exec, report; the exit status."""
     with tempfile.TemporaryDirectory(prefix="cdimf-mutation-") as scratch:
         sessions = []
         for index, target in enumerate(targets):

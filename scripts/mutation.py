@@ -45,7 +45,7 @@ TARGETS = (
            ("frequency_ridge", "init_factors", "_row_blocks", "_gram64", "_solve_half_step", "observed_residual_sq", "ials_loss")),
     Target("common/core/admm.py", (KNOWN, REFERENCE_ENGINE, "tests/test_engine.py", "tests/test_aggregator_state.py")),
     Target("common/core/model.py", (KNOWN, REFERENCE_ENGINE, "tests/test_trainer_split.py", "tests/test_engine.py")),
-    Target("common/core/metrics.py", ("tests/test_metrics.py", "tests/test_evaluation.py", KNOWN)),
+    Target("common/core/metrics.py", ("tests/test_metrics.py", "tests/test_metric_known_answers.py", "tests/test_evaluation.py", KNOWN)),
     Target("common/config.py", ("tests/test_config.py", "tests/test_config_flags.py", "tests/test_documented_promises.py"),
            ("_env_value", "_env_overrides", "_nested_model", "_apply", "_resolve_paths", "load_config")),
 )

@@ -7,7 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from cdimf.common.wire.chunks import encode_matrix, encode_registration
 from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
+from tests.aggregator_helpers import FakeClock
 from tests.wire_capture import WireRecorder
 
 SECRET = b"test-federation-secret-32-bytes!"
@@ -37,9 +39,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @asynccontextmanager
-async def aggregator(state_dir: Path) -> AsyncIterator[RunningAggregator]:
-    """A real aggregator server on a free loopback port."""
-    running = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=state_dir, tls=TLSConfig(insecure=True)))
+async def aggregator(state_dir: Path, clock: Callable[[], float] = time.monotonic) -> AsyncIterator[RunningAggregator]:
+    """A real aggregator server on a free loopback port (deadlines on `clock`)."""
+    running = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=state_dir, tls=TLSConfig(insecure=True)), clock=clock)
     try:
         yield running
     finally:
@@ -247,15 +249,23 @@ def test_pull_waits_for_the_round_and_times_out_without_one(tmp_path: Path) -> N
 
 
 def test_a_silent_domain_does_not_stop_rounds_past_the_deadline(tmp_path: Path) -> None:
-    """With a deadline, rounds close on one domain's pushes while the other stays silent."""
+    """With a deadline, rounds close on one domain's pushes while the other stays silent.
+
+    The deadline runs on a clock the test moves: a round closes by deadline only when the test
+    says so, so a stalled scheduler cannot close round 3 before cloth's late push lands in it.
+    """
+    clock = FakeClock()
+
     async def scenario() -> None:
         """Only sport pushes; rounds still close at their deadline."""
-        async with aggregator(tmp_path) as running:
+        async with aggregator(tmp_path, clock) as running:
             sport, cloth = await _register_two(running.address)
             params = RunParams(rounds=4, rank=4, round_deadline_s=0.2, min_domains=1, max_staleness=1)
             run = await AggregatorClient(running.address).start_run(params)
             for round_index in (1, 2):
                 await sport.push_contribution(run.run_id, round_index, np.full((3, 4), float(round_index), np.float32))
+                # the deadline loop re-reads the clock at least every 0.2 s of real time
+                clock.now += 0.25
                 z = await sport.pull_consensus(run.run_id, round_index, 5.0, 3, 0)
                 assert z is not None and z.round == round_index and np.all(z.shared == round_index)
             # cloth comes back: it first catches up on the newest Z (returned at once) ...

@@ -90,12 +90,32 @@ def test_node_server_serves_status_evaluate_and_cold_start_recommendations(tmp_p
     assert status.domain == "sport" and status.round == 2 and status.phase == "finished"
     assert status.receiver_rows == 2 and status.shared_rows == len(engine_free.shared_rows) and "HR@10" in status.latest_metrics
     evaluated = asyncio.run(_node_call(sport, "Evaluate", pb.EvaluateRequest(split="test", k=10)))
-    assert evaluated.users == 4 and 0.0 <= evaluated.metrics["HR@10"] <= 1.0 and evaluated.metrics["round"] == 2
+    assert evaluated.users == 4 and evaluated.metrics["round"] == 2
+    # HR@10 / NDCG@10 by brute force from the checkpoint: rank = 1 + negatives (not trained on) scoring >= the target
+    data = node_data(files, "sport")
+    assert data.test is not None
+    vectors = engine_free.trainer.users.astype(np.float64).copy()
+    vectors[engine_free.receiver_rows] = engine_free.trainer.receiver_consensus
+    trained = data.train.toarray() > 0
+    ranks = []
+    for row, candidates in zip(data.test.users, data.test.candidates):
+        scores = engine_free.trainer.items.astype(np.float64)[candidates] @ vectors[row]
+        negatives = [j for j in range(1, len(candidates)) if not trained[row, candidates[j]]]
+        ranks.append(1 + sum(scores[j] >= scores[0] for j in negatives))
+    assert evaluated.metrics["HR@10"] == pytest.approx(np.mean([r <= 10 for r in ranks]), abs=1e-6)
+    assert evaluated.metrics["NDCG@10"] == pytest.approx(np.mean([1 / np.log2(r + 1) if r <= 10 else 0.0 for r in ranks]), abs=1e-6)
 
     warm = asyncio.run(_node_call(sport, "Recommend", pb.RecommendRequest(user_key=user_key(3), k=5)))
     assert len(warm.items) == 5 and not warm.cold_start and list(warm.scores) == sorted(warm.scores, reverse=True)
     seen = {line.split(",")[1] for line in files["sport"]["train"].read_text().splitlines() if line.startswith(user_key(3) + ",")}
     assert seen and not seen & set(warm.items), "seen items are left out by default"
+    # the top 5 by X_u . Y over the items user 3 did not train on, computed here
+    warm_row = data.users.index_of(np.array([user_key(3)]))[0]
+    warm_scores = engine_free.trainer.items.astype(np.float64) @ engine_free.trainer.users[warm_row].astype(np.float64)
+    warm_scores[trained[warm_row]] = -np.inf
+    best = np.argsort(-warm_scores, kind="stable")[:5]
+    assert list(warm.items) == [str(key) for key in data.items.keys[best]]
+    np.testing.assert_allclose(warm.scores, warm_scores[best], rtol=1e-5)
     cold = asyncio.run(_node_call(sport, "Recommend", pb.RecommendRequest(user_key=user_key(90), k=5)))
     assert cold.cold_start and len(cold.items) == 5
     # scored with its consensus vector: the ranking equals Z_user . Y
@@ -103,7 +123,9 @@ def test_node_server_serves_status_evaluate_and_cold_start_recommendations(tmp_p
     receiver = int(np.flatnonzero(engine_free.receiver_rows == row)[0])
     z = engine_free.trainer.receiver_consensus[receiver]
     scores = engine_free.trainer.items @ z
-    assert cold.scores[0] == pytest.approx(float(scores.max()), rel=1e-5)
+    cold_best = np.argsort(-scores.astype(np.float64), kind="stable")[:5]
+    assert list(cold.items) == [str(key) for key in data.items.keys[cold_best]]
+    np.testing.assert_allclose(cold.scores, scores[cold_best], rtol=1e-5)
     with pytest.raises(grpc.aio.AioRpcError) as error:
         asyncio.run(_node_call(sport, "Recommend", pb.RecommendRequest(user_key="nobody", k=5)))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND

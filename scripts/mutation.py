@@ -1,0 +1,193 @@
+"""Mutation testing (cosmic-ray) of the numerical core and the config merge: the score and every surviving mutant.
+
+    python scripts/mutation.py                    # every mutant (about 25 min on 2 cores)
+    python scripts/mutation.py --sample 20        # a seeded sample of 20 mutants over all targets (CI)
+    python scripts/mutation.py --only admm        # the targets whose path contains "admm"
+
+Each target is one source file (optionally only some of its functions) and the fast test files
+that must kill its mutants. cosmic-ray edits the file in place for each mutant and restores it,
+so run this in a clean work tree with nothing else importing the package meanwhile. Exit status
+1 when the score (killed / run, a timeout counts as killed) is below --min-score.
+"""
+
+import argparse
+import ast
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_ENGINE = "tests/test_reference_cdimf.py::test_the_engine_follows_the_dense_reference_round_by_round"
+KNOWN = "tests/test_known_answers.py"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A source file, the functions of it to mutate (None: all) and the tests that must kill its mutants."""
+
+    path: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] | None = None
+
+
+TARGETS = (
+    Target("common/core/ials_numpy.py", ("tests/test_ials.py", "tests/test_solver_plan.py", KNOWN)),
+    Target("common/core/ials.py", ("tests/test_ials.py", KNOWN),
+           ("frequency_ridge", "init_factors", "_row_blocks", "_gram64", "_solve_half_step", "observed_residual_sq", "ials_loss")),
+    Target("common/core/admm.py", (KNOWN, REFERENCE_ENGINE, "tests/test_engine.py", "tests/test_aggregator_state.py")),
+    Target("common/core/model.py", (KNOWN, REFERENCE_ENGINE, "tests/test_trainer_split.py", "tests/test_engine.py")),
+    Target("common/core/metrics.py", ("tests/test_metrics.py", "tests/test_metric_known_answers.py", "tests/test_evaluation.py", KNOWN)),
+    Target("common/config.py", ("tests/test_config.py", "tests/test_config_flags.py", "tests/test_documented_promises.py"),
+           ("_env_value", "_env_overrides", "_nested_model", "_apply", "_resolve_paths", "load_config")),
+)
+
+
+def _function_lines(path: Path, names: tuple[str, ...] | None) -> set[int] | None:
+    """Source lines of the named top-level functions (None: every line)."""
+    if names is None:
+        return None
+    lines: set[int] = set()
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            found.add(node.name)
+            lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    missing = set(names) - found
+    if missing:
+        raise SystemExit(f"{path}: no function {', '.join(sorted(missing))}")
+    return lines
+
+
+def _config(target: Target, timeout_s: float) -> str:
+    """The cosmic-ray session config of one target."""
+    tests = " ".join(target.tests)
+    # -B and no bytecode: a mutant of the same size and second as the source must not run as the old .pyc
+    command = f"{sys.executable} -B -m pytest -x -q -p no:cacheprovider {tests}"
+    return (
+        "[cosmic-ray]\n"
+        f'module-path = "{target.path}"\n'
+        f"timeout = {timeout_s}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{command}"\n'
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n'
+    )
+
+
+def _skip_outside(db_path: Path, keep: set[int] | None, chosen: set[str] | None) -> int:
+    """Mark mutants outside the kept lines, or not in the sample, as skipped; the number left to run."""
+    left = 0
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        for item in list(db.pending_work_items):
+            line = item.mutations[0].start_pos[0]
+            if (keep is not None and line not in keep) or (chosen is not None and item.job_id not in chosen):
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+            else:
+                left += 1
+    return left
+
+
+def _pending_ids(db_path: Path, keep: set[int] | None) -> list[str]:
+    """Job ids of the mutants on kept lines."""
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        return [item.job_id for item in db.pending_work_items if keep is None or item.mutations[0].start_pos[0] in keep]
+
+
+def _results(db_path: Path) -> tuple[int, int, list[str]]:
+    """(killed, survived, one line per survivor) of a finished session."""
+    killed = survived = 0
+    survivors = []
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        items = {item.job_id: item for item in db.work_items}
+        for job_id, result in db.results:
+            if result.worker_outcome == WorkerOutcome.SKIPPED:
+                continue
+            if result.worker_outcome != WorkerOutcome.NORMAL:
+                # the worker itself failed (not the tests): a broken run, never a kill
+                raise SystemExit(f"mutant {job_id} of {items[job_id].mutations[0].module_path}: worker {result.worker_outcome}: {result.output}")
+            if result.test_outcome == TestOutcome.SURVIVED:
+                survived += 1
+                spec = items[job_id].mutations[0]
+                changed = [line[1:].strip() for line in (result.diff or "").splitlines() if line.startswith("+") and not line.startswith("+++")]
+                survivors.append(f"{spec.module_path}:{spec.start_pos[0]} {spec.operator_name}#{spec.occurrence}: {' / '.join(changed)}")
+            else:
+                killed += 1
+    return killed, survived, survivors
+
+
+def _clear_bytecode() -> None:
+    """Remove the package's compiled files, so that no mutant runs as a stale .pyc."""
+    for folder in ("cdimf", "common", "aggregator", "domain_node", "protos", "configs", "tests"):
+        for cache in (ROOT / folder).rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def main() -> int:
+    """Initialise, optionally sample, execute and report each target's session."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", type=int, default=0, help="run only this many mutants over all targets (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--only", default="", help="targets whose path contains this text")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="per-mutant test timeout (a timeout counts as killed)")
+    parser.add_argument("--min-score", type=float, default=90.0, help="exit 1 below this percentage killed")
+    args = parser.parse_args()
+    targets = [target for target in TARGETS if args.only in target.path]
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
+    environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    _clear_bytecode()
+    started = time.monotonic()
+    originals = {target.path: (ROOT / target.path).read_bytes() for target in targets}
+    try:
+        return _run(targets, args, environ, started)
+    finally:
+        # cosmic-ray restores each mutant itself; this covers an interrupted run
+        for path, content in originals.items():
+            if (ROOT / path).read_bytes() != content:
+                (ROOT / path).write_bytes(content)
+                print(f"restored {path}", file=sys.stderr)
+
+
+def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str], started: float) -> int:
+    """The sessions of `targets`: init, sample, exec, report; the exit status."""
+    with tempfile.TemporaryDirectory(prefix="cdimf-mutation-") as scratch:
+        sessions = []
+        for index, target in enumerate(targets):
+            config, db_path = Path(scratch) / f"{index}.toml", Path(scratch) / f"{index}.sqlite"
+            config.write_text(_config(target, args.timeout_s))
+            subprocess.run(["cosmic-ray", "init", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)
+            sessions.append((target, config, db_path, _function_lines(ROOT / target.path, target.functions)))
+        chosen: set[str] | None = None
+        if args.sample:
+            everything = [(db_path, job) for _, _, db_path, keep in sessions for job in _pending_ids(db_path, keep)]
+            picked = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
+            chosen = {job for _, job in picked}
+        total_killed = total_survived = 0
+        all_survivors: list[str] = []
+        for target, config, db_path, keep in sessions:
+            left = _skip_outside(db_path, keep, chosen)
+            if left:
+                subprocess.run(["cosmic-ray", "exec", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)
+            killed, survived, survivors = _results(db_path)
+            total_killed += killed
+            total_survived += survived
+            all_survivors += survivors
+            print(f"{target.path}: {killed} killed, {survived} survived of {killed + survived}", flush=True)
+    run = total_killed + total_survived
+    score = 100.0 * total_killed / run if run else 100.0
+    print(f"mutation score {score:.1f} % ({total_killed} killed of {run}) in {time.monotonic() - started:.0f} s")
+    for line in all_survivors:
+        print(f"  survived {line}")
+    return 0 if score >= args.min_score else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

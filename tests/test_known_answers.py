@@ -1,0 +1,260 @@
+"""Known answers for the formulas and protocol constants the README states, each computed here by hand.
+
+Every expected value below comes from a hand formula, a float64 brute force written in this
+file, or a literal of the protocol (1000 candidates, 300 s, HMAC-SHA256), never from the
+function under test: a wrong formula shared by the code and its callers still fails here.
+"""
+
+import datetime
+import hashlib
+import hmac
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from cryptography.hazmat.primitives import serialization
+
+from cdimf.common.config import NodeConfig, ValidationParams
+from cdimf.common.core.admm import ADMMParams, consensus, consensus_mean, dual_update, prox_l2, proximal_target
+from cdimf.common.core.evaluation import draw_candidates
+from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
+from cdimf.common.core.metrics import sample_negatives
+from cdimf.common.core.model import DomainTrainer
+from cdimf.common.core.params import IALSParams
+from cdimf.common.security import call_proof, pki
+from cdimf.common.security.pseudonyms import pseudonymize
+from cdimf.domain_node.node_data import load_node_data
+from cdimf.reproduce_config import EvaluationConfig, StoppingConfig
+
+RNG = np.random.default_rng(7)
+
+
+def _interactions(n_users: int, n_items: int, density: float, seed: int, weighted: bool = False) -> sp.csr_matrix:
+    """A random implicit matrix where every row and column holds at least one entry."""
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((n_users, n_items)) < density).astype(np.float64)
+    dense[np.arange(n_users), rng.integers(0, n_items, n_users)] = 1.0
+    dense[rng.integers(0, n_users, n_items), np.arange(n_items)] = 1.0
+    if weighted:
+        dense *= rng.uniform(0.5, 3.0, dense.shape)
+    return sp.csr_matrix(dense.astype(np.float32))
+
+
+def _dense_solve(matrix: sp.csr_matrix, fixed: np.ndarray, alpha: float, ridge: np.ndarray,
+                 rows: np.ndarray | None = None, target: np.ndarray | None = None, rho: float = 0.0) -> np.ndarray:
+    """Brute force in float64: (sum_S w y y^T + alpha Y^T Y + (ridge_r + rho_r) I) x_r = sum_S w y + rho_r h_r."""
+    weights = matrix.toarray().astype(np.float64)
+    y = fixed.astype(np.float64)
+    rank = y.shape[1]
+    lhs = np.einsum("um,md,me->ude", weights, y, y) + alpha * (y.T @ y) + ridge[:, None, None] * np.eye(rank)
+    rhs = weights @ y
+    if rows is not None and target is not None:
+        lhs[rows] += rho * np.eye(rank)
+        rhs[rows] += rho * target.astype(np.float64)
+    return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+
+
+# ----- the local model: ridge, loss, the shared-row system -----
+
+
+@pytest.mark.parametrize(("lam", "alpha", "nu"), [(0.3, 0.5, 1.0), (0.2, 2.0, 0.5), (0.7, 0.1, 0.0)])
+def test_frequency_ridge_is_lambda_times_count_plus_alpha_times_catalog_to_the_nu(lam: float, alpha: float, nu: float) -> None:
+    """ridge_u = lam * (|I_u| + alpha |I|)^nu (users) and lam * (|U_i| + alpha |U|)^nu (items), by hand."""
+    train = _interactions(9, 13, 0.3, seed=1)
+    trainer = DomainTrainer("d", train, IALSParams(rank=3, lam=lam, alpha=alpha, nu=nu), rho=0.0)
+    dense = train.toarray() > 0
+    user_counts, item_counts = dense.sum(axis=1), dense.sum(axis=0)
+    np.testing.assert_allclose(trainer.user_ridge, [lam * (c + alpha * 13) ** nu for c in user_counts], rtol=1e-12)
+    np.testing.assert_allclose(trainer.item_ridge, [lam * (c + alpha * 9) ** nu for c in item_counts], rtol=1e-12)
+    # one literal: 2 items of 10, lam 0.5, alpha 3, nu 1 -> 0.5 * (2 + 30) = 16
+    assert frequency_ridge(np.array([2]), 10, lam=0.5, alpha=3.0, nu=1.0).tolist() == [16.0]
+
+
+def test_a_users_half_step_solves_the_hand_built_system_with_the_frequency_ridge() -> None:
+    """The trainer's users after one half-step equal the float64 brute force with the hand ridge (nu > 0)."""
+    train = _interactions(12, 10, 0.3, seed=2)
+    params = IALSParams(rank=4, lam=0.4, alpha=0.8, nu=1.0, backend="numpy", threads=1)
+    trainer = DomainTrainer("d", train, params, rho=0.0)
+    items = trainer.state.items.copy()
+    trainer.users_half_step()
+    ridge = 0.4 * ((train.toarray() > 0).sum(axis=1) + 0.8 * 10) ** 1.0
+    expected = _dense_solve(train, items, 0.8, ridge)
+    np.testing.assert_allclose(trainer.state.users, expected, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_shared_row_system_adds_rho_to_the_diagonal_and_rho_h_to_the_right_hand_side(backend: str, weighted: bool) -> None:
+    """Rows under the proximal term solve (A_u + rho I) x = b_u + rho h_u; the others A_u x = b_u (float64 brute force)."""
+    train = _interactions(20, 15, 0.25, seed=3, weighted=weighted)
+    fixed = RNG.standard_normal((15, 5)).astype(np.float32)
+    ridge = RNG.uniform(0.1, 1.0, 20)
+    rows = np.array([1, 4, 5, 17])
+    target = RNG.standard_normal((4, 5)).astype(np.float32)
+    solved = solve_half_step(train, fixed, 0.3, ridge, Proximal(rows, target, 2.5), threads=1, backend=backend)
+    np.testing.assert_allclose(solved, _dense_solve(train, fixed, 0.3, ridge, rows, target, 2.5), rtol=5e-4, atol=5e-5)
+    # the same rows without the term differ: rho really enters both sides
+    plain = _dense_solve(train, fixed, 0.3, ridge)
+    assert np.abs(solved[rows] - plain[rows]).min() > 1e-4
+    np.testing.assert_allclose(np.delete(solved, rows, 0), np.delete(plain, rows, 0), rtol=5e-4, atol=5e-5)
+
+
+def test_the_loss_is_the_observed_residual_plus_alpha_all_pairs_plus_ridges_plus_the_proximal_term() -> None:
+    """ials_loss equals a double loop over every (user, item) pair written out here."""
+    train = _interactions(6, 5, 0.4, seed=4, weighted=True)
+    users = RNG.standard_normal((6, 3)).astype(np.float32)
+    items = RNG.standard_normal((5, 3)).astype(np.float32)
+    user_ridge, item_ridge = RNG.uniform(0.1, 1.0, 6), RNG.uniform(0.1, 1.0, 5)
+    rows, target = np.array([0, 3]), RNG.standard_normal((2, 3)).astype(np.float32)
+    weights = train.toarray()
+    expected = 0.0
+    for u in range(6):
+        for i in range(5):
+            score = float(np.dot(users[u].astype(np.float64), items[i].astype(np.float64)))
+            if weights[u, i] > 0:
+                expected += float(weights[u, i]) * (score - 1.0) ** 2
+            expected += 0.7 * score**2
+    expected += sum(user_ridge[u] * float(np.sum(users[u].astype(np.float64) ** 2)) for u in range(6))
+    expected += sum(item_ridge[i] * float(np.sum(items[i].astype(np.float64) ** 2)) for i in range(5))
+    expected += 1.5 * float(np.sum((users[rows].astype(np.float64) - target) ** 2))
+    got = ials_loss(train, users, items, 0.7, user_ridge, item_ridge, Proximal(rows, target, 1.5))
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+# ----- the ADMM exchange: X + U, U += X - Z, h = Z - U -----
+
+
+def _trainer_with_shared_rows() -> DomainTrainer:
+    """A trainer whose rows 1, 3 and 4 are shared."""
+    train = _interactions(6, 8, 0.4, seed=5)
+    return DomainTrainer("d", train, IALSParams(rank=3, lam=0.5, alpha=0.2, backend="numpy", threads=1), rho=1.7,
+                         shared_rows=np.array([1, 3, 4]))
+
+
+def test_the_contribution_is_x_plus_u_the_dual_step_adds_x_minus_z_and_the_target_is_z_minus_u() -> None:
+    """Two exchanges on a trainer, every quantity computed here from its arrays."""
+    trainer = _trainer_with_shared_rows()
+    shared = np.array([1, 3, 4])
+    trainer.local_epochs(1)
+    x1 = trainer.state.users[shared].astype(np.float64)
+    np.testing.assert_allclose(trainer.contribution(), x1, rtol=1e-6)  # U starts at 0
+    z1 = RNG.standard_normal((3, 3)).astype(np.float32)
+    trainer.receive_consensus(z1)
+    u1 = x1 - z1  # U = 0 + X - Z: the full step (half of it fails here)
+    np.testing.assert_allclose(trainer.state.duals, u1, rtol=1e-5, atol=1e-6)
+    prox = trainer.proximal()
+    assert prox is not None and prox.rho == 1.7
+    np.testing.assert_array_equal(prox.rows, shared)
+    np.testing.assert_allclose(prox.target, z1 - u1, rtol=1e-5, atol=1e-6)
+    # second round: the users solve towards Z - U with rho; then X + U is pushed
+    items = trainer.state.items.copy()
+    trainer.users_half_step()
+    ridge = np.full(6, 0.5)
+    expected_x = _dense_solve(trainer.train, items, 0.2, ridge, shared, (z1 - u1).astype(np.float32), 1.7)
+    np.testing.assert_allclose(trainer.state.users, expected_x, rtol=5e-4, atol=5e-5)
+    x2 = trainer.state.users[shared].astype(np.float64)
+    np.testing.assert_allclose(trainer.contribution(), x2 + u1, rtol=1e-5, atol=1e-6)
+    z2 = RNG.standard_normal((3, 3)).astype(np.float32)
+    trainer.receive_consensus(z2)
+    np.testing.assert_allclose(trainer.state.duals, u1 + x2 - z2, rtol=1e-5, atol=1e-6)
+
+
+def test_the_admm_functions_on_literals() -> None:
+    """dual_update and proximal_target on numbers small enough to check by eye."""
+    u = np.array([[1.0, -2.0]], np.float32)
+    x = np.array([[4.0, 0.5]], np.float32)
+    z = np.array([[1.0, 1.5]], np.float32)
+    assert dual_update(u, x, z).tolist() == [[4.0, -3.0]]  # 1 + 4 - 1, -2 + 0.5 - 1.5
+    assert proximal_target(z, u).tolist() == [[0.0, 3.5]]  # 1 - 1, 1.5 + 2
+
+
+# ----- the aggregator's consensus: mean over holders, the L2 shrink -----
+
+
+def test_consensus_is_the_mean_over_the_domains_that_hold_each_row() -> None:
+    """Rows held by 1, 2 or 3 domains, and one held by none, on literals."""
+    a = (np.array([0, 1, 2]), np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32))
+    b = (np.array([2, 1]), np.array([[7.0, 8.0], [9.0, 10.0]], np.float32))
+    c = (np.array([2]), np.array([[0.0, -2.0]], np.float32))
+    mean, holders = consensus_mean([a, b, c], n_rows=4, rank=2)
+    assert holders.tolist() == [1, 2, 3, 0]
+    assert mean.tolist() == [[1.0, 2.0], [6.0, 7.0], [4.0, 4.0], [0.0, 0.0]]
+    z, _ = consensus([a, b, c], 4, 2, ADMMParams(rho=1.0))
+    assert z.tolist() == mean.tolist()
+
+
+def test_the_l2_prox_shrinks_the_mean_by_n_rho_over_n_rho_plus_lambda_z() -> None:
+    """N = 1, 2, 3 holders, rho 2, lambda_z 2: factors 2/4, 4/6, 6/8; a row nobody holds stays 0."""
+    a = (np.array([0, 1, 2]), np.array([[4.0], [6.0], [8.0]], np.float32))
+    b = (np.array([1, 2]), np.array([[6.0], [8.0]], np.float32))
+    c = (np.array([2]), np.array([[8.0]], np.float32))
+    z, holders = consensus([a, b, c], 4, 1, ADMMParams(rho=2.0, prox="l2", lambda_z=2.0))
+    assert holders.tolist() == [1, 2, 3, 0]
+    np.testing.assert_allclose(z[:, 0], [4.0 * 2 / 4, 6.0 * 4 / 6, 8.0 * 6 / 8, 0.0], rtol=1e-6)
+    assert prox_l2(np.array([[3.0]]), np.array([0]), ADMMParams(rho=1.0, prox="l2", lambda_z=1.0)).tolist() == [[0.0]]
+    # a denominator N rho + lambda_z below 1 still divides: 1 * 0.25 / (0.25 + 0.25) = 0.5
+    assert prox_l2(np.array([[3.0]]), np.array([1]), ADMMParams(rho=0.25, prox="l2", lambda_z=0.25)).tolist() == [[1.5]]
+
+
+# ----- the sampled protocol: 1000 candidates on test, 100 on validation -----
+
+
+def _big_catalog_files(folder: Path, n_items: int = 1200) -> tuple[Path, Path]:
+    """A train file over n_items items (each trained by two users) and a test file of three users."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = folder / "train.csv"
+    lines = [f"u{u},i{i}" for u in range(6) for i in range(u % 3, n_items, 3)]  # every item has two users
+    train.write_text("user,item\n" + "\n".join(lines) + "\n")
+    test = folder / "test.csv"
+    test.write_text("user,item\nu0,i1\nu1,i2\nu2,i3\n")
+    return train, test
+
+
+def test_the_paper_protocol_ranks_each_target_among_1000_candidates_and_validation_among_100(tmp_path: Path) -> None:
+    """The defaults everywhere: 999 test negatives + target, 99 validation negatives + target."""
+    train, test = _big_catalog_files(tmp_path)
+    data = load_node_data("d", train, None, test, "csv")
+    assert data.test is not None and data.valid is not None
+    assert data.test.candidates.shape == (3, 1000)
+    assert data.valid.candidates.shape == (6, 100)
+    assert np.all(data.test.candidates[:, 0] == data.test.items)  # target first
+    assert all(len(set(row.tolist())) == 1000 for row in data.test.candidates)
+    users = np.arange(4)
+    assert draw_candidates(1500, users, users, 4, seed=0).candidates.shape == (4, 1000)
+    assert sample_negatives(1500, users, users, sp.csr_matrix((4, 1500)), seed=0).shape == (4, 1000)
+    assert ValidationParams().negatives == 99
+    assert NodeConfig.model_fields["validation"].get_default(call_default_factory=True).negatives == 99
+    assert EvaluationConfig().n_negatives == 999
+    assert StoppingConfig().valid_negatives == 99
+
+
+# ----- security: the proof window and the pseudonym MAC -----
+
+
+def test_a_call_proof_is_accepted_within_300_seconds_of_the_server_clock_and_refused_beyond() -> None:
+    """Skews of +-299 s pass, +-301 s are refused (the window is 300 s, both ways)."""
+    ca = pki.create_ca()
+    sport = pki.issue_domain_certificate(ca, "sport")
+    der = sport.certificate.public_bytes(serialization.Encoding.DER)
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    method = "/cdimf.v1.Aggregator/PushContribution"
+    authenticator = call_proof.CallAuthenticator(ca.certificate, clock=lambda: now)
+    for skew in (-299.0, 299.0):
+        authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, now=now + skew), method)
+    for skew in (-301.0, 301.0):
+        with pytest.raises(call_proof.CallRefused):
+            authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, now=now + skew), method)
+
+
+def test_pseudonyms_are_hmac_sha256_of_the_context_and_the_key_under_the_secret() -> None:
+    """Known answers from the standard library's hmac, and not a plain hash of secret + key."""
+    secret = b"0123456789abcdef-federation"
+    context = b"cdimf.v1.user-pseudonym\x00"
+    keys: list[object] = ["alice", 42, b"\x00raw"]
+    got = pseudonymize(keys, secret)
+    expected = [hmac.new(secret, context + k, hashlib.sha256).digest() for k in (b"alice", b"42", b"\x00raw")]
+    assert [bytes(row) for row in got] == expected
+    # a literal vector, so that the context string itself is pinned too
+    assert bytes(got[0]).hex() == hmac.new(secret, b"cdimf.v1.user-pseudonym\x00alice", "sha256").hexdigest()
+    assert bytes(got[0]) != hashlib.sha256(secret + context + b"alice").digest()

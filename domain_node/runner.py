@@ -43,7 +43,7 @@ from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.ials import resolve_backend
 from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
-from cdimf.common.metric_labels import NEGATIVES_KEY, shown
+from cdimf.common.metric_labels import NEGATIVES_KEY, labelled_percent, shown
 from cdimf.common.rpc import metrics as prometheus
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
@@ -230,7 +230,7 @@ class NodeRunner:
         negatives = held.candidates.shape[1] - 1
         lines = [f"TEST {self.config.domain}: run {model.run_id} round {model.round}, {len(held.users)} users,"
                  f" each test item ranked against {negatives} sampled negatives"]
-        lines += [f"TEST {self.config.domain}:   {name:<8} {value:.4f}" for name, value in sorted(scores.items())]
+        lines += [f"TEST {self.config.domain}:   {label:<24} {value:6.2f}%" for label, value in labelled_percent(scores, "test", negatives).items()]
         print("\n".join(lines), flush=True)
 
     # ----- one run -----

@@ -144,9 +144,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def round_metrics(launcher_output: str) -> set[tuple[int, str]]:
-    """(round, domain) of the launcher's per-round metric lines (`round N  domain  HR@10 ...`), colours stripped."""
+    """(round, domain) of the launcher's per-round metric lines (`round N  domain  valid HR@10 (99 neg) ...`), colours stripped."""
     text = ANSI.sub("", launcher_output)
-    return {(int(number), domain) for number, domain in re.findall(r"\bround\s+(\d+)\s+(\w+)\s+HR@", text)}
+    return {(int(number), domain) for number, domain in re.findall(r"\bround\s+(\d+)\s+(\w+)\s+valid HR@", text)}
 
 
 def node_test_tables(output: str) -> dict[str, list[str]]:

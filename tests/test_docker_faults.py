@@ -36,7 +36,7 @@ def override(exit_after_run: bool = True, extra_run_flags: tuple[str, ...] = ())
 
 def last_round_metrics(node_logs: str) -> str:
     """The node's logged validation metrics of the last round."""
-    found = re.findall(rf"round {ROUNDS}: (HR@\S+ \S+\s+NDCG@\S+ \S+)", node_logs)
+    found = re.findall(rf"round {ROUNDS}: (valid HR@\S+ \(\d+ neg\) \S+\s+valid NDCG@\S+ \(\d+ neg\) \S+)", node_logs)
     assert found, node_logs[-2000:]
     return found[-1]
 
@@ -151,7 +151,7 @@ def test_paused_node_does_not_stall_the_other_domain(tmp_path: Path) -> None:
         assert launcher == 0, output[-3000:]
         assert re.search(r"closed without cloth", output), output[-3000:]
         # cloth rejoined: it reported validation metrics for a round after the pause
-        cloth_rounds = [int(r) for r in re.findall(r"round\s+(\d+)\s+cloth\s+HR@", output)]
+        cloth_rounds = [int(r) for r in re.findall(r"round\s+(\d+)\s+cloth\s+valid HR@", output)]
         assert cloth_rounds and max(cloth_rounds) > paused_at + 3, output[-3000:]
         for name in NODES:
             assert stack.wait_exit(name, timeout_s=120) == 0, stack.logs(name)[-3000:]

@@ -8,6 +8,7 @@ function under test: a wrong formula shared by the code and its callers still fa
 import datetime
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,10 @@ def test_pseudonyms_are_hmac_sha256_of_the_context_and_the_key_under_the_secret(
     # a literal vector, so that the context string itself is pinned too
     assert bytes(got[0]).hex() == hmac.new(secret, b"cdimf.v1.user-pseudonym\x00alice", "sha256").hexdigest()
     assert bytes(got[0]) != hashlib.sha256(secret + context + b"alice").digest()
+
+
+def test_a_row_outside_the_matrix_is_refused_naming_the_valid_range() -> None:
+    """A shared row past the last user is refused with the range of rows that exist (0..n-1, here 0..5)."""
+    train = sp.csr_matrix(np.eye(6, 4, dtype=np.float32))
+    with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
+        DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array([1, 6]))

@@ -51,20 +51,27 @@ TARGETS = (
 )
 
 
+# A line ending in this marker holds an equivalent mutant's site (a speed constant, a sentinel only
+# ever compared by sign): the marker says why, and its mutants are not run.
+EQUIVALENT = "# mutation: equivalent"
+
+
 def _function_lines(path: Path, names: tuple[str, ...] | None) -> set[int] | None:
-    """Source lines of the named top-level functions (None: every line)."""
+    """Source lines to mutate: the named top-level functions' (None: every line), less the EQUIVALENT ones."""
+    text = path.read_text()
+    equivalent = {number for number, line in enumerate(text.splitlines(), start=1) if EQUIVALENT in line}
     if names is None:
-        return None
+        return set(range(1, len(text.splitlines()) + 1)) - equivalent
     lines: set[int] = set()
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef) and node.name in names:
             found.add(node.name)
             lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
     missing = set(names) - found
     if missing:
         raise SystemExit(f"{path}: no function {', '.join(sorted(missing))}")
-    return lines
+    return lines - equivalent
 
 
 def _config(target: Target, timeout_s: float) -> str:
@@ -96,10 +103,19 @@ def _skip_outside(db_path: Path, keep: set[int] | None, chosen: set[str] | None)
     return left
 
 
-def _pending_ids(db_path: Path, keep: set[int] | None) -> list[str]:
-    """Job ids of the mutants on kept lines."""
+def _pending_ids(db_path: Path, keep: set[int] | None) -> list[tuple[tuple[str, int, int, str, int], str]]:
+    """(stable key, job id) of the mutants on kept lines, ordered by the key.
+
+    Job ids are random per `cosmic-ray init`, so a seeded sample is drawn from this order (file,
+    line, column, operator, occurrence): the same source gives the same sample on every run.
+    """
     with use_db(str(db_path), WorkDB.Mode.open) as db:
-        return [item.job_id for item in db.pending_work_items if keep is None or item.mutations[0].start_pos[0] in keep]
+        found = []
+        for item in db.pending_work_items:
+            spec = item.mutations[0]
+            if keep is None or spec.start_pos[0] in keep:
+                found.append(((str(spec.module_path), spec.start_pos[0], spec.start_pos[1], spec.operator_name, spec.occurrence), item.job_id))
+    return sorted(found)
 
 
 def _results(db_path: Path) -> tuple[int, int, list[str]]:
@@ -167,7 +183,7 @@ def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str
             sessions.append((target, config, db_path, _function_lines(ROOT / target.path, target.functions)))
         chosen: set[str] | None = None
         if args.sample:
-            everything = [(db_path, job) for _, _, db_path, keep in sessions for job in _pending_ids(db_path, keep)]
+            everything = [pending for _, _, db_path, keep in sessions for pending in _pending_ids(db_path, keep)]
             picked = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
             chosen = {job for _, job in picked}
         total_killed = total_survived = 0

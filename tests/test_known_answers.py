@@ -20,7 +20,7 @@ from cdimf.common.config import NodeConfig, ValidationParams
 from cdimf.common.core.admm import ADMMParams, consensus, consensus_mean, dual_update, prox_l2, proximal_target
 from cdimf.common.core.evaluation import draw_candidates
 from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
-from cdimf.common.core.metrics import sample_negatives
+from cdimf.common.core.metrics import sample_negatives, sampled_ranks
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import IALSParams
 from cdimf.common.security import call_proof, pki
@@ -266,3 +266,26 @@ def test_a_row_outside_the_matrix_is_refused_naming_the_valid_range() -> None:
     train = sp.csr_matrix(np.eye(6, 4, dtype=np.float32))
     with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
         DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array([1, 6]))
+
+
+def test_a_catalog_outside_the_items_is_refused_at_either_end() -> None:
+    """Items are 0..3 here: a catalog holding -1 or 4 (first or last of its sorted ids) is refused, 0..3 is not."""
+    exclude = sp.csr_matrix((2, 4), dtype=np.float32)
+    users, items = np.array([0, 1]), np.array([0, 1])
+    for catalog in ([-1, 1, 2], [0, 1, 4], [0, 1, 2, 3, 4]):
+        with pytest.raises(ValueError, match=re.escape("catalog holds item indices outside [0, 4)")):
+            sample_negatives(4, users, items, exclude, n_negatives=1, catalog=np.array(catalog))
+    drawn = sample_negatives(4, users, items, exclude, n_negatives=1, catalog=np.array([0, 1, 2, 3]))
+    assert drawn.shape == (2, 2) and set(drawn[:, 1].tolist()) <= {0, 1, 2, 3}
+
+
+def test_ranks_with_no_training_pairs_at_all_count_only_the_scores() -> None:
+    """No user has a training item (an empty train matrix): a target's rank is 1 + the candidates scored above it."""
+    users = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    items = np.array([[3.0, 0.0], [2.0, 5.0], [1.0, 1.0], [0.0, 4.0]], dtype=np.float32)
+    candidates = np.array([[2, 0, 1], [1, 3, 2]])
+    # user 0 scores items by their first factor: 3, 2, 1 for items 0, 1, 2, so item 2 ranks 3rd;
+    # user 1 by their second: 5, 4, 1 for items 1, 3, 2, so item 1 ranks 1st
+    for method in ("gemm", "gather"):
+        ranks = sampled_ranks(users, items, candidates, np.array([0, 1]), sp.csr_matrix((2, 4), dtype=np.float32), method=method)
+        np.testing.assert_array_equal(ranks, [3, 1])

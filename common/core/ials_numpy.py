@@ -27,10 +27,10 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, cores))  # mutation: equivalent (rows are solved independently: a thread count never changes the answer)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # mutation: equivalent (how many pools stay cached: speed only)
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ials")
 

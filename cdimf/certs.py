@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
+from cdimf.arg_types import positive_int
 from cdimf.common.security import names, pki
 from cdimf.common.security.pseudonyms import load_secret
 
@@ -53,15 +54,6 @@ def _domain_host(text: str) -> tuple[str, str]:
     return domain.strip(), host.strip()
 
 
-def _positive_days(text: str) -> int:
-    """Parse `--days N` as a positive whole number of days."""
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--days expects a whole number, got {text!r}") from None
-    if days < 1:
-        raise argparse.ArgumentTypeError(f"--days must be at least 1, got {days}")
-    return days
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,7 +69,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="DNS name or IP of a domain node's own gRPC server (repeatable)",
     )
     parser.add_argument("--operator", default="operator", help="name in the operator (control API) certificate")
-    parser.add_argument("--days", type=_positive_days, default=DEFAULT_DAYS, help="validity of party certificates in days")
+    parser.add_argument("--days", type=positive_int, default=DEFAULT_DAYS, help="validity of party certificates in days")
     parser.add_argument(
         "--federation-secret", action="store_true",
         help=f"also write {SECRET_FILE} (random, 0600): the pseudonym key shared by the domains, never the aggregator",

@@ -8,7 +8,6 @@ flags override the file and CDIMF_* variables. Exit status: 0 success, 1 the run
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import grpc
 from pydantic import Field, field_validator
 
+from cdimf.arg_types import positive_int, positive_seconds
 from cdimf.common.config import (
     AggregatorConfig,
     NodeConfig,
@@ -133,14 +133,6 @@ async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool, outag
     if not as_json:
         print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
     return outcome
-
-
-def _positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
 
 
 async def start_run(client: Any, params: RunParams, wait_for_domains_s: float) -> Any:
@@ -435,15 +427,6 @@ def _address_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -478,7 +461,7 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     train.add_argument("--config", help="TOML file: aggregator, [tls] (operator certificate) and [run] (RunParams)")
     train.add_argument("--follow", action="store_true", help="follow the run: progress of rounds on stderr, per-round validation metrics per domain")
     train.add_argument("--json", action="store_true", help="machine-readable output (with --follow: one JSON event per line, the run's end last)")
-    train.add_argument("--follow-timeout-s", type=_positive_seconds, default=FOLLOW_OUTAGE_S,
+    train.add_argument("--follow-timeout-s", type=positive_seconds, default=FOLLOW_OUTAGE_S,
                        help="with --follow: how long an unreachable aggregator (restart, pause) is waited for, in seconds")
     train.add_argument("--wait-for-domains-s", type=float, default=120.0,
                        help="retry starting the run this long while fewer than min_domains domains registered (default: 120)")
@@ -496,7 +479,7 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     rec = commands.add_parser("recommend", help="top-k items for a user key from a domain node", description="Top-k items for a user key.")
     rec.add_argument("--node", required=True, type=_address_argument, help="host:port of the node's server")
     rec.add_argument("--user", required=True, help="the domain's own user key")
-    rec.add_argument("-k", type=_positive_int, default=10, help="number of items (default: 10)")
+    rec.add_argument("-k", type=positive_int, default=10, help="number of items (default: 10)")
     rec.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")
     rec.add_argument("--json", action="store_true", help="print one JSON object")
     rec.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call in seconds (default: 10)")
@@ -509,7 +492,7 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     ev.add_argument("--split", choices=("test", "valid"), default="test", help="held-out split (default: test)")
     ev.add_argument("--protocol", choices=("sampled", "full"), default="sampled",
                     help="sampled: target among the split's fixed negatives (test 999, valid 99); full: the whole catalog (default: sampled)")
-    ev.add_argument("-k", type=_positive_int, default=10, help="cut-off (default: 10)")
+    ev.add_argument("-k", type=positive_int, default=10, help="cut-off (default: 10)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the call in seconds (default: 600)")
     ev.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")

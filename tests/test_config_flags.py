@@ -63,7 +63,7 @@ def test_the_tls_table_of_any_file_with_its_flags(tmp_path: Path) -> None:
     assert isinstance(tls, TLSConfig)
     assert tls.ca_file == tmp_path / "certs/ca.pem" and tls.key_file == Path("/keys/other.key")
     config.write_text("[tls]\nca_file = 'ca.pem'\n")
-    with pytest.raises(ConfigError, match=rf"{config}: field tls: .*cert_file, key_file"):
+    with pytest.raises(ConfigError, match=rf"{config}:1: field tls: .*cert_file, key_file"):
         _load(TLSConfig, [], config, table="tls")
 
 

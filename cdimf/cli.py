@@ -14,16 +14,14 @@ from cdimf.resources import config_path, shipped_configs
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    """Train the three models on a pair and print the table (or JSON)."""
-    from dataclasses import asdict
-
-    from cdimf.reproduce import format_table, reproduce
+    """Train the three models on the config's domains and print the table (or JSON); progress goes to stderr either way."""
+    from cdimf.reproduce import format_table, paper_json, reproduce, result_json
 
     config = load_reproduce_config(config_path(args.config))
-    progress = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
-    results = reproduce(config, progress)
+    results = reproduce(config, show_progress=True)
     if args.json:
-        print(json.dumps({"title": config.title, "results": [asdict(r) for r in results], "paper": config.paper}, indent=2))
+        print(json.dumps({"ok": True, "title": config.title, "unit": "%", "results": [result_json(r, config) for r in results],
+                          "paper": paper_json(config)}, indent=2))
     else:
         print(format_table(results, config))
     return 0

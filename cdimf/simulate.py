@@ -28,41 +28,24 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from cdimf.common.config import RunParams, TLSConfig, ValidationParams
+from cdimf.common.config import FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
 from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
-from cdimf.common.security.names import validate_party_name
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.resources import embedded_pair
 
 TERMINATE_GRACE_S = 5.0
 
 
-class SimulatedDomain(StrictModel):
-    """One domain of the simulation: its name and its own files (NodeConfig's data fields)."""
-
-    name: str
-    train_path: Path
-    valid_path: Path | None = None
-    test_path: Path | None = None
-    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = Field("auto", description="file format; auto: from the extension and first line")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        """A domain name by the federation's one rule."""
-        return validate_party_name(value, "domain name")
-
-
-def _warm_pair() -> list[SimulatedDomain]:
-    """The embedded warm Sport&Cloth pair, one SimulatedDomain per domain."""
+def _warm_pair() -> list[FederationDomain]:
+    """The embedded warm Sport&Cloth pair, one entry per domain."""
     warm_pair = embedded_pair("warm-start_sport_cloth")
     return [
-        SimulatedDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
+        FederationDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
         for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
     ]
 
@@ -80,7 +63,7 @@ def _warm_run() -> RunParams:
 class SimulateConfig(StrictModel):
     """A local federation: the domains' files, the local model, the run and the transport."""
 
-    domains: list[SimulatedDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
+    domains: list[FederationDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
     ials: LocalIALSParams = Field(default_factory=_warm_ials, description="every node's local model (its rank is run.rank)")
     run: RunParams = Field(default_factory=_warm_run)
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
@@ -92,9 +75,7 @@ class SimulateConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "SimulateConfig":
         """Unique domain names, no more min_domains than domains and no second rank."""
-        names = [domain.name for domain in self.domains]
-        if len(set(names)) != len(names):
-            raise ValueError(f"domain names must be unique, got {names}")
+        unique_domain_names(self.domains)
         if self.run.min_domains > len(self.domains):
             raise ValueError(f"run.min_domains ({self.run.min_domains}) exceeds the {len(self.domains)} domains")
         self.ials.at_rank(self.run.rank)
@@ -344,9 +325,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         started: list[Child] = []
         for domain in config.domains:
             settings = {
-                "domain": domain.name,
-                "train_path": str(domain.train_path.resolve()),
-                "data_format": domain.data_format,
+                **domain.node_fields(),
                 "listen": "127.0.0.1:0",
                 "aggregator": aggregator_address,
                 "state_dir": str(work_dir / "state" / domain.name),
@@ -355,10 +334,6 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "validation": config.validation.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
-            for field in ("valid_path", "test_path"):
-                value = getattr(domain, field)
-                if value is not None:
-                    settings[field] = str(value.resolve())
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
         # the nodes load their data in parallel; each prints LISTENING once it serves
         nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}

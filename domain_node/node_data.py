@@ -7,6 +7,7 @@ Without a valid file, validation is one leave-one-out entry per user carved from
 by (`valid_seed`, crc32 of the domain name) so that it never depends on the other domains.
 """
 
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from cdimf.common.core.evaluation import PAPER_NEGATIVES, HeldOut, draw_candidat
 from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr, union_keys
 
 EVALUATION_SEED = 0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -82,4 +85,9 @@ def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None
     if raw_test is not None:
         test_users, test_items = held_pairs(raw_test)
         test = draw_candidates(n_items, test_users, test_items, n_users, EVALUATION_SEED + 1, PAPER_NEGATIVES)
+    for split, held, asked in (("valid", valid, valid_negatives), ("test", test, PAPER_NEGATIVES)):
+        if held is not None and held.candidates.shape[1] - 1 < asked:
+            # the metrics carry the number actually used in their labels; the log says why it is lower
+            log.warning("domain %s: %s rows ranked against %d negatives, not %d: a catalog of %d items has no more for every row",
+                        domain, split, held.candidates.shape[1] - 1, asked, n_items)
     return NodeData(domain, users, items, train, valid, test, carved)

@@ -14,18 +14,21 @@ from pathlib import Path
 import numpy as np
 
 GROUPS = 4
-ON_TASTE = 0.85  # share of a user's items drawn from the user's own taste group
+ON_TASTE_WEIGHT = 20.0  # how much likelier an item of the user's own taste group is than another as popular
+ZIPF = 0.7  # popularity exponent: the item of popularity rank r is drawn with weight 1 / r^ZIPF
 
 
 def _domain_rows(rng: np.random.Generator, users: np.ndarray, groups: np.ndarray, prefix: str, n_items: int,
                  per_user: int) -> tuple[list[str], list[str]]:
     """Train and test CSV lines of one domain: `per_user` distinct items per user, the last one held out."""
     item_groups = np.arange(n_items) % GROUPS
+    # Zipf-like popularity over a random order of the items
+    popularity = 1.0 / (np.argsort(rng.random(n_items), kind="stable") + 1.0) ** ZIPF
     orders = []
     for group in groups:
-        # rank every item by a random key, on-taste items first with probability ON_TASTE each
-        on_taste = (item_groups == group) & (rng.random(n_items) < ON_TASTE)
-        orders.append(np.argsort(rng.random(n_items) - on_taste, kind="stable"))
+        # weighted draw without replacement (Efraimidis-Spirakis keys): popular, on-taste items first
+        weights = popularity * np.where(item_groups == group, ON_TASTE_WEIGHT, 1.0)
+        orders.append(np.argsort(-np.log(1.0 - rng.random(n_items)) / weights, kind="stable"))
     trained = np.zeros(n_items, dtype=bool)
     for order in orders:
         trained[order[: per_user - 1]] = True

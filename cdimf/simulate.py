@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from cdimf.common.config import FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
 from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
+from cdimf.progress import say
 from cdimf.resources import embedded_pair
 
 TERMINATE_GRACE_S = 5.0
@@ -227,14 +228,15 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
     from cdimf.runtime_cli import follow_run, start_run
 
-    client = AggregatorClient(aggregator, "", credentials_for(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
+    client = AggregatorClient(aggregator, "", credentials_for(operator), rpc_timeout_s=30.0, retry_for_s=30.0,
+                              on_retry=lambda message: say(f"cdimf simulate: {message}"))
     try:
         await _all_registered(client, set(nodes), config.startup_timeout_s)
         started = time.perf_counter()
         info = await start_run(client, config.run, config.startup_timeout_s)
-        if not as_json:
-            print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
-        outcome = await follow_run(client, info.run_id, info.rounds, as_json=False) if not as_json else await _quiet_follow(client, info.run_id)
+        say(f"run {info.run_id} started over {', '.join(info.admitted_domains)}")
+        # progress goes to stderr in both modes (JSON is stdout's)
+        outcome = await follow_run(client, info.run_id, info.rounds, as_json=False)
         history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs for event in record.events]
     finally:
         await client.close()
@@ -264,24 +266,18 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
     of domains (1 for asynchronous runs).
     """
     give_up = time.monotonic() + timeout_s
+    said: set[str] = set()
     while True:
         registered = {entry.domain for entry in (await client.get_status()).domains}
         if domains <= registered:
+            say(f"cdimf simulate: all {len(domains)} domains registered")
             return
         if time.monotonic() >= give_up:
             raise SimulationError(f"domains {sorted(domains - registered)} did not register within {timeout_s:.0f} s")
+        if domains - registered != said:
+            said = domains - registered
+            say(f"cdimf simulate: waiting for {', '.join(sorted(said))} to register (up to {give_up - time.monotonic():.0f} s more)")
         await asyncio.sleep(0.05)
-
-
-async def _quiet_follow(client: Any, run_id: str) -> int:
-    """Follow without printing; 0 when the run finished."""
-    from cdimf.common.wire.serde import event_kind_name
-
-    outcome = 1
-    async for event in client.watch_run(run_id):
-        if event_kind_name(event.kind) == "run_finished":
-            outcome = 0
-    return outcome
 
 
 def format_results(results: dict[str, Any], k: int) -> str:
@@ -318,6 +314,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
             {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
         )
         aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
+        say(f"cdimf simulate: aggregator listening on {aggregator_address}")
         # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
         threads = max(1, (os.cpu_count() or 1) // len(config.domains))
         ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
@@ -335,8 +332,12 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "tls": _tls_settings(tls_of[domain.name]),
             }
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
+        say(f"cdimf simulate: started {len(started)} nodes; each loads its files ({', '.join(d.train_path.name for d in config.domains)} ...)")
         # the nodes load their data in parallel; each prints LISTENING once it serves
-        nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
+        nodes = {}
+        for domain, child in zip(config.domains, started):
+            nodes[domain.name] = federation.wait_listening(child, config.startup_timeout_s)
+            say(f"cdimf simulate: node {domain.name} loaded its data and listens on {nodes[domain.name]}")
         return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))
     except BaseException:
         failed = True

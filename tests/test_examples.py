@@ -75,6 +75,11 @@ def test_simulate_runs_each_example_as_is(example: str, domains: list[str], tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert sorted(report["domains"]) == sorted(domains) and report["rounds"] == 2
+    # progress on stderr with --json too: each node's loading, the registrations, each round
+    for name in domains:
+        assert f"cdimf simulate: node {name} loaded its data and listens on 127.0.0.1:" in done.stderr
+    assert f"cdimf simulate: all {len(domains)} domains registered" in done.stderr
+    assert f"run {report['run_id']}: 2/2 rounds" in done.stderr and f"run {report['run_id']} finished" in done.stderr
     for name, row in report["domains"].items():
         assert row["split"] == "test" and row["negatives"] == 999
         assert row["users"] == len(_users(EXAMPLES / example / f"{name}_test.csv"))

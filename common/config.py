@@ -332,6 +332,10 @@ def _describe(error: ValidationError, source: str, origins: Mapping[tuple[str, .
         location = tuple(str(part) for part in problem["loc"])
         # the origin of the field, or of the table that set it as a whole (CDIMF_RUN='{...}')
         where = next((origins[location[:end]] for end in range(len(location), 0, -1) if location[:end] in origins), None)
+        if where is None and not location:
+            # a rule across fields (a node rank against the run's): blame the flags or variables it names
+            named = [origin for path, origin in origins.items() if re.search(rf"\b{re.escape('.'.join(path))}\b", problem["msg"])]
+            where = ", ".join(named) or None
         if where is None:
             where = source
             # the key's own line, or the line of the table a missing key belongs in

@@ -1,11 +1,16 @@
 """What long steps say, from the real commands: retries toward an unreachable aggregator, a round waiting for a domain."""
 
 import asyncio
+import fcntl
 import os
+import pty
+import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +89,41 @@ def test_follow_names_the_domain_a_round_waits_for(tmp_path: Path, processes: Pr
         if follower.poll() is None:
             follower.kill()
             follower.communicate()
+
+
+def test_on_a_terminal_the_bar_never_shares_a_line_with_a_metric(tmp_path: Path, processes: Processes) -> None:
+    """`train --follow` with stderr on a 100-column pseudo-terminal: a tqdm bar, and every metric line whole on its own line."""
+    files = write_domains(tmp_path / "data")
+    _, aggregator = processes.aggregator()
+    processes.nodes(files, aggregator)
+    leader, follower_tty = pty.openpty()
+    fcntl.ioctl(follower_tty, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    follower = subprocess.Popen([sys.executable, "-m", "cdimf", "train", "--aggregator", aggregator, "--insecure", "--rounds", "3",
+                                 "--rank", "6", "--min-domains", "2", "--wait-for-domains-s", "60", "--follow"], cwd=REPO_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=follower_tty)
+    os.close(follower_tty)
+    written = b""
+    try:
+        give_up = time.monotonic() + 120
+        while time.monotonic() < give_up:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the terminal closed: the follower exited
+                    break
+                if not chunk:
+                    break
+                written += chunk
+            elif follower.poll() is not None:
+                break
+        assert follower.wait(30) == 0, written.decode(errors="replace")[-2000:]
+    finally:
+        os.close(leader)
+        if follower.poll() is None:
+            follower.kill()
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]+", written.decode(errors="replace")) if piece.strip()]
+    bars = [piece for piece in pieces if "rounds/s" in piece]
+    metric = re.compile(r"^round +[123]  (sport|cloth) +valid HR@10 \(\d+ neg\) [\d.]+%  valid NDCG@10 \(\d+ neg\) [\d.]+%$")
+    assert bars, pieces  # a terminal gets tqdm's bar
+    assert sum(bool(metric.match(piece)) for piece in pieces) == 6, pieces
+    assert not [piece for piece in pieces if "HR@10" in piece and not metric.match(piece)], pieces

@@ -84,6 +84,11 @@ def test_follow_names_the_domain_a_round_waits_for(tmp_path: Path, processes: Pr
         _, rest = follower.communicate(timeout=90)
         assert follower.returncode == 0, rest
         assert rest.splitlines()[-1].endswith("finished")
+        # each node's log says what it loads, how much, that it registers and that it waits for a run
+        log = (tmp_path / "node-sport.log").read_text()
+        assert f"domain sport: loading {files['sport']['train']}" in log and "domain sport: loaded " in log
+        assert re.search(rf"registering \d+ users with the aggregator at {re.escape(aggregator)}", log)
+        assert "; waiting for a run" in log
     finally:
         os.killpg(cloth.pid, signal.SIGCONT)
         if follower.poll() is None:

@@ -283,9 +283,16 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
 def format_results(results: dict[str, Any], k: int) -> str:
     """The results table: one row per domain, each metric labelled with its split and protocol, in %."""
     lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}"]
+    from cdimf.common.core.evaluation import PAPER_NEGATIVES
+
     for name, row in results["domains"].items():
         shown = "  ".join(f"{label} {value:.2f}%" for label, value in row["metrics"].items())
         lines.append(f"{name:<12} {row['users']:>7} users  {shown}")
+    for name, row in results["domains"].items():
+        if row["split"] == "test" and 0 < row["negatives"] < PAPER_NEGATIVES:
+            # a node caps its negatives to what a small catalog holds; say so beside the numbers
+            lines.append(f"{name}: ranked against {row['negatives']} negatives, not the paper's {PAPER_NEGATIVES}: "
+                         "its catalog has too few items (the node's log says how many)")
     return "\n".join(lines)
 
 

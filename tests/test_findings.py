@@ -53,3 +53,20 @@ def test_simulate_with_a_relative_work_dir_and_mutual_tls(tmp_path: Path) -> Non
     assert report["transport"] == "mutual TLS" and report["rounds"] == 1
     assert (tmp_path / "wd" / "federation.secret").is_file() and (tmp_path / "wd" / "certs" / "ca.pem").is_file()
     assert (tmp_path / "wd" / "node-books.log").is_file()
+
+
+def test_simulate_says_when_a_small_catalog_capped_the_negatives(tmp_path: Path) -> None:
+    """A 30-item domain cannot give 999 negatives: labels carry the number used, the table says why, the node logs it."""
+    catalog = 30
+    lines = ["user,item"] + [f"u{user},i{(user * 7 + shift) % catalog}" for user in range(40) for shift in range(5)]
+    (tmp_path / "small_train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "small_test.csv").write_text("user,item\n" + "".join(f"u{user},i{(user * 7 + 5) % catalog}\n" for user in range(40)))
+    (tmp_path / "fed.toml").write_text('[[domains]]\nname = "small"\ntrain_path = "small_train.csv"\ntest_path = "small_test.csv"\n')
+    done = _cdimf("simulate", "--config", str(tmp_path / "fed.toml"), "--insecure", "--rounds", "1", "--min-domains", "1",
+                  "--work-dir", "wd", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # each test row excludes its own held-out item: 29 of the 30 items are left to draw
+    assert "test HR@10 (29 neg)" in done.stdout
+    assert "small: ranked against 29 negatives, not the paper's 999: its catalog has too few items" in done.stdout
+    log = (tmp_path / "wd" / "node-small.log").read_text()
+    assert "domain small: test rows ranked against 29 negatives, not 999: a catalog of 30 items" in log

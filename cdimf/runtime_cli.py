@@ -328,7 +328,7 @@ def _runs(args: argparse.Namespace) -> int:
 def _log(args: argparse.Namespace) -> int:
     """A run's per-round history (also after it ended): its events, metrics labelled and in %."""
     from cdimf.common.metric_labels import shown
-    from cdimf.common.wire.serde import event_kind_name, run_record_to_json
+    from cdimf.common.wire.serde import ended_last, event_kind_name, run_record_to_json
 
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
@@ -345,7 +345,7 @@ def _log(args: argparse.Namespace) -> int:
         view = run_record_to_json(record)
         print(f"run {view['run_id']}: {view['state']}, round {view['round']}/{view['rounds']}, domains {', '.join(view['domains'])}"
               + (f", stopped: {view['stop_reason']}" if view["stop_reason"] else ""))
-        for event in record.events:
+        for event in ended_last(record.events):
             kind = event_kind_name(event.kind)
             detail = {"metrics": f"{event.domain:<12} {shown(event.metrics, 'valid')}",
                       "round_closed": f"closed by {', '.join(event.contributors)}" + (f", without {', '.join(event.missing)}" if event.missing else "")

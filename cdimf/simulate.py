@@ -223,7 +223,7 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
     from cdimf.common.metric_labels import labelled_percent
     from cdimf.common.rpc.aggregator_client import AggregatorClient
     from cdimf.common.rpc.channels import credentials_for, open_channel
-    from cdimf.common.wire.serde import event_to_json
+    from cdimf.common.wire.serde import ended_last, event_to_json
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
     from cdimf.runtime_cli import follow_run, start_run
@@ -237,7 +237,8 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
         say(f"run {info.run_id} started over {', '.join(info.admitted_domains)}")
         # progress goes to stderr in both modes (JSON is stdout's)
         outcome = await follow_run(client, info.run_id, info.rounds, as_json=False)
-        history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs for event in record.events]
+        history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs
+                   for event in ended_last(record.events)]
     finally:
         await client.close()
     seconds = time.perf_counter() - started

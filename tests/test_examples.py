@@ -80,6 +80,11 @@ def test_simulate_runs_each_example_as_is(example: str, domains: list[str], tmp_
         assert f"cdimf simulate: node {name} loaded its data and listens on 127.0.0.1:" in done.stderr
     assert f"cdimf simulate: all {len(domains)} domains registered" in done.stderr
     assert f"run {report['run_id']}: 2/2 rounds" in done.stderr and f"run {report['run_id']} finished" in done.stderr
+    # the history: integer rounds, every domain's metrics of both rounds, and the run's end last
+    kinds = [event["kind"] for event in report["history"]]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and kinds.count("run_finished") == 1
+    assert all(isinstance(event["round"], int) for event in report["history"])
+    assert {(e["domain"], e["round"]) for e in report["history"] if e["kind"] == "metrics"} == {(d, r) for d in domains for r in (1, 2)}
     for name, row in report["domains"].items():
         assert row["split"] == "test" and row["negatives"] == 999
         assert row["users"] == len(_users(EXAMPLES / example / f"{name}_test.csv"))

@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -98,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`cdimf status | head -1`): nothing left to say, and no flush at exit to fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ConfigError, ValueError, OSError) as error:
         from cdimf.runtime_cli import report_error
 

@@ -70,3 +70,20 @@ def test_simulate_says_when_a_small_catalog_capped_the_negatives(tmp_path: Path)
     assert "small: ranked against 29 negatives, not the paper's 999: its catalog has too few items" in done.stdout
     log = (tmp_path / "wd" / "node-small.log").read_text()
     assert "domain small: test rows ranked against 29 negatives, not 999: a catalog of 30 items" in log
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """stdout a pipe nobody reads any more (`... | head -1` after its line): no "Broken pipe" error, the status of a SIGPIPE."""
+    config = tmp_path / "pair.toml"
+    text = (EXAMPLE / "federation.toml").read_text().replace('_path = "', f'_path = "{EXAMPLE}/')
+    config.write_text(text + "\n[stopping]\nmax_rounds = 1\n")
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the table is printed
+    try:
+        writer = subprocess.run([sys.executable, "-m", "cdimf", "reproduce", str(config)], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=300, cwd=ROOT, env=environ)
+    finally:
+        os.close(write_end)
+    assert writer.returncode == 141 and "Broken pipe" not in writer.stderr, writer.stderr[-2000:]
+    assert "model 3/3: CDIMF done" in writer.stderr  # the work itself ran to its end

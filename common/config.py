@@ -322,6 +322,8 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:  # tomllib decodes the whole file before parsing it
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {error.start}: {error.reason})") from error
 
 
 def load_config(

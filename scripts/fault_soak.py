@@ -14,6 +14,7 @@ Exit status 1 when any fault was not survived.
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -41,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     stop_at = time.monotonic() + 60 * args.max_minutes
     tally = {"trials": 0, "faults_tried": 0, "faults_survived": 0, "faults_skipped": 0, "crashes": 0,
              "data_lost_trials": 0, "not_identical_trials": 0, "stalled_trials": 0, "tracebacks_logged": 0,
+             "deadline_trials_a_node_missed_the_end": 0,
              "by_fault": {}}
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="cdimf-soak-") as scratch:
-        folder = Path(scratch)
+    folder = Path(tempfile.mkdtemp(prefix="cdimf-soak-"))
+    try:
         reference = run_trial(folder / "reference", [], args.rounds)
         if not reference.finished:
-            print("the uninterrupted reference run did not finish", file=sys.stderr)
+            failures.append("the uninterrupted reference run did not finish")
             return 1
         for index in range(args.trials):
             if time.monotonic() > stop_at:
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             faults = draw_faults(rng, args.faults, reference.duration_s)
             outcome = run_trial(folder / f"trial-{index}", faults, args.rounds, 0.0 if synchronous else DEADLINE_S)
             different = outcome.differences(reference) if synchronous and outcome.finished else []
-            good = outcome.finished and not outcome.crashed and not outcome.missing_rounds and not different
+            missed = bool(outcome.missed_the_end)
+            good = outcome.finished and not outcome.crashed and not outcome.missing_rounds and not different and not (synchronous and missed)
             tally["trials"] += 1
             tally["faults_tried"] += len(outcome.applied)
             tally["faults_skipped"] += len(outcome.skipped)
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             tally["not_identical_trials"] += bool(different)
             tally["stalled_trials"] += not outcome.finished
             tally["tracebacks_logged"] += outcome.tracebacks
+            tally["deadline_trials_a_node_missed_the_end"] += missed and not synchronous
             for fault in outcome.applied:
                 key = f"{fault.kind} {'aggregator' if fault.role == 'aggregator' else 'node'}"
                 tally["by_fault"][key] = tally["by_fault"].get(key, 0) + 1
@@ -74,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'ok' if good else 'FAILED'} in {outcome.duration_s:.1f} s")
             print(line, file=sys.stderr, flush=True)
             if not good:
-                failures.append(f"{line}: crashed={outcome.crashed} missing={outcome.missing_rounds} different={different}")
+                failures.append(f"{line}: crashed={outcome.crashed} missing={outcome.missing_rounds} different={different} "
+                                f"missed the end={outcome.missed_the_end} folder={folder / f'trial-{index}'}")
+    finally:
+        if not failures:  # a failed trial's logs and state stay for a look
+            shutil.rmtree(folder, ignore_errors=True)
     if args.json:
         print(json.dumps({**tally, "failures": failures}, indent=2))
     else:
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crashes {tally['crashes']}, trials with data lost {tally['data_lost_trials']}, "
               f"synchronous trials not bit-identical {tally['not_identical_trials']}, stalled {tally['stalled_trials']}, "
               f"tracebacks logged {tally['tracebacks_logged']}")
+        print(f"deadline trials that ended while a node was down (it came back idle, without the last round): "
+              f"{tally['deadline_trials_a_node_missed_the_end']}")
         for failure in failures:
             print("  " + failure)
     return 1 if failures else 0

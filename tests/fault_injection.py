@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from cdimf.aggregator.store import RUN_FILE
@@ -30,6 +31,7 @@ from cdimf.common.core.params import ADMMParams
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.domain_node.checkpoint import load_checkpoint
 from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.federation_harness import DOMAINS, RANK, Processes, wait_for_domains, write_domains
 
 ROLES = ("aggregator", *DOMAINS)
@@ -63,12 +65,16 @@ def draw_faults(rng: random.Random, count: int, span_s: float) -> list[Fault]:
 class Outcome:
     """What one trial ended with."""
 
-    finished: bool  # the run ended "finished" and both nodes checkpointed its last round
+    finished: bool  # the run ended "finished" and every node settled (see _ended)
     duration_s: float  # from the run's start to its end
     applied: list[Fault] = field(default_factory=list)  # faults that hit the running run
     skipped: list[Fault] = field(default_factory=list)  # faults drawn after the run had ended
     crashed: list[str] = field(default_factory=list)  # processes that exited without being killed
     missing_rounds: list[int] = field(default_factory=list)  # rounds without a round_closed event in the stored run
+    # nodes without the last round: with a deadline, a node down for the end of the run comes
+    # back to a finished run it has no state of and waits idle for the next one (synchronous
+    # runs cannot end without every node)
+    missed_the_end: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # "<domain>.<users|items|duals|consensus>", "aggregator.consensus"
     tracebacks: int = 0  # "Traceback" lines across the processes' logs
 
@@ -89,6 +95,7 @@ class Federation:
         self.processes = Processes(folder)
         self.files = write_domains(folder / "data")
         self.live: dict[str, subprocess.Popen[bytes]] = {}
+        self.addresses: dict[str, str] = {}  # each node's own server, for its status
         self.killed: set[int] = set()  # pids this trial SIGKILLed on purpose
         self.port = 0
         self.address = ""
@@ -96,8 +103,8 @@ class Federation:
     def start(self) -> None:
         """The aggregator on a port it picks (read back from its LISTENING line), then both nodes."""
         self._start("aggregator")
-        for domain, (process, _) in self.processes.nodes(self.files, self.address).items():
-            self.live[domain] = process
+        for domain, (process, address) in self.processes.nodes(self.files, self.address).items():
+            self.live[domain], self.addresses[domain] = process, address
 
     def _start(self, role: str) -> None:
         """Start `role`: the aggregator on self.port (0 the first time), a node with its usual arguments."""
@@ -106,7 +113,7 @@ class Federation:
             self.address = address
             self.port = int(address.rsplit(":", 1)[1])
         else:
-            process, _ = self.processes.node(role, self.files, self.address)
+            process, self.addresses[role] = self.processes.node(role, self.files, self.address)
         self.live[role] = process
 
     async def apply(self, fault: Fault) -> None:
@@ -154,13 +161,28 @@ async def _status(address: str) -> pb.AggregatorStatus | None:
         return None
 
 
+async def _node_phase(address: str) -> str | None:
+    """A node's phase from its own server, None while it is down or paused."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return (await pb_grpc.DomainNodeStub(channel).GetStatus(pb.StatusRequest(), timeout=2)).phase
+    except grpc.RpcError:
+        return None
+
+
 async def _ended(federation: Federation, rounds: int) -> bool:
-    """Whether the run finished and both nodes checkpointed its last round."""
+    """Whether the run finished and every node settled: it checkpointed the last round and says
+    "finished", or (only possible with a deadline) it says "idle", back after the run ended."""
     status = await _status(federation.address)
     if status is None or status.run.state != pb.RUN_STATE_FINISHED:
         return False
-    found = [load_checkpoint(federation.folder / domain) for domain in DOMAINS]
-    return all(checkpoint is not None and checkpoint.round >= rounds for checkpoint in found)
+    for domain in DOMAINS:
+        checkpoint = load_checkpoint(federation.folder / domain)
+        phase = await _node_phase(federation.addresses[domain])
+        final = checkpoint is not None and checkpoint.round >= rounds
+        if not ((final and phase == "finished") or phase == "idle"):
+            return False
+    return True
 
 
 async def _drive(federation: Federation, params: RunParams, faults: list[Fault], outcome: Outcome) -> None:
@@ -200,6 +222,8 @@ def _collect(federation: Federation, rounds: int, outcome: Outcome) -> None:
                 outcome.arrays[f"{domain}.{name}"] = np.asarray(values)
     stored = read_arrays(federation.folder / "aggregator" / RUN_FILE)
     outcome.arrays["aggregator.consensus"] = stored["consensus"]
+    final = {domain: load_checkpoint(federation.folder / domain) for domain in DOMAINS}
+    outcome.missed_the_end = [domain for domain, checkpoint in final.items() if checkpoint is None or checkpoint.round < rounds]
 
 
 async def _closed_rounds(address: str) -> set[int]:

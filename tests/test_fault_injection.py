@@ -58,6 +58,7 @@ def test_synchronous_runs_under_kills_and_pauses_end_bit_identical(tmp_path: Pat
         assert outcome.finished, f"{context}: the run did not finish"
         assert not outcome.crashed, f"{context}: {outcome.crashed}"
         assert not outcome.missing_rounds, f"{context}: rounds {outcome.missing_rounds} lost"
+        assert not outcome.missed_the_end, f"{context}: {outcome.missed_the_end} without the last round"
         assert outcome.differences(reference) == [], f"{context}: not bit-identical"
         applied += len(outcome.applied)
     # most faults must land inside the run, or the suite tests nothing (a fault drawn after the
@@ -66,7 +67,8 @@ def test_synchronous_runs_under_kills_and_pauses_end_bit_identical(tmp_path: Pat
 
 
 def test_deadline_runs_under_kills_and_pauses_finish(tmp_path: Path, reference: Outcome) -> None:
-    """With a round deadline and min_domains 1 the result depends on timing: the run must finish, every round closed."""
+    """With a round deadline and min_domains 1 the result depends on timing: the run must finish, every round closed,
+    every node settled (finished on the last round, or idle when it came back after the end)."""
     trials = _trials(SEED + 1, DEADLINE_TRIALS, reference.duration_s)
     for index, faults in enumerate(trials):
         outcome = run_trial(tmp_path / f"trial-{index}", faults, ROUNDS, round_deadline_s=DEADLINE_S)

@@ -24,10 +24,13 @@ from cdimf.common.wire.chunks import (
     split_matrix_chunk,
 )
 from cdimf.protos.v1 import federation_pb2 as pb
+from tests.fuzz_tally import count
 from tests.proto_strategies import messages, near
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI draws the same examples every run (derandomize); a budget set by FUZZ_EXAMPLES draws fresh ones
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
+                suppress_health_check=[HealthCheck.too_slow])
 # the assemblers allocate the announced shape: a fuzzed announcement must not ask for gigabytes
 MAX_ELEMENTS = 1 << 16
 HEADER = pb.Header(run_id="run-1", domain="sport", round=3)
@@ -38,14 +41,16 @@ matrices = st.integers(1, 24).flatmap(
 chunk_sizes = st.integers(1, 2000)
 
 
-def _only_chunk_errors(feed: list[object], add, result) -> None:  # type: ignore[no-untyped-def]
+def _only_chunk_errors(feed: list[object], add, result, kind: str) -> None:  # type: ignore[no-untyped-def]
     """Feed every item; anything but ChunkError escapes and fails the property."""
     try:
         for item in feed:
             add(item)
         result()
     except ChunkError:
-        pass
+        count(kind, "refused")
+        return
+    count(kind, "accepted")
 
 
 @FUZZ
@@ -55,7 +60,9 @@ def test_split_matrix_chunk_of_arbitrary_bytes_raises_only_chunk_error(raw: byte
     try:
         fields, payload = split_matrix_chunk(raw)
     except ChunkError:
+        count("codec: one chunk of raw bytes", "refused")
         return
+    count("codec: one chunk of raw bytes", "accepted")
     # what it did parse is what protobuf parses (the payload is the last data field's bytes)
     whole = pb.MatrixChunk.FromString(raw)
     assert bytes(payload) == whole.data and fields.total_rows == whole.total_rows and fields.header == whole.header
@@ -66,7 +73,7 @@ def test_split_matrix_chunk_of_arbitrary_bytes_raises_only_chunk_error(raw: byte
 def test_a_stream_of_arbitrary_bytes_raises_only_chunk_error(stream: list[bytes], rows: int | None, cols: int | None) -> None:
     """MatrixAssembler.add_serialized, as the aggregator runs it on every push."""
     assembler = MatrixAssembler("fuzz", expected_rows=rows, expected_cols=cols, max_elements=MAX_ELEMENTS)
-    _only_chunk_errors(stream, assembler.add_serialized, assembler.result)  # type: ignore[arg-type]
+    _only_chunk_errors(stream, assembler.add_serialized, assembler.result, "codec: matrix stream of raw bytes")  # type: ignore[arg-type]
 
 
 @FUZZ
@@ -74,9 +81,10 @@ def test_a_stream_of_arbitrary_bytes_raises_only_chunk_error(stream: list[bytes]
 def test_arbitrary_matrix_chunk_fields_raise_only_chunk_error(chunks: list[pb.MatrixChunk]) -> None:
     """Every field of MatrixChunk drawn over its whole range (both assembler entries)."""
     parsed = MatrixAssembler("fuzz", max_elements=MAX_ELEMENTS)
-    _only_chunk_errors(chunks, parsed.add, parsed.result)  # type: ignore[arg-type]
+    _only_chunk_errors(chunks, parsed.add, parsed.result, "codec: matrix chunks, any fields")  # type: ignore[arg-type]
     serialized = MatrixAssembler("fuzz", max_elements=MAX_ELEMENTS)
-    _only_chunk_errors([chunk.SerializeToString() for chunk in chunks], serialized.add_serialized, serialized.result)  # type: ignore[arg-type]
+    _only_chunk_errors([chunk.SerializeToString() for chunk in chunks], serialized.add_serialized, serialized.result,
+                       "codec: matrix chunks, any fields, as wire bytes")  # type: ignore[arg-type]
 
 
 @FUZZ
@@ -92,7 +100,9 @@ def test_a_valid_stream_with_fields_changed_is_refused_or_still_exact(data: st.D
     try:
         decoded, header = decode_matrix(chunks, expected_rows=4, expected_cols=3)
     except ChunkError:
+        count("codec: valid stream, fields replaced", "refused")
         return
+    count("codec: valid stream, fields replaced", "accepted")
     np.testing.assert_array_equal(decoded, matrix)
     assert header == chunks[0].header
 
@@ -138,7 +148,7 @@ def test_float16_round_trips_as_numpy_rounds_or_is_refused_beyond_its_range(matr
 def test_arbitrary_registration_chunks_raise_only_chunk_error(chunks: list[pb.PseudonymChunk]) -> None:
     """The registration assembler on every field drawn."""
     assembler = RegistrationAssembler(max_rows=MAX_ELEMENTS)
-    _only_chunk_errors(chunks, assembler.add, assembler.result)  # type: ignore[arg-type]
+    _only_chunk_errors(chunks, assembler.add, assembler.result, "codec: registration chunks, any fields")  # type: ignore[arg-type]
 
 
 @FUZZ
@@ -146,7 +156,7 @@ def test_arbitrary_registration_chunks_raise_only_chunk_error(chunks: list[pb.Ps
 def test_arbitrary_membership_chunks_raise_only_chunk_error(chunks: list[pb.MembershipChunk]) -> None:
     """The membership assembler (what a node decodes from the aggregator) on every field drawn."""
     assembler = MembershipAssembler()
-    _only_chunk_errors(chunks, assembler.add, assembler.result)  # type: ignore[arg-type]
+    _only_chunk_errors(chunks, assembler.add, assembler.result, "codec: membership chunks, any fields")  # type: ignore[arg-type]
 
 
 @FUZZ

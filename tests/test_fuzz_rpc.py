@@ -41,6 +41,7 @@ from cdimf.common.wire.serde import run_params_to_proto
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.federation_harness import Processes, user_key, wait_for_checkpoints, wait_for_domains, write_domains
+from tests.fuzz_tally import count
 from tests.proto_strategies import messages, near
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
@@ -158,9 +159,10 @@ class Target:
         assert code not in CLEAN_FAILURES, f"{method.name} answered {code.name} to {requests!r}"[:3000]
         # a refusal is a WARNING at most: the server logs its ERROR lines when it answers, before the client sees the status
         assert self._errors_logged() == errors, f"{method.name} ({code.name}) logged an ERROR: {self.log.read_text()[-3000:]}"
-        if code == grpc.StatusCode.OK and method.mutates:
-            return
-        assert self.snapshot() == before, f"{method.name} ({code.name}) changed the state of {self.name}"
+        if not (code == grpc.StatusCode.OK and method.mutates):
+            assert self.snapshot() == before, f"{method.name} ({code.name}) changed the state of {self.name}"
+        # counted once the call passed every check: "refused" means refused cleanly
+        count(f"rpc: {self.name} {method.name}", "accepted" if code == grpc.StatusCode.OK else "refused")
 
 
 def _serialized(chunks: list[Message]) -> list[bytes]:
@@ -251,8 +253,6 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Targ
         yield found
         tally = {target.name: {**target.tally, "by_status": target.codes} for target in found.values()}
         print(f"\nfuzzed servers: {json.dumps(tally)}")
-        if "FUZZ_TALLY" in os.environ:  # scripts/fuzz_soak.py collects the tally here
-            Path(os.environ["FUZZ_TALLY"]).write_text(json.dumps(tally, indent=2))
     finally:
         for processes in sides.values():
             processes.close()

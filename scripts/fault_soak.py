@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=3, help="faults drawn per trial")
     parser.add_argument("--rounds", type=int, default=24, help="rounds per run")
     parser.add_argument("--seed", type=int, default=12, help="seed of the fault draw")
+    parser.add_argument("--max-hold-s", type=float, default=1.5, help="longest outage of a killed process or pause of a stopped one")
     parser.add_argument("--max-minutes", type=float, default=20.0, help="stop starting trials after this long")
     parser.add_argument("--json", action="store_true", help="print the tally as JSON")
     args = parser.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > stop_at:
                 break
             synchronous = index % 2 == 0
-            faults = draw_faults(rng, args.faults, reference.duration_s)
+            faults = draw_faults(rng, args.faults, reference.duration_s, args.max_hold_s)
             outcome = run_trial(folder / f"trial-{index}", faults, args.rounds, 0.0 if synchronous else DEADLINE_S)
             different = outcome.differences(reference) if synchronous and outcome.finished else []
             missed = bool(outcome.missed_the_end)

@@ -54,9 +54,9 @@ class Fault:
     hold_s: float
 
 
-def draw_faults(rng: random.Random, count: int, span_s: float) -> list[Fault]:
-    """`count` faults at uniform moments of [0, span_s), each of a uniform role and kind, in time order."""
-    faults = [Fault(rng.choice(ROLES), rng.choice(("kill", "stop")), rng.uniform(0.0, span_s), rng.uniform(0.1, 1.5))
+def draw_faults(rng: random.Random, count: int, span_s: float, max_hold_s: float = 1.5) -> list[Fault]:
+    """`count` faults at uniform moments of [0, span_s), each of a uniform role and kind, held 0.1..max_hold_s, in time order."""
+    faults = [Fault(rng.choice(ROLES), rng.choice(("kill", "stop")), rng.uniform(0.0, span_s), rng.uniform(0.1, max_hold_s))
               for _ in range(count)]
     return sorted(faults, key=lambda fault: fault.at_s)
 

@@ -138,10 +138,14 @@ def test_a_paused_node_does_not_stop_the_run_and_rejoins(tmp_path: Path, process
 def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_path: Path) -> None:
     """In-process aggregator and runners over loopback gRPC: cloth's push of the last round is held
     back until the round closed without it and the run finished. The aggregator refuses that push;
-    cloth must then pull the final Z, checkpoint the last round and report it, not end early."""
+    cloth must then pull the final Z, checkpoint the last round and report it, not end early.
+
+    The aggregator's clock is the test's: no deadline passes until cloth's last push is held, so
+    the earlier rounds close with both domains however slow the machine is."""
     files = write_domains(tmp_path / "data")
     rounds = 3
-    params = RunParams(rounds=rounds, rank=RANK, round_deadline_s=0.3, min_domains=1, max_staleness=2)
+    params = RunParams(rounds=rounds, rank=RANK, round_deadline_s=DEADLINE_S, min_domains=1, max_staleness=2)
+    clock = FakeClock()
 
     def node_config(domain: str, aggregator: str) -> NodeConfig:
         """The node config of one test domain (plaintext loopback, its own state folder)."""
@@ -151,7 +155,8 @@ def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_pa
 
     async def scenario() -> tuple[AggregatorState, dict[str, NodeRunner]]:
         """Both runners train the run; cloth's last push waits for the run to finish first."""
-        aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)))
+        aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)),
+                                            clock=clock)
         state = aggregator.service.state
         runners = {domain: NodeRunner(node_config(domain, aggregator.address), node_data(files, domain)) for domain in DOMAINS}
         tasks = []
@@ -161,8 +166,14 @@ def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_pa
 
             async def late_push(run_id: str, round_index: int, values: np.ndarray) -> int:
                 """cloth's push, held back on the last round until the run finished without it."""
+                if round_index >= rounds:
+                    # the last round's deadline passes now: it closes on sport's push alone
+                    clock.now += DEADLINE_S + 1.0
+                    aggregator.service.changes.notify()
+                give_up = time.monotonic() + 60
                 while round_index >= rounds and state.run is not None and state.run.state == "running":
-                    await asyncio.sleep(0.02)
+                    assert time.monotonic() < give_up, "the last round did not close without cloth"
+                    await asyncio.sleep(POLL_S)
                 return await push(run_id, round_index, values)
 
             cloth._push = late_push  # type: ignore[method-assign]
@@ -186,6 +197,8 @@ def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_pa
     assert run is not None and run.state == "finished"
     last = next(event for event in run.events if event.kind == "round_closed" and event.round == rounds)
     assert last.missing == ["cloth"], "the scenario needs the last round closed without cloth"
+    earlier = [event.missing for event in run.events if event.kind == "round_closed" and event.round < rounds]
+    assert earlier == [[]] * (rounds - 1), "no deadline passed before the test moved the clock"
     assert rounds in run.metrics["cloth"], "cloth reports the last round after pulling the final Z"
     assert runners["cloth"].progress.phase == "finished" and runners["cloth"].progress.round == rounds
     # cloth's receiver and dual state took the final Z: its consensus equals the aggregator's rows for it

@@ -375,8 +375,6 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         return tomllib.loads(text), key_lines(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
-    except UnicodeDecodeError as error:  # tomllib decodes the whole file before parsing it
-        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {error.start}: {error.reason})") from error
 
 
 def load_config(

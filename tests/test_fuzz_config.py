@@ -119,4 +119,6 @@ def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path: Path) -> None:
     path.write_bytes(raw)
     with pytest.raises(ConfigError, match="not UTF-8") as refused:
         load_config(AggregatorConfig, path, environ={})
-    assert str(path) in str(refused.value) and f"byte {raw.index(0xFF)}" in str(refused.value)
+    message = str(refused.value)
+    assert message.startswith(f"{path}:2:"), message  # the bad byte sits on the second line
+    assert f"offset {raw.index(0xFF)}" in message, message

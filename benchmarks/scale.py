@@ -16,8 +16,8 @@ in a fresh process so that its peak resident memory (VmHWM) is its own:
 Prints per process its peak and the ratio to implicit's (target <= 2x per node), the
 aggregator's peak over the matrices it must hold (one contribution per domain plus Z, float32;
 target <= 2x), the startup (launch to the run's start: every node loaded its data and
-registered; the aggregator's saved started_wall) over one local epoch, and the median round of the federation over the engine's. --json prints the rows (for
-README's scaling table). Sizes are options so that a small configuration runs in seconds
+registered; the aggregator's saved started_wall) over one local epoch, and the median round of the federation over the engine's. --json prints the rows,
+--markdown adds README's scaling-table rows. Sizes are options so that a small configuration runs in seconds
 (tests/test_scale_benchmark.py runs it tiny).
 """
 
@@ -280,6 +280,20 @@ def report(row: dict[str, Any]) -> None:
         print(f"  round time                    federation {rounds} s (engine not run)")
 
 
+TABLE_HEADER = ("| domains | users / domain | interactions / domain | rank | node peak (max) | x implicit | aggregator peak | x held "
+                "| startup | one local epoch | round (median) | x engine |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(row: dict[str, Any]) -> str:
+    """One README scaling-table row (markdown) of a domain count's measurements."""
+    node = max(row["node_peak_mb"].values())
+    ratio = max(row["node_over_implicit"].values())
+    engine = "—" if row["round_over_engine"] is None else f"{row['round_over_engine']:.2f}x"
+    return (f"| {row['domains']} | {row['users']:,} | {row['interactions']:,} | {row['rank']} | {node:,.0f} MiB | {ratio:.2f}x "
+            f"| {row['aggregator_peak_mb']:,.0f} MiB | {row['aggregator_over_held']:.2f}x | {row['startup_s']:.0f} s | {row['epoch_s']:.1f} s "
+            f"| {statistics.median(row['round_s']):.1f} s | {engine} |")
+
+
 def main() -> None:
     """Measure every requested domain count and print (or --json) the rows."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,6 +309,7 @@ def main() -> None:
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine (it holds every domain in one process)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the data and logs go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="also print README's scaling-table rows")
     args = parser.parse_args()
     if not 0.0 <= args.overlap < 1.0 or args.interactions < args.users:
         parser.error("--overlap must be in [0, 1) and --interactions >= --users (every user interacts once)")
@@ -307,6 +322,10 @@ def main() -> None:
                 report(row)
     if args.json:
         print(json.dumps(rows, indent=2))
+    elif args.markdown:
+        print(TABLE_HEADER)
+        for row in rows:
+            print(table_row(row))
 
 
 if __name__ == "__main__":

@@ -89,12 +89,13 @@ def consensus(
 
 def dual_update(duals: np.ndarray, local: np.ndarray, consensus_rows: np.ndarray) -> np.ndarray:
     """The domain's dual step U + X - Z for its shared rows (a new array)."""
-    return (duals + local - consensus_rows).astype(FLOAT)
+    # float32 in, float32 out: no further copy of a matrix of shared rows
+    return (duals + local - consensus_rows).astype(FLOAT, copy=False)
 
 
 def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray:
     """The target h = Z - U that the domain's shared rows are pulled to with weight rho."""
-    return (consensus_rows - duals).astype(FLOAT)
+    return (consensus_rows - duals).astype(FLOAT, copy=False)
 
 
 # blockwise_consensus works on blocks of rows whose float64 temporaries take about this many

@@ -163,10 +163,13 @@ class PeakSampler:
 
     def _loop(self) -> None:
         """Record the largest VmHWM seen per role."""
-        roles: dict[int, str | None] = {}
+        roles: dict[int, str] = {}
         while not self._stop.wait(POLL_S):
             for child in _children_of(self.pid):
-                role = roles[child] if child in roles else roles.setdefault(child, _role(child))
+                # a child seen between fork and exec still shows simulate's command line: ask again
+                role = roles.get(child) or _role(child)
+                if role:
+                    roles[child] = role
                 peak = _vm_hwm(child) if role else None
                 if role and peak is not None:
                     self.peaks[role] = max(self.peaks.get(role, 0), peak)
@@ -239,6 +242,8 @@ def measure(n_domains: int, args: argparse.Namespace, scratch: Path) -> dict[str
         path.unlink()
     held = _held_bytes(n_domains, args.users, args.overlap, args.rank)
     nodes = {role: peak for role, peak in simulated["peaks"].items() if role.startswith("node-")}
+    if len(nodes) != n_domains or "aggregator" not in simulated["peaks"]:
+        raise SystemExit(f"peaks were sampled for {sorted(simulated['peaks'])} only")
     return {
         "domains": n_domains, "users": args.users, "items": args.items, "interactions": args.interactions, "rank": args.rank,
         "rounds": args.rounds, "overlap": args.overlap, "threads_per_node": threads,

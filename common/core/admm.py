@@ -31,8 +31,9 @@ def consensus_mean(
             raise ValueError(f"contribution has shape {values.shape}, expected ({len(rows)}, {rank})")
         if _has_repeats(rows):
             raise ValueError("contribution names a row twice")
-        if len(rows) == n_rows and (n_rows == 0 or (rows[0] == 0 and rows[-1] == n_rows - 1 and _is_increasing(rows))):
-            # every row once, in order (a fully shared block): the same sum without a gather and a scatter
+        # every row once, in order (a fully shared block): the same sum without a gather and a scatter
+        ends = n_rows == 0 or (rows[0] == 0 and rows[-1] == n_rows - 1)  # mutation: equivalent (a wrong end only skips the fast path)
+        if len(rows) == n_rows and ends and _is_increasing(rows):
             total += values
             holders += 1
             continue

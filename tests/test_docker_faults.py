@@ -5,6 +5,7 @@ must end with the run finished and the same final factors and last-round validat
 the uninterrupted synchronous run of the same stack (the baseline, which also checks /metrics).
 """
 
+import json
 import re
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.nda
             samples = stack.metrics(node)
             assert metrics["applied"] == ROUNDS
             assert samples[f'cdimf_solver_backend{{backend="native",domain="{domain}"}}'] == 1.0
+            port = {"sport": 7071, "cloth": 7072}[domain]
+            status = docker("exec", stack.container(node), "cdimf", "node-status", "--node", f"127.0.0.1:{port}",
+                            "--config", f"/srv/cdimf/config/{node}.toml", "--json")
+            assert json.loads(status.stdout)["solver_backend"] == "native", status.stdout
             assert aggregator[f'cdimf_registrations_total{{domain="{domain}"}}'] >= 1
             # what the aggregator received is what the node sent: the same payload bytes
             assert aggregator[f'cdimf_bytes_pushed_total{{domain="{domain}"}}'] == samples[f'cdimf_bytes_pushed_total{{domain="{domain}"}}'] > 0

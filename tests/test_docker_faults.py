@@ -143,7 +143,8 @@ def test_node_disconnected_for_20_s(baseline: dict, tmp_path: Path) -> None:
 def test_paused_node_does_not_stall_the_other_domain(tmp_path: Path) -> None:
     """With a round deadline, a `docker pause`d node lets sport's rounds go on; after unpause it rejoins."""
     require_docker()
-    stack = start_stack(tmp_path, override(extra_run_flags=("--round-deadline-s", "2", "--min-domains", "1")))
+    # 48 rounds (the last --rounds wins): the run must still be going when the pause lands, on a loaded machine too
+    stack = start_stack(tmp_path, override(extra_run_flags=("--round-deadline-s", "2", "--min-domains", "1", "--rounds", "48")))
     try:
         node = stack.container("node-cloth")
         docker("pause", node)

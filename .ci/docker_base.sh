@@ -7,20 +7,14 @@ set -euo pipefail
 BASE=cdimf-base:bookworm
 CI_BASE=cdimf-ci-base:bookworm
 
-# the Debian mirror this machine's apt already uses (deb822 sources, else sources.list)
-mirror() {
-  local uri
-  uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -1 || true)
-  [ -n "$uri" ] || uri=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | grep -v security | head -1 || true)
-  [ -n "$uri" ] || { echo "no Debian mirror in the apt sources" >&2; exit 1; }
-  echo "$uri"
-}
+# shellcheck source=.ci/debian_mirror.sh
+. "$(dirname "$0")/debian_mirror.sh"
 
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   rootfs=$(mktemp -d)
   trap 'rm -rf "$rootfs"' EXIT
   debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-    bookworm "$rootfs" "$(mirror)" >/dev/null
+    bookworm "$rootfs" "$(debian_mirror)" >/dev/null
   tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
 fi
 

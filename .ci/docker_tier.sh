@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI's container tier, set-up half: a real Docker engine with docker-compose 1.29, the local base
-# image (no registry is reachable) and the CI-only `docker compose` shim. Prints the environment
-# the tier's tests need, as `export` lines for .ci/run to eval.
+# CI's container tier, set-up half: a real Docker engine, the real Compose v2 plugin (`docker
+# compose`, what users run) and Debian's docker-compose 1.29 (the file must stay valid there too),
+# and the local base image (no registry is reachable). Prints the environment the tier's tests
+# need, as `export` lines for .ci/run to eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +21,9 @@ fi
 
 base=$(bash .ci/docker_base.sh)
 
-# `docker compose` -> docker-compose 1.29, in a private Docker config folder (CI only)
+# `docker compose`: the real Compose v2 plugin, in a private Docker config folder
 config="$PWD/.ci-docker-config"
-mkdir -p "$config/cli-plugins"
-cp .ci/compose_shim.sh "$config/cli-plugins/docker-compose"
-chmod +x "$config/cli-plugins/docker-compose"
-if ! DOCKER_CONFIG="$config" docker compose version >/dev/null 2>&1; then
-  echo "the docker compose shim does not answer" >&2; exit 1
-fi
+compose_version=$(bash .ci/compose_v2.sh "$config")
+case "$compose_version" in 2.*) ;; *) echo "docker compose is '$compose_version', not Compose v2" >&2; exit 1 ;; esac
+echo "docker compose $compose_version, docker-compose $(docker-compose version --short)" >&2
 echo "export DOCKER_CONFIG='$config' CDIMF_BASE_IMAGE='$base' CDIMF_REQUIRE_DOCKER=1"

@@ -448,6 +448,38 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
     return reply.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def _node_status(args: argparse.Namespace) -> int:
+    """A domain node's phase, run, round and solver backend from its DomainNode service."""
+    from cdimf.common.metric_labels import labelled_percent, shown
+    from cdimf.common.rpc.channels import open_channel
+    from cdimf.protos.v1 import federation_pb2 as pb
+    from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
+
+    check_address(args.node, allow_port_zero=False)
+    tls = _tls_only(args.config, args, args.fields)
+
+    async def main() -> int:
+        """Call GetStatus and print it as one line or JSON."""
+        async with open_channel(args.node, tls) as channel:
+            try:
+                status = await pb_grpc.DomainNodeStub(channel).GetStatus(pb.StatusRequest(), timeout=args.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                report_error(f"GetStatus: {error.code().name}: {error.details()}", args.json)
+                return EXIT_FAILED
+        if args.json:
+            print_json({"domain": status.domain, "run_id": status.run_id, "phase": status.phase, "round": status.round,
+                        "epochs": status.epochs, "users": status.users, "items": status.items, "shared_rows": status.shared_rows,
+                        "receiver_rows": status.receiver_rows, "connected": status.connected,
+                        "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid")})
+        else:
+            print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
+                  f"{status.users} users x {status.items} items, solver backend {status.solver_backend}, "
+                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip())
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
 def _health(args: argparse.Namespace) -> int:
     """gRPC health check of a node or the aggregator; exit 0 when SERVING."""
     check_address(args.target, allow_port_zero=False)
@@ -547,6 +579,14 @@ def add_parsers(commands: "argparse._SubParsersAction[argparse.ArgumentParser]")
     ex.add_argument("--format", choices=("npy", "parquet"), default="npy", help="npy files, or Parquet tables (needs pyarrow) (default: npy)")
     ex.add_argument("--json", action="store_true", help="print one JSON object")
     ex.set_defaults(handler=_export)
+
+    ns = commands.add_parser("node-status", help="a domain node's phase, round and solver backend",
+                             description="A domain node's phase, run, round and solver backend (its GetStatus).")
+    ns.add_argument("--node", required=True, type=_address_argument, help="host:port of the node's server")
+    ns.add_argument("--json", action="store_true", help="print one JSON object")
+    ns.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call in seconds (default: 10)")
+    ns.add_argument("--config", help="any cdimf TOML file; only its [tls] table is used")
+    ns.set_defaults(handler=_node_status, fields=add_model_flags(ns, TLSConfig))
 
     health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING", description="gRPC health check.")
     health.add_argument("--target", required=True, type=_address_argument, help="host:port of a node or the aggregator")

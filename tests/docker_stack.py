@@ -30,7 +30,7 @@ def docker_reachable() -> bool:
 
 
 def compose_command() -> list[str]:
-    """`docker compose` where the CLI has it (Compose v2 or CI's shim), else docker-compose 1.29."""
+    """`docker compose` where the CLI has it (Compose v2), else docker-compose 1.29."""
     if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0:
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
@@ -82,8 +82,8 @@ class Stack:
         return subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
 
     def container(self, service: str) -> str:
-        """The container id of a service."""
-        found = self.run("ps", "-q", service).stdout.split()
+        """The container id of a service, running or exited (Compose v2's `ps` lists exited ones only with -a)."""
+        found = self.run("ps", "-a", "-q", service).stdout.split()
         assert found, f"no container of {service}"
         return found[0]
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +170,35 @@ async def _wait_until_running(aggregator: str) -> None:
         while (await control.get_status()).run.state != pb.RUN_STATE_RUNNING:
             assert time.monotonic() < give_up, "the long run did not start"
             await asyncio.sleep(0.05)
+
+
+def _kernel_mapped(pid: int) -> bool:
+    """Whether the process has the compiled iALS kernel (a built ials_kernel_*.so) mapped: its native solver runs."""
+    return "/ials_kernel_" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_node_status_reports_the_solver_backend_that_runs(tmp_path: Path, processes: Processes) -> None:
+    """`cdimf node-status`: each node's solver_backend is the one its process really solves with (the kernel
+    library mapped into it or not); a node told to use numpy reports numpy."""
+    processes.local = {"cloth": {"backend": "numpy"}}
+    files = write_domains(tmp_path / "data")
+    _, aggregator = processes.aggregator()
+    nodes = processes.nodes(files, aggregator)
+    trained = cdimf("train", "--aggregator", aggregator, "--insecure", "--rounds", "1", "--rank", "6", "--min-domains", "2", "--follow")
+    assert trained.returncode == 0, trained.stderr
+    replies = dict(zip(nodes, cdimf_all(*(["node-status", "--node", address, "--insecure", "--json"] for _, address in nodes.values()))))
+    table = cdimf("node-status", "--node", nodes["sport"][1], "--insecure")
+    for domain, (process, _) in nodes.items():
+        reply = json.loads(replies[domain].stdout)
+        expected = "native" if _kernel_mapped(process.pid) else "numpy"
+        assert (reply["ok"], reply["domain"], reply["solver_backend"]) == (True, domain, expected), reply
+        assert (reply["phase"], reply["round"]) == ("finished", 1), reply
+    assert json.loads(replies["cloth"].stdout)["solver_backend"] == "numpy" and not _kernel_mapped(nodes["cloth"][0].pid)
+    if shutil.which("gcc") or shutil.which("cc"):  # a C compiler here: "auto" builds and runs the kernel
+        assert json.loads(replies["sport"].stdout)["solver_backend"] == "native"
+    sport = json.loads(replies["sport"].stdout)
+    assert table.returncode == 0 and f"domain sport: finished, run {sport['run_id']} round 1" in table.stdout, table
+    assert f"solver backend {sport['solver_backend']}" in table.stdout and "valid HR@10" in table.stdout, table.stdout
 
 
 def test_stop_ends_a_followed_run(tmp_path: Path, processes: Processes) -> None:

@@ -61,6 +61,17 @@ def test_readme_compose_up_runs_to_the_end(tmp_path: Path) -> None:
         stack.down()
 
 
+def test_the_tier_runs_real_compose_v2_and_the_file_is_valid_for_1_29() -> None:
+    """`docker compose` is the real Compose v2 (what users run); docker-compose 1.29 accepts the file too."""
+    require_docker()
+    version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and re.match(r"v?2\.\d+", version.stdout.strip()), version.stdout + version.stderr
+    legacy = subprocess.run(["docker-compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert legacy.returncode == 0, legacy.stderr
+    assert subprocess.run(["docker-compose", "version", "--short"], capture_output=True, text=True, timeout=60).stdout.startswith("1.29")
+
+
 @pytest.mark.parametrize("path", ["README.md", "deploy/README.md"])
 def test_readme_names_no_abort_flag_for_the_plain_run(path: str) -> None:
     """The plain run needs no --exit-code-from (which aborts the stack when `certs` exits 0)."""

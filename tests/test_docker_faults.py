@@ -5,6 +5,7 @@ must end with the run finished and the same final factors and last-round validat
 the uninterrupted synchronous run of the same stack (the baseline, which also checks /metrics).
 """
 
+import json
 import re
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.nda
             samples = stack.metrics(node)
             assert metrics["applied"] == ROUNDS
             assert samples[f'cdimf_solver_backend{{backend="native",domain="{domain}"}}'] == 1.0
+            port = {"sport": 7071, "cloth": 7072}[domain]
+            status = docker("exec", stack.container(node), "cdimf", "node-status", "--node", f"127.0.0.1:{port}",
+                            "--config", f"/srv/cdimf/config/{node}.toml", "--json")
+            assert json.loads(status.stdout)["solver_backend"] == "native", status.stdout
             assert aggregator[f'cdimf_registrations_total{{domain="{domain}"}}'] >= 1
             # what the aggregator received is what the node sent: the same payload bytes
             assert aggregator[f'cdimf_bytes_pushed_total{{domain="{domain}"}}'] == samples[f'cdimf_bytes_pushed_total{{domain="{domain}"}}'] > 0
@@ -138,7 +143,8 @@ def test_node_disconnected_for_20_s(baseline: dict, tmp_path: Path) -> None:
 def test_paused_node_does_not_stall_the_other_domain(tmp_path: Path) -> None:
     """With a round deadline, a `docker pause`d node lets sport's rounds go on; after unpause it rejoins."""
     require_docker()
-    stack = start_stack(tmp_path, override(extra_run_flags=("--round-deadline-s", "2", "--min-domains", "1")))
+    # 48 rounds (the last --rounds wins): the run must still be going when the pause lands, on a loaded machine too
+    stack = start_stack(tmp_path, override(extra_run_flags=("--round-deadline-s", "2", "--min-domains", "1", "--rounds", "48")))
     try:
         node = stack.container("node-cloth")
         docker("pause", node)

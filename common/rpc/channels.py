@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -119,16 +119,18 @@ def create_server(
     settings: TLSConfig,
     options: Sequence[Option] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    request_limits: Mapping[str, int] | None = None,
 ) -> grpc.aio.Server:
     """An unstarted grpc.aio server with keepalive (plus `options`) and the request gate in front of
     `interceptors`: requests decoded there and, unless `settings.insecure`, every call's proof
-    checked for this server (the identity in its certificate); bind it with bind_port."""
+    checked for this server (the identity in its certificate), unary requests bounded by
+    `request_limits` (bytes by full method path); bind it with bind_port."""
     authenticator = None
     if not settings.insecure:
         ca_file, cert_file, _ = tls_files(settings)
         identity = party_identity(load_certificate(cert_file)).uri()
         authenticator = CallAuthenticator(load_certificate(ca_file), identity)
-    return grpc.aio.server(options=[*SERVER_OPTIONS, *options], interceptors=[RequestGate(authenticator), *interceptors])
+    return grpc.aio.server(options=[*SERVER_OPTIONS, *options], interceptors=[RequestGate(authenticator, request_limits), *interceptors])
 
 
 def bind_port(server: grpc.aio.Server, address: str, settings: TLSConfig, what: str = "server") -> int:

@@ -1,6 +1,6 @@
 """The gate in front of every handler of a cdimf server: request bytes decoded, the call proof checked against them, stream aborts drained.
 
-Three jobs that need the request as the bytes that travelled, which gRPC's own deserialisation
+Jobs that need the request as the bytes that travelled, which gRPC's own deserialisation
 hides from a handler:
 
 - Decoding: each method is registered without a request deserializer and the gate decodes the
@@ -9,6 +9,7 @@ hides from a handler:
 - The call proof (cdimf.common.security.call_proof), under TLS: it binds SHA-256 of the
   serialized request, or of a request stream's first message, so the gate verifies it once that
   message arrived and before the handler runs.
+- Size: a method can have a bound on its request's bytes, checked before decoding.
 - Refusing a request stream: a server that answers before the client half-closed makes
   grpcio's asyncio client report `INTERNAL: Internal error from Core` instead of the answer when
   one of its later writes loses the race with the status (grpc/grpc#36066). Every abort of a
@@ -20,7 +21,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -151,9 +152,11 @@ async def _respond(behavior: Callable[..., Any], request: Any, context: Any) -> 
 class RequestGate(grpc.aio.ServerInterceptor):
     """Decodes every request itself and, with an authenticator (TLS), verifies each call's proof before the handler runs."""
 
-    def __init__(self, authenticator: CallAuthenticator | None) -> None:
-        """`authenticator`: the per-call proof check of a TLS server; None on a plaintext one."""
+    def __init__(self, authenticator: CallAuthenticator | None, request_limits: Mapping[str, int] | None = None) -> None:
+        """`authenticator`: the per-call proof check of a TLS server; None on a plaintext one.
+        `request_limits`: the most bytes a unary request of a method (full path) may have."""
         self._authenticator = authenticator
+        self._limits = dict(request_limits or {})
 
     async def intercept_service(
         self,
@@ -180,9 +183,15 @@ class RequestGate(grpc.aio.ServerInterceptor):
         """`handler` registered without request deserializer, with the gate in front of its behaviour."""
         deserializer: Deserializer = handler.request_deserializer
         check = self._check
+        limit = self._limits.get(method)
 
         if not handler.request_streaming:
             async def unary_request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                if limit is not None and len(raw) > limit:
+                    # refused before it is decoded: protobuf would fold repeated map entries into a small message
+                    log.warning("refused a call of %s from %s: %d request bytes, at most %d", method, context.peer(), len(raw), limit)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"the {method.rsplit('/', 1)[-1]} request is {len(raw)} bytes, at most {limit}")
                 await check(context, method, raw, context.abort)
                 return await _decoded(deserializer, raw, method, context, context.abort)
 

@@ -20,10 +20,11 @@ from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.rpc.channels import credentials_for
 from cdimf.common.security.pseudonyms import pseudonymize
-from cdimf.common.wire.chunks import CHUNK_BYTES, encode_matrix_serialized
+from cdimf.common.wire.chunks import CHUNK_BYTES, encode_matrix, encode_matrix_serialized
 from cdimf.domain_node.data import IdMap
 from cdimf.domain_node.service import MAX_USER_KEY_CHARS
 from cdimf.protos.v1 import federation_pb2 as pb
+from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from cdimf.simulate import write_throwaway_certificates
 from tests.federation_harness import RANK, REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
 
@@ -127,6 +128,50 @@ def test_a_metrics_report_is_bounded_in_bytes_before_it_is_decoded(tmp_path: Pat
                 await client.close()
 
     asyncio.run(scenario())
+
+
+def test_long_request_strings_are_never_echoed_whole(tmp_path: Path) -> None:
+    """Megabyte run ids and domain names in every kind of aggregator request: the right status with a
+    short detail (echoed whole, a detail over gRPC's 8 KB metadata limit came back as RESOURCE_EXHAUSTED)."""
+    long_run, long_domain = "r" * 1_000_000, "d" * 1_000_000
+
+    async def scenario() -> dict[str, tuple[grpc.StatusCode, str]]:
+        async with _aggregator(tmp_path, None) as running:
+            sport, cloth, run_id = await _registered_run(running.address, None, 6, 4)
+            stub = pb_grpc.AggregatorStub(sport.channel)
+            calls = {
+                "StartRun run_id": stub.StartRun(pb.StartRunRequest(params=pb.RunParams(rounds=1, rank=4, run_id=long_run)), timeout=20),
+                "ListRuns run_id": stub.ListRuns(pb.ListRunsRequest(header=pb.Header(run_id=long_run)), timeout=20),
+                "StopRun run_id": stub.StopRun(pb.StopRunRequest(header=pb.Header(run_id=long_run)), timeout=20),
+                "ReportMetrics run_id": stub.ReportMetrics(pb.MetricsReport(header=pb.Header(run_id="r" * 3000, domain="sport", round=1),
+                                                                            metrics={"hr": 0.5}), timeout=20),
+                "WaitForRun domain": stub.WaitForRun(pb.WaitForRunRequest(header=pb.Header(domain=long_domain)), timeout=20),
+                "PushContribution domain": stub.PushContribution(iter(encode_matrix(np.ones((3, 4), np.float32),
+                                                                                     pb.Header(run_id=run_id, domain=long_domain, round=1))),
+                                                                 timeout=20),
+                "PushContribution run_id": stub.PushContribution(iter(encode_matrix(np.ones((3, 4), np.float32),
+                                                                                     pb.Header(run_id=long_run, domain="sport", round=1))),
+                                                                 timeout=20),
+            }
+            outcomes = {}
+            for label, call in calls.items():
+                try:
+                    await call
+                    outcomes[label] = (grpc.StatusCode.OK, "")
+                except grpc.aio.AioRpcError as error:
+                    outcomes[label] = (error.code(), error.details() or "")
+            for client in (sport, cloth):
+                await client.close()
+            return outcomes
+
+    outcomes = asyncio.run(scenario())
+    expected = {"StartRun run_id": grpc.StatusCode.INVALID_ARGUMENT, "ListRuns run_id": grpc.StatusCode.NOT_FOUND,
+                "StopRun run_id": grpc.StatusCode.NOT_FOUND, "ReportMetrics run_id": grpc.StatusCode.NOT_FOUND,
+                "WaitForRun domain": grpc.StatusCode.INVALID_ARGUMENT, "PushContribution domain": grpc.StatusCode.INVALID_ARGUMENT,
+                "PushContribution run_id": grpc.StatusCode.NOT_FOUND}
+    assert {label: code for label, (code, _) in outcomes.items()} == expected, outcomes
+    for label, (_, detail) in outcomes.items():
+        assert len(detail) < 300 and "characters)" in detail, (label, detail[:400])
 
 
 def _methods(service: str) -> list[tuple[str, bool, bool]]:
@@ -237,6 +282,14 @@ def test_recommend_refuses_long_keys_cheaply_and_never_echoes_them(tmp_path: Pat
                 ("20 KB", "k" * 20_000), ("1 MB", "m" * 1_000_000),
                 ("longest allowed, unknown", "u" * MAX_USER_KEY_CHARS), ("a known key plus a tail", user_key(3) + "x" * 900),
             )}
+            evaluate = channel.unary_unary("/cdimf.v1.DomainNode/Evaluate", request_serializer=pb.EvaluateRequest.SerializeToString,
+                                           response_deserializer=pb.EvaluateReply.FromString)
+            for label, request in (("split", pb.EvaluateRequest(split="s" * 1_000_000)), ("protocol", pb.EvaluateRequest(protocol="p" * 1_000_000))):
+                try:
+                    await evaluate(request, timeout=20)
+                    outcomes[label] = (grpc.StatusCode.OK, "")
+                except grpc.aio.AioRpcError as error:
+                    outcomes[label] = (error.code(), error.details() or "")
             outcomes["growth KiB"] = (grpc.StatusCode.OK, str(_peak_rss_kib(node_process.pid) - before))
             return outcomes
 
@@ -244,8 +297,9 @@ def test_recommend_refuses_long_keys_cheaply_and_never_echoes_them(tmp_path: Pat
     assert outcomes["20 KB"][0] == outcomes["1 MB"][0] == grpc.StatusCode.INVALID_ARGUMENT, outcomes
     assert f"user_key is 1000000 characters, at most {MAX_USER_KEY_CHARS}" in outcomes["1 MB"][1]
     assert outcomes["longest allowed, unknown"][0] == outcomes["a known key plus a tail"][0] == grpc.StatusCode.NOT_FOUND
-    for label in ("20 KB", "1 MB", "longest allowed, unknown", "a known key plus a tail"):
-        assert len(outcomes[label][1]) < 200, (label, outcomes[label][1])
+    assert outcomes["split"][0] == outcomes["protocol"][0] == grpc.StatusCode.INVALID_ARGUMENT, outcomes
+    for label in ("20 KB", "1 MB", "longest allowed, unknown", "a known key plus a tail", "split", "protocol"):
+        assert len(outcomes[label][1]) < 200, (label, outcomes[label][1][:400])
     # a widened comparison of 1 MB keys costs 4 MB per known key (62 here): well over this
     assert int(outcomes["growth KiB"][1]) < 32 * 1024, outcomes["growth KiB"]
 

@@ -62,9 +62,9 @@ PROOF_WINDOW_S = 300.0
 # Verified certificates are kept (by DER digest) so a steady caller costs one signature check per call.
 CERTIFICATE_CACHE_SIZE = 256
 # Bound of the replay cache: (certificate, nonce) pairs are remembered for 2 * PROOF_WINDOW_S, at
-# most this many (about 100 MB). Past the bound the oldest entry is forgotten and every proof
+# most this many (about 60 MB, 290 bytes each). Past the bound the oldest entry is forgotten and every proof
 # signed at or before its time is refused from then on, so a flood can never reopen a replay.
-REPLAY_CACHE_SIZE = 1_000_000
+REPLAY_CACHE_SIZE = 200_000
 
 
 class CallRefused(Exception):

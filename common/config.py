@@ -322,6 +322,8 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:  # TOML is UTF-8: binary bytes in the file
+        raise ConfigError(f"{path}: not valid TOML: byte {error.start} (counting from 0) is not UTF-8 text ({error.reason})") from error
 
 
 def load_config(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cdimf.aggregator.service import MAX_METRICS_REPORT_BYTES, RunningAggregator, start_aggregator
-from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
+from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, RunParams, TLSConfig, load_config
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.rpc.channels import credentials_for
 from cdimf.common.security.pseudonyms import pseudonymize
@@ -337,3 +337,17 @@ def test_a_taken_port_is_one_line_for_a_node_too(tmp_path: Path, processes: Proc
     assert second.returncode == 2, second.stderr
     errors = [line for line in second.stderr.splitlines() if line.startswith("cdimf: error")]
     assert errors and f"127.0.0.1:{port}" in errors[0] and "Traceback" not in second.stderr, second.stderr
+
+
+def test_binary_bytes_in_a_config_file_name_the_file(tmp_path: Path) -> None:
+    """A config file with bytes that are no UTF-8 text: a ConfigError naming the file and the byte, and
+    `serve-node --config` exits 2 with that one line, no traceback."""
+    path = tmp_path / "node.toml"
+    text = b'domain = "sport"\nsecret = "'
+    path.write_bytes(text + b'\xff\xfe"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(NodeConfig, path)
+    assert str(refused.value) == f"{path}: not valid TOML: byte {len(text)} (counting from 0) is not UTF-8 text (invalid start byte)"
+    started = subprocess.run([sys.executable, "-m", "cdimf", "serve-node", "--config", str(path)], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert started.returncode == 2 and str(path) in started.stderr and "Traceback" not in started.stderr, started.stderr

@@ -97,8 +97,8 @@ class _RequestStream:
                 if message is None:
                     return
                 read += len(message)
-        except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
-            return  # the client went away or stalls: answer now
+        except Exception:  # best effort: the client went away, stalls or the call already ended; answer now
+            return
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         """Drain the stream, then end the call with `code` and `details`."""

@@ -155,3 +155,17 @@ def test_the_replay_cache_is_bounded_and_refuses_what_it_forgot() -> None:
     clock.now += 2 * call_auth.PROOF_WINDOW_S + 1
     authenticator.authenticate(proof_at(0), METHOD, DIGEST)
     assert len(authenticator._nonces) == 1
+
+
+def test_the_signature_covers_exactly_the_bytes_docs_security_md_names() -> None:
+    """The proof's signature verifies over the layout written in docs/security.md, built here by hand."""
+    ca = pki.create_ca()
+    sport = pki.issue_domain_certificate(ca, "sport")
+    request = b"\x0a\x03abc"
+    proof = dict(call_auth.proof_metadata(_der(sport), sport.private_key, METHOD, target=TARGET, digest=hashlib.sha256(request).digest()))
+    millis, nonce, signature = proof[call_auth.TIME_KEY], proof[call_auth.NONCE_KEY], proof[call_auth.PROOF_KEY]
+    assert isinstance(millis, str) and isinstance(nonce, bytes) and isinstance(signature, bytes) and len(nonce) == 16
+    assert proof[call_auth.TARGET_KEY] == TARGET and proof[call_auth.CERTIFICATE_KEY] == _der(sport)
+    signed = (b"cdimf call proof v2\x00" + METHOD.encode() + b"\x00" + TARGET.encode() + b"\x00" + millis.encode() + b"\x00"
+              + nonce + hashlib.sha256(request).digest())
+    sport.certificate.public_key().verify(signature, signed, ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr,call-arg]

@@ -21,6 +21,7 @@ import numpy as np
 from cdimf.common.config import RunParams
 from cdimf.common.core.admm import blockwise_consensus
 from cdimf.common.core.membership import AlignedMembership
+from cdimf.common.security.names import shown
 
 StatusName = Literal["INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"]
 RunStateName = Literal["running", "finished", "stopped"]
@@ -159,7 +160,7 @@ class Run:
         """An admitted domain's membership, else StateError NOT_FOUND."""
         mine = self.memberships.get(domain)
         if mine is None:
-            raise StateError("NOT_FOUND", f"domain {domain!r} is not admitted to run {self.run_id}")
+            raise StateError("NOT_FOUND", f"domain {shown(domain)} is not admitted to run {self.run_id}")
         return mine
 
     def stop(self, reason: str) -> None:

@@ -47,6 +47,7 @@ from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
 from cdimf.common.rpc.fastpath import add_aggregator_to_server
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
+from cdimf.common.security.names import is_party_name, shown
 from cdimf.common.wire.chunks import (
     ChunkError,
     MatrixAssembler,
@@ -75,6 +76,9 @@ FINAL_METRICS_GRACE_S = 10.0
 EXIT_LINGER_S = 2.0
 # What the health service answers for: the whole server and the aggregator's service.
 HEALTH_SERVICE_NAMES = ("", "cdimf.v1.Aggregator")
+# The most bytes of one ReportMetrics request on the wire: 16 metrics of 32-character names take
+# under 800, a header under 300. Bounded before decoding: repeated map entries parse into one.
+MAX_METRICS_REPORT_BYTES = 4096
 Result = TypeVar("Result")
 # bytes: a MatrixChunk stream received unparsed (PushContribution)
 Chunk = TypeVar("Chunk", pb.MatrixChunk, pb.PseudonymChunk, bytes)
@@ -144,6 +148,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Abort unless header.domain is set and the caller may speak for it."""
         if not domain:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "header.domain is empty")
+        if not is_party_name(domain):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"domain name {shown(domain)} is invalid: use 1-63 of a-z 0-9 _ - starting with a letter or digit")
         await self.authorizer.require_domain(context, domain)
 
     async def _operator(self, context: grpc.aio.ServicerContext) -> None:
@@ -168,6 +175,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 add(chunk)
             return result()
         except ChunkError as error:
+            log.warning("refused a malformed stream from %s: %s", context.peer(), error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
 
@@ -278,6 +286,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         try:
             fields, _ = split_matrix_chunk(first, "contribution: chunk 0")
         except ChunkError as error:
+            log.warning("refused a PushContribution from %s: %s", context.peer(), error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
         header = fields.header
@@ -485,7 +494,8 @@ async def start_aggregator(
     reuse_freed_chunk_memory()
     state = AggregatorState(config.state_dir, clock=clock, fsync=config.fsync_state)
     service = AggregatorService(state, Authorizer(config.tls.insecure))
-    server = create_server(config.tls, options=[("grpc.max_concurrent_streams", config.max_concurrent_streams)])
+    server = create_server(config.tls, options=[("grpc.max_concurrent_streams", config.max_concurrent_streams)],
+                           request_limits={f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/ReportMetrics": MAX_METRICS_REPORT_BYTES})
     add_aggregator_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

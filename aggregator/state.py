@@ -163,7 +163,7 @@ class AggregatorState:
     def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:
         """The membership a domain sees and whether it is frozen: the run's when admitted, else over all registered."""
         if domain not in self.registrations:
-            raise StateError("NOT_FOUND", f"domain {domain!r} is not registered")
+            raise StateError("NOT_FOUND", f"domain {shown(domain)} is not registered")
         run = self.run
         if run is not None and run.state == "running" and domain in run.memberships:
             return run.memberships[domain], True
@@ -224,7 +224,7 @@ class AggregatorState:
     def _run(self, run_id: str) -> Run:
         """The current run if `run_id` names it, else StateError NOT_FOUND."""
         if self.run is None or (run_id and run_id != self.run.run_id) or not run_id:
-            raise StateError("NOT_FOUND", f"unknown run {run_id!r}" + (f" (current run is {self.run.run_id})" if self.run else " (no run started)"))
+            raise StateError("NOT_FOUND", f"unknown run {shown(run_id)}" + (f" (current run is {self.run.run_id})" if self.run else " (no run started)"))
         return self.run
 
     def current_run(self, after_run_id: str = "") -> Run | None:
@@ -341,7 +341,7 @@ class AggregatorState:
             kept[self.run.run_id] = self.run.saved({d: self.registrations[d].fingerprint for d in self.run.admitted})
         if run_id:
             if run_id not in kept:
-                raise StateError("NOT_FOUND", f"unknown run {run_id!r}; kept runs: {', '.join(kept) or 'none'}")
+                raise StateError("NOT_FOUND", f"unknown run {shown(run_id)}; kept runs: {', '.join(kept) or 'none'}")
             return [kept[run_id]]
         return sorted(kept.values(), key=lambda run: run.started_wall)
 
@@ -349,7 +349,7 @@ class AggregatorState:
         """The run a watch follows: the current one, if `run_id` is empty or names it; else NOT_FOUND."""
         run = self.run
         if run is None or (run_id and run.run_id != run_id):
-            raise StateError("NOT_FOUND", f"unknown run {run_id!r}")
+            raise StateError("NOT_FOUND", f"unknown run {shown(run_id)}")
         return run
 
     def watch(self, run: Run, sent: int) -> RunWatch:

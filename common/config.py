@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from cdimf.common.core.params import ADMMParams, IALSParams, LocalIALSParams, StrictModel
-from cdimf.common.security.names import validate_party_name
+from cdimf.common.security.names import shown, validate_party_name
 from cdimf.common.security.pseudonyms import load_secret
 from cdimf.common.toml_lines import key_lines
 
@@ -43,10 +43,10 @@ def check_address(value: str, allow_port_zero: bool) -> str:
     """The value when it is host:port with a valid port, else ValueError."""
     match = _ADDRESS.match(value)
     if match is None:
-        raise ValueError(f"{value!r} is not host:port")
+        raise ValueError(f"{shown(value)} is not host:port")
     port = int(match.group("port"))
     if port > 65535 or (port == 0 and not allow_port_zero):
-        raise ValueError(f"port {port} out of range in {value!r}")
+        raise ValueError(f"port {port} out of range in {shown(value)}")
     return value
 
 
@@ -86,7 +86,7 @@ class RunParams(StrictModel):
     def _run_id_text(cls, value: str | None) -> str | None:
         """A run id is 1-64 portable characters (it names files and appears in logs)."""
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-            raise ValueError(f"{value!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+            raise ValueError(f"{shown(value)} must be 1-64 of A-Z a-z 0-9 _ . -")
         return value
 
     @field_validator("domain_aggregation_period")
@@ -96,7 +96,7 @@ class RunParams(StrictModel):
         for name, period in value.items():
             validate_party_name(name, "domain name")
             if not 1 <= period <= 10_000:
-                raise ValueError(f"aggregation period of {name!r} must be in 1..10000, got {period}")
+                raise ValueError(f"aggregation period of {shown(name)} must be in 1..10000, got {period}")
         return value
 
     def period_for(self, domain: str, node_period: int | None = None) -> int:
@@ -375,6 +375,8 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         return tomllib.loads(text), key_lines(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:  # TOML is UTF-8: binary bytes in the file
+        raise ConfigError(f"{path}: not valid TOML: byte {error.start} (counting from 0) is not UTF-8 text ({error.reason})") from error
 
 
 def load_config(

@@ -168,6 +168,11 @@ class IdMap:
         assert haystack is not None
         if len(haystack) == 0:
             return np.zeros(query.shape, dtype=bool), np.zeros(query.shape, dtype=np.int64)
+        if values.dtype.kind == "U" and haystack.dtype.kind == "U" and values.dtype.itemsize > haystack.dtype.itemsize:
+            # a key longer than every known key is unknown; comparing as is would widen the whole
+            # haystack to the query's width (a 1 MB key: 4 MB per known key)
+            found &= np.strings.str_len(values.astype(str)) <= haystack.dtype.itemsize // 4
+            values = values.astype(haystack.dtype)
         slots = np.searchsorted(haystack, values).clip(max=len(haystack) - 1)
         found &= haystack[slots] == values
         return found, (slots if positions is None else positions[slots])

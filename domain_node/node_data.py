@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from cdimf.common.config import VALID_NEGATIVES
 from cdimf.common.core.evaluation import PAPER_NEGATIVES, DrawnOnUse, HeldOutRows
+from cdimf.common.security.names import shown
 from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr, union_keys
 
 EVALUATION_SEED = 0
@@ -44,7 +45,7 @@ class NodeData:
     def split(self, name: str) -> HeldOutRows:
         """The held-out split "valid" or "test"; ValueError when the node has none."""
         if name not in ("valid", "test"):
-            raise ValueError(f"split must be 'valid' or 'test', got {name!r}")
+            raise ValueError(f"split must be 'valid' or 'test', got {shown(name)}")
         held = self.valid if name == "valid" else self.test
         if held is None:
             raise ValueError(f"domain {self.domain} has no {name} split")

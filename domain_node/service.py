@@ -22,6 +22,7 @@ from cdimf.common.core.metrics import full_catalog_metrics
 from cdimf.common.rpc import metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
+from cdimf.common.security.names import shown
 from cdimf.domain_node.checkpoint import CheckpointError
 from cdimf.domain_node.node_data import NodeData, load_node_data
 from cdimf.domain_node.runner import Model, NodeRunner, Progress
@@ -30,6 +31,9 @@ from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cdimf.node")
 MAX_K = 10_000
+# The longest user key Recommend looks up: keys are ids or e-mail addresses, and a longer one is
+# refused before it is compared with anything (a comparison widens every key to its length).
+MAX_USER_KEY_CHARS = 1024
 
 
 class DomainNodeService(pb_grpc.DomainNodeServicer):
@@ -86,7 +90,7 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             raise
         protocol = request.protocol or "sampled"
         if protocol not in ("sampled", "full"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"protocol must be 'sampled' or 'full', got {protocol!r}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"protocol must be 'sampled' or 'full', got {shown(protocol)}")
         model = await self._model(context, k)
         if protocol == "full":
             full = await asyncio.to_thread(full_catalog_metrics, model.users, model.items, self.data.train, held.users, held.items, k,
@@ -105,10 +109,13 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
         """Top-k items for one of this domain's user keys (cold-start users via their consensus vector)."""
         await self._authorize(context)
         k = request.k or 10
+        if len(request.user_key) > MAX_USER_KEY_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"user_key is {len(request.user_key)} characters, at most {MAX_USER_KEY_CHARS}: {shown(request.user_key)}")
         model = await self._model(context, k)
         row = int(self.data.users.index_of(np.array([request.user_key]), missing=-1)[0])
         if row < 0:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.user_key!r} is unknown to domain {self.domain}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {shown(request.user_key)} is unknown to domain {self.domain}")
         train = self.data.train
         seen = np.zeros(0, dtype=np.int64) if request.include_seen else train.indices[train.indptr[row]:train.indptr[row + 1]]
         items, scores = top_k(model.users[row], model.items, seen.astype(np.int64), k)

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cdimf.common.config import TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
-from cdimf.common.security.call_proof import proof_call_credentials
+from cdimf.common.rpc.channels import create_channel
+from cdimf.common.rpc.client_proof import ProvingCredentials
 from cdimf.common.security.pki import load_certificate, load_private_key
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.simulate import write_throwaway_certificates
@@ -244,7 +245,7 @@ def _tls_flags(settings: TLSConfig) -> list[str]:
 
 async def _health_status(target: str, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
     """The status a health Check over `credentials` gets (OK when answered)."""
-    async with grpc.aio.secure_channel(target, credentials) as channel:
+    async with create_channel(target, credentials) as channel:
         try:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.aio.AioRpcError as error:
@@ -274,7 +275,8 @@ def test_health_of_a_mutual_tls_aggregator_process(tmp_path: Path, processes: Pr
     # the server itself refuses: trusting its CA does not help without a certificate it issued
     ca_pem = Path(str(certificates["sport"].ca_file)).read_bytes()
     without = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    foreign_proof = proof_call_credentials(load_certificate(str(strangers["sport"].cert_file)), load_private_key(str(strangers["sport"].key_file)))
-    foreign = grpc.composite_channel_credentials(without, foreign_proof)
+    # a stranger's certificate proved with its key, over TLS that trusts the federation's CA
+    foreign = ProvingCredentials(without, ca_pem, load_certificate(str(strangers["sport"].cert_file)),
+                                 load_private_key(str(strangers["sport"].key_file)))
     assert asyncio.run(_health_status(address, without)) == grpc.StatusCode.UNAUTHENTICATED
     assert asyncio.run(_health_status(address, foreign)) == grpc.StatusCode.UNAUTHENTICATED

@@ -233,6 +233,10 @@ def test_the_paper_protocol_ranks_each_target_among_1000_candidates_and_validati
 # ----- security: the proof window and the pseudonym MAC -----
 
 
+TARGET = "cdimf://aggregator/aggregator"
+DIGEST = hashlib.sha256(b"").digest()
+
+
 def test_a_call_proof_is_accepted_within_300_seconds_of_the_server_clock_and_refused_beyond() -> None:
     """Skews of +-299 s pass, +-301 s are refused (the window is 300 s, both ways)."""
     ca = pki.create_ca()
@@ -240,12 +244,12 @@ def test_a_call_proof_is_accepted_within_300_seconds_of_the_server_clock_and_ref
     der = sport.certificate.public_bytes(serialization.Encoding.DER)
     now = datetime.datetime.now(datetime.UTC).timestamp()
     method = "/cdimf.v1.Aggregator/PushContribution"
-    authenticator = call_proof.CallAuthenticator(ca.certificate, clock=lambda: now)
+    authenticator = call_proof.CallAuthenticator(ca.certificate, TARGET, clock=lambda: now)
     for skew in (-299.0, 299.0):
-        authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, now=now + skew), method)
+        authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, target=TARGET, digest=DIGEST, now=now + skew), method, DIGEST)
     for skew in (-301.0, 301.0):
         with pytest.raises(call_proof.CallRefused):
-            authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, now=now + skew), method)
+            authenticator.authenticate(call_proof.proof_metadata(der, sport.private_key, method, target=TARGET, digest=DIGEST, now=now + skew), method, DIGEST)
 
 
 def test_pseudonyms_are_hmac_sha256_of_the_context_and_the_key_under_the_secret() -> None:

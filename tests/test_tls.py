@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdimf import certs
 from cdimf.aggregator.service import RunningAggregator, start_aggregator
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
-from cdimf.common.rpc import auth, channels
+from cdimf.common.rpc import auth, channels, client_proof, gate
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.security import call_proof as call_auth
 from cdimf.common.security import pki as pkilib
@@ -30,6 +30,9 @@ from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 
 PROBE_METHOD = "/cdimf.test.Probe/Speak"
+# the probe server presents the aggregator's certificate: the identity proofs must name
+AGGREGATOR = "cdimf://aggregator/aggregator"
+EMPTY_REQUEST = call_auth.request_digest(b"")
 DOMAIN_HEADER = "x-cdimf-domain"
 CALL_TIMEOUT_S = 5.0
 FEDERATION_SECRET = b"test federation secret, 32 bytes"
@@ -89,7 +92,7 @@ class ProbeServer:
 @asynccontextmanager
 async def probe_server(pki: Path | None) -> AsyncIterator[ProbeServer]:
     """Run a ProbeServer on 127.0.0.1 with mutual authentication from `pki`, or plaintext when None."""
-    interceptors = [] if pki is None else [call_auth.CertificateProofInterceptor(call_auth.CallAuthenticator(pkilib.load_certificate(pki / "ca.pem")))]
+    interceptors = [] if pki is None else [gate.RequestGate(call_auth.CallAuthenticator(pkilib.load_certificate(pki / "ca.pem"), AGGREGATOR))]
     probe = ProbeServer(insecure=pki is None, interceptors=interceptors)
     if pki is None:
         probe.port = probe.server.add_insecure_port("127.0.0.1:0")
@@ -109,8 +112,7 @@ def raw_credentials(ca: Path, certificate: Path | None, key: Path | None) -> grp
     transport = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
     if certificate is None or key is None:
         return transport
-    proof = call_auth.proof_call_credentials(pkilib.load_certificate(certificate), pkilib.load_private_key(key))
-    return grpc.composite_channel_credentials(transport, proof)
+    return client_proof.ProvingCredentials(transport, ca.read_bytes(), pkilib.load_certificate(certificate), pkilib.load_private_key(key))
 
 
 async def speak(
@@ -118,7 +120,7 @@ async def speak(
 ) -> tuple[grpc.StatusCode, str]:
     """Call the probe method claiming `claimed`; return (status code, reply or error detail)."""
     target = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
+    channel = channels.create_channel(target, credentials)
     async with channel:
         try:
             reply = await channel.unary_unary(PROBE_METHOD)(
@@ -181,14 +183,22 @@ def test_mutual_tls_admits_only_a_domain_speaking_for_itself(pki: Path) -> None:
             transport = raw_credentials(ca, None, None)
             sport = pkilib.load_issued(pki / "sport.pem", pki / "sport.key")
             der = sport.certificate.public_bytes(serialization.Encoding.DER)
-            proof = call_auth.proof_metadata(der, sport.private_key, PROBE_METHOD)
+            def proof_for(method: str = PROBE_METHOD, target: str = AGGREGATOR, digest: bytes = EMPTY_REQUEST,
+                          now: float | None = None) -> tuple[tuple[str, str | bytes], ...]:
+                return call_auth.proof_metadata(der, sport.private_key, method, target=target, digest=digest, now=now)
+
+            proof = proof_for()
             assert await speak(probe.port, transport, "sport", proof) == (grpc.StatusCode.OK, "sport")
             entered += 1
+            # a proof naming the probe's identity in its signature but another one in the clear
+            relabelled = tuple((key, "cdimf://domain/cloth" if key == call_auth.TARGET_KEY else value) for key, value in proof_for())
             misused = {
                 "replayed proof": (proof, "already used"),
-                "stale proof": (call_auth.proof_metadata(der, sport.private_key, PROBE_METHOD, now=time.time() - 3600), "proof time"),
-                "proof for another method": (call_auth.proof_metadata(der, sport.private_key, "/cdimf.test.Probe/Other"),
-                                             "does not verify"),
+                "stale proof": (proof_for(now=time.time() - 3600), "proof time"),
+                "proof for another method": (proof_for(method="/cdimf.test.Probe/Other"), "does not verify"),
+                "proof for another server": (proof_for(target="cdimf://domain/cloth"), "meant for 'cdimf://domain/cloth'"),
+                "proof for another request": (proof_for(digest=call_auth.request_digest(b"another request")), "does not verify"),
+                "target relabelled": (relabelled, "meant for 'cdimf://domain/cloth'"),
                 "certificate without proof": (proof[:1], "without a complete proof"),
             }
             for case, (metadata, reason) in misused.items():
@@ -224,7 +234,7 @@ def test_client_refuses_an_aggregator_from_another_ca(pki: Path) -> None:
         await server.start()
         try:
             channel_credentials = channels.channel_credentials(pki / "ca.pem", pki / "sport.pem", pki / "sport.key")
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials) as channel:
+            async with channels.create_channel(f"127.0.0.1:{port}", channel_credentials) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -240,7 +250,7 @@ def test_health_service_answers_over_mutual_tls(pki: Path) -> None:
     async def scenario() -> None:
         async with probe_server(pki) as probe:
             credentials = channels.channel_credentials(pki / "ca.pem", pki / "aggregator.pem", pki / "aggregator.key")
-            async with grpc.aio.secure_channel(f"localhost:{probe.port}", credentials) as channel:
+            async with channels.create_channel(f"localhost:{probe.port}", credentials) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -444,7 +454,7 @@ def test_real_aggregator_refuses_impostors_and_keeps_its_state(pki: Path, tmp_pa
                 return list(encode_matrix(shared, pb.Header(run_id=run.run_id, domain=domain, round=1)))
 
             async def attempt(credentials: grpc.ChannelCredentials, call: str, request: object) -> grpc.StatusCode:
-                async with grpc.aio.secure_channel(address, credentials) as channel:
+                async with channels.create_channel(address, credentials) as channel:
                     stub = pb_grpc.AggregatorStub(channel)
                     try:
                         method = getattr(stub, call)

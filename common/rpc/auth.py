@@ -20,6 +20,7 @@ from collections.abc import Callable
 import grpc
 
 from cdimf.common.security.call_proof import verified_certificate
+from cdimf.common.security.names import shown
 from cdimf.common.security.pki import CertificateIdentityError, PartyIdentity, party_identity
 
 Refusal = tuple[grpc.StatusCode, str]
@@ -57,7 +58,7 @@ def speaks_for(domain: str) -> Rule:
         if identity.kind != "domain":
             return f"certificate of {identity.uri()} cannot speak for a domain"
         if identity.name != domain:
-            return f"certificate of domain {identity.name!r} cannot speak for domain {domain!r}"
+            return f"certificate of domain {identity.name!r} cannot speak for domain {shown(domain)}"
         return None
 
     return rule
@@ -75,7 +76,7 @@ def reads_node(domain: str) -> Rule:
 
     def rule(identity: PartyIdentity) -> str | None:
         if identity.kind == "domain" and identity.name != domain:
-            return f"domain {identity.name!r} may not query domain {domain!r}"
+            return f"domain {identity.name!r} may not query domain {shown(domain)}"
         return None
 
     return rule

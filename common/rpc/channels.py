@@ -1,10 +1,11 @@
 """Where every gRPC channel and server of cdimf is made: keepalive options, TLS from a TLSConfig, uvloop, serving until signalled.
 
 Channels are TLS with the server's certificate checked against the federation CA, and the
-client proves its own certificate on every call (cdimf.common.security.call_proof: a signed
-proof in the call's metadata, verified by a server interceptor before any handler runs, so a
-client without a certificate from the federation CA, or with an expired one, gets
-UNAUTHENTICATED). Who may call what is cdimf.common.rpc.auth's business. Plaintext is never a
+client proves its own certificate on every call (cdimf.common.security.call_proof: a proof in
+the call's metadata for that server and that request, signed by cdimf.common.rpc.client_proof
+and verified by the server's gate, cdimf.common.rpc.gate, before any handler runs, so a client
+without a certificate from the federation CA, or with an expired one, gets UNAUTHENTICATED).
+Every server decodes its requests in that gate, plaintext ones too. Who may call what is cdimf.common.rpc.auth's business. Plaintext is never a
 default: `insecure = true` in the TLS section is the explicit opt-out.
 """
 
@@ -12,15 +13,17 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from cdimf.common.config import TLSConfig
-from cdimf.common.security.call_proof import CallAuthenticator, CertificateProofInterceptor, proof_call_credentials
-from cdimf.common.security.pki import TLSMaterialError, checked_pair, load_certificate, read_ca_pem
+from cdimf.common.rpc.client_proof import ProvingCredentials
+from cdimf.common.rpc.gate import RequestGate
+from cdimf.common.security.call_proof import CallAuthenticator
+from cdimf.common.security.pki import TLSMaterialError, checked_pair, load_certificate, party_identity, read_ca_pem
 
 log = logging.getLogger("cdimf.rpc")
 
@@ -74,10 +77,7 @@ def channel_credentials(
     if certificate_path is None or key_path is None:
         return grpc.ssl_channel_credentials(root_certificates=read_ca_pem(ca_path))
     issued, ca_pem = checked_pair(certificate_path, key_path, ca_path)
-    return grpc.composite_channel_credentials(
-        grpc.ssl_channel_credentials(root_certificates=ca_pem),
-        proof_call_credentials(issued.certificate, issued.private_key),
-    )
+    return ProvingCredentials(grpc.ssl_channel_credentials(root_certificates=ca_pem), ca_pem, issued.certificate, issued.private_key)
 
 
 def credentials_for(settings: TLSConfig) -> grpc.ChannelCredentials | None:
@@ -96,10 +96,13 @@ def create_channel(
     credentials: grpc.ChannelCredentials | None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to `target` with keepalive, TLS with `credentials` or plaintext without."""
+    """A grpc.aio channel to `target` with keepalive, TLS with `credentials` or plaintext without;
+    credentials from channel_credentials also prove every call (after `interceptors`)."""
     options = list(CHANNEL_OPTIONS)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if isinstance(credentials, ProvingCredentials):
+        interceptors = [*(interceptors or ()), *credentials.interceptors(target)]
     return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
 
@@ -116,14 +119,18 @@ def create_server(
     settings: TLSConfig,
     options: Sequence[Option] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    request_limits: Mapping[str, int] | None = None,
 ) -> grpc.aio.Server:
-    """An unstarted grpc.aio server with keepalive (plus `options`) and, unless `settings.insecure`,
-    the per-call client certificate check in front of `interceptors`; bind it with bind_port."""
-    checks: list[grpc.aio.ServerInterceptor] = []
+    """An unstarted grpc.aio server with keepalive (plus `options`) and the request gate in front of
+    `interceptors`: requests decoded there and, unless `settings.insecure`, every call's proof
+    checked for this server (the identity in its certificate), unary requests bounded by
+    `request_limits` (bytes by full method path); bind it with bind_port."""
+    authenticator = None
     if not settings.insecure:
-        ca_file, _, _ = tls_files(settings)
-        checks.append(CertificateProofInterceptor(CallAuthenticator(load_certificate(ca_file))))
-    return grpc.aio.server(options=[*SERVER_OPTIONS, *options], interceptors=[*checks, *interceptors])
+        ca_file, cert_file, _ = tls_files(settings)
+        identity = party_identity(load_certificate(cert_file)).uri()
+        authenticator = CallAuthenticator(load_certificate(ca_file), identity)
+    return grpc.aio.server(options=[*SERVER_OPTIONS, *options], interceptors=[RequestGate(authenticator, request_limits), *interceptors])
 
 
 def bind_port(server: grpc.aio.Server, address: str, settings: TLSConfig, what: str = "server") -> int:

@@ -5,54 +5,66 @@ certificate during the handshake or not ask for one at all. When the handshake r
 client, the client only sees the connection fail (UNAVAILABLE) and the server never sees a
 request, so it cannot answer UNAUTHENTICATED. The channel is therefore TLS with the server
 authenticated by the federation CA (encrypted, the client checks who it talks to), and the
-client proves its own identity on every call, as gRPC call credentials:
+client proves its own identity on every call, in the call's metadata:
 
     cdimf-cert-bin          the client's certificate (DER)
+    cdimf-proof-target      the identity URI of the server the call is meant for
+                            (`cdimf://domain/cloth`, `cdimf://aggregator/aggregator`)
     cdimf-proof-time        the signing time, integer milliseconds since the Unix epoch
     cdimf-proof-nonce-bin   16 random bytes
     cdimf-proof-bin         ECDSA-SHA256 signature with the certificate's key over
-                            PROOF_CONTEXT | method path | time | nonce
+                            PROOF_CONTEXT | method path | target | time | nonce | request digest
 
-The server's interceptor checks, before the handler: a certificate is present, issued by the
-federation CA, inside its validity window, allowed for client authentication; the time is within
-PROOF_WINDOW of the server's clock; the signature verifies with the certificate's key (so a copied
-certificate without its key is useless); and the (certificate, nonce) pair was never seen before
-(a proof cannot be replayed, even with a re-encoded signature). Any failure is UNAUTHENTICATED and
-the handler never runs. A handler then reads the verified certificate of its own call with
-`verified_certificate(metadata)` to check who may do what (PERMISSION_DENIED is its business).
+The request digest is SHA-256 of the serialized request message as it travels on the wire; for
+a request stream, of its first message (the one that carries the header: run, domain, round).
+The server computes it itself from the bytes it received, so it is never sent.
 
-Signing covers the full method path, so a proof for one method cannot be used for another; it
-does not name the server, so within PROOF_WINDOW a server could replay a call it received to
-another server of the same method (the aggregator has no such peer, and domain nodes only accept
-operators' read calls).
+The server checks, before the handler: a certificate is present, issued by the federation CA,
+inside its validity window, allowed for client authentication; the target is this server's own
+identity (the URI SAN of its certificate); the time is within PROOF_WINDOW_S of the server's
+clock; the signature verifies with the certificate's key over this method, this target and this
+request (so a copied certificate without its key is useless, and a captured proof serves neither
+another server nor another request); and the (certificate, nonce) pair was never seen before (a
+proof cannot be replayed to the same server, even with a re-encoded signature). Any failure is
+UNAUTHENTICATED and the handler never runs. A handler then reads the verified certificate of its
+own call with `verified_certificate(metadata)` to check who may do what (PERMISSION_DENIED is
+its business). docs/security.md says what this covers and what it does not.
 """
 
 import hashlib
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from urllib.parse import urlsplit
+from collections.abc import Callable, Sequence
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from cdimf.common.security.names import shown
 
 CERTIFICATE_KEY = "cdimf-cert-bin"
 TIME_KEY = "cdimf-proof-time"
 NONCE_KEY = "cdimf-proof-nonce-bin"
 PROOF_KEY = "cdimf-proof-bin"
-PROOF_CONTEXT = b"cdimf call proof v1\x00"
+TARGET_KEY = "cdimf-proof-target"
+PROOF_CONTEXT = b"cdimf call proof v2\x00"
+DIGEST_BYTES = 32
 NONCE_BYTES = 16
 # How far a proof's time may be from the server's clock: hosts of different organisations
 # disagree by seconds, not minutes; the same tolerance as certificates' back-dated start.
 PROOF_WINDOW_S = 300.0
 # Verified certificates are kept (by DER digest) so a steady caller costs one signature check per call.
 CERTIFICATE_CACHE_SIZE = 256
+# Bound of the replay cache: (certificate, nonce) pairs are remembered for 2 * PROOF_WINDOW_S, at
+# most this many (about 60 MB, 290 bytes each). Past the bound the oldest entry is forgotten and every proof
+# signed at or before its time is refused from then on, so a flood can never reopen a replay.
+REPLAY_CACHE_SIZE = 200_000
 
 
 class CallRefused(Exception):
@@ -65,64 +77,67 @@ class CallRefused(Exception):
         self.detail = detail
 
 
-def _signed_bytes(method: str, millis: str, nonce: bytes) -> bytes:
-    """The exact bytes a proof signs: context, method path, time and nonce, NUL-separated."""
-    return PROOF_CONTEXT + method.encode() + b"\x00" + millis.encode() + b"\x00" + nonce
+def request_digest(serialized: bytes | memoryview) -> bytes:
+    """The digest a proof binds: SHA-256 of the serialized request (a stream's first message)."""
+    return hashlib.sha256(serialized).digest()
+
+
+def _signed_bytes(method: str, target: str, millis: str, nonce: bytes, digest: bytes) -> bytes:
+    """The exact bytes a proof signs: context, method path, target, time, nonce and request digest.
+
+    Method, target and time are NUL-separated text without NULs; nonce and digest have fixed lengths.
+    """
+    return (PROOF_CONTEXT + method.encode() + b"\x00" + target.encode() + b"\x00" + millis.encode() + b"\x00"
+            + nonce + digest)
 
 
 def proof_metadata(
-    certificate_der: bytes, private_key: ec.EllipticCurvePrivateKey, method: str, *, now: float | None = None
+    certificate_der: bytes, private_key: ec.EllipticCurvePrivateKey, method: str, *, target: str, digest: bytes,
+    now: float | None = None,
 ) -> tuple[tuple[str, str | bytes], ...]:
-    """The metadata proving that the holder of `private_key` makes this call of `method` now."""
+    """The metadata proving that the holder of `private_key` makes this call of `method`, to the
+    server `target` (its identity URI), with the request whose digest is `digest`, now."""
+    if len(digest) != DIGEST_BYTES:
+        raise ValueError(f"a request digest is {DIGEST_BYTES} bytes, got {len(digest)}")
     millis = str(int((time.time() if now is None else now) * 1000))
     nonce = os.urandom(NONCE_BYTES)
-    signature = private_key.sign(_signed_bytes(method, millis, nonce), ec.ECDSA(hashes.SHA256()))
+    signature = private_key.sign(_signed_bytes(method, target, millis, nonce, digest), ec.ECDSA(hashes.SHA256()))
     return (
-        (CERTIFICATE_KEY, certificate_der), (TIME_KEY, millis), (NONCE_KEY, nonce), (PROOF_KEY, signature),
+        (CERTIFICATE_KEY, certificate_der), (TARGET_KEY, target), (TIME_KEY, millis), (NONCE_KEY, nonce), (PROOF_KEY, signature),
     )
 
 
-class CertificateProofPlugin(grpc.AuthMetadataPlugin):
-    """gRPC call credentials that attach a fresh certificate proof to every call."""
-
-    def __init__(self, certificate: x509.Certificate, private_key: ec.EllipticCurvePrivateKey) -> None:
-        """Sign with `private_key` on behalf of `certificate`."""
-        self._certificate_der = certificate.public_bytes(serialization.Encoding.DER)
-        self._private_key = private_key
-
-    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
-        """Sign this call's full method path (`/package.Service/Method`)."""
-        try:
-            method = f"{urlsplit(context.service_url).path.rstrip('/')}/{context.method_name}"
-            callback(proof_metadata(self._certificate_der, self._private_key, method), None)
-        except Exception as error:  # gRPC wants the error handed back, not raised
-            callback((), error)
-
-
-def proof_call_credentials(certificate: x509.Certificate, private_key: ec.EllipticCurvePrivateKey) -> grpc.CallCredentials:
-    """Call credentials that prove each call with `certificate` and `private_key`."""
-    return grpc.metadata_call_credentials(CertificateProofPlugin(certificate, private_key), name="cdimf-certificate-proof")
-
-
 class _SeenNonces:
-    """(certificate digest, nonce) pairs seen within the proof window, forgotten once too old to replay."""
+    """(certificate digest, nonce) pairs seen within the proof window, forgotten once too old to
+    replay, at most `capacity` of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = REPLAY_CACHE_SIZE) -> None:
         """Start empty."""
-        self._expiry_by_key: OrderedDict[bytes, float] = OrderedDict()
+        self._capacity = capacity
+        self._by_key: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # key -> (expiry, proof time)
+        # proofs signed at or before this time are refused: the entries that could tell their
+        # replays apart were evicted by the size bound (-inf until that ever happens)
+        self.remembers_after = -math.inf
 
-    def add_new(self, key: bytes, now: float) -> bool:
-        """Record `key`; False when it was already recorded (a replay)."""
-        while self._expiry_by_key:
-            oldest, expiry = next(iter(self._expiry_by_key.items()))
+    def add_new(self, key: bytes, now: float, proof_time: float) -> bool:
+        """Record `key`; False when it was already recorded (a replay) or may have been (evicted)."""
+        while self._by_key:
+            oldest, (expiry, _) = next(iter(self._by_key.items()))
             if expiry > now:
                 break
-            del self._expiry_by_key[oldest]
-        if key in self._expiry_by_key:
+            del self._by_key[oldest]
+        if key in self._by_key or proof_time <= self.remembers_after:
             return False
         # a proof is acceptable until PROOF_WINDOW_S after its time, so remember it twice that long
-        self._expiry_by_key[key] = now + 2 * PROOF_WINDOW_S
+        self._by_key[key] = (now + 2 * PROOF_WINDOW_S, proof_time)
+        if len(self._by_key) > self._capacity:
+            _, (_, evicted_time) = self._by_key.popitem(last=False)
+            self.remembers_after = max(self.remembers_after, evicted_time)
         return True
+
+    def __len__(self) -> int:
+        """How many pairs are remembered now."""
+        return len(self._by_key)
 
 
 class _VerifiedCalls:
@@ -163,15 +178,18 @@ def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str
 
 
 class CallAuthenticator:
-    """Verifies the certificate proof of a call against the federation CA."""
+    """Verifies the certificate proof of a call to this server (`identity`) against the federation CA."""
 
-    def __init__(self, ca_certificate: x509.Certificate, clock: Callable[[], float] = time.time) -> None:
-        """Trust certificates issued directly by `ca_certificate`; `clock` gives Unix seconds."""
+    def __init__(self, ca_certificate: x509.Certificate, identity: str, clock: Callable[[], float] = time.time,
+                 replay_cache_size: int = REPLAY_CACHE_SIZE) -> None:
+        """Trust certificates issued directly by `ca_certificate` for calls to the server whose
+        identity URI is `identity`; `clock` gives Unix seconds."""
         self._ca = ca_certificate
+        self.identity = identity
         self._clock = clock
         self._lock = threading.Lock()
         self._certificates: OrderedDict[bytes, x509.Certificate] = OrderedDict()
-        self._nonces = _SeenNonces()
+        self._nonces = _SeenNonces(replay_cache_size)
 
     def _issued_certificate(self, der: bytes) -> x509.Certificate:
         """The certificate in `der` after checking it is ours to trust (CA signature, client use)."""
@@ -184,7 +202,7 @@ class CallAuthenticator:
         try:
             certificate = x509.load_der_x509_certificate(der)
         except ValueError as error:
-            raise CallRefused(refused, f"the client certificate cannot be parsed: {error}") from None
+            raise CallRefused(refused, f"the client certificate cannot be parsed: {str(error)[:200]}") from None
         try:
             certificate.verify_directly_issued_by(self._ca)
         except (ValueError, TypeError, InvalidSignature):
@@ -203,33 +221,42 @@ class CallAuthenticator:
                 self._certificates.popitem(last=False)
         return certificate
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None, method: str) -> x509.Certificate:
-        """The verified certificate of a call of `method` with `metadata`; CallRefused (UNAUTHENTICATED) otherwise."""
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None, method: str, digest: bytes) -> x509.Certificate:
+        """The verified certificate of a call of `method` with `metadata` whose request (a stream's
+        first message) has digest `digest`; CallRefused (UNAUTHENTICATED) otherwise."""
         refused = grpc.StatusCode.UNAUTHENTICATED
         der = _metadata_value(metadata, CERTIFICATE_KEY)
         if not der:
             raise CallRefused(refused, "a client certificate from the federation CA is required")
-        millis, nonce, signature = (_metadata_value(metadata, key) for key in (TIME_KEY, NONCE_KEY, PROOF_KEY))
+        target, millis, nonce, signature = (_metadata_value(metadata, key) for key in (TARGET_KEY, TIME_KEY, NONCE_KEY, PROOF_KEY))
         if not isinstance(der, bytes) or not isinstance(nonce, bytes) or not isinstance(signature, bytes) \
-                or not isinstance(millis, str):
+                or not isinstance(millis, str) or not isinstance(target, str):
             raise CallRefused(refused, "the call carries a client certificate without a complete proof")
         certificate = self._issued_certificate(der)
         now = self._clock()
         if not certificate.not_valid_before_utc.timestamp() <= now <= certificate.not_valid_after_utc.timestamp():
             raise CallRefused(refused, f"the client certificate is not valid now (valid {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
                                        f"to {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
-        if not millis.isdigit() or abs(int(millis) / 1000 - now) > PROOF_WINDOW_S:
+        if target != self.identity:
+            raise CallRefused(refused, f"the call's proof is meant for {shown(target)}, not for this server "
+                                       f"({self.identity})")
+        if not millis.isdigit() or len(millis) > 16 or abs(int(millis) / 1000 - now) > PROOF_WINDOW_S:
             raise CallRefused(refused, f"the call's proof time is not within {PROOF_WINDOW_S:.0f} s of the server's clock")
         if len(nonce) != NONCE_BYTES:
             raise CallRefused(refused, f"the call's proof nonce must be {NONCE_BYTES} bytes")
         public_key = certificate.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked in _issued_certificate
         try:
-            public_key.verify(signature, _signed_bytes(method, millis, nonce), ec.ECDSA(hashes.SHA256()))
+            public_key.verify(signature, _signed_bytes(method, target, millis, nonce, digest), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
-            raise CallRefused(refused, "the call's proof does not verify with the client certificate's key") from None
+            raise CallRefused(refused, "the call's proof does not verify with the client certificate's key "
+                                       "(another method or request, or a key that is not the certificate's)") from None
         with self._lock:
-            fresh = self._nonces.add_new(hashlib.sha256(der).digest() + nonce, now)
+            proof_time = int(millis) / 1000
+            if proof_time <= self._nonces.remembers_after:
+                raise CallRefused(refused, "the call's proof is older than this server's replay cache still covers "
+                                           "(it is full: sign a fresh proof)")
+            fresh = self._nonces.add_new(hashlib.sha256(der).digest() + nonce, now, proof_time)
         if not fresh:
             raise CallRefused(refused, "the call's proof was already used (replayed call)")
         _verified_calls.put(signature, certificate, now)
@@ -244,42 +271,3 @@ def verified_certificate(metadata: Sequence[tuple[str, str | bytes]] | None) -> 
     except CallRefused:
         return None
     return _verified_calls.get(signature) if isinstance(signature, bytes) else None
-
-
-def _refusing_handler(handler: grpc.RpcMethodHandler, refusal: CallRefused) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts with `refusal`."""
-
-    async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(refusal.code, refusal.detail)
-
-    factories: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    factory = factories[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-
-
-class CertificateProofInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses, before any handler runs, every call without a valid certificate proof."""
-
-    def __init__(self, authenticator: CallAuthenticator) -> None:
-        """Check calls with `authenticator`."""
-        self._authenticator = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """The method's own handler for a proved call, else one that aborts with UNAUTHENTICATED."""
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED, which reveals nothing
-            return handler
-        try:
-            self._authenticator.authenticate(handler_call_details.invocation_metadata, handler_call_details.method)
-        except CallRefused as refusal:
-            return _refusing_handler(handler, refusal)
-        return handler

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from cdimf.common.security.names import shown
 from cdimf.protos.v1 import federation_pb2 as pb
 
 # Payload per chunk: far below gRPC's 4 MB default message limit, large enough that the
@@ -242,7 +243,7 @@ class _RowStream:
 def _show(header: pb.Header | None) -> str:
     if header is None:
         return "none"
-    return f"(run_id={header.run_id!r}, domain={header.domain!r}, round={header.round})"
+    return f"(run_id={shown(header.run_id)}, domain={shown(header.domain)}, round={header.round})"
 
 
 def _check_sum(what: str, index: int, actual: int, expected: int) -> None:

@@ -375,8 +375,6 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         return tomllib.loads(text), key_lines(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
-    except UnicodeDecodeError as error:  # TOML is UTF-8: binary bytes in the file
-        raise ConfigError(f"{path}: not valid TOML: byte {error.start} (counting from 0) is not UTF-8 text ({error.reason})") from error
 
 
 def load_config(

@@ -26,7 +26,7 @@ from cdimf.domain_node.service import MAX_USER_KEY_CHARS
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from cdimf.simulate import write_throwaway_certificates
-from tests.federation_harness import RANK, REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
+from tests.federation_harness import RANK, REPO_ROOT, Processes, port_of, processes_fixture, user_key, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = b"test-federation-secret-32-bytes!"
@@ -108,6 +108,7 @@ def test_a_metrics_report_is_bounded_in_bytes_before_it_is_decoded(tmp_path: Pat
             sport, cloth, run_id = await _registered_run(running.address, None, 6, 4)
             for client in (sport, cloth):
                 await client.push_contribution(run_id, 1, np.ones((3, 4), np.float32))
+            await sport.get_status()  # the round closes after the last push's ack; a status waits for its save
             header = pb.MetricsReport(header=pb.Header(run_id=run_id, domain="sport", round=1)).SerializeToString()
             entry = pb.MetricsReport(metrics={"hr": 0.5}).SerializeToString()
             unknown_field = b"\xfa\x3e" + bytes([0x80, 0x80, 0x40]) + b"x" * (1 << 20)  # field 999, length 1 MiB
@@ -326,8 +327,8 @@ def test_a_key_longer_than_every_known_key_is_unknown_without_widening() -> None
 
 def test_a_taken_port_is_one_line_for_a_node_too(tmp_path: Path, processes: Processes) -> None:
     """A node told to listen on a port in use exits 2 with one `cdimf: error` line naming it, no traceback."""
-    port = free_port()
-    processes.aggregator(port)
+    _, address = processes.aggregator()
+    port = port_of(address)
     files = write_domains(tmp_path / "data")
     second = subprocess.run(
         [sys.executable, "-m", "cdimf", "serve-node", "--domain", "sport", "--train-path", str(files["sport"]["train"]), "--data-format", "csv",
@@ -347,7 +348,8 @@ def test_binary_bytes_in_a_config_file_name_the_file(tmp_path: Path) -> None:
     path.write_bytes(text + b'\xff\xfe"\n')
     with pytest.raises(ConfigError) as refused:
         load_config(NodeConfig, path)
-    assert str(refused.value) == f"{path}: not valid TOML: byte {len(text)} (counting from 0) is not UTF-8 text (invalid start byte)"
+    # the bad byte is the first one after `text`, on its second line
+    assert str(refused.value) == f"{path}:2: not a TOML text file: byte 0xff at offset {len(text)} is not UTF-8"
     started = subprocess.run([sys.executable, "-m", "cdimf", "serve-node", "--config", str(path)], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=60)
     assert started.returncode == 2 and str(path) in started.stderr and "Traceback" not in started.stderr, started.stderr

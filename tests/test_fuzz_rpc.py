@@ -285,12 +285,8 @@ def test_arbitrary_field_values_are_refused_cleanly_without_changing_state(targe
     target.check(method, serialized)
 
 
-# Undecodable request bytes reach grpc's own deserializer, which answers UNKNOWN and logs an
-# ERROR traceback; PushContribution decodes its bytes itself and refuses them cleanly. The request
-# gate of branch w3-proof (issue 12, finding 12) decodes every request and answers
-# INVALID_ARGUMENT: strict, so that these marks fail once it is merged and must then go.
-UNDECODABLE = pytest.mark.xfail(strict=True, reason="undecodable requests answer UNKNOWN with an ERROR traceback (finding 12)")
-BYTES_CASES = [pytest.param(method, id=method.path, marks=() if method.name == "PushContribution" else UNDECODABLE) for method in ALL]
+# Every method decodes its request bytes itself: undecodable bytes are INVALID_ARGUMENT.
+BYTES_CASES = [pytest.param(method, id=method.path) for method in ALL]
 
 
 @pytest.mark.parametrize("method", BYTES_CASES)

@@ -19,7 +19,7 @@ from typing import IO
 import pytest
 
 from cdimf.common.rpc.aggregator_client import AggregatorClient
-from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, wait_for_domains, write_domains
+from tests.federation_harness import REPO_ROOT, Processes, closed_port, processes_fixture, wait_for_domains, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,16 +32,16 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 def test_retries_say_what_for_how_long_and_when_they_give_up() -> None:
     """`cdimf status` toward a closed port: one line when retrying starts (with its window), one when it gives up, exit 1."""
-    port = free_port()
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cdimf", "status", "--aggregator", f"127.0.0.1:{port}", "--insecure", "--rpc-timeout-s", "2"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    lines = done.stderr.splitlines()
-    assert lines[0].startswith(f"cdimf: GetStatus: the aggregator at 127.0.0.1:{port} is unreachable (") and lines[0].endswith(
-        "; retrying for up to 2 s")
-    assert lines[1].startswith(f"cdimf: GetStatus: giving up after 2 s: the aggregator at 127.0.0.1:{port} stayed unreachable")
-    assert time.monotonic() - started >= 2.0
+    with closed_port() as port:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "cdimf", "status", "--aggregator", f"127.0.0.1:{port}", "--insecure", "--rpc-timeout-s", "2"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        lines = done.stderr.splitlines()
+        assert lines[0].startswith(f"cdimf: GetStatus: the aggregator at 127.0.0.1:{port} is unreachable (") and lines[0].endswith(
+            "; retrying for up to 2 s")
+        assert lines[1].startswith(f"cdimf: GetStatus: giving up after 2 s: the aggregator at 127.0.0.1:{port} stayed unreachable")
+        assert time.monotonic() - started >= 2.0
 
 
 def _lines_until(stream: IO[str], wanted: str, timeout_s: float) -> list[str]:

@@ -6,8 +6,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn, cast
 
+from cdimf.arg_types import positive_int
 from cdimf.common.config import ConfigError
 from cdimf.reproduce_config import load_reproduce_config
 from cdimf.resources import config_path, shipped_configs
@@ -20,12 +22,26 @@ def _reproduce(args: argparse.Namespace) -> int:
     from cdimf.reproduce import format_table, reproduce
 
     config = load_reproduce_config(config_path(args.config))
+    if args.figures is not None:
+        from cdimf.plotting import require_matplotlib
+
+        require_matplotlib()  # before minutes of training, not after
     progress = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     results = reproduce(config, progress)
     if args.json:
-        print(json.dumps({"title": config.title, "results": [asdict(r) for r in results], "paper": config.paper}, indent=2))
+        from cdimf.common.metric_labels import metric_label
+
+        # what each result's "validation" list holds (fractions per round): `cdimf plot` labels its axis with it
+        validation = metric_label(f"NDCG@{config.evaluation.k}", "valid", config.stopping.valid_negatives)
+        print(json.dumps({"title": config.title, "results": [asdict(r) for r in results], "paper": config.paper,
+                          "validation_metric": validation}, indent=2))
     else:
         print(format_table(results, config))
+    if args.figures is not None:
+        from cdimf.figures import write_figures
+
+        for path in write_figures(config, args.figures, args.figures_epochs, results):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -74,13 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("reproduce", help="train ALS-separate, ALS-joined and CDIMF on a pair and compare with the paper")
     rep.add_argument("config", help=f"a shipped config by name ({', '.join(shipped_configs())}) or the path of a reproduction config (TOML)")
     rep.add_argument("--json", action="store_true", help="print machine-readable results (one JSON object)")
+    rep.add_argument("--figures", type=Path, metavar="DIR",
+                     help="also write the paper's Figures 2-4 for this pair (validation NDCG over epochs by rho, prox, aggregation period) as PNGs; "
+                          "needs the [plot] extra")
+    rep.add_argument("--figures-epochs", type=positive_int, metavar="N", help="local epochs of each figure curve (default: [stopping] max_rounds)")
     rep.set_defaults(handler=_reproduce)
     tune = commands.add_parser("tune", add_help=False, help="choose reproduce hyperparameters on validation rows (`cdimf tune --help`)")
     tune.add_argument("arguments", nargs=argparse.REMAINDER)
     tune.set_defaults(handler=_tune)
-    from cdimf import certs, runtime_cli, simulate
+    from cdimf import certs, plot_cli, runtime_cli, simulate
 
     runtime_cli.add_parsers(commands)
+    plot_cli.add_parser(commands)
     simulate.add_parser(commands)
     certs.add_parser(commands)
     return parser

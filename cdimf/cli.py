@@ -5,9 +5,10 @@ import difflib
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 from cdimf.arg_types import positive_int
 from cdimf.common.config import ConfigError
@@ -53,8 +54,19 @@ def _tune(args: argparse.Namespace) -> int:
     return tune.main(arguments)
 
 
+class WholeNamesHelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, but a line never breaks inside a hyphenated name (`warm-sport-cloth`, `--figures-epochs`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with suggestions: an unknown flag or command names the closest known ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", WholeNamesHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Exit 2 with the message and, for a typo, `did you mean ...?`."""

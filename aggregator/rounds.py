@@ -229,6 +229,12 @@ class Run:
         ]
         self.consensus = blockwise_consensus(contributions, self.exchanged_rows, self.params.rank, self.params.admm)
         self.consensus_round = closed
+        if self.params.round_deadline_s <= 0:
+            # synchronous: the next round closes only on a fresh contribution from every domain, so
+            # these are never used again (nor saved, see saved); held on, they would double the
+            # memory while the next round's pushes arrive
+            del contributions
+            self.contributions = {}
         contributors = [d for d in self.admitted if d in self.reported]
         missing = [d for d in self.admitted if d not in self.reported]
         self.events.append(Event("round_closed", closed, elapsed_since(self.started_wall), contributors, missing))

@@ -107,6 +107,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.lock = asyncio.Lock()
         self.changes = _Changes()
         self.tasks: list[asyncio.Task[None]] = []
+        # closes of rounds a push completed, running after its ack (awaited, not cancelled, at stop)
+        self.closing: set[asyncio.Future[None]] = set()
         # set once serving: answers NOT_SERVING while the state cannot be saved
         self.health: health.aio.HealthServicer | None = None
         self._healthy = True
@@ -174,7 +176,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.tasks.append(asyncio.ensure_future(work))
 
     async def stop_tasks(self) -> None:
-        """Cancel the background tasks and wait for them."""
+        """Let a round close in progress finish (its Z saved), then cancel the background tasks and wait for them."""
+        if self.closing:
+            await asyncio.gather(*self.closing, return_exceptions=True)
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -282,16 +286,46 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                                         call="PushContribution")
         assembler = MatrixAssembler(f"contribution of {header.domain}", expected_rows=rows, expected_cols=rank)
         values, _ = await self._assemble(context, assembler.add_serialized, assembler.result, first, request_iterator)
-        outcome = await self._locked(
-            context, lambda: self.state.accept_contribution(header.run_id, header.domain, header.round, values), in_thread=True,
-            call="PushContribution",
-        )
-        metrics.on_contribution(header.domain, values.nbytes, header.round, outcome.accepted_round)
-        if outcome.closed_round is not None:
-            log.info("round %d closed", outcome.closed_round)
+        # The lock is taken here and, when this push completes the round, handed to the task
+        # that closes it: nothing else runs on the state between the two, every later call
+        # (a pull, the next round's push, a status) waits for the close and its save, and the
+        # ack does not (the contribution is in memory; a crash before the save loses it like
+        # any push of the open round, and the node is told to push it again).
+        await self.lock.acquire()
+        handed_over = False
+        try:
+            try:
+                accepted_round = await asyncio.to_thread(self.state.take_contribution, header.run_id, header.domain, header.round, values)
+            except StateError as error:
+                metrics.on_refused("PushContribution", error.status)
+                await context.abort(grpc.StatusCode[error.status], error.message)
+                raise AssertionError("unreachable") from error
+            if self.state.round_due():
+                self.closing.add(asyncio.ensure_future(self._close_round_holding_lock()))
+                handed_over = True
+        finally:
+            if not handed_over:
+                await self.reflect_persistence()
+                self.lock.release()
+        metrics.on_contribution(header.domain, values.nbytes, header.round, accepted_round)
+        self.changes.notify()
+        return pb.Ack(header=header, accepted_round=accepted_round)
+
+    async def _close_round_holding_lock(self) -> None:
+        """Close the due round (consensus, then the save before Z is served) with the lock a push handed over; release it."""
+        try:
+            closed = await asyncio.to_thread(self.state.poll)
+        except Exception:  # a failing close is retried by the deadline loop on the next change
+            log.exception("closing a round failed")
+            closed = None
+        finally:
+            await self.reflect_persistence()
+            self.lock.release()
+            self.closing.discard(asyncio.current_task())
+        if closed is not None:
+            log.info("round %d closed", closed)
             metrics.on_round_closed()
         self.changes.notify()
-        return pb.Ack(header=header, accepted_round=outcome.accepted_round)
 
     # the fast path registers this method without a response serializer: it yields wire bytes
     async def PullConsensus(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # type: ignore[override]

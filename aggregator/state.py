@@ -247,10 +247,18 @@ class AggregatorState:
 
     def accept_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> PushOutcome:
         """Take a decoded contribution; closes the round (and saves the run) when that completes it."""
+        accepted_round = self.take_contribution(run_id, domain, tag, values)
+        return PushOutcome(accepted_round, self.poll())
+
+    def take_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> int:
+        """Take a decoded contribution without closing the round it may complete (`poll` closes it); returns the round it counts in."""
         run = self._run(run_id)
         self._require_saved()
-        accepted_round = run.accept_contribution(domain, tag, values)
-        return PushOutcome(accepted_round, self.poll())
+        return run.accept_contribution(domain, tag, values)
+
+    def round_due(self) -> bool:
+        """Whether `poll` would close the open round now (never while a save is failing)."""
+        return self.persist_error is None and self.run is not None and self.run.due(self.clock())
 
     def deadline_at(self) -> float | None:
         """Clock time when the open round's deadline passes (None: synchronous or not running)."""

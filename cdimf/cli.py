@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 import textwrap
@@ -17,25 +18,18 @@ from cdimf.resources import config_path, shipped_configs
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    """Train the three models on a pair and print the table (or JSON)."""
-    from dataclasses import asdict
-
-    from cdimf.reproduce import format_table, reproduce
+    """Train the three models on the config's domains and print the table (or JSON); progress goes to stderr either way."""
+    from cdimf.reproduce import format_table, paper_json, reproduce, result_json
 
     config = load_reproduce_config(config_path(args.config))
     if args.figures is not None:
         from cdimf.plotting import require_matplotlib
 
         require_matplotlib()  # before minutes of training, not after
-    progress = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
-    results = reproduce(config, progress)
+    results = reproduce(config, show_progress=True)
     if args.json:
-        from cdimf.common.metric_labels import metric_label
-
-        # what each result's "validation" list holds (fractions per round): `cdimf plot` labels its axis with it
-        validation = metric_label(f"NDCG@{config.evaluation.k}", "valid", config.stopping.valid_negatives)
-        print(json.dumps({"title": config.title, "results": [asdict(r) for r in results], "paper": config.paper,
-                          "validation_metric": validation}, indent=2))
+        print(json.dumps({"ok": True, "title": config.title, "unit": "%", "results": [result_json(r, config) for r in results],
+                          "paper": paper_json(config)}, indent=2))
     else:
         print(format_table(results, config))
     if args.figures is not None:
@@ -133,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`cdimf status | head -1`): nothing left to say, and no flush at exit to fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ConfigError, ValueError, OSError) as error:
         from cdimf.runtime_cli import report_error
 

@@ -40,11 +40,15 @@ def _key_values(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=N with a whole number N, got {text!r}") from None
 
 
-def _with_default(text: str, info: Any) -> str:
-    """The field's help with its default, as the model holds it (one place for defaults)."""
-    if info.is_required():
+_UNSET = object()
+
+
+def _with_default(text: str, info: Any, default: Any = _UNSET) -> str:
+    """The field's help with its default: the enclosing table's default value when it has one, else the field's own."""
+    if default is _UNSET and info.is_required():
         return f"{text} (required)"
-    default = info.get_default(call_default_factory=True)
+    if default is _UNSET:
+        default = info.get_default(call_default_factory=True)
     if default is None or isinstance(default, BaseModel) or default == {} or default == []:
         return text
     shown = str(default).lower() if isinstance(default, bool) else str(default)
@@ -52,8 +56,13 @@ def _with_default(text: str, info: Any) -> str:
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flatten: frozenset[str] = frozenset(),
-                    path: tuple[str, ...] = (), flag_prefix: str = "") -> dict[str, tuple[tuple[str, ...], str]]:
-    """Add one flag per (nested) field of `model`; returns {argparse dest: (field path, flag)}."""
+                    path: tuple[str, ...] = (), flag_prefix: str = "", defaults: BaseModel | None = None,
+                    ) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Add one flag per (nested) field of `model`; returns {argparse dest: (field path, flag)}.
+
+    `defaults`: the value the enclosing field defaults to (e.g. simulate's run, made by a default
+    factory), whose fields the help shows as the defaults, since a flag changes only its field of it.
+    """
     fields: dict[str, tuple[tuple[str, ...], str]] = {}
     for name, info in model.model_fields.items():
         if name in SKIPPED_FIELDS:
@@ -62,13 +71,15 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], fla
         field_path = (*path, name)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             prefix = flag_prefix if name in flatten else f"{flag_prefix}{name.replace('_', '-')}-"
-            fields.update(add_model_flags(parser, annotation, flatten, field_path, prefix))
+            nested = getattr(defaults, name) if defaults is not None else (None if info.is_required() else info.get_default(call_default_factory=True))
+            fields.update(add_model_flags(parser, annotation, flatten, field_path, prefix, nested if isinstance(nested, BaseModel) else None))
             continue
         if typing.get_origin(annotation) is list:
             continue  # tables of records (e.g. simulate's domains) are TOML-only
         flag = f"--{flag_prefix}{name.replace('_', '-')}"
         dest = "field__" + "__".join(field_path)
-        help_text = _with_default((info.description or name.replace("_", " ")), info).replace("%", "%%")
+        help_text = _with_default((info.description or name.replace("_", " ")), info,
+                                  getattr(defaults, name) if defaults is not None else _UNSET).replace("%", "%%")
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)

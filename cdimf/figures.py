@@ -58,7 +58,7 @@ def figure_variants(config: ReproduceConfig) -> dict[str, tuple[str, list[Varian
     """Figure file stem -> (what it varies, its variants), around the config's own CDIMF settings."""
     own = config.cdimf.admm
     period = config.cdimf.aggregation_period
-    n_domains = len(config.data.domains)
+    n_domains = len(config.domains)
     rhos = sorted({*RHO_SWEEP, own.rho})
     rho_sweep = [Variant(f"rho = {rho:g}" + (" (ALS per domain)" if rho == 0 else ""), own.model_copy(update={"rho": rho}), period) for rho in rhos]
     identity = ADMMParams(rho=own.rho, prox="identity")
@@ -93,10 +93,10 @@ def train_curve(config: ReproduceConfig, splits: Sequence[DomainSplit], valid: S
     return Curve(variant.label, done, values, round(time.perf_counter() - started, 2))
 
 
-def model_panel(results: Sequence[dict[str, Any]], metric: str) -> Panel:
-    """The reproduce run's own early-stopping curves: each model's validation metric (mean over domains) per round."""
-    lines = [Line(r["model"], list(range(1, len(r["validation"]) + 1)), [100.0 * v for v in r["validation"]]) for r in results if r.get("validation")]
-    return Panel(f"{metric}, mean over domains", "%", "round", lines)
+def model_panel(results: Sequence[dict[str, Any]], title: str, scale: float = 1.0) -> Panel:
+    """The reproduce run's own early-stopping curves: each model's validation metric (mean over domains, `scale` x values = %) per round."""
+    lines = [Line(r["model"], list(range(1, len(r["validation"]) + 1)), [scale * v for v in r["validation"]]) for r in results if r.get("validation")]
+    return Panel(title, "%", "round", lines)
 
 
 def write_figures(config: ReproduceConfig, folder: Path, epochs: int | None = None,
@@ -122,7 +122,7 @@ def write_figures(config: ReproduceConfig, folder: Path, epochs: int | None = No
             curves[key] = train_curve(config, splits, valid, variant, epochs, progress)
     written: list[Path] = []
     stored: dict[str, dict[str, Any]] = {}
-    domains = [d.name for d in config.data.domains]
+    domains = [d.name for d in config.domains]
     for stem, (what, variants) in figures.items():
         panels = [Panel(domain, f"{metric}, %", "local epochs",
                         [Line(v.label, list(map(float, curves[v.key()].epochs)), curves[v.key()].values[domain]) for v in variants])
@@ -131,7 +131,7 @@ def write_figures(config: ReproduceConfig, folder: Path, epochs: int | None = No
         stored[stem] = {"varies": what, "curves": [{**asdict(curves[v.key()]), "label": v.label} for v in variants]}
     if results:
         history = [{"model": r.model, "validation": r.validation} for r in results]
-        written.append(render([model_panel(history, metric)], folder / "models.png", f"{config.title}: early stopping of each model"))
+        written.append(render([model_panel(history, f"mean {metric}", 100.0)], folder / "models.png", f"{config.title}: early stopping of each model"))
     # the best validation value of each curve, per domain: what the figures show at a glance, as numbers
     best = {stem: {c["label"]: {d: float(np.max(c["values"][d])) for d in domains} for c in doc["curves"]} for stem, doc in stored.items()}
     document = {"title": config.title, "metric": metric, "unit": "%", "x": "local epochs", "epochs": epochs, "figures": stored, "best": best}

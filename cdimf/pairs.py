@@ -1,10 +1,11 @@
-"""Two-domain pairs for `cdimf reproduce`, the tuner and the benchmarks: any pair by path, and the paper's Sport&Cloth.
+"""Two or more domains for `cdimf reproduce`, the tuner and the benchmarks: any pair by path, and the paper's Sport&Cloth.
 
 Both domains share one user index (the union of their train files' users); item ids are per
 domain. The node reads only its own files (domain_node/data.py); this loader is for the
 single-process tools that see both domains.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class DomainSplit:
 def _held_out_indices(raw: RawInteractions, users: IdMap, items: IdMap,
                       train_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """User and item indices of a validation/test file, rejecting keys unknown to training."""
-    user_idx = indices_or_error(raw, "user", users, "has no training interactions in any domain of the pair")
+    user_idx = indices_or_error(raw, "user", users, "has no training interactions in any domain of the federation")
     item_idx = indices_or_error(raw, "item", items, f"does not occur in the domain's training file {train_path}")
     order = np.lexsort((item_idx, user_idx))
     return user_idx[order], item_idx[order]
@@ -63,25 +64,40 @@ def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path | Non
               valid_a: str | Path | None = None, valid_b: str | Path | None = None,
               names: tuple[str, str] = ("a", "b"), fmt: str = "auto",
               valid_seed: int = 0) -> tuple[DomainSplit, DomainSplit]:
-    """Load a two-domain pair on one shared user index (the union of both train files' users).
-
-    Item ids are per domain. Validation comes from the valid files when given, else a
-    leave-one-out carved from each domain's train (seeded by (valid_seed, domain number)).
-    A held-out row whose user has no training row in either domain, or whose item is not in
-    that domain's train, raises DataError naming its file and line. Without test paths (the
-    tuner) the test files are never opened and the test arrays are empty: the id maps come from
-    the train files alone.
-    """
+    """Load a two-domain pair on one shared user index (load_domains for two domains in one format)."""
     if (valid_a is None) != (valid_b is None):
         raise ValueError("give both valid files or neither")
     if (test_a is None) != (test_b is None):
         raise ValueError("give both test files or neither")
-    train_paths = (Path(train_a), Path(train_b))
-    raw_train = [read_interactions(path, fmt) for path in train_paths]
-    raw_test = None if test_a is None or test_b is None else [read_interactions(path, fmt) for path in (test_a, test_b)]
-    raw_valid = None
-    if valid_a is not None and valid_b is not None:
-        raw_valid = [read_interactions(path, fmt) for path in (valid_a, valid_b)]
+    tests = None if test_a is None or test_b is None else [test_a, test_b]
+    valids = None if valid_a is None or valid_b is None else [valid_a, valid_b]
+    a, b = load_domains(list(names), [train_a, train_b], tests, valids, [fmt, fmt], valid_seed)
+    return a, b
+
+
+def load_domains(names: Sequence[str], trains: Sequence[str | Path], tests: Sequence[str | Path] | None,
+                 valids: Sequence[str | Path] | None, formats: Sequence[str], valid_seed: int = 0,
+                 on_file: Callable[[str], None] | None = None) -> list[DomainSplit]:
+    """Load two or more domains on one shared user index (the union of every train file's users).
+
+    Item ids are per domain. Validation comes from the valid files when given, else a
+    leave-one-out carved from each domain's train (seeded by (valid_seed, domain number)).
+    A held-out row whose user has no training row in any domain, or whose item is not in
+    that domain's train, raises DataError naming its file and line. Without test paths (the
+    tuner) the test files are never opened and the test arrays are empty: the id maps come from
+    the train files alone. `on_file` hears each file's path before it is read.
+    """
+
+    def read(path: str | Path, fmt: str) -> RawInteractions:
+        """One file, announced first."""
+        if on_file is not None:
+            on_file(str(path))
+        return read_interactions(path, fmt)
+
+    train_paths = [Path(path) for path in trains]
+    raw_train = [read(path, fmt) for path, fmt in zip(train_paths, formats)]
+    raw_test = None if tests is None else [read(path, fmt) for path, fmt in zip(tests, formats)]
+    raw_valid = None if valids is None else [read(path, fmt) for path, fmt in zip(valids, formats)]
     users = IdMap.from_keys(union_keys(*[raw.user_keys for raw in raw_train]))
     domains = []
     for number, (name, raw, train_path) in enumerate(zip(names, raw_train, train_paths)):
@@ -95,7 +111,7 @@ def load_pair(train_a: str | Path, train_b: str | Path, test_a: str | Path | Non
         else:
             train, valid_users, valid_items = leave_one_out(train, seed=(valid_seed, number))
         domains.append(DomainSplit(name, users, items, train, valid_users, valid_items, test_users, test_items))
-    return domains[0], domains[1]
+    return domains
 
 
 def load_warm_pair(root: str | Path, valid_seed: int = 0) -> tuple[DomainSplit, DomainSplit]:

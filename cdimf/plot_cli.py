@@ -31,10 +31,17 @@ def event_panels(events: Iterable[dict[str, Any]]) -> list[Panel]:
 
 
 def reproduce_panels(document: dict[str, Any]) -> list[Panel]:
-    """Each model's per-round validation metric (fractions in the JSON, shown in %), one line per model."""
+    """Each model's per-round validation metric in %, one line per model.
+
+    A document without `"unit": "%"` is the earlier reproduce JSON, whose `validation` held fractions
+    and no label (the JSON committed under docs/results is one).
+    """
     from cdimf.figures import model_panel
 
-    return [model_panel(document["results"], document.get("validation_metric", "valid NDCG@10"))]
+    results = document["results"]
+    if document.get("unit") == "%":
+        return [model_panel(results, str(results[0].get("validation_metric", "mean valid NDCG")) if results else "")]
+    return [model_panel(results, "valid NDCG@10, mean over domains", 100.0)]
 
 
 def panels_of(text: str, source: str) -> tuple[list[Panel], str]:

@@ -1,49 +1,18 @@
-"""Configuration of `cdimf reproduce`: data paths, models, early stopping, evaluation, paper numbers.
+"""Configuration of `cdimf reproduce`: the federation's domains (simulate's schema), models, early stopping, evaluation, paper numbers.
 
 Read by cdimf.common.config's loader: errors are ConfigErrors naming the file and the dotted field.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cdimf.common.config import load_config
+from cdimf.common.config import FederationDomain, load_config, unique_domain_names
 from cdimf.common.core.params import ADMMParams, IALSParams, StrictModel
-from cdimf.common.security.names import validate_party_name
 
 ModelName = Literal["ALS-separate", "ALS-joined", "CDIMF"]
 MODELS: tuple[ModelName, ...] = ("ALS-separate", "ALS-joined", "CDIMF")
-
-
-class DomainPaths(StrictModel):
-    """One domain's files; relative paths are resolved against the config file's folder."""
-
-    name: str
-    train: Path
-    test: Path
-    valid: Path | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        """A domain name by the federation's one rule."""
-        return validate_party_name(value, "domain name")
-
-
-class DataConfig(StrictModel):
-    """The pair (or more) of domains and how to read them."""
-
-    domains: list[DomainPaths] = Field(min_length=2)
-    format: Literal["auto", "paper", "csv", "tsv", "parquet"] = "auto"
-    valid_seed: int = Field(0, ge=0, description="seed of the leave-one-out validation carved from train")
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> "DataConfig":
-        names = [d.name for d in self.domains]
-        if len(set(names)) != len(names):
-            raise ValueError(f"domain names must be unique, got {names}")
-        return self
 
 
 class EvaluationConfig(StrictModel):
@@ -69,6 +38,7 @@ class StoppingConfig(StrictModel):
         True,
         description="after choosing the round count on a split carved from train, retrain on all of train",
     )
+    valid_seed: int = Field(0, ge=0, description="seed of the leave-one-out validation carved from train (domains without valid_path)")
 
 
 class DomainLocal(StrictModel):
@@ -96,8 +66,8 @@ class PerDomainIALS(IALSParams):
 class CDIMFConfig(StrictModel):
     """CDIMF's local model, consensus and aggregation period (local epochs between exchanges)."""
 
-    ials: PerDomainIALS
-    admm: ADMMParams
+    ials: PerDomainIALS = Field(default_factory=PerDomainIALS)
+    admm: ADMMParams = Field(default_factory=ADMMParams)
     aggregation_period: int = Field(1, ge=1)
     user_step: Literal["paper", "reference-code"] = Field(
         "paper",
@@ -107,27 +77,52 @@ class CDIMFConfig(StrictModel):
 
 
 class ReproduceConfig(StrictModel):
-    """Everything `cdimf reproduce` needs to train and evaluate ALS-separate, ALS-joined and CDIMF."""
+    """Everything `cdimf reproduce` needs: the federation's `[[domains]]` (simulate's schema) and its own sections, all defaulted."""
 
     title: str = "CDIMF reproduction"
-    data: DataConfig
-    evaluation: EvaluationConfig = EvaluationConfig()
-    stopping: StoppingConfig = StoppingConfig()
-    separate: PerDomainIALS
-    joined: IALSParams
-    cdimf: CDIMFConfig
+    domains: list[FederationDomain] = Field(min_length=2, description="the federation's domains, as `cdimf simulate` lists them")
+    data: Any = Field(None, description="the former [data] table: refused with a note on where its fields went")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    stopping: StoppingConfig = Field(default_factory=StoppingConfig)
+    separate: PerDomainIALS = Field(default_factory=PerDomainIALS)
+    joined: IALSParams = Field(default_factory=IALSParams)
+    cdimf: CDIMFConfig = Field(default_factory=CDIMFConfig)
     models: list[ModelName] = Field(default_factory=lambda: list(MODELS))
     paper: dict[str, dict[str, tuple[float, float]]] = Field(
         default_factory=dict, description="model -> domain -> (HR@10 %, NDCG@10 %) reported by the paper"
     )
 
+    @field_validator("data")
+    @classmethod
+    def _no_data_table(cls, value: Any) -> None:
+        """The old layout is refused with where each of its fields went, not a bare "extra input"."""
+        if value is not None:
+            raise ValueError(
+                "the [data] table is gone: list each domain as [[domains]] with name, train_path, test_path, "
+                "valid_path and data_format (the schema of `cdimf simulate` and the node config); valid_seed is "
+                "now [stopping] valid_seed"
+            )
+        return None
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[FederationDomain]) -> list[FederationDomain]:
+        """Unique names, a test file for every domain, and validation files for all domains or none."""
+        unique_domain_names(value)
+        if untested := [d.name for d in value if d.test_path is None]:
+            raise ValueError(f"reproduce scores every domain on its test split: give test_path for {untested}")
+        with_valid = [d.name for d in value if d.valid_path is not None]
+        if with_valid and len(with_valid) != len(value):
+            raise ValueError(f"give valid_path for every domain or none (only {with_valid} have one)")
+        return value
+
     @model_validator(mode="after")
     def _known_domains(self) -> "ReproduceConfig":
-        """Per-domain hyperparameters name domains of [data]."""
-        names = {d.name for d in self.data.domains}
+        """Per-domain hyperparameters name domains of [[domains]]."""
+        names = {d.name for d in self.domains}
         for section, params in (("separate", self.separate), ("cdimf.ials", self.cdimf.ials)):
             if unknown := sorted(set(params.domains) - names):
-                raise ValueError(f"{section}.domains: unknown domain(s) {unknown}; [data] has {sorted(names)}")
+                raise ValueError(f"{section}.domains: unknown domain(s) {unknown}; [[domains]] has {sorted(names)}")
         return self
 
 

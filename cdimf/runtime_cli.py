@@ -99,39 +99,79 @@ async def follow_run(client: Any, run_id: str, rounds: int, as_json: bool, outag
     validation metrics labelled with split and protocol, in %. JSON: one event per line, the
     run's end (run_finished or run_stopped) always last, after the final round's metrics.
     """
-    from cdimf.common.metric_labels import shown
-    from cdimf.common.wire.serde import event_kind_name, event_to_json
     from cdimf.progress import Progress
 
-    outcome = EXIT_FAILED
     ending: list[dict[str, Any]] = []
     with Progress(f"run {run_id}", rounds, "rounds", enabled=not as_json) as progress:
-        async for event in client.watch_run(run_id, outage_s=outage_s):
-            kind = event_kind_name(event.kind)
-            if kind == "run_finished":
-                outcome = EXIT_OK
-            if as_json:
-                line = event_to_json(event)
-                if kind in ("run_finished", "run_stopped"):
-                    # the final round's metrics may come after the run ended: the end goes last
-                    ending.append(line)
-                else:
-                    print(json.dumps(line), flush=True)
-            elif kind == "persist_failed":
-                progress.write(f"round {event.round:4d}  the aggregator cannot save its state: {event.message} (Z held back, retrying)")
-            elif kind == "persist_recovered":
-                progress.write(f"round {event.round:4d}  the aggregator saved its state again")
-            elif kind == "metrics" and event.metrics:
-                # an empty set only says the domain is done with the round (it does not validate it)
-                progress.write(f"round {event.round:4d}  {event.domain:<12} {shown(event.metrics, 'valid')}")
-            elif kind == "round_closed" and event.missing:
-                progress.write(f"round {event.round:4d}  closed without {', '.join(event.missing)}")
-            if kind == "round_closed" and not as_json:
-                progress.update(1)
+        waiting = None if as_json else asyncio.create_task(announce_waiting(client, run_id, progress.write))
+        try:
+            outcome = await _print_events(client, run_id, as_json, outage_s, progress, ending)
+        finally:
+            if waiting is not None:
+                waiting.cancel()
     for line in ending[-1:]:
         print(json.dumps(line), flush=True)
     if not as_json:
         print(f"run {run_id} {'finished' if outcome == EXIT_OK else 'did not finish'}", file=sys.stderr)
+    return outcome
+
+
+# a round open this long (two polls of the aggregator's status) gets a "waiting for DOMAIN" line
+WAITING_POLL_S = 2.0
+
+
+async def announce_waiting(client: Any, run_id: str, write: Any, poll_s: float = WAITING_POLL_S) -> None:
+    """Every `poll_s`, from the aggregator's status: a line naming the domains the open round still waits for, once per round and set."""
+    from cdimf.common.rpc.aggregator_client import AggregatorError
+    from cdimf.protos.v1 import federation_pb2 as pb
+
+    seen_open = 0
+    said: tuple[int, list[str]] | None = None
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            status = await client.get_status()
+        except AggregatorError:
+            continue  # the client says what it retries; the events stream reports the outage too
+        run = status.run
+        if run.run_id != run_id or run.state != pb.RUN_STATE_RUNNING:
+            continue
+        open_round = int(run.current_round)
+        late = sorted(d.domain for d in status.domains if d.admitted and d.latest_contribution_round < open_round)
+        if late and open_round == seen_open and (open_round, late) != said:
+            write(f"round {open_round:4d}  waiting for {', '.join(late)}")
+            said = (open_round, late)
+        seen_open = open_round
+
+
+async def _print_events(client: Any, run_id: str, as_json: bool, outage_s: float, progress: Any, ending: list[dict[str, Any]]) -> int:
+    """Print (or collect, for JSON) each event of the run until it ends; EXIT_OK when it finished."""
+    from cdimf.common.metric_labels import shown
+    from cdimf.common.wire.serde import event_kind_name, event_to_json
+
+    outcome = EXIT_FAILED
+    async for event in client.watch_run(run_id, outage_s=outage_s):
+        kind = event_kind_name(event.kind)
+        if kind == "run_finished":
+            outcome = EXIT_OK
+        if as_json:
+            line = event_to_json(event)
+            if kind in ("run_finished", "run_stopped"):
+                # the final round's metrics may come after the run ended: the end goes last
+                ending.append(line)
+            else:
+                print(json.dumps(line), flush=True)
+        elif kind == "persist_failed":
+            progress.write(f"round {event.round:4d}  the aggregator cannot save its state: {event.message} (Z held back, retrying)")
+        elif kind == "persist_recovered":
+            progress.write(f"round {event.round:4d}  the aggregator saved its state again")
+        elif kind == "metrics" and event.metrics:
+            # an empty set only says the domain is done with the round (it does not validate it)
+            progress.write(f"round {event.round:4d}  {event.domain:<12} {shown(event.metrics, 'valid')}")
+        elif kind == "round_closed" and event.missing:
+            progress.write(f"round {event.round:4d}  closed without {', '.join(event.missing)}")
+        if kind == "round_closed" and not as_json:
+            progress.update(1)
     return outcome
 
 
@@ -155,9 +195,10 @@ def _control_client(config: TrainConfig) -> Any:
     """An operator's client of the aggregator from a TrainConfig."""
     from cdimf.common.rpc.aggregator_client import AggregatorClient
     from cdimf.common.rpc.channels import credentials_for
+    from cdimf.progress import say
 
     return AggregatorClient(config.aggregator, "", credentials_for(config.tls), rpc_timeout_s=config.rpc_timeout_s,
-                            retry_for_s=config.rpc_timeout_s)
+                            retry_for_s=config.rpc_timeout_s, on_retry=lambda message: say(f"cdimf: {message}"))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -287,7 +328,7 @@ def _runs(args: argparse.Namespace) -> int:
 def _log(args: argparse.Namespace) -> int:
     """A run's per-round history (also after it ended): its events, metrics labelled and in %."""
     from cdimf.common.metric_labels import shown
-    from cdimf.common.wire.serde import event_kind_name, run_record_to_json
+    from cdimf.common.wire.serde import ended_last, event_kind_name, run_record_to_json
 
     config = load_with_flags(TrainConfig, args.config, args, args.fields)
 
@@ -304,7 +345,7 @@ def _log(args: argparse.Namespace) -> int:
         view = run_record_to_json(record)
         print(f"run {view['run_id']}: {view['state']}, round {view['round']}/{view['rounds']}, domains {', '.join(view['domains'])}"
               + (f", stopped: {view['stop_reason']}" if view["stop_reason"] else ""))
-        for event in record.events:
+        for event in ended_last(record.events):
             kind = event_kind_name(event.kind)
             detail = {"metrics": f"{event.domain:<12} {shown(event.metrics, 'valid')}",
                       "round_closed": f"closed by {', '.join(event.contributors)}" + (f", without {', '.join(event.missing)}" if event.missing else "")

@@ -28,41 +28,25 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from cdimf.common.config import RunParams, TLSConfig, ValidationParams
+from cdimf.common.config import FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
 from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
-from cdimf.common.security.names import validate_party_name
 from cdimf.config_flags import add_model_flags, load_with_flags
+from cdimf.progress import say
 from cdimf.resources import embedded_pair
 
 TERMINATE_GRACE_S = 5.0
 
 
-class SimulatedDomain(StrictModel):
-    """One domain of the simulation: its name and its own files (NodeConfig's data fields)."""
-
-    name: str
-    train_path: Path
-    valid_path: Path | None = None
-    test_path: Path | None = None
-    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = Field("auto", description="file format; auto: from the extension and first line")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        """A domain name by the federation's one rule."""
-        return validate_party_name(value, "domain name")
-
-
-def _warm_pair() -> list[SimulatedDomain]:
-    """The embedded warm Sport&Cloth pair, one SimulatedDomain per domain."""
+def _warm_pair() -> list[FederationDomain]:
+    """The embedded warm Sport&Cloth pair, one entry per domain."""
     warm_pair = embedded_pair("warm-start_sport_cloth")
     return [
-        SimulatedDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
+        FederationDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
         for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
     ]
 
@@ -80,7 +64,7 @@ def _warm_run() -> RunParams:
 class SimulateConfig(StrictModel):
     """A local federation: the domains' files, the local model, the run and the transport."""
 
-    domains: list[SimulatedDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
+    domains: list[FederationDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
     ials: LocalIALSParams = Field(default_factory=_warm_ials, description="every node's local model (its rank is run.rank)")
     run: RunParams = Field(default_factory=_warm_run)
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
@@ -92,9 +76,7 @@ class SimulateConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "SimulateConfig":
         """Unique domain names, no more min_domains than domains and no second rank."""
-        names = [domain.name for domain in self.domains]
-        if len(set(names)) != len(names):
-            raise ValueError(f"domain names must be unique, got {names}")
+        unique_domain_names(self.domains)
         if self.run.min_domains > len(self.domains):
             raise ValueError(f"run.min_domains ({self.run.min_domains}) exceeds the {len(self.domains)} domains")
         self.ials.at_rank(self.run.rank)
@@ -241,20 +223,22 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
     from cdimf.common.metric_labels import labelled_percent
     from cdimf.common.rpc.aggregator_client import AggregatorClient
     from cdimf.common.rpc.channels import credentials_for, open_channel
-    from cdimf.common.wire.serde import event_to_json
+    from cdimf.common.wire.serde import ended_last, event_to_json
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
     from cdimf.runtime_cli import follow_run, start_run
 
-    client = AggregatorClient(aggregator, "", credentials_for(operator), rpc_timeout_s=30.0, retry_for_s=30.0)
+    client = AggregatorClient(aggregator, "", credentials_for(operator), rpc_timeout_s=30.0, retry_for_s=30.0,
+                              on_retry=lambda message: say(f"cdimf simulate: {message}"))
     try:
         await _all_registered(client, set(nodes), config.startup_timeout_s)
         started = time.perf_counter()
         info = await start_run(client, config.run, config.startup_timeout_s)
-        if not as_json:
-            print(f"run {info.run_id} started over {', '.join(info.admitted_domains)}", file=sys.stderr)
-        outcome = await follow_run(client, info.run_id, info.rounds, as_json=False) if not as_json else await _quiet_follow(client, info.run_id)
-        history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs for event in record.events]
+        say(f"run {info.run_id} started over {', '.join(info.admitted_domains)}")
+        # progress goes to stderr in both modes (JSON is stdout's)
+        outcome = await follow_run(client, info.run_id, info.rounds, as_json=False)
+        history = [event_to_json(event) for record in (await client.list_runs(info.run_id, with_events=True)).runs
+                   for event in ended_last(record.events)]
     finally:
         await client.close()
     seconds = time.perf_counter() - started
@@ -283,32 +267,33 @@ async def _all_registered(client: Any, domains: set[str], timeout_s: float) -> N
     of domains (1 for asynchronous runs).
     """
     give_up = time.monotonic() + timeout_s
+    said: set[str] = set()
     while True:
         registered = {entry.domain for entry in (await client.get_status()).domains}
         if domains <= registered:
+            say(f"cdimf simulate: all {len(domains)} domains registered")
             return
         if time.monotonic() >= give_up:
             raise SimulationError(f"domains {sorted(domains - registered)} did not register within {timeout_s:.0f} s")
+        if domains - registered != said:
+            said = domains - registered
+            say(f"cdimf simulate: waiting for {', '.join(sorted(said))} to register (up to {give_up - time.monotonic():.0f} s more)")
         await asyncio.sleep(0.05)
-
-
-async def _quiet_follow(client: Any, run_id: str) -> int:
-    """Follow without printing; 0 when the run finished."""
-    from cdimf.common.wire.serde import event_kind_name
-
-    outcome = 1
-    async for event in client.watch_run(run_id):
-        if event_kind_name(event.kind) == "run_finished":
-            outcome = 0
-    return outcome
 
 
 def format_results(results: dict[str, Any], k: int) -> str:
     """The results table: one row per domain, each metric labelled with its split and protocol, in %."""
     lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}"]
+    from cdimf.common.core.evaluation import PAPER_NEGATIVES
+
     for name, row in results["domains"].items():
         shown = "  ".join(f"{label} {value:.2f}%" for label, value in row["metrics"].items())
         lines.append(f"{name:<12} {row['users']:>7} users  {shown}")
+    for name, row in results["domains"].items():
+        if row["split"] == "test" and 0 < row["negatives"] < PAPER_NEGATIVES:
+            # a node caps its negatives to what a small catalog holds; say so beside the numbers
+            lines.append(f"{name}: ranked against {row['negatives']} negatives, not the paper's {PAPER_NEGATIVES}: "
+                         "its catalog has too few items (the node's log says how many)")
     return "\n".join(lines)
 
 
@@ -337,6 +322,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
             {"listen": "127.0.0.1:0", "state_dir": str(work_dir / "state" / "aggregator"), "tls": _tls_settings(tls_of["aggregator"])},
         )
         aggregator_address = federation.wait_listening(aggregator, config.startup_timeout_s)
+        say(f"cdimf simulate: aggregator listening on {aggregator_address}")
         # the nodes share this machine: each gets its slice of the cores (solver and BLAS threads)
         threads = max(1, (os.cpu_count() or 1) // len(config.domains))
         ials = config.ials if config.ials.threads is not None else config.ials.model_copy(update={"threads": threads})
@@ -344,9 +330,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
         started: list[Child] = []
         for domain in config.domains:
             settings = {
-                "domain": domain.name,
-                "train_path": str(domain.train_path.resolve()),
-                "data_format": domain.data_format,
+                **domain.node_fields(),
                 "listen": "127.0.0.1:0",
                 "aggregator": aggregator_address,
                 "state_dir": str(work_dir / "state" / domain.name),
@@ -355,13 +339,13 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "validation": config.validation.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
-            for field in ("valid_path", "test_path"):
-                value = getattr(domain, field)
-                if value is not None:
-                    settings[field] = str(value.resolve())
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))
+        say(f"cdimf simulate: started {len(started)} nodes; each loads its files ({', '.join(d.train_path.name for d in config.domains)} ...)")
         # the nodes load their data in parallel; each prints LISTENING once it serves
-        nodes = {domain.name: federation.wait_listening(child, config.startup_timeout_s) for domain, child in zip(config.domains, started)}
+        nodes = {}
+        for domain, child in zip(config.domains, started):
+            nodes[domain.name] = federation.wait_listening(child, config.startup_timeout_s)
+            say(f"cdimf simulate: node {domain.name} loaded its data and listens on {nodes[domain.name]}")
         return asyncio.run(_drive(config, federation, aggregator_address, nodes, tls_of["operator"], as_json))
     except BaseException:
         failed = True

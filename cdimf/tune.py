@@ -90,7 +90,7 @@ def load_validation(config: ReproduceConfig, negatives: int) -> Validation:
 
 def domain_names(config: ReproduceConfig) -> list[str]:
     """The pair's domain names in config order."""
-    return [d.name for d in config.data.domains]
+    return [d.name for d in config.domains]
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
@@ -332,8 +332,8 @@ def _table(lines: list[str], path: list[str], table: dict[str, Any]) -> None:
 def render_config(config: ReproduceConfig, folder: Path, comments: Sequence[str]) -> str:
     """The config as TOML (data paths relative to `folder`, where it will be written), comments first."""
     raw = config.model_dump(mode="json", exclude_none=True)
-    for domain in raw["data"]["domains"]:
-        for key in ("train", "test", "valid"):
+    for domain in raw["domains"]:
+        for key in ("train_path", "test_path", "valid_path"):
             if key in domain:
                 domain[key] = os.path.relpath(domain[key], folder.resolve())
     lines = [f"# {line}" if line else "#" for line in comments]

@@ -28,9 +28,10 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from cdimf.common.core.params import ADMMParams, IALSParams, LocalIALSParams, StrictModel
 from cdimf.common.security.names import validate_party_name
 from cdimf.common.security.pseudonyms import load_secret
+from cdimf.common.toml_lines import key_lines
 
 ENV_PREFIX = "CDIMF_"
-DATA_FORMATS = ("auto", "paper", "csv", "tsv")
+DataFormat = Literal["auto", "paper", "csv", "tsv", "parquet"]
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
@@ -146,14 +147,47 @@ class ValidationParams(StrictModel):
         return self.every > 0 and (round_index % self.every == 0 or round_index == rounds)
 
 
-class NodeConfig(StrictModel):
+class DomainFiles(StrictModel):
+    """One domain's own files: the fields a node config and each `[[domains]]` entry of simulate and reproduce share."""
+
+    train_path: Path = Field(description="training interactions")
+    valid_path: Path | None = Field(None, description="validation interactions (default: one pair per user carved from train)")
+    test_path: Path | None = Field(None, description="test interactions")
+    data_format: DataFormat = Field("auto", description="file format; auto: from the extension and first line")
+
+
+class FederationDomain(DomainFiles):
+    """One `[[domains]]` entry of a federation (simulate, reproduce): its name and its files, as its node config holds them."""
+
+    name: str = Field(description="the domain's name (unique in the federation; a node config calls it `domain`)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """A domain name by the federation's one rule."""
+        return validate_party_name(value, "domain name")
+
+    def node_fields(self) -> dict[str, Any]:
+        """This domain's fields of a NodeConfig (JSON values, paths made absolute)."""
+        fields: dict[str, Any] = {"domain": self.name, "data_format": self.data_format}
+        for name in ("train_path", "valid_path", "test_path"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = str(Path(value).resolve())
+        return fields
+
+
+def unique_domain_names(domains: Sequence[FederationDomain]) -> None:
+    """ValueError unless the domains' names are unique."""
+    names = [domain.name for domain in domains]
+    if len(set(names)) != len(names):
+        raise ValueError(f"domain names must be unique, got {names}")
+
+
+class NodeConfig(DomainFiles):
     """One domain node: its private data, its own server, the aggregator it dials, its secret."""
 
     domain: str = Field(description="this domain's name (unique in the federation)")
-    train_path: Path = Field(description="training interactions")
-    valid_path: Path | None = Field(None, description="validation interactions (per-round HR/NDCG)")
-    test_path: Path | None = Field(None, description="test interactions")
-    data_format: Literal["auto", "paper", "csv", "tsv", "parquet"] = Field("auto", description="file format; auto: from the extension and first line")
     listen: str = Field("127.0.0.1:0", description="host:port of the node's own server")
     aggregator: str = Field("127.0.0.1:7070", description="host:port of the aggregator")
     state_dir: Path = Field(description="folder of the atomically written training state")
@@ -290,36 +324,55 @@ def _resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> 
     return resolved
 
 
-def _describe(error: ValidationError, source: str, origins: Mapping[tuple[str, ...], str], table: tuple[str, ...]) -> str:
-    """One line per problem: where it came from, the dotted field, what is wrong."""
-    lines = []
+def _describe(error: ValidationError, source: str, origins: Mapping[tuple[str, ...], str], table: tuple[str, ...],
+              lines: Mapping[tuple[str, ...], int] | None = None) -> str:
+    """One line per problem: where it came from (the flag, the variable, or the file and the key's line), the dotted field, what is wrong."""
+    described = []
     for problem in error.errors():
         location = tuple(str(part) for part in problem["loc"])
         # the origin of the field, or of the table that set it as a whole (CDIMF_RUN='{...}')
-        where = next((origins[location[:end]] for end in range(len(location), 0, -1) if location[:end] in origins), source)
+        where = next((origins[location[:end]] for end in range(len(location), 0, -1) if location[:end] in origins), None)
+        if where is None and not location:
+            # a rule across fields (a node rank against the run's): blame the flags or variables it names
+            named = [origin for path, origin in origins.items() if re.search(rf"\b{re.escape('.'.join(path))}\b", problem["msg"])]
+            where = ", ".join(named) or None
+        if where is None:
+            where = source
+            # the key's own line, or the line of the table a missing key belongs in
+            line = next(((lines or {})[location[:end]] for end in range(len(location), -1, -1) if location[:end] in (lines or {})), None)
+            if line is not None:
+                where = f"{source}:{line}"
         field = ".".join((*table, *location)) or "(top level)"
-        lines.append(f"{where}: field {field}: {problem['msg']}")
-    return "\n".join(lines)
+        described.append(f"{where}: field {field}: {problem['msg']}")
+    return "\n".join(described)
 
 
 def validate_config(
     model: type[Model], data: Mapping[str, Any], source: str,
     origins: Mapping[tuple[str, ...], str] | None = None, table: tuple[str, ...] = (),
+    lines: Mapping[tuple[str, ...], int] | None = None,
 ) -> Model:
-    """`model` from plain data; a ConfigError names `source` (or a field's origin) and each bad dotted field."""
+    """`model` from plain data; a ConfigError names `source` (and the key's line), or a field's origin, and each bad dotted field."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source, origins or {}, table)) from error
+        raise ConfigError(_describe(error, source, origins or {}, table, lines)) from error
 
 
-def _read_toml(path: str | Path) -> dict[str, Any]:
-    """The TOML file's tables; ConfigError naming the file when it cannot be read or parsed."""
+def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """The TOML file's tables and the line of each key; ConfigError naming the file when it cannot be read, decoded or parsed."""
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            raw = handle.read()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}:{line}: not a TOML text file: byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8") from error
+    try:
+        return tomllib.loads(text), key_lines(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
 
@@ -339,12 +392,14 @@ def load_config(
     PREFIX<TABLE>__<FIELD> as they would be for the whole file (CDIMF_TLS__CA_FILE).
     """
     data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
     source = "defaults (no config file given)"
     within = (table,) if table is not None else ()
     if path is not None:
         source = str(path)
-        data = _read_toml(path)
+        data, lines = read_toml(path)
         if table is not None:
+            lines = {key[1:]: line for key, line in lines.items() if key[:1] == (table,)}
             data = data.get(table, {})
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: field {table}: expected a table")
@@ -355,4 +410,4 @@ def load_config(
     for override in layers:
         _apply(data, model, override)
         origins[override.path] = override.origin
-    return validate_config(model, data, source, origins, within)
+    return validate_config(model, data, source, origins, within, lines)

@@ -18,9 +18,15 @@ def protocol_of(negatives: int | None) -> str:
 
 
 def metric_label(name: str, split: str, negatives: int | None) -> str:
-    """`valid NDCG@10 (99 neg)`; a name already labelled "full ..." is the full-catalog protocol."""
+    """`valid NDCG@10 (99 neg)`; a name labelled "full ..." is the full-catalog protocol, "unseen ..." DisenCDR/UniCDR's.
+
+    The unseen protocol draws its negatives among the items the user neither trained on nor
+    holds in test: `test HR@10 (999 unseen neg)`.
+    """
     if name.startswith("full "):
         return f"{split} {name.removeprefix('full ')} (full catalog)"
+    if name.startswith("unseen "):
+        return f"{split} {name.removeprefix('unseen ')} ({negatives} unseen neg)"
     return f"{split} {name} {protocol_of(negatives)}"
 
 

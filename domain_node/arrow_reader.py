@@ -21,7 +21,7 @@ _CANONICAL_INTEGER = r"^(0|[1-9][0-9]{0,17})$"
 _EDGE_SPACE = r"^[\s\x1c-\x1f\x85\xa0\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]|" \
               r"[\s\x1c-\x1f\x85\xa0\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]$"
 _SCAN_BLOCK = 1 << 24
-_STREAM_BLOCK = 1 << 22
+_STREAM_BLOCK = 1 << 20
 
 
 class Declined(Exception):
@@ -120,9 +120,10 @@ def integer_key_column(values: np.ndarray) -> KeyColumn:
         present = np.zeros(int(values.max()) + 1, dtype=bool)
         present[values] = True
         keys = np.flatnonzero(present)
-        rank = np.cumsum(present, dtype=np.int64) - 1
+        # int32 ranks (the table is below 2**31 entries here): codes come out int32 with no int64 pass
+        rank = np.cumsum(present, dtype=np.int32) - 1
         del present
-        return KeyColumn(keys.astype(np.int64), rank[values].astype(np.int32))
+        return KeyColumn(keys.astype(np.int64), rank[values])
     keys, codes = np.unique(values, return_inverse=True)
     return KeyColumn(keys.astype(np.int64), codes.astype(np.int32))
 
@@ -154,8 +155,9 @@ def _stream_integer_columns(path: Path, stream: pa.NativeFile, delimiter: str, h
         convert_options=pa_csv.ConvertOptions(column_types=types, null_values=[], strings_can_be_null=False,
                                               quoted_strings_can_be_null=False),
     )
-    users: list[np.ndarray] = []
-    items: list[np.ndarray] = []
+    # a line is at least 4 bytes ("0\t0\n"): room for every row, reserved but resident only as it fills
+    most_rows = path.stat().st_size // 4 + 1
+    users, items = _Growing(np.int32, most_rows), _Growing(np.int32, most_rows)
     weights: list[np.ndarray] = []
     expected = header_bytes
     limit = np.iinfo(np.int32).max
@@ -165,22 +167,51 @@ def _stream_integer_columns(path: Path, stream: pa.NativeFile, delimiter: str, h
             continue
         if min(int(block_users.min()), int(block_items.min())) < 0 or max(int(block_users.max()), int(block_items.max())) > limit:
             return None
-        users.append(block_users.astype(np.int32))
-        items.append(block_items.astype(np.int32))
+        users.append(block_users)
+        items.append(block_items)
         expected += len(block_users) * n_fields
         if n_fields == 3:
             text = batch.column(2)
             expected += int(pc.sum(pc.binary_length(text)).as_py())
             weights.append(pc.cast(text, pa.float64()).to_numpy().astype(np.float32))
-    if not users:
+    if not users.size:
         return None
-    user_column = integer_key_column(_concatenate(users))
-    item_column = integer_key_column(_concatenate(items))
+    user_column = integer_key_column(users.result())
+    del users
+    item_column = integer_key_column(items.result())
+    del items
     for column in (user_column, item_column):  # digits per distinct key times its count: a pass over keys, not rows
         expected += int(np.dot(_digit_counts(column.keys), np.bincount(column.codes, minlength=len(column.keys))))
     if path.stat().st_size not in (expected, expected - 1):  # the last newline is optional
         return None
     return Columns(user_column, item_column, _concatenate(weights) if weights else None)
+
+
+class _Growing:
+    """An array appended to block by block in one buffer (doubled if ever full).
+
+    One large allocation instead of one per block: a freed large buffer goes back to the system,
+    where thousands of block-sized ones fragment the heap and stay resident. Pages of the
+    buffer that are never written are never resident either, so a generous capacity is free.
+    """
+
+    def __init__(self, dtype: type[np.generic], capacity: int = 1 << 20) -> None:
+        self.buffer = np.empty(capacity, dtype=dtype)
+        self.size = 0
+
+    def append(self, block: np.ndarray) -> None:
+        """Copy a block (cast to the buffer's type) to the end."""
+        end = self.size + len(block)
+        if end > len(self.buffer):
+            grown = np.empty(max(2 * len(self.buffer), end), dtype=self.buffer.dtype)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        self.buffer[self.size : end] = block
+        self.size = end
+
+    def result(self) -> np.ndarray:
+        """The values appended so far (a view: the buffer's unused tail is never touched, so never resident)."""
+        return self.buffer[: self.size]
 
 
 def _concatenate(blocks: list[np.ndarray]) -> np.ndarray:

@@ -394,7 +394,8 @@ def _read_fast(path: Path, fmt: str) -> RawInteractions:
 def _raw_of_columns(path: Path, columns: arrow_reader.Columns, first_line: int) -> RawInteractions:
     """RawInteractions of columns read by pyarrow (weight 1 when the file has none)."""
     n = len(columns.users.codes)
-    weights = np.ones(n, dtype=FLOAT) if columns.weights is None else columns.weights
+    # weight 1 on every row as a read-only broadcast: no array of n ones (the CSR's data is the one copy)
+    weights = np.broadcast_to(FLOAT(1.0), (n,)) if columns.weights is None else columns.weights
     return RawInteractions(path, columns.users.keys, columns.users.codes, columns.items.keys, columns.items.codes,
                            weights, first_line)
 

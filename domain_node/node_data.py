@@ -7,6 +7,7 @@ Without a valid file, validation is one leave-one-out entry per user carved from
 by (`valid_seed`, crc32 of the domain name) so that it never depends on the other domains.
 """
 
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from cdimf.common.config import VALID_NEGATIVES
-from cdimf.common.core.evaluation import PAPER_NEGATIVES, HeldOut, draw_candidates
+from cdimf.common.core.evaluation import PAPER_NEGATIVES, DrawnOnUse, HeldOutRows
 from cdimf.domain_node.data import IdMap, RawInteractions, indices_or_error, leave_one_out, read_interactions, to_csr, union_keys
 
 EVALUATION_SEED = 0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -29,8 +32,8 @@ class NodeData:
     users: IdMap
     items: IdMap
     train: sp.csr_matrix
-    valid: HeldOut | None
-    test: HeldOut | None
+    valid: HeldOutRows | None
+    test: HeldOutRows | None
     valid_carved: bool
 
     @property
@@ -38,7 +41,7 @@ class NodeData:
         """Per user row: True when it has at least one training interaction here."""
         return np.diff(self.train.indptr) > 0
 
-    def split(self, name: str) -> HeldOut:
+    def split(self, name: str) -> HeldOutRows:
         """The held-out split "valid" or "test"; ValueError when the node has none."""
         if name not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {name!r}")
@@ -77,9 +80,15 @@ def load_node_data(domain: str, train_path: Path, valid_path: Path | None = None
     else:
         valid_users, valid_items = held_pairs(raw_valid)  # type: ignore[arg-type]
     n_users, n_items = train.shape
-    valid = draw_candidates(n_items, valid_users, valid_items, n_users, EVALUATION_SEED, valid_negatives) if len(valid_users) else None
+    # candidates are drawn on first use: a node that never validates never holds them
+    valid = DrawnOnUse(n_items, valid_users, valid_items, n_users, EVALUATION_SEED, valid_negatives) if len(valid_users) else None
     test = None
     if raw_test is not None:
         test_users, test_items = held_pairs(raw_test)
-        test = draw_candidates(n_items, test_users, test_items, n_users, EVALUATION_SEED + 1, PAPER_NEGATIVES)
+        test = DrawnOnUse(n_items, test_users, test_items, n_users, EVALUATION_SEED + 1, PAPER_NEGATIVES)
+    for split, held, asked in (("valid", valid, valid_negatives), ("test", test, PAPER_NEGATIVES)):
+        if held is not None and held.negatives < asked:
+            # the metrics carry the number actually used in their labels; the log says why it is lower
+            log.warning("domain %s: %s rows ranked against %d negatives, not %d: a catalog of %d items has no more for every row",
+                        domain, split, held.negatives, asked, n_items)
     return NodeData(domain, users, items, train, valid, test, carved)

@@ -195,6 +195,7 @@ class NodeRunner:
         """Register, wait for a run other than finished_run, take part in it; returns its id."""
         if not self._registered:
             self.progress.phase = "registering"
+            log.info("registering %d users with the aggregator at %s", len(self.pseudonyms), self.config.aggregator)
             try:
                 registered = await self.client.register(self.pseudonyms, self.holder)
             except NotAcceptedNow:
@@ -205,7 +206,8 @@ class NodeRunner:
             self.progress.connected = True
             if registered.fingerprint != self.fingerprint:
                 raise data_mismatch("Register", "the aggregator's fingerprint differs from ours")
-            log.info("registered %d rows (%d shared, %d receivers)", registered.rows, registered.shared_rows, registered.receiver_rows)
+            log.info("registered %d rows (%d shared, %d receivers); waiting for a run", registered.rows, registered.shared_rows,
+                     registered.receiver_rows)
             self._registered = True
         while True:
             if self.progress.phase not in ("finished", "stopped"):

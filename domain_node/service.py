@@ -8,6 +8,7 @@ scored with their consensus vector Z.
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,10 +148,15 @@ class RunningNode:
 async def start_node(config: NodeConfig, data: NodeData | None = None, runner: NodeRunner | None = None) -> RunningNode:
     """Load this domain's data, bind config.listen, start serving and start the training loop."""
     if data is None:
+        files = ", ".join(str(path) for path in (config.train_path, config.valid_path, config.test_path) if path is not None)
+        log.info("domain %s: loading %s", config.domain, files)
+        started = time.perf_counter()
         data = await asyncio.to_thread(
             load_node_data, config.domain, config.train_path, config.valid_path, config.test_path, config.data_format,
             valid_negatives=config.validation.negatives,
         )
+        log.info("domain %s: loaded %d interactions of %d users x %d items in %.1f s", config.domain, data.train.nnz,
+                 data.train.shape[0], data.train.shape[1], time.perf_counter() - started)
     if runner is None:
         runner = NodeRunner(config, data)
     server = create_server(config.tls)

@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -104,11 +106,41 @@ def assert_matches_engine(checkpoints: dict[str, Checkpoint], engine: CDIMFEngin
             np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5 * float(np.abs(theirs).max()))
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (for processes that must come back on the same port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def port_of(address: str) -> int:
+    """The port of a host:port address (a server bound to port 0 prints the one it got)."""
+    return int(address.rsplit(":", 1)[1])
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port held bound but not listening while the block runs: connecting to it is refused,
+    and no other process can take it meanwhile (a port merely free a moment ago could be)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
+
+
+def read_line(stream: IO[Any], timeout_s: float, alive: Callable[[], bool] = lambda: True) -> str:
+    """The next whole line of a child's stdout or stderr pipe, waiting at most `timeout_s`; "" if it ended first.
+
+    Reads the pipe's file descriptor directly, a byte at a time once select says data is there: a
+    buffered readline() after select blocks without limit when only part of a line has arrived.
+    """
+    give_up = time.monotonic() + timeout_s
+    line = bytearray()
+    descriptor = stream.fileno()
+    while time.monotonic() < give_up:
+        if not select.select([descriptor], [], [], min(0.2, max(0.0, give_up - time.monotonic())))[0]:
+            if not alive():
+                return ""
+            continue
+        byte = os.read(descriptor, 1)
+        if not byte:
+            return ""
+        if byte == b"\n":
+            return line.decode(errors="replace")
+        line += byte
+    raise AssertionError(f"no whole line within {timeout_s} s (got {bytes(line)!r})")
 
 
 def _environment() -> dict[str, str]:
@@ -135,15 +167,14 @@ class Processes:
         return process
 
     def listening(self, name: str, process: subprocess.Popen[bytes]) -> str:
-        """The address from the process's LISTENING line."""
+        """The address from the process's LISTENING line (bounded by START_TIMEOUT_S)."""
         assert process.stdout is not None
         give_up = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < give_up:
-            if select.select([process.stdout], [], [], 0.2)[0]:
-                line = process.stdout.readline().decode().strip()
-                if line.startswith("LISTENING "):
-                    return line.split(" ", 1)[1]
-            if process.poll() is not None:
+            line = read_line(process.stdout, max(0.0, give_up - time.monotonic()), lambda: process.poll() is None).strip()
+            if line.startswith("LISTENING "):
+                return line.split(" ", 1)[1]
+            if not line and process.poll() is not None:
                 break
         raise AssertionError(f"{name} did not start:\n{(self.folder / f'{name}.log').read_text()[-3000:]}")
 

@@ -4,7 +4,6 @@ driven through cdimf.common.rpc.aggregator_client and raw stubs for malformed in
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from cdimf.engine import CDIMFEngine, DomainInput
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.aggregator_helpers import FakeClock
+from tests.federation_harness import port_of, read_line
 from tests.wire_capture import WireRecorder
 
 SECRET = b"test-federation-secret-32-bytes!"
@@ -406,24 +406,17 @@ def test_health_is_serving_once_listening_and_not_serving_while_stopping(tmp_pat
 # ----- a real process killed and restarted -----
 
 
-def _free_port() -> int:
-    """A loopback port that was free a moment ago (the restarted aggregator comes back on it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _spawn(port: int, state_dir: Path) -> subprocess.Popen[str]:
-    """`python -m cdimf.aggregator` on a fixed port and state folder, once it prints LISTENING."""
+def _spawn(port: int, state_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    """`python -m cdimf.aggregator` on `port` (0: any free one) and a state folder, once it prints LISTENING; (process, its port)."""
     environ = {**os.environ, "CDIMF_LISTEN": f"127.0.0.1:{port}", "CDIMF_STATE_DIR": str(state_dir), "CDIMF_TLS__INSECURE": "true"}
     process = subprocess.Popen(
         [sys.executable, "-m", "cdimf.aggregator", "--log-level", "WARNING"],
         cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, text=True,
     )
     assert process.stdout is not None
-    line = process.stdout.readline()
+    line = read_line(process.stdout, 60, lambda: process.poll() is None)
     assert line.startswith("LISTENING "), line
-    return process
+    return process, port_of(line.split(" ", 1)[1])
 
 
 @pytest.fixture
@@ -439,9 +432,9 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_path: Path, processes: list) -> None:
     """SIGKILL between rounds: a restarted aggregator resumes the run from its state and retrying clients finish it."""
-    port = _free_port()
+    first, port = _spawn(0, tmp_path)  # the restart below comes back on the port this one got
+    processes.append(first)
     address = f"127.0.0.1:{port}"
-    processes.append(_spawn(port, tmp_path))
     admm = ADMMParams(rho=1.0, prox="l2", lambda_z=0.5)
     rng = np.random.default_rng(3)
     pushes = {(d, r): rng.standard_normal((3, 4)).astype(np.float32) for d in ("sport", "cloth") for r in (1, 2)}
@@ -464,7 +457,7 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
         pending = asyncio.ensure_future(sport.push_contribution(run.run_id, 2, pushes["sport", 2]))
         await asyncio.sleep(0.3)
         assert not pending.done()
-        processes.append(await asyncio.to_thread(_spawn, port, tmp_path))
+        processes.append((await asyncio.to_thread(_spawn, port, tmp_path))[0])
         assert (await pending).accepted_round == 2
         await cloth.push_contribution(run.run_id, 2, pushes["cloth", 2])
         z = await cloth.pull_consensus(run.run_id, 2, 5.0, 3, 0)

@@ -18,7 +18,7 @@ from cdimf.common.security.call_proof import proof_call_credentials
 from cdimf.common.security.pki import load_certificate, load_private_key
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.simulate import write_throwaway_certificates
-from tests.federation_harness import REPO_ROOT, Processes, free_port, processes_fixture, user_key, write_domains
+from tests.federation_harness import REPO_ROOT, Processes, closed_port, processes_fixture, user_key, write_domains
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -190,13 +190,14 @@ def test_stop_ends_a_followed_run(tmp_path: Path, processes: Processes) -> None:
 
 def test_health_of_nothing_bad_options_and_certs(tmp_path: Path) -> None:
     """health fails on a closed port; a bad field names its option (run and validation); certs is wired."""
-    closed, bad, bad_validation, missing, certs = cdimf_all(
-        ["health", "--target", f"127.0.0.1:{free_port()}", "--insecure", "--timeout-s", "1"],
-        ["train", "--aggregator", "127.0.0.1:1", "--insecure", "--rounds", "0"],
-        ["simulate", "--insecure", "--validation-every", "-1"],
-        ["serve-node", "--domain", "sport", "--insecure"],
-        ["certs", "--out", str(tmp_path / "pki"), "--domains", "sport,cloth", "--federation-secret"],
-    )
+    with closed_port() as port:  # held bound, not listening, until every command ended
+        closed, bad, bad_validation, missing, certs = cdimf_all(
+            ["health", "--target", f"127.0.0.1:{port}", "--insecure", "--timeout-s", "1"],
+            ["train", "--aggregator", "127.0.0.1:1", "--insecure", "--rounds", "0"],
+            ["simulate", "--insecure", "--validation-every", "-1"],
+            ["serve-node", "--domain", "sport", "--insecure"],
+            ["certs", "--out", str(tmp_path / "pki"), "--domains", "sport,cloth", "--federation-secret"],
+        )
     assert closed.returncode == 1 and "UNAVAILABLE" in closed.stdout
     assert bad.returncode == 2 and "--rounds" in bad.stderr
     assert bad_validation.returncode == 2 and "--validation-every" in bad_validation.stderr

@@ -63,7 +63,8 @@ def test_config_from_environment_only() -> None:
 
 def test_bad_value_names_the_file_and_field(tmp_path: Path) -> None:
     path = _write(tmp_path, NODE_TOML.replace("rank = 32", "rank = 0"))
-    with pytest.raises(ConfigError, match=rf"{path}: field ials\.rank: .*greater than or equal to 1"):
+    line = NODE_TOML.splitlines().index("rank = 32") + 1
+    with pytest.raises(ConfigError, match=rf"{path}:{line}: field ials\.rank: .*greater than or equal to 1"):
         load_config(NodeConfig, path, environ={})
 
 

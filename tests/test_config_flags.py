@@ -63,7 +63,7 @@ def test_the_tls_table_of_any_file_with_its_flags(tmp_path: Path) -> None:
     assert isinstance(tls, TLSConfig)
     assert tls.ca_file == tmp_path / "certs/ca.pem" and tls.key_file == Path("/keys/other.key")
     config.write_text("[tls]\nca_file = 'ca.pem'\n")
-    with pytest.raises(ConfigError, match=rf"{config}: field tls: .*cert_file, key_file"):
+    with pytest.raises(ConfigError, match=rf"{config}:1: field tls: .*cert_file, key_file"):
         _load(TLSConfig, [], config, table="tls")
 
 
@@ -163,3 +163,29 @@ def test_any_subset_of_flags_replaces_exactly_those_fields(monkeypatch: pytest.M
         assert loaded.model_dump() == expected
 
     check()
+
+
+def test_help_shows_the_defaults_a_command_really_uses() -> None:
+    """`cdimf simulate --help`: each flag's "(default: X)" is the value SimulateConfig() holds at its field (0.01, 1.0, 2 ...)."""
+    from cdimf.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    simulate = commands.choices["simulate"]
+    default = SimulateConfig().model_dump()
+    checked = 0
+    for action in simulate._actions:
+        if not action.dest.startswith("field__") or action.help is None or "(default: " not in action.help:
+            continue
+        value = default
+        for part in action.dest.removeprefix("field__").split("__"):
+            value = value[part]
+        if value is None:
+            continue  # the description says what an unset field means
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        assert f"(default: {shown})" in action.help, (action.dest, action.help)
+        checked += 1
+    assert checked >= 20
+    helped = " ".join(simulate.format_help().split())
+    assert "--ials-alpha ALPHA weight of the all-pairs term pulling scores to 0 (default: 0.01)" in helped
+    assert "(default: 2)" in helped.split("--min-domains MIN_DOMAINS")[2]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cdimf.common.core.evaluation import draw_candidates, evaluate, top_k
+from cdimf.common.core.evaluation import DrawnOnUse, draw_candidates, evaluate, top_k
 from cdimf.common.core.metrics import hit_rate, ndcg, sample_negatives, sampled_ranks
 
 
@@ -63,3 +63,17 @@ def test_k_must_be_positive() -> None:
     held = draw_candidates(10, np.array([0]), np.array([1]), 1, seed=0, negatives=5)
     with pytest.raises(ValueError, match="k must be"):
         evaluate(held, np.ones((1, 2), np.float32), np.ones((10, 2), np.float32), sp.csr_matrix((1, 10), dtype=np.float32), 0)
+
+
+def test_candidates_drawn_on_use_are_the_eager_draw_and_bad_catalogs_are_refused_at_once() -> None:
+    rng = np.random.default_rng(4)
+    users = np.sort(rng.choice(500, 200, replace=False))
+    items = rng.integers(0, 300, 200)
+    lazy = DrawnOnUse(300, users, items, 500, seed=7, negatives=99)
+    assert lazy._candidates is None  # nothing held before the first use
+    eager = draw_candidates(300, users, items, 500, seed=7, negatives=99)
+    np.testing.assert_array_equal(lazy.candidates, eager.candidates)
+    assert lazy.candidates is lazy.candidates  # drawn once
+    # one item in the catalog and it is the target: no negative to draw, refused before any use
+    with pytest.raises(ValueError, match="leaves no negatives"):
+        DrawnOnUse(1, np.array([0]), np.array([0]), 1, seed=0, negatives=5)

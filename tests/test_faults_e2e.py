@@ -23,7 +23,7 @@ from tests.federation_harness import (
     Processes,
     assert_matches_engine,
     checkpoints,
-    free_port,
+    port_of,
     processes_fixture,
     reference_engine,
     wait_for_checkpoints,
@@ -139,8 +139,8 @@ def test_a_node_restarted_on_other_data_refuses_to_resume_and_says_how_to_start_
 
 def test_a_second_server_on_a_taken_port_exits_with_one_line(tmp_path: Path, processes: Processes) -> None:
     """No SO_REUSEPORT: the second aggregator on the same address does not start."""
-    port = free_port()
-    processes.aggregator(port)
+    _, address = processes.aggregator()
+    port = port_of(address)
     second = subprocess.run(
         [sys.executable, "-m", "cdimf", "serve-aggregator", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "second"), "--insecure"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
@@ -153,8 +153,8 @@ def test_a_second_server_on_a_taken_port_exits_with_one_line(tmp_path: Path, pro
 def test_train_follow_outlasts_an_aggregator_restart_longer_than_its_rpc_timeout(tmp_path: Path, processes: Processes) -> None:
     """The aggregator is killed and comes back 6 s later on its port; `train --follow` (2 s rpc timeout) exits 0."""
     files = write_domains(tmp_path / "data")
-    port = free_port()
-    aggregator, address = processes.aggregator(port)
+    aggregator, address = processes.aggregator()
+    port = port_of(address)
     processes.nodes(files, address)
     asyncio.run(_registered(address))
     follower = subprocess.Popen(

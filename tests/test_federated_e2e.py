@@ -19,8 +19,8 @@ from tests.federation_harness import (
     Processes,
     assert_matches_engine,
     checkpoints,
-    free_port,
     node_data,
+    port_of,
     processes_fixture,
     reference_engine,
     user_key,
@@ -134,8 +134,8 @@ def test_node_server_serves_status_evaluate_and_cold_start_recommendations(tmp_p
 def test_sigkilled_aggregator_and_node_resume_and_equal_the_uninterrupted_run(tmp_path: Path, processes: Processes) -> None:
     """SIGKILL the aggregator mid-run and restart it on its port, then the same for a node: same factors."""
     files = write_domains(tmp_path / "data")
-    port = free_port()
-    aggregator, address = processes.aggregator(port)
+    aggregator, address = processes.aggregator()
+    port = port_of(address)
     nodes = {domain: process for domain, (process, _) in processes.nodes(files, address).items()}
     rounds = 30
     params = RunParams(rounds=rounds, rank=6, admm=ADMM, min_domains=2)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from cdimf.common.logs import JsonFormatter, format_metrics
+from tests.federation_harness import read_line
 
 
 def test_json_formatter_writes_one_object_per_record() -> None:
@@ -34,7 +35,7 @@ def test_serve_aggregator_logs_json_lines(tmp_path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "cdimf", "serve-aggregator", "--config", str(config), "--log-format", "json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert process.stdout is not None and process.stdout.readline().startswith("LISTENING ")
+        assert process.stdout is not None and read_line(process.stdout, 60, lambda: process.poll() is None).startswith("LISTENING ")
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=30)

@@ -2,7 +2,6 @@
 
 import os
 import secrets
-import select
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import netns  # tests/netns.py: pytest's default "prepend" import mode puts tests/ (no __init__.py) on sys.path
 import pytest
+
+from tests.federation_harness import read_line as read_line_within
 
 ECHO_PORT = 7000
 DEADLINE_S = 10.0
@@ -49,9 +50,7 @@ def namespaces_possible() -> None:
 def read_line(process: subprocess.Popen[bytes]) -> str:
     """One line of a process's stdout, waiting at most DEADLINE_S."""
     assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], DEADLINE_S)
-    assert ready, "no output within the deadline"
-    return process.stdout.readline().decode().strip()
+    return read_line_within(process.stdout, DEADLINE_S, lambda: process.poll() is None).strip()
 
 
 def test_tcp_echo_between_two_namespaces(namespaces_possible: None) -> None:

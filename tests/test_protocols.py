@@ -68,11 +68,12 @@ def test_reproduce_reports_both_protocols_and_the_seen_pairs(tmp_path: Path) -> 
     result = json.loads(done.stdout)["results"][0]
     assert result["seen_test_pairs"] == {"shop": 3, "video": 0}
     for metrics in result["metrics"].values():
-        assert {"HR@10", "NDCG@10", "unseen HR@10", "unseen NDCG@10", "full HR@10"} <= set(metrics)
-        assert 0.0 <= metrics["unseen NDCG@10"] <= metrics["unseen HR@10"] <= 1.0
+        assert {"test HR@10 (19 neg)", "test NDCG@10 (19 neg)", "test HR@10 (19 unseen neg)", "test NDCG@10 (19 unseen neg)",
+                "test HR@10 (full catalog)"} <= set(metrics)
+        assert 0.0 <= metrics["test NDCG@10 (19 unseen neg)"] <= metrics["test HR@10 (19 unseen neg)"] <= 100.0
     table = subprocess.run([sys.executable, "-m", "cdimf", "reproduce", str(config)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert table.returncode == 0, table.stderr
-    assert "uHR@10" in table.stdout and "DisenCDR/UniCDR" in table.stdout
+    assert "test (19 unseen neg)" in table.stdout and "DisenCDR/UniCDR" in table.stdout
     assert "test pairs that also occur in train: shop 3, video 0" in table.stdout
 
 

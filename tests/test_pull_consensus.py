@@ -42,10 +42,11 @@ def test_each_domain_gets_its_shared_then_receiver_rows_and_strangers_are_refuse
                 rows = len(views[client.domain].shared_rows)
                 await client.push_contribution(run.run_id, 1, rng.standard_normal((rows, 4)).astype(np.float32))
             memberships = running.state.run.memberships
-            z = running.state.run.consensus
             for client in (sport, cloth):
                 view, mine = views[client.domain], memberships[client.domain]
                 pulled = await client.pull_consensus(run.run_id, 1, 5.0, len(view.shared_rows), len(view.receiver_rows))
+                # the round closes after the closing push's ack; a pull of it returns once it did
+                z = running.state.run.consensus
                 assert pulled is not None and pulled.round == 1
                 np.testing.assert_array_equal(pulled.shared, z[mine.shared_index])
                 np.testing.assert_array_equal(pulled.receivers, z[mine.receiver_index])

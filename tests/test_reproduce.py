@@ -33,16 +33,16 @@ def write_pair(folder: Path, seed: int = 0) -> None:
 CONFIG = """
 title = "synthetic pair"
 models = ["ALS-separate", "ALS-joined", "CDIMF"]
-[data]
-format = "csv"
-[[data.domains]]
+[[domains]]
 name = "shop"
-train = "shop_train.csv"
-test = "shop_test.csv"
-[[data.domains]]
+data_format = "csv"
+train_path = "shop_train.csv"
+test_path = "shop_test.csv"
+[[domains]]
 name = "video"
-train = "video_train.csv"
-test = "video_test.csv"
+data_format = "csv"
+train_path = "video_train.csv"
+test_path = "video_test.csv"
 [evaluation]
 n_negatives = 19
 k = 10
@@ -85,11 +85,20 @@ def test_reproduce_any_pair_by_path_json(tmp_path: Path) -> None:
         assert set(result["metrics"]) == {"shop", "video"}
         assert 1 <= result["rounds"] <= 4
         for metrics in result["metrics"].values():
-            assert 0.0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= 1.0
-    assert report["paper"]["CDIMF"]["shop"] == [50.0, 30.0]
+            # every metric names its split and protocol, in % (the config's 19 negatives)
+            assert {"test HR@10 (19 neg)", "test NDCG@10 (19 neg)", "test HR@10 (19 unseen neg)", "test NDCG@10 (19 unseen neg)",
+                    "test HR@10 (full catalog)", "test NDCG@10 (full catalog)"} <= set(metrics)
+            assert 0.0 <= metrics["test NDCG@10 (19 neg)"] <= metrics["test HR@10 (19 neg)"] <= 100.0
+        assert result["validation_metric"] == "mean valid NDCG@10 (19 neg)"
+        assert len(result["validation"]) >= result["rounds"] and all(0.0 <= v <= 100.0 for v in result["validation"])
+    assert report["ok"] is True and report["unit"] == "%"
+    assert report["paper"]["CDIMF"]["shop"] == {"test HR@10 (19 neg)": 50.0, "test NDCG@10 (19 neg)": 30.0}
     # with a planted group structure every model must beat random ranking (HR@10 = 10/20 = 50%)
     cdimf = report["results"][2]["metrics"]
-    assert cdimf["shop"]["HR@10"] > 0.6 and cdimf["video"]["HR@10"] > 0.6
+    assert cdimf["shop"]["test HR@10 (19 neg)"] > 60 and cdimf["video"]["test HR@10 (19 neg)"] > 60
+    # progress reaches stderr with --json too: each model, each round, the loading
+    assert "reading " in done.stderr and "model 3/3: CDIMF" in done.stderr
+    assert "CDIMF: early stopping: 1/4 rounds" in done.stderr
 
 
 def test_reproduce_prints_table_with_paper_column(tmp_path: Path) -> None:
@@ -110,7 +119,8 @@ def test_config_error_names_file_and_field(tmp_path: Path) -> None:
     """A bad value is reported with the file and the dotted field path."""
     config = tmp_path / "bad.toml"
     config.write_text(CONFIG.replace("rho = 1.0", "rho = -1.0"))
-    with pytest.raises(ConfigError, match=r"bad\.toml: field cdimf\.admm\.rho:"):
+    line = CONFIG.splitlines().index("rho = 1.0") + 1
+    with pytest.raises(ConfigError, match=rf"bad\.toml:{line}: field cdimf\.admm\.rho:"):
         load_reproduce_config(config)
 
 
@@ -129,5 +139,5 @@ def test_shipped_configs_load() -> None:
     """Both shipped configs validate and point at shipped files."""
     for name in ("warm-sport-cloth.toml", "cold-sport-cloth.toml"):
         config = load_reproduce_config(ROOT / "configs" / name)
-        for domain in config.data.domains:
-            assert domain.train.is_file() and domain.test.is_file()
+        for domain in config.domains:
+            assert domain.train_path.is_file() and domain.test_path is not None and domain.test_path.is_file()

@@ -1,8 +1,6 @@
 """`cdimf simulate` as a real process: end to end on small data, and Ctrl-C leaves no process behind."""
 
 import json
-import os
-import select
 import signal
 import subprocess
 import sys
@@ -11,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.federation_harness import REPO_ROOT, write_domains
+from tests.federation_harness import REPO_ROOT, read_line, write_domains
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,29 +44,44 @@ min_domains = {min_domains}
     return config
 
 
-def _children(pid: int) -> set[int]:
-    """Process ids whose parent is `pid` (from /proc)."""
-    found = set()
+ROLES = ("serve-aggregator", "serve-node")
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent id, state letter, start time in clock ticks) of a process from /proc, None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name in parentheses may hold spaces: the other fields follow the last ')'
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _server_children(pid: int) -> dict[int, int]:
+    """The aggregator and node processes whose parent is `pid` (pid: start time), read from /proc.
+
+    Only `cdimf serve-*` children count: whatever else simulate or the interpreter may start
+    for a moment (a compiler, a resource tracker) is not what the test is about.
+    """
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        stat = _stat(int(entry.name))
         try:
-            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        # the command name in parentheses may hold spaces: the parent id follows the last ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
+        if stat is not None and stat[0] == pid and any(role.encode() in command for role in ROLES):
+            found[int(entry.name)] = stat[2]
     return found
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this pid still exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _alive(pid: int, started: int) -> bool:
+    """Whether that process (same pid and start time: not a later one that reused the pid) still runs; a zombie has ended."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] == started and stat[1] != "Z"
 
 
 def test_simulate_runs_the_federation_with_mutual_tls_and_prints_the_table(tmp_path: Path) -> None:
@@ -106,14 +119,18 @@ def test_interrupted_simulate_leaves_no_orphan_process(tmp_path: Path, signum: i
         seen = ""
         while "started over" not in seen:
             assert time.monotonic() < give_up and simulate.poll() is None, seen
-            if select.select([simulate.stderr], [], [], 0.5)[0]:
-                seen += simulate.stderr.readline()
-        children = _children(simulate.pid)
+            seen += read_line(simulate.stderr, max(0.0, give_up - time.monotonic()), lambda: simulate.poll() is None) + "\n"
+        # the run started, so the aggregator and both nodes run; polled (bounded) rather than
+        # counted at one instant of /proc
+        children: dict[int, int] = {}
+        while len(children) < 3:
+            assert time.monotonic() < give_up, children
+            children = _server_children(simulate.pid)
         assert len(children) == 3, children
         simulate.send_signal(signum)
         simulate.wait(30)
         assert simulate.returncode != 0
-        assert [pid for pid in children if _alive(pid)] == []
+        assert [pid for pid, started in children.items() if _alive(pid, started)] == []
     finally:
         if simulate.poll() is None:
             simulate.kill()

@@ -63,10 +63,10 @@ def test_installed_package_runs_from_any_folder(installed: tuple[Path, Path], tm
     checked = _run(venv, tmp_path, "python", "-c", (
         "from cdimf.reproduce_config import load_reproduce_config; from cdimf.resources import config_path, shipped_configs\n"
         "for name in shipped_configs():\n"
-        "    for d in load_reproduce_config(config_path(name)).data.domains:\n"
-        "        for path in (d.train, d.test, d.valid):\n"
+        "    for d in load_reproduce_config(config_path(name)).domains:\n"
+        "        for path in (d.train_path, d.test_path, d.valid_path):\n"
         "            assert path is None or path.is_file(), path\n"
-        "        print(name, d.name, d.train)\n"))
+        "        print(name, d.name, d.train_path)\n"))
     assert checked.returncode == 0, checked.stderr
     assert len(checked.stdout.splitlines()) == 4 and all("site-packages" in line for line in checked.stdout.splitlines())
     helped = _run(venv, tmp_path, "cdimf", "reproduce", "--help")

@@ -108,7 +108,7 @@ def _negatives_by_rejection(rng: np.random.Generator, n_pool: int, excluded_rows
     values that are neither repeats nor excluded; that is a uniform sample without replacement.
     Rows left short are drawn again, more generously.
     """
-    result = np.empty((n_rows, n_negatives), dtype=np.int64)
+    result = np.empty((n_rows, n_negatives), dtype=index_dtype(n_pool))
     n_excluded = np.bincount(excluded_rows, minlength=n_rows)
     order = np.argsort(excluded_rows, kind="stable")
     excluded_rows, excluded_positions = excluded_rows[order], excluded_positions[order]
@@ -165,7 +165,7 @@ def _negatives_by_keys(rng: np.random.Generator, n_pool: int, excluded_rows: np.
     Every allowed position gets a uniform key and the n_negatives smallest win; excluded rows
     are sorted by row (they come from np.unique of row-major keys).
     """
-    result = np.empty((n_rows, n_negatives), dtype=np.int64)
+    result = np.empty((n_rows, n_negatives), dtype=index_dtype(n_pool))
     chunk = max(1, _SAMPLER_CHUNK_DRAWS // n_pool)
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
@@ -176,9 +176,14 @@ def _negatives_by_keys(rng: np.random.Generator, n_pool: int, excluded_rows: np.
     return result
 
 
+def index_dtype(n: int) -> type[np.signedinteger]:
+    """The smallest signed integer type of the indices 0..n-1 (int32 below 2**31: half of int64)."""
+    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
+
+
 def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarray, exclude: sp.csr_matrix,
                      n_negatives: int = 999, seed: int = 0, catalog: np.ndarray | None = None) -> np.ndarray:
-    """Candidates (n_rows, 1 + n_negatives) int64: column 0 the target, then uniform negatives.
+    """Candidates (n_rows, 1 + n_negatives) of item indices (int32, see index_dtype): column 0 the target, then uniform negatives.
 
     Negatives are drawn per row without replacement from `catalog` (default: all n_items)
     minus the row's target and the user's items in `exclude` (users x items CSR, normally the
@@ -211,7 +216,7 @@ def sample_negatives(n_items: int, test_users: np.ndarray, test_items: np.ndarra
     rng = np.random.default_rng(seed)
     sampler = _negatives_by_rejection if catalog.size >= 4 * n_negatives else _negatives_by_keys
     positions = sampler(rng, catalog.size, excluded_rows, excluded_positions, test_users.size, n_negatives)
-    candidates = np.empty((test_users.size, 1 + n_negatives), dtype=np.int64)
+    candidates = np.empty((test_users.size, 1 + n_negatives), dtype=index_dtype(n_items))
     candidates[:, 0] = test_items
     candidates[:, 1:] = positions if catalog.size == n_items else catalog[positions]
     return candidates
@@ -241,7 +246,11 @@ def sampled_ranks(user_vecs: np.ndarray, item_vecs: np.ndarray, candidates: np.n
         raise ValueError(f"method must be 'auto', 'gemm' or 'gather', got {method!r}")
     train = canonical_csr(train, "train")
     test_users = np.asarray(test_users, dtype=np.int64)
-    candidates = np.asarray(candidates, dtype=np.int64)
+    # int32 candidates (what sample_negatives draws) are used as they are: a million rows of a
+    # thousand candidates are 4 GB as int32, and an int64 copy would double that
+    candidates = np.asarray(candidates)
+    if candidates.dtype != np.int32:
+        candidates = candidates.astype(np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != test_users.size or candidates.shape[1] < 1:
         raise ValueError(f"candidates {candidates.shape} must have one row per test user ({test_users.size})")
     _check_rows(test_users, candidates[:, 0], train.shape[0], train.shape[1])

@@ -133,10 +133,14 @@ class DomainTrainer:
 
     def contribution(self) -> np.ndarray:
         """What this domain sends: X + U on its shared rows."""
-        return (self.state.users[self.shared_rows] + self.state.duals).astype(FLOAT)
+        return (self.state.users[self.shared_rows] + self.state.duals).astype(FLOAT, copy=False)
 
     def receive_consensus(self, consensus: np.ndarray, receiver_consensus: np.ndarray | None = None) -> None:
-        """Take a new Z for the shared rows (dual step U += X - Z) and for the receiver rows."""
+        """Take a new Z for the shared rows (dual step U += X - Z) and for the receiver rows.
+
+        The trainer keeps the float32 arrays it is given (no copy: the caller hands them over and
+        never writes into them; the trainer never writes into its arrays either).
+        """
         state = self.state
         expected = (len(self.shared_rows), self.params.rank)
         if consensus.shape != expected:
@@ -149,9 +153,9 @@ class DomainTrainer:
                 raise ValueError(
                     f"domain {self.name}: receiver consensus has shape {receiver_consensus.shape}, expected {want}"
                 )
-            state.receiver_consensus = receiver_consensus.astype(FLOAT, copy=True)
+            state.receiver_consensus = receiver_consensus.astype(FLOAT, copy=False)
         state.duals = dual_update(state.duals, state.users[self.shared_rows], consensus)
-        state.consensus = consensus.astype(FLOAT, copy=True)
+        state.consensus = consensus.astype(FLOAT, copy=False)
         state.exchanges += 1
 
     def scoring_users(self) -> np.ndarray:

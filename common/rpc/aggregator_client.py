@@ -27,6 +27,7 @@ retried gets ALREADY_EXISTS, reported as PushResult(replayed=True).
 """
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -114,6 +115,11 @@ def gave_up(method: str, details: str) -> AggregatorError:
     return AggregatorError(method, grpc.StatusCode.ABORTED, details)
 
 
+# a retry spell is reported when it starts, then once per this many seconds, and when it ends
+RETRY_REPORT_S = 10.0
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Reconnect policy: delays grow from `initial_s` by `factor` up to `max_s`, full jitter."""
@@ -142,9 +148,12 @@ class AggregatorClient:
         backoff: Backoff = Backoff(),
         seed: int | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         reuse_freed_chunk_memory()
         self.address = address
+        # who hears about retries: what is retried, for how long, and when it gives up (default: the log)
+        self.on_retry = on_retry if on_retry is not None else log.warning
         self.domain = domain
         self.rpc_timeout_s = rpc_timeout_s
         self.retry_for_s = retry_for_s
@@ -171,19 +180,40 @@ class AggregatorClient:
         return pb.Header(run_id=run_id, domain=self.domain, round=round_index)
 
     async def _call(self, method: str, attempt: Callable[[], Awaitable[Result]]) -> Result:
-        """Run one call, retrying UNAVAILABLE with backoff and jitter until retry_for_s passed."""
-        give_up = time.monotonic() + self.retry_for_s
-        tries = 0
+        """Run one call, retrying UNAVAILABLE with backoff and jitter until retry_for_s passed (each retry spell is reported)."""
+        started = time.monotonic()
+        give_up = started + self.retry_for_s
+        tries, reported = 0, 0.0
         while True:
             try:
-                return await attempt()
+                result = await attempt()
+                if tries:
+                    self.on_retry(f"{method}: reached the aggregator at {self.address} again after {time.monotonic() - started:.0f} s")
+                return result
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+                if code != grpc.StatusCode.UNAVAILABLE:
                     raise aggregator_error(method, code, error.details() or "") from error
+                if time.monotonic() >= give_up:
+                    self.on_retry(f"{method}: giving up after {time.monotonic() - started:.0f} s: the aggregator at {self.address} "
+                                  f"stayed unreachable ({error.details() or code.name})")
+                    raise aggregator_error(method, code, error.details() or "") from error
+                reported = self._report_retry(method, started, reported, error.details() or code.name)
             delay = self.backoff.delay(tries, self._rng)
             tries += 1
             await asyncio.sleep(min(delay, max(0.0, give_up - time.monotonic())))
+
+    def _report_retry(self, method: str, started: float, reported: float, why: str, window_s: float | None = None) -> float:
+        """Say the first retry of a spell, then one line per RETRY_REPORT_S (what, how long so far, for how long); the last report's time."""
+        window = self.retry_for_s if window_s is None else window_s
+        now = time.monotonic()
+        if not reported:
+            self.on_retry(f"{method}: the aggregator at {self.address} is unreachable ({why}); retrying for up to {window:.0f} s")
+            return now
+        if now - reported >= RETRY_REPORT_S:
+            self.on_retry(f"{method}: still retrying the aggregator at {self.address} ({now - started:.0f} s of up to {window:.0f} s)")
+            return now
+        return reported
 
     # ----- node API -----
 
@@ -311,22 +341,31 @@ class AggregatorClient:
         """
         next_round = from_round
         window_s = self.retry_for_s if outage_s is None else outage_s
-        give_up = time.monotonic() + window_s
-        tries = 0
+        started = time.monotonic()
+        give_up = started + window_s
+        tries, reported = 0, 0.0
         while True:
             request = pb.WatchRequest(header=self.header(run_id), from_round=next_round)
             try:
                 async for event in self.stub.WatchRun(request):
-                    tries = 0
-                    give_up = time.monotonic() + window_s
+                    if tries:
+                        self.on_retry(f"WatchRun: following the run again after {time.monotonic() - started:.0f} s")
+                    tries, reported = 0, 0.0
+                    started = time.monotonic()
+                    give_up = started + window_s
                     # resume after the last closed round; metrics of that round may repeat
                     if event.kind == pb.EVENT_KIND_ROUND_CLOSED:
                         next_round = event.round + 1
                     yield event
                 return
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise aggregator_error("WatchRun", error.code(), error.details() or "") from error
+                if time.monotonic() >= give_up:
+                    self.on_retry(f"WatchRun: giving up after {time.monotonic() - started:.0f} s: the aggregator at {self.address} "
+                                  f"stayed unreachable ({error.details() or error.code().name})")
+                    raise aggregator_error("WatchRun", error.code(), error.details() or "") from error
+                reported = self._report_retry("WatchRun", started, reported, error.details() or error.code().name, window_s)
             await asyncio.sleep(self.backoff.delay(tries, self._rng))
             tries += 1
 

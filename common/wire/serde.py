@@ -430,10 +430,22 @@ def event_to_json(event: pb.RoundEvent) -> dict[str, Any]:
     return shown
 
 
+_ENDS = (pb.EVENT_KIND_RUN_FINISHED, pb.EVENT_KIND_RUN_STOPPED)
+
+
+def ended_last(events: Sequence[pb.RoundEvent]) -> list[pb.RoundEvent]:
+    """The events in their order, except the run's end (finished or stopped), which goes last.
+
+    The final round's metrics may be recorded after the run ended; every history a command
+    shows ends with the end, as `train --follow --json` does.
+    """
+    return [event for event in events if event.kind not in _ENDS] + [event for event in events if event.kind in _ENDS]
+
+
 def run_record_to_json(record: pb.RunRecord) -> dict[str, Any]:
-    """A kept run (`cdimf runs`, `cdimf log`): its run_info fields, start time, stop reason and, when fetched, its events."""
+    """A kept run (`cdimf runs`, `cdimf log`): its run_info fields, start time, stop reason and, when fetched, its events (the end last)."""
     return {**run_info_to_json(record.info), "started_unix_s": round(record.started_unix_s, 3), "stop_reason": record.stop_reason or None,
-            "events": [event_to_json(event) for event in record.events]}
+            "events": [event_to_json(event) for event in ended_last(record.events)]}
 
 
 def status_to_json(status: pb.AggregatorStatus) -> dict[str, Any]:

@@ -6,9 +6,12 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
-from typing import NoReturn, cast
+from pathlib import Path
+from typing import Any, NoReturn, cast
 
+from cdimf.arg_types import positive_int
 from cdimf.common.config import ConfigError
 from cdimf.reproduce_config import load_reproduce_config
 from cdimf.resources import config_path, shipped_configs
@@ -19,12 +22,21 @@ def _reproduce(args: argparse.Namespace) -> int:
     from cdimf.reproduce import format_table, paper_json, reproduce, result_json
 
     config = load_reproduce_config(config_path(args.config))
+    if args.figures is not None:
+        from cdimf.plotting import require_matplotlib
+
+        require_matplotlib()  # before minutes of training, not after
     results = reproduce(config, show_progress=True)
     if args.json:
         print(json.dumps({"ok": True, "title": config.title, "unit": "%", "results": [result_json(r, config) for r in results],
                           "paper": paper_json(config)}, indent=2))
     else:
         print(format_table(results, config))
+    if args.figures is not None:
+        from cdimf.figures import write_figures
+
+        for path in write_figures(config, args.figures, args.figures_epochs, results):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -36,8 +48,19 @@ def _tune(args: argparse.Namespace) -> int:
     return tune.main(arguments)
 
 
+class WholeNamesHelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, but a line never breaks inside a hyphenated name (`warm-sport-cloth`, `--figures-epochs`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with suggestions: an unknown flag or command names the closest known ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", WholeNamesHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Exit 2 with the message and, for a typo, `did you mean ...?`."""
@@ -73,13 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("reproduce", help="train ALS-separate, ALS-joined and CDIMF on a pair and compare with the paper")
     rep.add_argument("config", help=f"a shipped config by name ({', '.join(shipped_configs())}) or the path of a reproduction config (TOML)")
     rep.add_argument("--json", action="store_true", help="print machine-readable results (one JSON object)")
+    rep.add_argument("--figures", type=Path, metavar="DIR",
+                     help="also write the paper's Figures 2-4 for this pair (validation NDCG over epochs by rho, prox, aggregation period) as PNGs; "
+                          "needs the [plot] extra")
+    rep.add_argument("--figures-epochs", type=positive_int, metavar="N", help="local epochs of each figure curve (default: [stopping] max_rounds)")
     rep.set_defaults(handler=_reproduce)
     tune = commands.add_parser("tune", add_help=False, help="choose reproduce hyperparameters on validation rows (`cdimf tune --help`)")
     tune.add_argument("arguments", nargs=argparse.REMAINDER)
     tune.set_defaults(handler=_tune)
-    from cdimf import certs, runtime_cli, simulate
+    from cdimf import certs, plot_cli, runtime_cli, simulate
 
     runtime_cli.add_parsers(commands)
+    plot_cli.add_parser(commands)
     simulate.add_parser(commands)
     certs.add_parser(commands)
     return parser

@@ -1,5 +1,6 @@
-"""README.md's two opening commands stay true: CI runs the test one verbatim, the main one names a shipped config."""
+"""README.md stays true: CI runs its test command verbatim, the main one names a shipped config, its results table is the committed runs' output."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -34,3 +35,21 @@ def test_main_command_config_exists() -> None:
     words = shlex.split(readme_commands()[0])
     name = words[words.index("reproduce") + 1]
     assert (ROOT / "configs" / f"{name}.toml").is_file()
+
+
+def test_results_table_is_the_committed_reproduce_output() -> None:
+    """README's results table holds the numbers of the committed `cdimf reproduce ... --json` runs, both protocols, rounded."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (warm|cold) \| ([A-Za-z-]+)[^|]*\|(.*)\|$", text, re.M)
+    assert len(rows) == 5, rows
+    for pair, model, cells in rows:
+        run = json.loads((ROOT / "docs" / "results" / f"{pair}-sport-cloth.json").read_text(encoding="utf-8"))
+        result = next(r for r in run["results"] if r["model"] == model)
+        shown = [cell.strip() for cell in cells.split("|")]
+        expected = []
+        for domain in ("sport", "cloth"):
+            m = result["metrics"][domain]
+            paper = run["paper"].get(model, {}).get(domain) if model == "CDIMF" else None
+            expected.append(f"{100 * m['HR@10']:.2f} / {100 * m['NDCG@10']:.2f}" + (f" ({paper[0]:.2f} / {paper[1]:.2f})" if paper else ""))
+            expected.append(f"{100 * m['unseen HR@10']:.2f} / {100 * m['unseen NDCG@10']:.2f}")
+        assert shown == [*expected, str(result["rounds"]), f"{result['seconds']:.0f}"], (pair, model)

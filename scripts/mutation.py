@@ -3,6 +3,11 @@
     python scripts/mutation.py                    # every mutant (about 25 min on 2 cores)
     python scripts/mutation.py --sample 20        # a seeded sample of 20 mutants over all targets (CI)
     python scripts/mutation.py --only admm        # the targets whose path contains "admm"
+    python scripts/mutation.py --session-dir .mutation --limit 100   # resumable: 100 more each call
+
+With --session-dir the sessions persist: a later call (after a kill, on another day) runs only
+the mutants not yet killed, so a full campaign accumulates over several calls; a source whose
+syntax changed starts its session afresh.
 
 Each target is one source file (optionally only some of its functions) and the fast test files
 that must kill its mutants. cosmic-ray edits the file in place for each mutant and restores it,
@@ -12,9 +17,11 @@ so run this in a clean work tree with nothing else importing the package meanwhi
 
 import argparse
 import ast
+import hashlib
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -90,8 +97,18 @@ def _config(target: Target, timeout_s: float) -> str:
     )
 
 
+def _reopen(db_path: Path) -> None:
+    """Make an earlier session's skipped mutants and survivors pending again.
+
+    A skip belongs to one invocation (a sample, a --limit, a line since marked equivalent), and a
+    survivor may die under tests added since; killed mutants keep their verdict.
+    """
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("DELETE FROM work_results WHERE worker_outcome = 'SKIPPED' OR test_outcome = 'SURVIVED'")
+
+
 def _skip_outside(db_path: Path, keep: set[int] | None, chosen: set[str] | None) -> int:
-    """Mark mutants outside the kept lines, or not in the sample, as skipped; the number left to run."""
+    """Mark mutants outside the kept lines, or not chosen, as skipped; the number left to run."""
     left = 0
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         for item in list(db.pending_work_items):
@@ -118,15 +135,18 @@ def _pending_ids(db_path: Path, keep: set[int] | None) -> list[tuple[tuple[str, 
     return sorted(found)
 
 
-def _results(db_path: Path) -> tuple[int, int, list[str]]:
-    """(killed, survived, one line per survivor) of a finished session."""
+def _results(db_path: Path, keep: set[int] | None) -> tuple[int, int, int, list[str]]:
+    """(killed, survived, not yet run, one line per survivor) of a session, on its kept lines."""
     killed = survived = 0
     survivors = []
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         items = {item.job_id: item for item in db.work_items}
+        in_scope = {job for job, item in items.items() if keep is None or item.mutations[0].start_pos[0] in keep}
+        done = set()
         for job_id, result in db.results:
-            if result.worker_outcome == WorkerOutcome.SKIPPED:
+            if result.worker_outcome == WorkerOutcome.SKIPPED or job_id not in in_scope:
                 continue
+            done.add(job_id)
             if result.worker_outcome != WorkerOutcome.NORMAL:
                 # the worker itself failed (not the tests): a broken run, never a kill
                 raise SystemExit(f"mutant {job_id} of {items[job_id].mutations[0].module_path}: worker {result.worker_outcome}: {result.output}")
@@ -137,7 +157,7 @@ def _results(db_path: Path) -> tuple[int, int, list[str]]:
                 survivors.append(f"{spec.module_path}:{spec.start_pos[0]} {spec.operator_name}#{spec.occurrence}: {' / '.join(changed)}")
             else:
                 killed += 1
-    return killed, survived, survivors
+    return killed, survived, len(in_scope - done), survivors
 
 
 def _clear_bytecode() -> None:
@@ -147,14 +167,44 @@ def _clear_bytecode() -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
 
+def _fingerprint(target: Target, config: str) -> str:
+    """What a session's verdicts depend on: the source's syntax tree with positions (comments,
+    such as an equivalence marker, leave it alone) and the session config (tests, timeout)."""
+    tree = ast.dump(ast.parse((ROOT / target.path).read_text()), include_attributes=True)
+    return hashlib.sha256((tree + "\0" + config).encode()).hexdigest()
+
+
+def _session(target: Target, folder: Path, timeout_s: float, environ: dict[str, str]) -> tuple[Path, Path]:
+    """(config, database) of a target's session in `folder`: the one there if its fingerprint still
+    holds (reopened), else a fresh `cosmic-ray init`."""
+    slug = target.path.replace("/", "_").removesuffix(".py")
+    config_path, db_path, key_path = folder / f"{slug}.toml", folder / f"{slug}.sqlite", folder / f"{slug}.key"
+    config = _config(target, timeout_s)
+    key = _fingerprint(target, config)
+    if db_path.exists() and key_path.exists() and key_path.read_text() == key:
+        _reopen(db_path)
+        return config_path, db_path
+    for stale in (db_path, key_path):
+        stale.unlink(missing_ok=True)
+    config_path.write_text(config)
+    subprocess.run(["cosmic-ray", "init", str(config_path), str(db_path)], cwd=ROOT, env=environ, check=True)
+    key_path.write_text(key)
+    return config_path, db_path
+
+
 def main() -> int:
-    """Initialise, optionally sample, execute and report each target's session."""
+    """Initialise or resume, optionally sample, execute and report each target's session."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, default=0, help="run only this many mutants over all targets (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--only", default="", help="targets whose path contains this text")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per-mutant test timeout (a timeout counts as killed)")
     parser.add_argument("--min-score", type=float, default=90.0, help="exit 1 below this percentage killed")
+    parser.add_argument("--session-dir", type=Path, default=None,
+                        help="keep the sessions here and resume them: killed mutants are not run again "
+                             "(default: a temporary folder, a fresh run)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="run at most this many not yet run mutants now, in file and line order (0: all)")
     args = parser.parse_args()
     targets = [target for target in TARGETS if args.only in target.path]
     environ = {name: value for name, value in os.environ.items() if not name.startswith("CDIMF_")}
@@ -173,33 +223,45 @@ def main() -> int:
 
 
 def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str], started: float) -> int:
-    """The sessions of `targets`: init, sample, exec, report; the exit status."""
+    """The sessions of `targets`: init or resume, choose, exec, report; the exit status."""
     with tempfile.TemporaryDirectory(prefix="cdimf-mutation-") as scratch:
+        folder = args.session_dir or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
         sessions = []
-        for index, target in enumerate(targets):
-            config, db_path = Path(scratch) / f"{index}.toml", Path(scratch) / f"{index}.sqlite"
-            config.write_text(_config(target, args.timeout_s))
-            subprocess.run(["cosmic-ray", "init", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)
+        for target in targets:
+            config, db_path = _session(target, folder.resolve(), args.timeout_s, environ)
             sessions.append((target, config, db_path, _function_lines(ROOT / target.path, target.functions)))
         chosen: set[str] | None = None
-        if args.sample:
+        if args.sample or args.limit:
             everything = [pending for _, _, db_path, keep in sessions for pending in _pending_ids(db_path, keep)]
-            picked = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
-            chosen = {job for _, job in picked}
-        total_killed = total_survived = 0
+            if args.sample:
+                everything = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
+            if args.limit:
+                everything = sorted(everything)[: args.limit]
+            chosen = {job for _, job in everything}
+        total_killed = total_survived = total_left = ran = 0
         all_survivors: list[str] = []
+        executing = 0.0
         for target, config, db_path, keep in sessions:
             left = _skip_outside(db_path, keep, chosen)
             if left:
+                began = time.monotonic()
                 subprocess.run(["cosmic-ray", "exec", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)
-            killed, survived, survivors = _results(db_path)
+                executing += time.monotonic() - began
+                ran += left
+            killed, survived, pending, survivors = _results(db_path, keep)
             total_killed += killed
             total_survived += survived
+            total_left += pending
             all_survivors += survivors
-            print(f"{target.path}: {killed} killed, {survived} survived of {killed + survived}", flush=True)
+            tried = killed + survived
+            share = f"{100.0 * killed / tried:.1f} %" if tried else "-"
+            print(f"{target.path}: {killed} killed, {survived} survived of {tried} run ({share}), {pending} not yet run", flush=True)
     run = total_killed + total_survived
     score = 100.0 * total_killed / run if run else 100.0
-    print(f"mutation score {score:.1f} % ({total_killed} killed of {run}) in {time.monotonic() - started:.0f} s")
+    pace = f", {executing / ran:.1f} s per mutant" if ran else ""
+    print(f"mutation score {score:.1f} % ({total_killed} killed of {run}; {total_left} not yet run) "
+          f"in {time.monotonic() - started:.0f} s, {ran} run now{pace}")
     for line in all_survivors:
         print(f"  survived {line}")
     return 0 if score >= args.min_score else 1

@@ -1,6 +1,6 @@
 """Mutation testing (cosmic-ray) of the numerical core and the config merge: the score and every surviving mutant.
 
-    python scripts/mutation.py                    # every mutant (about 25 min on 2 cores)
+    python scripts/mutation.py                    # every mutant (about 3,300 mutants, 5-10 s each on 2 cores: hours)
     python scripts/mutation.py --sample 20        # a seeded sample of 20 mutants over all targets (CI)
     python scripts/mutation.py --only admm        # the targets whose path contains "admm"
     python scripts/mutation.py --session-dir .mutation --limit 100   # resumable: 100 more each call
@@ -53,6 +53,7 @@ TARGETS = (
     Target("common/core/admm.py", (KNOWN, REFERENCE_ENGINE, "tests/test_engine.py", "tests/test_aggregator_state.py")),
     Target("common/core/model.py", (KNOWN, REFERENCE_ENGINE, "tests/test_trainer_split.py", "tests/test_engine.py")),
     Target("common/core/metrics.py", ("tests/test_metrics.py", "tests/test_metric_known_answers.py", "tests/test_evaluation.py", KNOWN)),
+    Target("common/core/evaluation.py", ("tests/test_evaluation.py", "tests/test_metric_known_answers.py", KNOWN, "tests/test_metrics.py")),
     Target("common/config.py", ("tests/test_config.py", "tests/test_config_flags.py", "tests/test_documented_promises.py"),
            ("_env_value", "_env_overrides", "_nested_model", "_apply", "_resolve_paths", "load_config")),
 )

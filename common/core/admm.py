@@ -89,7 +89,7 @@ def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray
 
 # blockwise_consensus works on blocks of rows whose float64 temporaries take about this many
 # bytes: small enough to stay in cache
-CONSENSUS_BLOCK_BYTES = 512 * 1024
+CONSENSUS_BLOCK_BYTES = 512 * 1024  # mutation: equivalent (block size: every row's consensus is the same in any block)
 
 
 def blockwise_consensus(
@@ -102,7 +102,7 @@ def blockwise_consensus(
     block_rows None: rows of about CONSENSUS_BLOCK_BYTES of float64 at this rank.
     """
     if block_rows is None:
-        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))
+        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))  # mutation: equivalent (block size, at least 64 rows)
     z = np.empty((n_rows, rank), dtype=FLOAT)
     starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
     parts = []

@@ -20,6 +20,7 @@ import ast
 import hashlib
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -60,16 +61,41 @@ TARGETS = (
 
 
 # A line ending in this marker holds an equivalent mutant's site (a speed constant, a sentinel only
-# ever compared by sign): the marker says why, and its mutants are not run.
+# ever compared by sign): the marker says why, and its mutants are not run. Naming operators
+# (`# mutation: equivalent Gt_NotEq (why)`) excludes only the mutants whose operator name ends
+# in one of them, so the line's other mutants still run.
 EQUIVALENT = "# mutation: equivalent"
+_MARKER = re.compile(re.escape(EQUIVALENT) + r"(?: (?P<operators>[A-Za-z_]+(?:,[A-Za-z_]+)*))? \(")
 
 
-def _function_lines(path: Path, names: tuple[str, ...] | None) -> set[int] | None:
-    """Source lines to mutate: the named top-level functions' (None: every line), less the EQUIVALENT ones."""
+@dataclass(frozen=True)
+class Scope:
+    """The mutants of a target that count: on its lines, less the ones marked equivalent."""
+
+    lines: set[int] | None  # None: every line
+    equivalent: dict[int, tuple[str, ...]]  # line -> operator name endings excluded there (empty: all)
+
+    def covers(self, line: int, operator: str) -> bool:
+        """Whether the mutant `operator` at `line` is run and scored."""
+        if self.lines is not None and line not in self.lines:
+            return False
+        excluded = self.equivalent.get(line)
+        return excluded is None or (len(excluded) > 0 and not operator.endswith(excluded))
+
+
+def _scope(path: Path, names: tuple[str, ...] | None) -> Scope:
+    """The lines of the named top-level functions (None: every line) and the equivalence markers."""
     text = path.read_text()
-    equivalent = {number for number, line in enumerate(text.splitlines(), start=1) if EQUIVALENT in line}
+    equivalent: dict[int, tuple[str, ...]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if EQUIVALENT in line:
+            marker = _MARKER.search(line)
+            if marker is None:
+                raise SystemExit(f"{path}:{number}: write the marker as '{EQUIVALENT} [OPERATOR,...] (why)'")
+            operators = marker.group("operators")
+            equivalent[number] = tuple(operators.split(",")) if operators else ()
     if names is None:
-        return set(range(1, len(text.splitlines()) + 1)) - equivalent
+        return Scope(None, equivalent)
     lines: set[int] = set()
     found = set()
     for node in ast.parse(text).body:
@@ -79,7 +105,7 @@ def _function_lines(path: Path, names: tuple[str, ...] | None) -> set[int] | Non
     missing = set(names) - found
     if missing:
         raise SystemExit(f"{path}: no function {', '.join(sorted(missing))}")
-    return lines - equivalent
+    return Scope(lines, equivalent)
 
 
 def _config(target: Target, timeout_s: float) -> str:
@@ -108,21 +134,21 @@ def _reopen(db_path: Path) -> None:
         connection.execute("DELETE FROM work_results WHERE worker_outcome = 'SKIPPED' OR test_outcome = 'SURVIVED'")
 
 
-def _skip_outside(db_path: Path, keep: set[int] | None, chosen: set[str] | None) -> int:
-    """Mark mutants outside the kept lines, or not chosen, as skipped; the number left to run."""
+def _skip_outside(db_path: Path, scope: Scope, chosen: set[str] | None) -> int:
+    """Mark mutants outside the scope, or not chosen, as skipped; the number left to run."""
     left = 0
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         for item in list(db.pending_work_items):
-            line = item.mutations[0].start_pos[0]
-            if (keep is not None and line not in keep) or (chosen is not None and item.job_id not in chosen):
+            spec = item.mutations[0]
+            if not scope.covers(spec.start_pos[0], spec.operator_name) or (chosen is not None and item.job_id not in chosen):
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
             else:
                 left += 1
     return left
 
 
-def _pending_ids(db_path: Path, keep: set[int] | None) -> list[tuple[tuple[str, int, int, str, int], str]]:
-    """(stable key, job id) of the mutants on kept lines, ordered by the key.
+def _pending_ids(db_path: Path, scope: Scope) -> list[tuple[tuple[str, int, int, str, int], str]]:
+    """(stable key, job id) of the mutants in scope not yet run, ordered by the key.
 
     Job ids are random per `cosmic-ray init`, so a seeded sample is drawn from this order (file,
     line, column, operator, occurrence): the same source gives the same sample on every run.
@@ -131,18 +157,18 @@ def _pending_ids(db_path: Path, keep: set[int] | None) -> list[tuple[tuple[str, 
         found = []
         for item in db.pending_work_items:
             spec = item.mutations[0]
-            if keep is None or spec.start_pos[0] in keep:
+            if scope.covers(spec.start_pos[0], spec.operator_name):
                 found.append(((str(spec.module_path), spec.start_pos[0], spec.start_pos[1], spec.operator_name, spec.occurrence), item.job_id))
     return sorted(found)
 
 
-def _results(db_path: Path, keep: set[int] | None) -> tuple[int, int, int, list[str]]:
-    """(killed, survived, not yet run, one line per survivor) of a session, on its kept lines."""
+def _results(db_path: Path, scope: Scope) -> tuple[int, int, int, list[str]]:
+    """(killed, survived, not yet run, one line per survivor) of a session's mutants in scope."""
     killed = survived = 0
     survivors = []
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         items = {item.job_id: item for item in db.work_items}
-        in_scope = {job for job, item in items.items() if keep is None or item.mutations[0].start_pos[0] in keep}
+        in_scope = {job for job, item in items.items() if scope.covers(item.mutations[0].start_pos[0], item.mutations[0].operator_name)}
         done = set()
         for job_id, result in db.results:
             if result.worker_outcome == WorkerOutcome.SKIPPED or job_id not in in_scope:
@@ -231,10 +257,10 @@ def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str
         sessions = []
         for target in targets:
             config, db_path = _session(target, folder.resolve(), args.timeout_s, environ)
-            sessions.append((target, config, db_path, _function_lines(ROOT / target.path, target.functions)))
+            sessions.append((target, config, db_path, _scope(ROOT / target.path, target.functions)))
         chosen: set[str] | None = None
         if args.sample or args.limit:
-            everything = [pending for _, _, db_path, keep in sessions for pending in _pending_ids(db_path, keep)]
+            everything = [pending for _, _, db_path, scope in sessions for pending in _pending_ids(db_path, scope)]
             if args.sample:
                 everything = random.Random(args.seed).sample(everything, min(args.sample, len(everything)))
             if args.limit:
@@ -243,14 +269,14 @@ def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str
         total_killed = total_survived = total_left = ran = 0
         all_survivors: list[str] = []
         executing = 0.0
-        for target, config, db_path, keep in sessions:
-            left = _skip_outside(db_path, keep, chosen)
+        for target, config, db_path, scope in sessions:
+            left = _skip_outside(db_path, scope, chosen)
             if left:
                 began = time.monotonic()
                 subprocess.run(["cosmic-ray", "exec", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)
                 executing += time.monotonic() - began
                 ran += left
-            killed, survived, pending, survivors = _results(db_path, keep)
+            killed, survived, pending, survivors = _results(db_path, scope)
             total_killed += killed
             total_survived += survived
             total_left += pending

@@ -198,6 +198,16 @@ def test_the_l2_prox_shrinks_the_mean_by_n_rho_over_n_rho_plus_lambda_z() -> Non
     assert prox_l2(np.array([[3.0]]), np.array([1]), ADMMParams(rho=0.25, prox="l2", lambda_z=0.25)).tolist() == [[1.5]]
 
 
+def test_a_contribution_of_another_shape_is_refused_naming_both_shapes() -> None:
+    """One row or one column too many or too few: a ValueError that names the shape sent and the one expected."""
+    rows = np.array([0, 1, 2])
+    for shape in ((4, 2), (3, 3), (2, 2), (3, 1)):
+        with pytest.raises(ValueError, match=rf"^contribution has shape \({shape[0]}, {shape[1]}\), expected \(3, 2\)$"):
+            consensus_mean([(rows, np.zeros(shape, np.float32))], n_rows=5, rank=2)
+    with pytest.raises(ValueError, match="^contribution names a row twice$"):
+        consensus_mean([(np.array([0, 1, 0]), np.zeros((3, 2), np.float32))], n_rows=5, rank=2)
+
+
 # ----- the sampled protocol: 1000 candidates on test, 100 on validation -----
 
 

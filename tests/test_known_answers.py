@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from cryptography.hazmat.primitives import serialization
 
 from cdimf.common.config import NodeConfig, ValidationParams
-from cdimf.common.core.admm import ADMMParams, consensus, consensus_mean, dual_update, prox_l2, proximal_target
+from cdimf.common.core.admm import ADMMParams, blockwise_consensus, consensus, consensus_mean, dual_update, prox_l2, proximal_target
 from cdimf.common.core.evaluation import draw_candidates
 from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
 from cdimf.common.core.metrics import sample_negatives, sampled_ranks
@@ -299,3 +299,16 @@ def test_ranks_with_no_training_pairs_at_all_count_only_the_scores() -> None:
     for method in ("gemm", "gather"):
         ranks = sampled_ranks(users, items, candidates, np.array([0, 1]), sp.csr_matrix((2, 4), dtype=np.float32), method=method)
         np.testing.assert_array_equal(ranks, [3, 1])
+
+
+def test_blockwise_consensus_of_one_row_and_of_rows_not_filling_a_block() -> None:
+    """One shared row, and 5 rows in blocks of 2 (the last block short): the mean over holders by hand."""
+    one = [(np.array([0]), np.array([[2.0, 4.0]], np.float32)), (np.array([0]), np.array([[4.0, 0.0]], np.float32))]
+    for block_rows in (None, 1, 64):
+        z = blockwise_consensus(one, 1, 2, ADMMParams(rho=1.0), block_rows)
+        assert z.tolist() == [[3.0, 2.0]]
+    a = (np.array([4, 0, 2]), np.array([[1.0], [2.0], [3.0]], np.float32))
+    b = (np.array([1, 4]), np.array([[5.0], [7.0]], np.float32))
+    for block_rows in (1, 2, 3, 5, 6):
+        z = blockwise_consensus([a, b], 5, 1, ADMMParams(rho=1.0), block_rows)
+        assert z[:, 0].tolist() == [2.0, 5.0, 3.0, 0.0, 4.0]

@@ -43,7 +43,7 @@ def consensus_mean(
 def _has_repeats(values: np.ndarray) -> bool:
     """Whether an array holds a value twice (sort-based: numpy's hashing unique is far slower here)."""
     ordered = np.sort(values, kind="stable")
-    return bool(np.any(ordered[1:] == ordered[:-1]))
+    return bool(np.any(ordered[1:] == ordered[:-1]))  # mutation: equivalent Eq_LtE (sorted: a next value <= the previous is equal)
 
 
 def prox_identity(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:

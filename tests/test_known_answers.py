@@ -17,7 +17,16 @@ import scipy.sparse as sp
 from cryptography.hazmat.primitives import serialization
 
 from cdimf.common.config import NodeConfig, ValidationParams
-from cdimf.common.core.admm import ADMMParams, blockwise_consensus, consensus, consensus_mean, dual_update, prox_l2, proximal_target
+from cdimf.common.core.admm import (
+    ADMMParams,
+    blockwise_consensus,
+    consensus,
+    consensus_mean,
+    dual_update,
+    prox_identity,
+    prox_l2,
+    proximal_target,
+)
 from cdimf.common.core.evaluation import draw_candidates
 from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
 from cdimf.common.core.metrics import sample_negatives, sampled_ranks
@@ -204,8 +213,18 @@ def test_a_contribution_of_another_shape_is_refused_naming_both_shapes() -> None
     for shape in ((4, 2), (3, 3), (2, 2), (3, 1)):
         with pytest.raises(ValueError, match=rf"^contribution has shape \({shape[0]}, {shape[1]}\), expected \(3, 2\)$"):
             consensus_mean([(rows, np.zeros(shape, np.float32))], n_rows=5, rank=2)
-    with pytest.raises(ValueError, match="^contribution names a row twice$"):
-        consensus_mean([(np.array([0, 1, 0]), np.zeros((3, 2), np.float32))], n_rows=5, rank=2)
+    for repeated in ([0, 1, 0], [3, 1, 3], [4, 2, 0, 2]):  # the smallest row twice, or another one
+        with pytest.raises(ValueError, match="^contribution names a row twice$"):
+            consensus_mean([(np.array(repeated), np.zeros((len(repeated), 2), np.float32))], n_rows=5, rank=2)
+
+
+def test_the_identity_prox_returns_the_mean_as_a_copy() -> None:
+    """Z = mean, in a new array: changing Z leaves the mean it came from as it was."""
+    mean = np.array([[1.5, -2.0], [0.0, 3.0]], np.float32)
+    z = prox_identity(mean, np.array([1, 2]), ADMMParams(rho=1.0))
+    assert z.tolist() == [[1.5, -2.0], [0.0, 3.0]] and z.dtype == np.float32
+    z[0, 0] = 9.0
+    assert mean[0, 0] == 1.5
 
 
 # ----- the sampled protocol: 1000 candidates on test, 100 on validation -----

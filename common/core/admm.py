@@ -35,7 +35,7 @@ def consensus_mean(
         total[rows] += values
         holders[rows] += 1
     mean = np.zeros((n_rows, rank), dtype=FLOAT)
-    held = holders > 0
+    held = holders > 0  # mutation: equivalent Gt_NotEq (a count is never negative)
     mean[held] = (total[held] / holders[held, None]).astype(FLOAT)
     return mean, holders
 

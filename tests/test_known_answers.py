@@ -331,3 +331,50 @@ def test_blockwise_consensus_of_one_row_and_of_rows_not_filling_a_block() -> Non
     for block_rows in (1, 2, 3, 5, 6):
         z = blockwise_consensus([a, b], 5, 1, ADMMParams(rho=1.0), block_rows)
         assert z[:, 0].tolist() == [2.0, 5.0, 3.0, 0.0, 4.0]
+
+
+def test_a_consensus_of_another_shape_is_refused_naming_both_shapes_and_changes_nothing() -> None:
+    """Two shared rows at rank 2: a Z with a row or a column too many or too few is a ValueError
+    naming both shapes, and the duals, the consensus and the exchange count stay as they were."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))
+    trainer = DomainTrainer("sport", train, IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0, 2]))
+    duals = trainer.state.duals.copy()
+    for shape in ((3, 2), (2, 3), (1, 2), (2, 1)):
+        with pytest.raises(ValueError, match=rf"^domain sport: consensus has shape \({shape[0]}, {shape[1]}\), expected \(2, 2\)$"):
+            trainer.receive_consensus(np.zeros(shape, np.float32))
+    assert trainer.state.exchanges == 0 and trainer.state.consensus is None
+    np.testing.assert_array_equal(trainer.state.duals, duals)
+
+
+def test_an_ials_epoch_with_cg_warm_starts_both_half_steps_with_three_steps_by_default() -> None:
+    """ials_epoch(method="cg") without cg_steps: the users' half-step, 3 CG steps from the users passed
+    in, then the items' from the items passed in given the new users; a different count gives other factors."""
+    from cdimf.common.core.model import ials_epoch
+
+    rng = np.random.default_rng(5)
+    train = sp.random(30, 20, density=0.3, format="csr", random_state=5, dtype=np.float32)
+    train.data[:] = 1.0
+    train_t = train.T.tocsr()
+    users, items = rng.standard_normal((30, 4)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)
+    ridge_u, ridge_i = np.full(30, 0.5), np.full(20, 0.5)
+    got_users, got_items = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method="cg",
+                                      backend="numpy")
+    want_users = solve_half_step(train, items, 0.1, ridge_u, None, 1, method="cg", cg_steps=3, initial=users, backend="numpy")
+    want_items = solve_half_step(train_t, want_users, 0.1, ridge_i, None, 1, method="cg", cg_steps=3, initial=items, backend="numpy")
+    np.testing.assert_array_equal(got_users, want_users)
+    np.testing.assert_array_equal(got_items, want_items)
+    four, _ = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method="cg", cg_steps=4,
+                         backend="numpy")
+    assert not np.allclose(four, got_users, rtol=1e-6, atol=1e-7)
+
+
+def test_a_trainer_counts_its_epochs_and_exchanges_from_zero() -> None:
+    """A new trainer has done 0 epochs and 0 exchanges; each local epoch adds 1, each received Z adds 1."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))
+    trainer = DomainTrainer("sport", train, IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0, 2]))
+    assert (trainer.state.epochs, trainer.state.exchanges) == (0, 0)
+    trainer.local_epochs(2)
+    assert (trainer.state.epochs, trainer.state.exchanges) == (2, 0)
+    trainer.receive_consensus(np.zeros((2, 2), np.float32))
+    trainer.local_epochs(1)
+    assert (trainer.state.epochs, trainer.state.exchanges) == (3, 1)

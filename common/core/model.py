@@ -77,7 +77,7 @@ class DomainTrainer:
     def proximal(self) -> Proximal | None:
         """The proximal term on shared rows (target Z - U), or None before the first Z or when rho = 0."""
         state = self.state
-        if self.rho == 0.0 or state.consensus is None or len(self.shared_rows) == 0:
+        if self.rho == 0.0 or state.consensus is None or len(self.shared_rows) == 0:  # mutation: equivalent Eq_LtE (a length)
             return None
         return Proximal(self.shared_rows, proximal_target(state.consensus, state.duals), self.rho)
 

@@ -72,14 +72,7 @@ rho = 1.0
 def test_reproduce_any_pair_by_path_json(tmp_path: Path) -> None:
     """A pair in generic CSV, given only by paths in a config, trains all three models and reports JSON."""
     write_pair(tmp_path)
-    config = tmp_path / "pair.toml"
-    config.write_text(CONFIG)
-    done = subprocess.run(
-        [sys.executable, "-m", "cdimf", "reproduce", str(config), "--json"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = reproduce_json(tmp_path, CONFIG)
     assert [r["model"] for r in report["results"]] == ["ALS-separate", "ALS-joined", "CDIMF"]
     for result in report["results"]:
         assert set(result["metrics"]) == {"shop", "video"}

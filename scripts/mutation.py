@@ -194,23 +194,31 @@ def _clear_bytecode() -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def _fingerprint(target: Target, config: str) -> str:
+def _fingerprint(target: Target, timeout_s: float) -> str:
     """What a session's verdicts depend on: the source's syntax tree with positions (comments,
-    such as an equivalence marker, leave it alone) and the session config (tests, timeout)."""
+    such as an equivalence marker, leave it alone), the tests and the timeout (not the interpreter's
+    path, so that another checkout of the same source reads the same session)."""
     tree = ast.dump(ast.parse((ROOT / target.path).read_text()), include_attributes=True)
-    return hashlib.sha256((tree + "\0" + config).encode()).hexdigest()
+    return hashlib.sha256("\0".join((tree, *target.tests, repr(timeout_s))).encode()).hexdigest()
 
 
-def _session(target: Target, folder: Path, timeout_s: float, environ: dict[str, str]) -> tuple[Path, Path]:
+def _session(target: Target, folder: Path, timeout_s: float, environ: dict[str, str], report: bool = False) -> tuple[Path, Path] | None:
     """(config, database) of a target's session in `folder`: the one there if its fingerprint still
-    holds (reopened), else a fresh `cosmic-ray init`."""
+    holds (reopened), else a fresh `cosmic-ray init`. With `report`, the one there as it is, or
+    None when there is none for this source."""
     slug = target.path.replace("/", "_").removesuffix(".py")
     config_path, db_path, key_path = folder / f"{slug}.toml", folder / f"{slug}.sqlite", folder / f"{slug}.key"
     config = _config(target, timeout_s)
-    key = _fingerprint(target, config)
+    key = _fingerprint(target, timeout_s)
     if db_path.exists() and key_path.exists() and key_path.read_text() == key:
-        _reopen(db_path)
+        if not report:
+            _reopen(db_path)
+            # this checkout's interpreter and tests: a session made by another checkout must not
+            # test that checkout's package
+            config_path.write_text(config)
         return config_path, db_path
+    if report:
+        return None
     for stale in (db_path, key_path):
         stale.unlink(missing_ok=True)
     config_path.write_text(config)
@@ -230,6 +238,8 @@ def main() -> int:
     parser.add_argument("--session-dir", type=Path, default=None,
                         help="keep the sessions here and resume them: killed mutants are not run again "
                              "(default: a temporary folder, a fresh run)")
+    parser.add_argument("--report", action="store_true",
+                        help="with --session-dir: print the sessions' scores and survivors so far, run nothing")
     parser.add_argument("--limit", type=int, default=0,
                         help="run at most this many not yet run mutants now, in file and line order (0: all)")
     args = parser.parse_args()
@@ -256,7 +266,11 @@ def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str
         folder.mkdir(parents=True, exist_ok=True)
         sessions = []
         for target in targets:
-            config, db_path = _session(target, folder.resolve(), args.timeout_s, environ)
+            found = _session(target, folder.resolve(), args.timeout_s, environ, args.report)
+            if found is None:
+                print(f"{target.path}: no session for this source yet", flush=True)
+                continue
+            config, db_path = found
             sessions.append((target, config, db_path, _scope(ROOT / target.path, target.functions)))
         chosen: set[str] | None = None
         if args.sample or args.limit:
@@ -270,7 +284,7 @@ def _run(targets: list[Target], args: argparse.Namespace, environ: dict[str, str
         all_survivors: list[str] = []
         executing = 0.0
         for target, config, db_path, scope in sessions:
-            left = _skip_outside(db_path, scope, chosen)
+            left = 0 if args.report else _skip_outside(db_path, scope, chosen)
             if left:
                 began = time.monotonic()
                 subprocess.run(["cosmic-ray", "exec", str(config), str(db_path)], cwd=ROOT, env=environ, check=True)

@@ -293,8 +293,12 @@ def test_pseudonyms_are_hmac_sha256_of_the_context_and_the_key_under_the_secret(
 def test_a_row_outside_the_matrix_is_refused_naming_the_valid_range() -> None:
     """A shared row past the last user is refused with the range of rows that exist (0..n-1, here 0..5)."""
     train = sp.csr_matrix(np.eye(6, 4, dtype=np.float32))
-    with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
-        DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array([1, 6]))
+    for rows in ([1, 6], [1, 9], [-1, 2]):
+        with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
+            DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array(rows))
+    for field, rows in (("shared_rows", [3, 1]), ("shared_rows", [2, 2]), ("receiver_rows", [5, 4])):
+        with pytest.raises(ValueError, match=f"^{field} must be sorted and unique$"):
+            DomainTrainer("shop", sp.csr_matrix((6, 4), dtype=np.float32), IALSParams(rank=2), rho=1.0, **{field: np.array(rows)})
 
 
 def test_a_catalog_outside_the_items_is_refused_at_either_end() -> None:
@@ -344,6 +348,12 @@ def test_a_consensus_of_another_shape_is_refused_naming_both_shapes_and_changes_
             trainer.receive_consensus(np.zeros(shape, np.float32))
     assert trainer.state.exchanges == 0 and trainer.state.consensus is None
     np.testing.assert_array_equal(trainer.state.duals, duals)
+    cold = DomainTrainer("sport", sp.csr_matrix(np.eye(4, 3, dtype=np.float32)),  # row 3 has no interactions
+                         IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0]), receiver_rows=np.array([3]))
+    for shape in ((2, 2), (1, 3), (0, 2)):
+        with pytest.raises(ValueError, match=rf"^domain sport: receiver consensus has shape \({shape[0]}, {shape[1]}\), expected \(1, 2\)$"):
+            cold.receive_consensus(np.zeros((1, 2), np.float32), np.zeros(shape, np.float32))
+    assert cold.state.exchanges == 0 and cold.state.receiver_consensus is None
 
 
 def test_an_ials_epoch_with_cg_warm_starts_both_half_steps_with_three_steps_by_default() -> None:

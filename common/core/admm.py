@@ -55,7 +55,7 @@ def prox_l2(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.nda
     """Z = mean * N rho / (N rho + lambda_z) with N holders per row (rows nobody holds stay 0)."""
     weight = holders.astype(np.float64) * params.rho
     denom = weight + params.lambda_z
-    scale = np.divide(weight, denom, out=np.zeros_like(weight), where=denom > 0)  # mutation: equivalent Gt_NotEq,NumberReplacer (lambda_z > 0)
+    scale = np.divide(weight, denom, out=np.zeros_like(weight), where=denom > 0)  # mutation: equivalent NotEq,GtE,NumberReplacer (lambda_z > 0)
     return (mean * scale[:, None]).astype(FLOAT)
 
 

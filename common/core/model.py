@@ -185,7 +185,7 @@ def ials_epoch(
 
     With method "cg" each half-step is warm-started from the factors passed in.
     """
-    warm = method == "cg"  # only CG starts from the current factors
+    warm = method == "cg"  # only CG starts from the current factors  # mutation: equivalent Eq_GtE (the exact solve ignores a start)
     users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, method=method, cg_steps=cg_steps,
                             initial=users if warm else None, backend=backend)
     items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, method=method, cg_steps=cg_steps,

@@ -4,6 +4,7 @@
     python scripts/mutation.py --sample 20        # a seeded sample of 20 mutants over all targets (CI)
     python scripts/mutation.py --only admm        # the targets whose path contains "admm"
     python scripts/mutation.py --session-dir .mutation --limit 100   # resumable: 100 more each call
+    python scripts/mutation.py --session-dir .mutation --report      # the score so far, nothing run
 
 With --session-dir the sessions persist: a later call (after a kill, on another day) runs only
 the mutants not yet killed, so a full campaign accumulates over several calls; a source whose

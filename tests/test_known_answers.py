@@ -367,7 +367,8 @@ def test_an_ials_epoch_with_cg_warm_starts_both_half_steps_with_three_steps_by_d
     train_t = train.T.tocsr()
     users, items = rng.standard_normal((30, 4)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)
     ridge_u, ridge_i = np.full(30, 0.5), np.full(20, 0.5)
-    got_users, got_items = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method="cg",
+    cg = "".join(["c", "g"])  # a method name as read from a file: equal to the literal, not the same object
+    got_users, got_items = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method=cg,
                                       backend="numpy")
     want_users = solve_half_step(train, items, 0.1, ridge_u, None, 1, method="cg", cg_steps=3, initial=users, backend="numpy")
     want_items = solve_half_step(train_t, want_users, 0.1, ridge_i, None, 1, method="cg", cg_steps=3, initial=items, backend="numpy")
@@ -388,3 +389,27 @@ def test_a_trainer_counts_its_epochs_and_exchanges_from_zero() -> None:
     trainer.receive_consensus(np.zeros((2, 2), np.float32))
     trainer.local_epochs(1)
     assert (trainer.state.epochs, trainer.state.exchanges) == (3, 1)
+
+
+def test_the_proximal_term_of_one_shared_row_and_when_there_is_none() -> None:
+    """One shared row gets the term (target Z - U, weight rho); rho = 0 or no shared rows give none;
+    a receiver row with interactions is refused; the trainer keeps its own copy of Z."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
+    params = IALSParams(rank=2, backend="numpy", threads=1)
+    one = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([2]))
+    z = np.array([[1.0, -1.0]], np.float32)
+    x = one.state.users[2].copy()
+    one.receive_consensus(z)
+    z[:] = 99.0  # the caller's array changes afterwards; the trainer's Z must not
+    prox = one.proximal()
+    assert prox is not None and prox.rows.tolist() == [2] and prox.rho == 0.7
+    np.testing.assert_allclose(prox.target, [[1.0 - (x[0] - 1.0), -1.0 - (x[1] + 1.0)]], rtol=1e-6)  # Z - U, U = X - Z
+    assert one.state.consensus.tolist() == [[1.0, -1.0]]
+    plain = DomainTrainer("sport", train, params, rho=0.0, shared_rows=np.array([2]))
+    plain.receive_consensus(np.ones((1, 2), np.float32))
+    assert plain.proximal() is None
+    alone = DomainTrainer("sport", train, params, rho=0.7)
+    alone.receive_consensus(np.zeros((0, 2), np.float32))
+    assert alone.proximal() is None
+    with pytest.raises(ValueError, match="^domain sport: receiver rows must have no interactions$"):
+        DomainTrainer("sport", train, params, rho=0.7, receiver_rows=np.array([1, 3]))

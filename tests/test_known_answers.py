@@ -413,3 +413,27 @@ def test_the_proximal_term_of_one_shared_row_and_when_there_is_none() -> None:
     assert alone.proximal() is None
     with pytest.raises(ValueError, match="^domain sport: receiver rows must have no interactions$"):
         DomainTrainer("sport", train, params, rho=0.7, receiver_rows=np.array([1, 3]))
+
+
+def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_step_by_value() -> None:
+    """Row ids must be one-dimensional (a scalar or a matrix is refused); the trainer keeps its own
+    copy of the receivers' Z; epochs_to_contribution(2) then the item half-step are 2 epochs; a
+    user_step read from a file ("paper", equal to the literal but another object) is the paper's step."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
+    params = IALSParams(rank=2, backend="numpy", threads=1)
+    for rows in (np.array(1), np.array([[0, 1]])):
+        with pytest.raises(ValueError, match="^shared_rows must be one-dimensional$"):
+            DomainTrainer("sport", train, params, rho=0.7, shared_rows=rows)
+    trainer = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([0]), receiver_rows=np.array([3]),
+                            user_step="".join(["pa", "per"]))
+    trainer.epochs_to_contribution(2)
+    trainer.items_half_step()
+    assert trainer.state.epochs == 2
+    receivers = np.array([[0.5, 0.25]], np.float32)
+    trainer.receive_consensus(np.ones((1, 2), np.float32), receivers)
+    receivers[:] = 9.0
+    assert trainer.state.receiver_consensus.tolist() == [[0.5, 0.25]]
+    assert trainer.scoring_users()[3].tolist() == [0.5, 0.25]
+    ridge, prox = trainer.user_system()
+    assert prox is not None and prox.rho == 0.7  # the paper's step: rho on both sides
+    np.testing.assert_array_equal(ridge, trainer.user_ridge)

@@ -426,6 +426,7 @@ def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_s
             DomainTrainer("sport", train, params, rho=0.7, shared_rows=rows)
     trainer = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([0]), receiver_rows=np.array([3]),
                             user_step="".join(["pa", "per"]))
+    np.testing.assert_array_equal(trainer.scoring_users(), trainer.state.users)  # before any Z: the local factors
     trainer.epochs_to_contribution(2)
     trainer.items_half_step()
     assert trainer.state.epochs == 2

@@ -52,3 +52,39 @@ def test_the_samplers_block_size_never_changes_the_draw(monkeypatch: pytest.Monk
     for draws in (1, 1 << 30):
         monkeypatch.setattr(metrics, "_SAMPLER_CHUNK_DRAWS", draws)
         np.testing.assert_array_equal(sample_negatives(500, users, items, exclude, 99, seed=4), default)
+
+
+def test_the_evaluation_boundaries_by_hand() -> None:
+    """negatives >= 1 and k >= 1 (0 refused, 1 accepted); a catalog that leaves one negative gives
+    one, none is refused; HeldOut is frozen; top_k leaves seen items out even when every score is
+    negative, returns only what is available (nothing when all is seen) with float32 scores."""
+    import dataclasses
+
+    from cdimf.common.core.evaluation import HeldOut, draw_candidates, evaluate, top_k
+
+    users, items = np.array([0, 1]), np.array([0, 1])
+    with pytest.raises(ValueError, match="^negatives must be >= 1, got 0$"):
+        draw_candidates(5, users, items, 2, seed=0, negatives=0)
+    held = draw_candidates(5, users, items, 2, seed=0, negatives=1, shrink=False)
+    assert held.candidates.shape == (2, 2)
+    # two items: each row's user holds one held-out item, so exactly one negative is left
+    assert draw_candidates(2, users, items, 2, seed=0, negatives=999).candidates.shape == (2, 2)
+    with pytest.raises(ValueError, match="leaves no negatives"):
+        draw_candidates(1, np.array([0]), np.array([0]), 1, seed=0, negatives=999)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        held.users = users  # type: ignore[misc]
+    train = sp.csr_matrix((2, 5), dtype=np.float32)
+    vectors = np.ones((2, 1), np.float32)
+    with pytest.raises(ValueError, match="^k must be >= 1, got 0$"):
+        evaluate(held, vectors, np.ones((5, 1), np.float32), train, 0)
+    assert evaluate(held, vectors, np.arange(5, 0, -1, dtype=np.float32)[:, None], train, 1)["HR@1"] == 1.0
+    item_vecs = -np.arange(1, 6, dtype=np.float32)[:, None]  # scores -1..-5: item 0 best
+    best, scores = top_k(np.ones(1, np.float32), item_vecs, np.array([0, 1, 1]), 10)
+    assert best.tolist() == [2, 3, 4] and scores.tolist() == [-3.0, -4.0, -5.0] and scores.dtype == np.float32
+    best, scores = top_k(np.ones(1, np.float32), item_vecs, np.array([0]), 1)
+    assert best.tolist() == [1] and scores.tolist() == [-2.0]
+    best, scores = top_k(np.ones(1, np.float32), item_vecs, np.arange(5), 3)
+    assert best.shape == (0,) and scores.shape == (0,) and scores.dtype == np.float32
+    best, scores = top_k(np.ones(1, np.float32), item_vecs, np.array([], np.int64), 0)
+    assert best.shape == (0,) and scores.shape == (0,)
+    assert isinstance(HeldOut, type)

@@ -99,13 +99,14 @@ def test_train_follow_status_recommend_and_health(tmp_path: Path, processes: Pro
     assert second.returncode == 0, second.stderr
     assert "round    1  sport        valid HR@10 (59 neg) " in second.stderr and "%" in second.stderr
     assert "run cli-run-2: 1/1 rounds" in second.stderr, "one progress line per round on a non-terminal"
-    runs, log, log_text, missing, test_eval, full_eval, exported, warm_now, cold_now = cdimf_all(
+    runs, log, log_text, missing, test_eval, full_eval, full_test, exported, warm_now, cold_now = cdimf_all(
         ["runs", "--aggregator", aggregator, "--insecure", "--json"],
         ["log", "cli-run", "--aggregator", aggregator, "--insecure", "--json"],
         ["log", "cli-run", "--aggregator", aggregator, "--insecure"],
         ["log", "no-such-run", "--aggregator", aggregator, "--insecure", "--json"],
         ["evaluate", "--node", sport, "--insecure", "--json"],
         ["evaluate", "--node", sport, "--split", "valid", "--protocol", "full", "-k", "5", "--insecure", "--json"],
+        ["evaluate", "--node", sport, "--split", "test", "--protocol", "full", "-k", "5", "--insecure", "--json"],
         ["export", "--node-config", str(_node_config(tmp_path)), "--out", str(tmp_path / "export"), "--json"],
         ["recommend", "--node", sport, "--user", user_key(3), "-k", "3", "--insecure", "--json", "--include-seen"],
         ["recommend", "--node", sport, "--user", user_key(91), "--insecure", "--json", "--include-seen"],
@@ -113,7 +114,12 @@ def test_train_follow_status_recommend_and_health(tmp_path: Path, processes: Pro
     listed = json.loads(runs.stdout)["runs"]
     assert [(r["run_id"], r["state"], r["round"], r["rounds"]) for r in listed] == [("cli-run", "finished", 2, 2), ("cli-run-2", "finished", 1, 1)]
     history = json.loads(log.stdout)
-    assert history["run_id"] == "cli-run" and history["events"][-1]["kind"] in ("run_finished", "metrics")
+    assert history["run_id"] == "cli-run"
+    # the final round's metrics may be logged before or after run_finished; everything else is fixed
+    kinds = [e["kind"] for e in history["events"]]
+    assert kinds[0] == "run_started" and sorted(kinds[1:]) == ["metrics"] * 4 + ["round_closed"] * 2 + ["run_finished"]
+    assert kinds.index("run_finished") > max(i for i, kind in enumerate(kinds) if kind == "round_closed")
+    assert kinds[kinds.index("run_finished") + 1:] in ([], ["metrics"], ["metrics", "metrics"])
     assert {(e["domain"], e["round"]) for e in history["events"] if e["kind"] == "metrics"} == {(d, r) for d in ("sport", "cloth") for r in (1, 2)}
     assert [e["round"] for e in history["events"] if e["kind"] == "round_closed"] == [1, 2]
     assert "round_closed" in log_text.stdout and "valid NDCG@10 (59 neg)" in log_text.stdout
@@ -124,9 +130,14 @@ def test_train_follow_status_recommend_and_health(tmp_path: Path, processes: Pro
     assert set(sampled["metrics"]) == {f"test HR@10 ({sampled['negatives']} neg)", f"test NDCG@10 ({sampled['negatives']} neg)"}
     full = json.loads(full_eval.stdout)
     assert full["protocol"] == "full" and "valid Recall@5 (full catalog)" in full["metrics"], full
-    assert all(0.0 <= value <= 100.0 for value in [*sampled["metrics"].values(), *full["metrics"].values()])
+    # a hit rate is hits over the 4 test rows
+    assert sampled["metrics"][f"test HR@10 ({sampled['negatives']} neg)"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     _check_export(tmp_path / "export", json.loads(warm_now.stdout), json.loads(cold_now.stdout))
+    expected = _full_catalog_by_brute_force(tmp_path / "export", tmp_path / "data", 5)
+    reported = json.loads(full_test.stdout)["metrics"]
+    for name, value in expected.items():
+        assert reported[f"test {name} (full catalog)"] == pytest.approx(100 * value, abs=1e-3), (name, reported)
 
 
 def missing_error(stdout: str) -> str:
@@ -162,6 +173,38 @@ def _check_export(folder: Path, warm: dict, cold: dict) -> None:
         best = np.argsort(-scores, kind="stable")[: len(reply["items"])]
         assert item_ids[best].tolist() == [entry["item"] for entry in reply["items"]]
         np.testing.assert_allclose(scores[best], [entry["score"] for entry in reply["items"]], rtol=1e-4)
+
+
+def _full_catalog_by_brute_force(export: Path, data: Path, k: int) -> dict[str, float]:
+    """Full-catalog HR, NDCG, Recall and Coverage@k of sport's test file, from the exported factors:
+    per test user, the k best items of the whole catalog less its training items."""
+    import numpy as np
+
+    user_ids = np.load(export / "sport.user_ids.npy").tolist()
+    item_ids = np.load(export / "sport.item_ids.npy").tolist()
+    users, items = np.load(export / "sport.user_factors.npy").astype(np.float64), np.load(export / "sport.item_factors.npy").astype(np.float64)
+
+    def read(name: str) -> dict[int, set[int]]:
+        rows: dict[int, set[int]] = {}
+        for line in (data / name).read_text().splitlines()[1:]:
+            user, item = line.split(",")
+            rows.setdefault(user_ids.index(user), set()).add(item_ids.index(item))
+        return rows
+
+    trained, tested = read("sport_train.csv"), read("sport_test.csv")
+    hr = ndcg = recall = 0.0
+    shown: set[int] = set()
+    for user, relevant in tested.items():
+        scores = items @ users[user]
+        scores[list(trained.get(user, ()))] = -np.inf
+        top = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+        shown |= set(top)
+        hits = [position for position, item in enumerate(top) if item in relevant]
+        hr += bool(hits)
+        ndcg += sum(1 / np.log2(p + 2) for p in hits) / sum(1 / np.log2(p + 2) for p in range(min(len(relevant), k)))
+        recall += len(hits) / len(relevant)
+    n = len(tested)
+    return {f"HR@{k}": hr / n, f"NDCG@{k}": ndcg / n, f"Recall@{k}": recall / n, f"Coverage@{k}": len(shown) / len(item_ids)}
 
 
 async def _wait_until_running(aggregator: str) -> None:

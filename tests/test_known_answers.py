@@ -17,7 +17,16 @@ import scipy.sparse as sp
 from cryptography.hazmat.primitives import serialization
 
 from cdimf.common.config import NodeConfig, ValidationParams
-from cdimf.common.core.admm import ADMMParams, consensus, consensus_mean, dual_update, prox_l2, proximal_target
+from cdimf.common.core.admm import (
+    ADMMParams,
+    blockwise_consensus,
+    consensus,
+    consensus_mean,
+    dual_update,
+    prox_identity,
+    prox_l2,
+    proximal_target,
+)
 from cdimf.common.core.evaluation import draw_candidates
 from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
 from cdimf.common.core.metrics import sample_negatives, sampled_ranks
@@ -198,6 +207,26 @@ def test_the_l2_prox_shrinks_the_mean_by_n_rho_over_n_rho_plus_lambda_z() -> Non
     assert prox_l2(np.array([[3.0]]), np.array([1]), ADMMParams(rho=0.25, prox="l2", lambda_z=0.25)).tolist() == [[1.5]]
 
 
+def test_a_contribution_of_another_shape_is_refused_naming_both_shapes() -> None:
+    """One row or one column too many or too few: a ValueError that names the shape sent and the one expected."""
+    rows = np.array([0, 1, 2])
+    for shape in ((4, 2), (3, 3), (2, 2), (3, 1)):
+        with pytest.raises(ValueError, match=rf"^contribution has shape \({shape[0]}, {shape[1]}\), expected \(3, 2\)$"):
+            consensus_mean([(rows, np.zeros(shape, np.float32))], n_rows=5, rank=2)
+    for repeated in ([0, 1, 0], [3, 1, 3], [4, 2, 0, 2]):  # the smallest row twice, or another one
+        with pytest.raises(ValueError, match="^contribution names a row twice$"):
+            consensus_mean([(np.array(repeated), np.zeros((len(repeated), 2), np.float32))], n_rows=5, rank=2)
+
+
+def test_the_identity_prox_returns_the_mean_as_a_copy() -> None:
+    """Z = mean, in a new array: changing Z leaves the mean it came from as it was."""
+    mean = np.array([[1.5, -2.0], [0.0, 3.0]], np.float32)
+    z = prox_identity(mean, np.array([1, 2]), ADMMParams(rho=1.0))
+    assert z.tolist() == [[1.5, -2.0], [0.0, 3.0]] and z.dtype == np.float32
+    z[0, 0] = 9.0
+    assert mean[0, 0] == 1.5
+
+
 # ----- the sampled protocol: 1000 candidates on test, 100 on validation -----
 
 
@@ -268,8 +297,12 @@ def test_pseudonyms_are_hmac_sha256_of_the_context_and_the_key_under_the_secret(
 def test_a_row_outside_the_matrix_is_refused_naming_the_valid_range() -> None:
     """A shared row past the last user is refused with the range of rows that exist (0..n-1, here 0..5)."""
     train = sp.csr_matrix(np.eye(6, 4, dtype=np.float32))
-    with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
-        DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array([1, 6]))
+    for rows in ([1, 6], [1, 9], [-1, 2]):
+        with pytest.raises(ValueError, match=re.escape("shared_rows has a row outside 0..5")):
+            DomainTrainer("shop", train, IALSParams(rank=2), rho=1.0, shared_rows=np.array(rows))
+    for field, rows in (("shared_rows", [3, 1]), ("shared_rows", [2, 2]), ("receiver_rows", [5, 4])):
+        with pytest.raises(ValueError, match=f"^{field} must be sorted and unique$"):
+            DomainTrainer("shop", sp.csr_matrix((6, 4), dtype=np.float32), IALSParams(rank=2), rho=1.0, **{field: np.array(rows)})
 
 
 def test_a_catalog_outside_the_items_is_refused_at_either_end() -> None:
@@ -293,3 +326,119 @@ def test_ranks_with_no_training_pairs_at_all_count_only_the_scores() -> None:
     for method in ("gemm", "gather"):
         ranks = sampled_ranks(users, items, candidates, np.array([0, 1]), sp.csr_matrix((2, 4), dtype=np.float32), method=method)
         np.testing.assert_array_equal(ranks, [3, 1])
+
+
+def test_blockwise_consensus_of_one_row_and_of_rows_not_filling_a_block() -> None:
+    """One shared row, and 5 rows in blocks of 2 (the last block short): the mean over holders by hand."""
+    one = [(np.array([0]), np.array([[2.0, 4.0]], np.float32)), (np.array([0]), np.array([[4.0, 0.0]], np.float32))]
+    for block_rows in (None, 1, 64):
+        z = blockwise_consensus(one, 1, 2, ADMMParams(rho=1.0), block_rows)
+        assert z.tolist() == [[3.0, 2.0]]
+    a = (np.array([4, 0, 2]), np.array([[1.0], [2.0], [3.0]], np.float32))
+    b = (np.array([1, 4]), np.array([[5.0], [7.0]], np.float32))
+    for block_rows in (1, 2, 3, 5, 6):
+        z = blockwise_consensus([a, b], 5, 1, ADMMParams(rho=1.0), block_rows)
+        assert z[:, 0].tolist() == [2.0, 5.0, 3.0, 0.0, 4.0]
+
+
+def test_a_consensus_of_another_shape_is_refused_naming_both_shapes_and_changes_nothing() -> None:
+    """Two shared rows at rank 2: a Z with a row or a column too many or too few is a ValueError
+    naming both shapes, and the duals, the consensus and the exchange count stay as they were."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))
+    trainer = DomainTrainer("sport", train, IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0, 2]))
+    duals = trainer.state.duals.copy()
+    for shape in ((3, 2), (2, 3), (1, 2), (2, 1)):
+        with pytest.raises(ValueError, match=rf"^domain sport: consensus has shape \({shape[0]}, {shape[1]}\), expected \(2, 2\)$"):
+            trainer.receive_consensus(np.zeros(shape, np.float32))
+    assert trainer.state.exchanges == 0 and trainer.state.consensus is None
+    np.testing.assert_array_equal(trainer.state.duals, duals)
+    cold = DomainTrainer("sport", sp.csr_matrix(np.eye(4, 3, dtype=np.float32)),  # row 3 has no interactions
+                         IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0]), receiver_rows=np.array([3]))
+    for shape in ((2, 2), (1, 3), (0, 2)):
+        with pytest.raises(ValueError, match=rf"^domain sport: receiver consensus has shape \({shape[0]}, {shape[1]}\), expected \(1, 2\)$"):
+            cold.receive_consensus(np.zeros((1, 2), np.float32), np.zeros(shape, np.float32))
+    assert cold.state.exchanges == 0 and cold.state.receiver_consensus is None
+
+
+def test_an_ials_epoch_with_cg_warm_starts_both_half_steps_with_three_steps_by_default() -> None:
+    """ials_epoch(method="cg") without cg_steps: the users' half-step, 3 CG steps from the users passed
+    in, then the items' from the items passed in given the new users; a different count gives other factors."""
+    from cdimf.common.core.model import ials_epoch
+
+    rng = np.random.default_rng(5)
+    train = sp.random(30, 20, density=0.3, format="csr", random_state=5, dtype=np.float32)
+    train.data[:] = 1.0
+    train_t = train.T.tocsr()
+    users, items = rng.standard_normal((30, 4)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)
+    ridge_u, ridge_i = np.full(30, 0.5), np.full(20, 0.5)
+    cg = "".join(["c", "g"])  # a method name as read from a file: equal to the literal, not the same object
+    got_users, got_items = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method=cg,
+                                      backend="numpy")
+    want_users = solve_half_step(train, items, 0.1, ridge_u, None, 1, method="cg", cg_steps=3, initial=users, backend="numpy")
+    want_items = solve_half_step(train_t, want_users, 0.1, ridge_i, None, 1, method="cg", cg_steps=3, initial=items, backend="numpy")
+    np.testing.assert_array_equal(got_users, want_users)
+    np.testing.assert_array_equal(got_items, want_items)
+    four, _ = ials_epoch(train, train_t, users.copy(), items.copy(), 0.1, ridge_u, ridge_i, threads=1, method="cg", cg_steps=4,
+                         backend="numpy")
+    assert not np.allclose(four, got_users, rtol=1e-6, atol=1e-7)
+
+
+def test_a_trainer_counts_its_epochs_and_exchanges_from_zero() -> None:
+    """A new trainer has done 0 epochs and 0 exchanges; each local epoch adds 1, each received Z adds 1."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))
+    trainer = DomainTrainer("sport", train, IALSParams(rank=2, backend="numpy", threads=1), rho=1.0, shared_rows=np.array([0, 2]))
+    assert (trainer.state.epochs, trainer.state.exchanges) == (0, 0)
+    trainer.local_epochs(2)
+    assert (trainer.state.epochs, trainer.state.exchanges) == (2, 0)
+    trainer.receive_consensus(np.zeros((2, 2), np.float32))
+    trainer.local_epochs(1)
+    assert (trainer.state.epochs, trainer.state.exchanges) == (3, 1)
+
+
+def test_the_proximal_term_of_one_shared_row_and_when_there_is_none() -> None:
+    """One shared row gets the term (target Z - U, weight rho); rho = 0 or no shared rows give none;
+    a receiver row with interactions is refused; the trainer keeps its own copy of Z."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
+    params = IALSParams(rank=2, backend="numpy", threads=1)
+    one = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([2]))
+    z = np.array([[1.0, -1.0]], np.float32)
+    x = one.state.users[2].copy()
+    one.receive_consensus(z)
+    z[:] = 99.0  # the caller's array changes afterwards; the trainer's Z must not
+    prox = one.proximal()
+    assert prox is not None and prox.rows.tolist() == [2] and prox.rho == 0.7
+    np.testing.assert_allclose(prox.target, [[1.0 - (x[0] - 1.0), -1.0 - (x[1] + 1.0)]], rtol=1e-6)  # Z - U, U = X - Z
+    assert one.state.consensus.tolist() == [[1.0, -1.0]]
+    plain = DomainTrainer("sport", train, params, rho=0.0, shared_rows=np.array([2]))
+    plain.receive_consensus(np.ones((1, 2), np.float32))
+    assert plain.proximal() is None
+    alone = DomainTrainer("sport", train, params, rho=0.7)
+    alone.receive_consensus(np.zeros((0, 2), np.float32))
+    assert alone.proximal() is None
+    with pytest.raises(ValueError, match="^domain sport: receiver rows must have no interactions$"):
+        DomainTrainer("sport", train, params, rho=0.7, receiver_rows=np.array([1, 3]))
+
+
+def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_step_by_value() -> None:
+    """Row ids must be one-dimensional (a scalar or a matrix is refused); the trainer keeps its own
+    copy of the receivers' Z; epochs_to_contribution(2) then the item half-step are 2 epochs; a
+    user_step read from a file ("paper", equal to the literal but another object) is the paper's step."""
+    train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
+    params = IALSParams(rank=2, backend="numpy", threads=1)
+    for rows in (np.array(1), np.array([[0, 1]])):
+        with pytest.raises(ValueError, match="^shared_rows must be one-dimensional$"):
+            DomainTrainer("sport", train, params, rho=0.7, shared_rows=rows)
+    trainer = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([0]), receiver_rows=np.array([3]),
+                            user_step="".join(["pa", "per"]))
+    np.testing.assert_array_equal(trainer.scoring_users(), trainer.state.users)  # before any Z: the local factors
+    trainer.epochs_to_contribution(2)
+    trainer.items_half_step()
+    assert trainer.state.epochs == 2
+    receivers = np.array([[0.5, 0.25]], np.float32)
+    trainer.receive_consensus(np.ones((1, 2), np.float32), receivers)
+    receivers[:] = 9.0
+    assert trainer.state.receiver_consensus.tolist() == [[0.5, 0.25]]
+    assert trainer.scoring_users()[3].tolist() == [0.5, 0.25]
+    ridge, prox = trainer.user_system()
+    assert prox is not None and prox.rho == 0.7  # the paper's step: rho on both sides
+    np.testing.assert_array_equal(ridge, trainer.user_ridge)

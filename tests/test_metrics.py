@@ -76,7 +76,11 @@ def test_sampled_ranks_paths_agree_on_random_data() -> None:
     gemm = sampled_ranks(user_vecs, item_vecs, candidates, users, train, method="gemm")
     gather = sampled_ranks(user_vecs, item_vecs, candidates, users, train, method="gather")
     assert np.array_equal(gemm, gather)
-    assert gemm.min() >= 1 and gemm.max() <= 50
+    # float64 brute force: 1 + the negatives outside the user's training items scoring at least the target
+    trained = train.toarray() != 0
+    scores = np.einsum("rk,rck->rc", user_vecs[users].astype(np.float64), item_vecs[candidates].astype(np.float64))
+    above = (scores[:, 1:] >= scores[:, :1]) & ~trained[users[:, None], candidates[:, 1:]]
+    np.testing.assert_array_equal(gemm, 1 + above.sum(axis=1))
 
 
 def test_sampled_ranks_rejects_nan_factors() -> None:
@@ -180,9 +184,10 @@ def test_full_catalog_metrics_by_hand() -> None:
     assert metrics["NDCG@2"] == pytest.approx(((1 / math.log2(3)) / ideal_two + (1 / math.log2(3)) / 1) / 2)
     assert metrics["Coverage@2"] == pytest.approx(4 / 6)
     assert metrics["users"] == 2.0
-    # the serving top-k recommends the same items
-    recommended = {int(item) for user in (0, 1) for item in top_k(user_vecs[user], item_vecs, train[user].indices, 2)[0]}
-    assert len(recommended) / 6 == pytest.approx(4 / 6)
+    # the serving top-k recommends the same items, best first, with their scores
+    for user, (expected_items, expected_scores) in enumerate((([2, 5], [3.0, 2.5]), ([0, 1], [4.0, 3.0]))):
+        items, scores = top_k(user_vecs[user], item_vecs, train[user].indices, 2)
+        assert items.tolist() == expected_items and scores.tolist() == expected_scores
 
 
 def test_full_catalog_default_catalog_is_training_items() -> None:

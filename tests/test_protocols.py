@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from test_reproduce import CONFIG, write_pair
+from test_reproduce import CONFIG, CROSS_CONFIG, write_cross_domain_pair, write_pair
 
 from cdimf.common.config import ConfigError
 from cdimf.pairs import load_pair
@@ -55,22 +55,27 @@ def test_test_pairs_seen_in_train_are_counted_and_dropped_or_kept() -> None:
 
 
 def test_reproduce_reports_both_protocols_and_the_seen_pairs(tmp_path: Path) -> None:
-    """A test file repeating 3 training pairs: reproduce counts them, drops them, and prints both protocols."""
-    write_pair(tmp_path)
+    """A test file repeating 3 training pairs: reproduce counts them, drops them, and prints both protocols.
+
+    On video every user is tested on the one item of its group it did not train on (see
+    write_cross_domain_pair): under every protocol (the paper code's, DisenCDR/UniCDR's, the full
+    catalog less training items) no untrained item of the user's group competes, so a model that
+    learnt the groups ranks the target first and every metric is exactly 1."""
+    write_cross_domain_pair(tmp_path, seed=0)
     train_lines = (tmp_path / "shop_train.csv").read_text().splitlines()[1:]
     test = tmp_path / "shop_test.csv"
-    test.write_text(test.read_text() + "".join(f"{line}\n" for line in train_lines[:21:7]))  # 3 pairs of 3 users
+    test.write_text(test.read_text() + "".join(f"{line}\n" for line in train_lines[:24:8]))  # one pair each of u0, u1, u2
     config = tmp_path / "pair.toml"
-    config.write_text(CONFIG.replace('models = ["ALS-separate", "ALS-joined", "CDIMF"]', 'models = ["CDIMF"]'))
+    config.write_text(CROSS_CONFIG.replace('models = ["ALS-separate", "ALS-joined", "CDIMF"]', 'models = ["CDIMF"]'))
     done = subprocess.run([sys.executable, "-m", "cdimf", "reproduce", str(config), "--json"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["results"][0]
     assert result["seen_test_pairs"] == {"shop": 3, "video": 0}
-    for metrics in result["metrics"].values():
-        assert {"test HR@10 (19 neg)", "test NDCG@10 (19 neg)", "test HR@10 (19 unseen neg)", "test NDCG@10 (19 unseen neg)",
-                "test HR@10 (full catalog)"} <= set(metrics)
-        assert 0.0 <= metrics["test NDCG@10 (19 unseen neg)"] <= metrics["test HR@10 (19 unseen neg)"] <= 100.0
+    video = result["metrics"]["video"]  # video's target is the only untrained item of the user's group: ranked first, 100 %
+    for name in ("test HR@10 (19 neg)", "test NDCG@10 (19 neg)", "test HR@10 (19 unseen neg)", "test NDCG@10 (19 unseen neg)",
+                 "test HR@10 (full catalog)", "test NDCG@10 (full catalog)"):
+        assert video[name] == pytest.approx(100.0, abs=1e-9), name
     table = subprocess.run([sys.executable, "-m", "cdimf", "reproduce", str(config)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert table.returncode == 0, table.stderr
     assert "test (19 unseen neg)" in table.stdout and "DisenCDR/UniCDR" in table.stdout

@@ -87,25 +87,55 @@ def _alive(pid: int, started: int) -> bool:
 def test_simulate_runs_the_federation_with_mutual_tls_and_prints_the_table(tmp_path: Path) -> None:
     """Two rounds (--rounds overrides the file): both domains evaluated over mutual TLS, all processes gone.
 
-    min_domains = 1: the run must still wait for both nodes, not start with whichever registered first."""
+    min_domains = 1: the run must still wait for both nodes, not start with whichever registered first.
+    The [validation] table reaches every node: each validates only in round 2 (every 2, and the
+    last round), names its metrics at k = 5 against 7 negatives, and cloth's final row (its valid
+    split) ranks 8 candidates, so at k = 10 every target is a hit: HR = 100 % exactly."""
     config = _config(tmp_path, min_domains=1)
+    config.write_text(config.read_text() + "\n[validation]\nevery = 2\nnegatives = 7\nk = 5\n")
     done = subprocess.run([sys.executable, "-m", "cdimf", "simulate", "--config", str(config), "--rounds", "2", "--json"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert results["rounds"] == 2 and results["transport"] == "mutual TLS"
     assert sorted(results["admitted"]) == ["cloth", "sport"]
-    assert results["domains"]["sport"]["split"] == "test" and results["domains"]["sport"]["users"] == 4
-    assert results["domains"]["cloth"]["split"] == "valid"
-    for row in results["domains"].values():
-        split, neg = row["split"], row["negatives"]
-        assert isinstance(row["round"], int) and row["round"] == 2 and neg >= 1
-        metrics = row["metrics"]
-        assert 0.0 <= metrics[f"{split} NDCG@10 ({neg} neg)"] <= metrics[f"{split} HR@10 ({neg} neg)"] <= 100.0
+    sport, cloth = results["domains"]["sport"], results["domains"]["cloth"]
+    assert sport["split"] == "test" and sport["users"] == 4 and sport["round"] == 2
+    assert cloth["split"] == "valid" and cloth["negatives"] == 7 and cloth["round"] == 2
+    assert cloth["metrics"]["valid HR@10 (7 neg)"] == 100.0
+    # a hit rate is hits / rows: a whole number of the 4 test rows
+    hits = sport["metrics"][f"test HR@10 ({sport['negatives']} neg)"] * sport["users"] / 100
+    assert hits == pytest.approx(round(hits), abs=1e-3)
     assert results["ok"] is True
-    # the per-round history: every round closed, the end last
-    assert [e["round"] for e in results["history"] if e["kind"] == "round_closed"] == [1, 2]
-    assert results["history"][-1]["kind"] in ("run_finished", "metrics")
+    history = results["history"]
+    assert history[0]["kind"] == "run_started"
+    kinds = [e["kind"] for e in history]
+    assert kinds.count("run_finished") == 1 and kinds.count("round_closed") == 2
+    assert [e["round"] for e in history if e["kind"] == "round_closed"] == [1, 2]
+    assert kinds.index("run_finished") > max(i for i, kind in enumerate(kinds) if kind == "round_closed")
+    validated = {(e["round"], e["domain"]): e["metrics"] for e in history if e["kind"] == "metrics"}
+    assert len([e for e in history if e["kind"] == "metrics"]) == 2 and set(validated) == {(2, "sport"), (2, "cloth")}
+    for metrics in validated.values():
+        assert set(metrics) == {"valid HR@5 (7 neg)", "valid NDCG@5 (7 neg)"}
+    cloth_hits = validated[(2, "cloth")]["valid HR@5 (7 neg)"] * cloth["users"] / 100
+    assert cloth_hits == pytest.approx(round(cloth_hits), abs=1e-3)
+
+
+def test_simulate_defaults_are_the_warm_sport_cloth_pair_for_ten_synchronous_rounds() -> None:
+    """Without --config simulate runs the embedded warm Sport & Cloth pair: 10 synchronous rounds at
+    rank 64 (rho 1, identity prox, both domains required), the paper-format files shipped in the package."""
+    from cdimf.simulate import SimulateConfig
+
+    config = SimulateConfig()
+    assert [d.name for d in config.domains] == ["sport", "cloth"]
+    for domain, folder in zip(config.domains, ("sport_cloth", "cloth_sport")):
+        assert domain.data_format == "paper"
+        assert domain.train_path.parts[-3:] == ("warm-start_sport_cloth", folder, "train.txt") and domain.train_path.is_file()
+        assert domain.test_path is not None and domain.test_path.parts[-3:] == ("warm-start_sport_cloth", folder, "test.txt")
+        assert domain.test_path.is_file()
+    assert config.run.rounds == 10 and config.run.rank == 64 and config.run.min_domains == 2
+    assert config.run.admm.rho == 1.0 and config.run.admm.prox == "identity" and config.insecure is False
+    assert config.run.round_deadline_s == 0.0  # synchronous: every round waits for every domain
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

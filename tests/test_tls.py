@@ -64,7 +64,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ProbeServer:
-    """A grpc.aio server with the health service and one test method guarded by the Authorizer's require_domain."""
+    """A grpc.aio server with one test method guarded by the Authorizer's require_domain."""
 
     def __init__(self, insecure: bool, interceptors: list[grpc.aio.ServerInterceptor]) -> None:
         """Prepare an unstarted server; `insecure` is passed to the Authorizer."""
@@ -77,8 +77,6 @@ class ProbeServer:
         self.server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("cdimf.test.Probe", {"Speak": handler})]
         )
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     async def speak(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Accept the call only for the domain its certificate names, recording who got in."""
@@ -244,19 +242,36 @@ def test_client_refuses_an_aggregator_from_another_ca(pki: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_health_service_answers_over_mutual_tls(pki: Path) -> None:
-    """The aggregator's own certificate can probe its health endpoint (what a HEALTHCHECK does)."""
+def test_health_service_answers_over_mutual_tls(pki: Path, tmp_path: Path) -> None:
+    """The real aggregator over mutual TLS answers the health check (what a HEALTHCHECK does) to any
+    federation certificate, for the server and for its service by name, NOT_FOUND for a service it
+    does not run, and nothing to a certificate from another CA."""
+    ca = pki / "ca.pem"
+
+    async def check(credentials: grpc.ChannelCredentials, port: int, service: str) -> object:
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return reply.status
 
     async def scenario() -> None:
-        async with probe_server(pki) as probe:
-            credentials = channels.channel_credentials(pki / "ca.pem", pki / "aggregator.pem", pki / "aggregator.key")
-            async with channels.create_channel(f"localhost:{probe.port}", credentials) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                await probe.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
-                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        config = AggregatorConfig(
+            listen="127.0.0.1:0", state_dir=tmp_path,
+            tls=TLSConfig(ca_file=ca, cert_file=pki / "aggregator.pem", key_file=pki / "aggregator.key"),
+        )
+        running = await start_aggregator(config)
+        try:
+            for party in ("aggregator", "operator", "sport", "cloth"):
+                credentials = channels.channel_credentials(ca, pki / f"{party}.pem", pki / f"{party}.key")
+                for service in ("", "cdimf.v1.Aggregator"):
+                    assert await check(credentials, running.port, service) == health_pb2.HealthCheckResponse.SERVING, (party, service)
+                assert await check(credentials, running.port, "cdimf.v1.DomainNode") == grpc.StatusCode.NOT_FOUND
+            rogue = raw_credentials(ca, pki / "sport-rogue.pem", pki / "sport-rogue.key")
+            assert await check(rogue, running.port, "") == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await running.stop()
 
     asyncio.run(scenario())
 

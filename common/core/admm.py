@@ -40,7 +40,7 @@ def consensus_mean(
         # rows are unique within one domain, so fancy-index accumulation is exact
         total[rows] += values
         holders[rows] += 1
-    held = holders > 0
+    held = holders > 0  # mutation: equivalent Gt_NotEq (a count is never negative)
     # divided in place where held (rows nobody sent stay 0): no masked copies of the block
     np.divide(total, holders[:, None], out=total, where=held[:, None])
     return total.astype(FLOAT), holders
@@ -54,7 +54,7 @@ def _is_increasing(values: np.ndarray) -> bool:
 def _has_repeats(values: np.ndarray) -> bool:
     """Whether an array holds a value twice (sort-based: numpy's hashing unique is far slower here)."""
     ordered = np.sort(values, kind="stable")
-    return bool(np.any(ordered[1:] == ordered[:-1]))
+    return bool(np.any(ordered[1:] == ordered[:-1]))  # mutation: equivalent Eq_LtE (sorted: a next value <= the previous is equal)
 
 
 def prox_identity(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.ndarray:
@@ -66,7 +66,7 @@ def prox_l2(mean: np.ndarray, holders: np.ndarray, params: ADMMParams) -> np.nda
     """Z = mean * N rho / (N rho + lambda_z) with N holders per row (rows nobody holds stay 0)."""
     weight = holders.astype(np.float64) * params.rho
     denom = weight + params.lambda_z
-    scale = np.divide(weight, denom, out=np.zeros_like(weight), where=denom > 0)
+    scale = np.divide(weight, denom, out=np.zeros_like(weight), where=denom > 0)  # mutation: equivalent NotEq,GtE,NumberReplacer (lambda_z > 0)
     return (mean * scale[:, None]).astype(FLOAT)
 
 
@@ -101,7 +101,7 @@ def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray
 
 # blockwise_consensus works on blocks of rows whose float64 temporaries take about this many
 # bytes: small enough to stay in cache
-CONSENSUS_BLOCK_BYTES = 512 * 1024
+CONSENSUS_BLOCK_BYTES = 512 * 1024  # mutation: equivalent (block size: every row's consensus is the same in any block)
 
 
 def blockwise_consensus(
@@ -114,7 +114,7 @@ def blockwise_consensus(
     block_rows None: rows of about CONSENSUS_BLOCK_BYTES of float64 at this rank.
     """
     if block_rows is None:
-        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))
+        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))  # mutation: equivalent (block size, at least 64 rows)
     z = np.empty((n_rows, rank), dtype=FLOAT)
     starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
     parts: list[tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]] = []

@@ -20,9 +20,9 @@ from cdimf.common.core.sparse import canonical_csr
 FLOAT = np.float32
 # Scores held at once when ranking by GEMM (rows x catalog floats): bounds peak memory.
 _SAMPLED_CHUNK_FLOATS = 1 << 23  # mutation: equivalent (block size: memory and speed only)
-# Draws per sampler block. The negatives depend on it (blocks consume the generator in turn):
-# changing it changes which negatives a seed gives.
-_SAMPLER_CHUNK_DRAWS = 1 << 22  # mutation: equivalent (another seeded stream of the same uniform draw)
+# Draws per sampler block: memory only. The blocks consume the generator in row order, so a seed
+# gives the same negatives in any block size.
+_SAMPLER_CHUNK_DRAWS = 1 << 22  # mutation: equivalent (block size: the same draws in any block)
 _FULL_CHUNK_FLOATS = 1 << 23  # mutation: equivalent (block size: memory and speed only)
 # A gathered block small enough to stay in cache (about 8 MiB).
 _GATHER_CHUNK_FLOATS = 1 << 21  # mutation: equivalent (block size: speed only)
@@ -118,7 +118,7 @@ def _negatives_by_rejection(rng: np.random.Generator, n_pool: int, excluded_rows
     while pending.size:
         n_draws = generosity * _draws_for(n_pool, n_negatives + int(n_excluded[pending].max(initial=0)))
         generosity *= 2
-        chunk = max(1, _SAMPLER_CHUNK_DRAWS // n_draws)
+        chunk = max(1, _SAMPLER_CHUNK_DRAWS // n_draws)  # mutation: equivalent (rows per block: the same draws in any block)
         short = []
         for start in range(0, pending.size, chunk):
             rows = pending[start:start + chunk]

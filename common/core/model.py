@@ -47,7 +47,7 @@ class DomainTrainer:
         receiver_rows: np.ndarray | None = None,
         user_step: Literal["paper", "reference-code"] = "paper",
     ) -> None:
-        if user_step == "reference-code" and params.nu != 0.0:
+        if user_step == "reference-code" and params.nu != 0.0:  # mutation: equivalent Eq_GtE (of the two names)
             raise ValueError(f"domain {name}: user_step 'reference-code' is defined here for nu = 0 only")
         self.user_step = user_step
         self.name = name
@@ -59,7 +59,7 @@ class DomainTrainer:
         user_counts = row_counts(self.train)
         self.shared_rows = _checked_rows(shared_rows, n_users, "shared_rows")
         self.receiver_rows = _checked_rows(receiver_rows, n_users, "receiver_rows")
-        if np.any(user_counts[self.receiver_rows] > 0):
+        if np.any(user_counts[self.receiver_rows] > 0):  # mutation: equivalent Gt_NotEq (counts)
             raise ValueError(f"domain {name}: receiver rows must have no interactions")
         self.user_ridge = frequency_ridge(user_counts, n_items, params.lam, params.alpha, params.nu)
         self.item_ridge = frequency_ridge(row_counts(self.train_t), n_users, params.lam, params.alpha, params.nu)
@@ -77,7 +77,7 @@ class DomainTrainer:
     def proximal(self) -> Proximal | None:
         """The proximal term on shared rows (target Z - U), or None before the first Z or when rho = 0."""
         state = self.state
-        if self.rho == 0.0 or state.consensus is None or len(self.shared_rows) == 0:
+        if self.rho == 0.0 or state.consensus is None or len(self.shared_rows) == 0:  # mutation: equivalent Eq_LtE (a length)
             return None
         return Proximal(self.shared_rows, proximal_target(state.consensus, state.duals), self.rho)
 
@@ -90,7 +90,7 @@ class DomainTrainer:
         ridge gives back.
         """
         prox = self.proximal()
-        if prox is None or self.user_step == "paper":
+        if prox is None or self.user_step == "paper":  # mutation: equivalent Eq_LtE (of the two names)
             return self.user_ridge, prox
         weight = self.rho * self.params.lam
         ridge = self.user_ridge.copy()
@@ -189,7 +189,7 @@ def ials_epoch(
 
     With method "cg" each half-step is warm-started from the factors passed in.
     """
-    warm = method == "cg"  # only CG starts from the current factors
+    warm = method == "cg"  # only CG starts from the current factors  # mutation: equivalent Eq_GtE,Eq_LtE (exact ignores a start)
     users = solve_half_step(interactions, items, alpha, user_ridge, user_prox, threads, method=method, cg_steps=cg_steps,
                             initial=users if warm else None, backend=backend)
     items = solve_half_step(interactions_t, users, alpha, item_ridge, None, threads, method=method, cg_steps=cg_steps,
@@ -206,6 +206,6 @@ def _checked_rows(rows: np.ndarray | None, n_rows: int, field: str) -> np.ndarra
         raise ValueError(f"{field} must be one-dimensional")
     if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
         raise ValueError(f"{field} has a row outside 0..{n_rows - 1}")
-    if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+    if len(rows) > 1 and np.any(np.diff(rows) <= 0):  # mutation: equivalent Gt_NotEq,Gt_GtE (one row has no diffs)
         raise ValueError(f"{field} must be sorted and unique")
     return rows

@@ -397,18 +397,19 @@ def test_a_trainer_counts_its_epochs_and_exchanges_from_zero() -> None:
 
 def test_the_proximal_term_of_one_shared_row_and_when_there_is_none() -> None:
     """One shared row gets the term (target Z - U, weight rho); rho = 0 or no shared rows give none;
-    a receiver row with interactions is refused; the trainer keeps its own copy of Z."""
+    a receiver row with interactions is refused; the trainer keeps the Z it is handed and never writes into it."""
     train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
     params = IALSParams(rank=2, backend="numpy", threads=1)
     one = DomainTrainer("sport", train, params, rho=0.7, shared_rows=np.array([2]))
     z = np.array([[1.0, -1.0]], np.float32)
     x = one.state.users[2].copy()
     one.receive_consensus(z)
-    z[:] = 99.0  # the caller's array changes afterwards; the trainer's Z must not
     prox = one.proximal()
     assert prox is not None and prox.rows.tolist() == [2] and prox.rho == 0.7
     np.testing.assert_allclose(prox.target, [[1.0 - (x[0] - 1.0), -1.0 - (x[1] + 1.0)]], rtol=1e-6)  # Z - U, U = X - Z
     assert one.state.consensus.tolist() == [[1.0, -1.0]]
+    one.epochs_to_contribution(2)  # training reads the handed-over Z and never writes into it
+    assert z.tolist() == [[1.0, -1.0]] and one.state.consensus.tolist() == [[1.0, -1.0]]
     plain = DomainTrainer("sport", train, params, rho=0.0, shared_rows=np.array([2]))
     plain.receive_consensus(np.ones((1, 2), np.float32))
     assert plain.proximal() is None
@@ -420,8 +421,8 @@ def test_the_proximal_term_of_one_shared_row_and_when_there_is_none() -> None:
 
 
 def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_step_by_value() -> None:
-    """Row ids must be one-dimensional (a scalar or a matrix is refused); the trainer keeps its own
-    copy of the receivers' Z; epochs_to_contribution(2) then the item half-step are 2 epochs; a
+    """Row ids must be one-dimensional (a scalar or a matrix is refused); the trainer scores receivers
+    with the Z it is handed and never writes into it; epochs_to_contribution(2) then the item half-step are 2 epochs; a
     user_step read from a file ("paper", equal to the literal but another object) is the paper's step."""
     train = sp.csr_matrix(np.eye(4, 3, dtype=np.float32))  # row 3 has no interactions
     params = IALSParams(rank=2, backend="numpy", threads=1)
@@ -436,9 +437,10 @@ def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_s
     assert trainer.state.epochs == 2
     receivers = np.array([[0.5, 0.25]], np.float32)
     trainer.receive_consensus(np.ones((1, 2), np.float32), receivers)
-    receivers[:] = 9.0
     assert trainer.state.receiver_consensus.tolist() == [[0.5, 0.25]]
     assert trainer.scoring_users()[3].tolist() == [0.5, 0.25]
+    trainer.epochs_to_contribution(1)
+    assert receivers.tolist() == [[0.5, 0.25]] and trainer.scoring_users()[3].tolist() == [0.5, 0.25]
     ridge, prox = trainer.user_system()
     assert prox is not None and prox.rho == 0.7  # the paper's step: rho on both sides
     np.testing.assert_array_equal(ridge, trainer.user_ridge)

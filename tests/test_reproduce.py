@@ -177,7 +177,7 @@ def test_reproduce_orders_cdimf_over_joined_over_separate_on_a_pair_built_for_it
     separate, joined, cdimf = (by_model[m]["metrics"]["shop"] for m in ("ALS-separate", "ALS-joined", "CDIMF"))
     # a third of shop's test rows are cold users' (0 each for ALS-separate)
     assert np.mean(kind != 2) == pytest.approx(2 / 3)
-    assert separate[HR] <= 100 * 2 / 3 + 1e-6
+    assert separate[HR] <= 100 * 2 / 3 + 1e-3  # the JSON's % carry 4 decimals
     assert joined[HR] >= separate[HR] + 25
     assert joined[NDCG] >= separate[NDCG] + 10
     assert cdimf[HR] >= joined[HR]

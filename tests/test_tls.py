@@ -249,7 +249,7 @@ def test_health_service_answers_over_mutual_tls(pki: Path, tmp_path: Path) -> No
     ca = pki / "ca.pem"
 
     async def check(credentials: grpc.ChannelCredentials, port: int, service: str) -> object:
-        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+        async with channels.create_channel(f"localhost:{port}", credentials) as channel:  # signs each call, as `cdimf health` does
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:

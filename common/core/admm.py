@@ -32,7 +32,8 @@ def consensus_mean(
         if _has_repeats(rows):
             raise ValueError("contribution names a row twice")
         # every row once, in order (a fully shared block): the same sum without a gather and a scatter
-        ends = n_rows == 0 or (rows[0] == 0 and rows[-1] == n_rows - 1)  # mutation: equivalent (a wrong end only skips the fast path)
+        # (a block none of this domain's rows fall in has no rows: its ends are never read)
+        ends = len(rows) == 0 or (rows[0] == 0 and rows[-1] == n_rows - 1)  # mutation: equivalent (a wrong end only skips the fast path)
         if len(rows) == n_rows and ends and _is_increasing(rows):
             total += values
             holders += 1

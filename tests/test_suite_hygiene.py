@@ -21,8 +21,8 @@ def test_a_variable_exported_by_the_caller_does_not_reach_a_child(tmp_path: Path
         "import os, subprocess, sys\n"
         "def test_inner():\n"
         "    assert 'CDIMF_RUN__ROUNDS' not in os.environ and 'CDIMF_TLS__INSECURE' not in os.environ\n"
-        "    seen = subprocess.run([sys.executable, '-c', 'import os; print(sorted(n for n in os.environ if n.startswith(\"CDIMF_R\")))'],\n"
-        "                          capture_output=True, text=True, check=True).stdout.strip()\n"
+        "    probe = 'import os; print(sorted(n for n in os.environ if n in (\"CDIMF_RUN__ROUNDS\", \"CDIMF_TLS__INSECURE\")))'\n"
+        "    seen = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True).stdout.strip()\n"
         "    assert seen == '[]', seen\n"
     )
     path = tmp_path / "test_inner.py"

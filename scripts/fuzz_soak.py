@@ -7,8 +7,8 @@ Runs tests/test_fuzz_codec.py, tests/test_fuzz_config.py and tests/test_fuzz_rpc
 with FUZZ_EXAMPLES set (random draws instead of CI's fixed ones) and FUZZ_TALLY pointing at a
 file the tests count into (tests/fuzz_tally.py). An input is counted once it passed every check
 of its property: "refused" means refused cleanly (our error type naming the file, or a clean
-gRPC status with the server up and its state unchanged). pytest's own summary line follows,
-with the expected failures (xfail) that the tests mark and say why. Bounded by --timeout-minutes.
+gRPC status with the server up and its state unchanged). pytest's own summary line follows.
+Bounded by --timeout-minutes.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Suite-wide set-up: no CDIMF_* configuration from the caller's shell reaches the tests or the processes they start.
+"""Suite-wide set-up: no CDIMF_* configuration from the caller's shell reaches the tests or the processes they start,
+and the `processes` fixture (real `cdimf` processes of one test) for every test file.
 
 The config loader reads CDIMF_<FIELD> variables, and every `cdimf` child inherits this process's
 environment unless a test builds its own, so one exported CDIMF_ROUNDS or CDIMF_TLS__INSECURE
@@ -7,8 +8,12 @@ in a developer's shell would change what many tests run. They are removed before
 """
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.federation_harness import Processes, processes_fixture
 
 ENV_PREFIX = "CDIMF_"
 # variables the suite and CI read for themselves (not configuration of a cdimf process)
@@ -26,3 +31,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Put them back (for whatever runs pytest in-process)."""
     os.environ.update(_removed)
     _removed.clear()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Real processes, killed at the end of the test."""
+    yield from processes_fixture(tmp_path)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from cdimf.domain_node.service import MAX_USER_KEY_CHARS
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from cdimf.simulate import write_throwaway_certificates
-from tests.federation_harness import RANK, REPO_ROOT, Processes, port_of, processes_fixture, user_key, write_domains
+from tests.federation_harness import RANK, REPO_ROOT, Processes, port_of, user_key, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = b"test-federation-secret-32-bytes!"
@@ -34,11 +34,6 @@ PUSH = "/cdimf.v1.Aggregator/PushContribution"
 REPORT = "/cdimf.v1.Aggregator/ReportMetrics"
 UNDECODABLE = b"\xff\xff\xff\xff\xff"  # a field tag whose varint never ends: no protobuf message parses it
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 @asynccontextmanager

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,15 +19,10 @@ from cdimf.common.rpc.client_proof import ProvingCredentials
 from cdimf.common.security.pki import load_certificate, load_private_key
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.simulate import write_throwaway_certificates
-from tests.federation_harness import REPO_ROOT, Processes, closed_port, processes_fixture, user_key, write_domains
+from tests.federation_harness import REPO_ROOT, Processes, closed_port, user_key, write_domains
 
 pytestmark = pytest.mark.timeout(120)
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def cdimf(*arguments: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:

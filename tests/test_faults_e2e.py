@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,7 +23,6 @@ from tests.federation_harness import (
     assert_matches_engine,
     checkpoints,
     port_of,
-    processes_fixture,
     reference_engine,
     wait_for_checkpoints,
     wait_for_domains,
@@ -34,11 +32,6 @@ from tests.federation_harness import (
 ADMM = ADMMParams(rho=1.5, prox="l2", lambda_z=0.2)
 ROUNDS = 12
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def _limit_file_size(pid: int, limit: int) -> None:

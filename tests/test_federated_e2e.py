@@ -3,7 +3,6 @@ driven through the control API; the result is compared with the in-process engin
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,6 @@ from tests.federation_harness import (
     checkpoints,
     node_data,
     port_of,
-    processes_fixture,
     reference_engine,
     user_key,
     wait_for_checkpoints,
@@ -34,11 +32,6 @@ ADMM = ADMMParams(rho=1.5, prox="l2", lambda_z=0.2)
 # each node its own local hyperparameters (only the rank is the run's)
 LOCAL = {"sport": {"alpha": 0.05, "lam": 0.3, "nu": 0.0}, "cloth": {"alpha": 0.3, "lam": 0.8, "nu": 0.5}}
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 async def _run_to_end(address: str, params: RunParams, folder: Path) -> list[pb.RoundEvent]:

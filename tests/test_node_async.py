@@ -3,7 +3,6 @@
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,6 @@ from tests.federation_harness import (
     Processes,
     ials,
     node_data,
-    processes_fixture,
     seeds,
     wait_for_checkpoints,
     wait_for_domains,
@@ -39,11 +37,6 @@ PAUSED_ROUNDS = 4
 DEADLINE_S = 0.3
 POLL_S = 0.02
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def test_a_paused_node_does_not_stop_the_run_and_rejoins(tmp_path: Path, processes: Processes) -> None:

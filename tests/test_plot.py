@@ -3,7 +3,7 @@
 import json
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from cdimf.common.core.model import DomainTrainer
 from cdimf.figures import write_figures
 from cdimf.reproduce import held_out, load_splits
 from cdimf.reproduce_config import load_reproduce_config
-from tests.federation_harness import REPO_ROOT, Processes, processes_fixture, write_domains
+from tests.federation_harness import REPO_ROOT, Processes, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -136,11 +136,6 @@ def test_plot_the_shipped_warm_pairs_reproduce_json(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["panels"] == [{"title": "valid NDCG@10, mean over domains", "lines": ["ALS-separate", "ALS-joined", "CDIMF"]}]
     check_png(tmp_path / "warm.png", 460, 360, 3)
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def test_plot_a_federated_runs_history_from_log_json_stdin_and_the_aggregator(tmp_path: Path, processes: Processes) -> None:

@@ -12,22 +12,16 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from cdimf.common.rpc.aggregator_client import AggregatorClient
-from tests.federation_harness import REPO_ROOT, Processes, closed_port, processes_fixture, wait_for_domains, write_domains
+from tests.federation_harness import REPO_ROOT, Processes, closed_port, wait_for_domains, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def test_retries_say_what_for_how_long_and_when_they_give_up() -> None:

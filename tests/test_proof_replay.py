@@ -2,7 +2,6 @@
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,17 +13,12 @@ from cdimf.common.security import call_proof
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from cdimf.simulate import write_throwaway_certificates
-from tests.federation_harness import DOMAINS, RANK, REPO_ROOT, SECRET, Processes, processes_fixture, seeds, user_key, write_domains
+from tests.federation_harness import DOMAINS, RANK, REPO_ROOT, SECRET, Processes, seeds, user_key, write_domains
 
 pytestmark = pytest.mark.timeout(180)
 RECOMMEND = "/cdimf.v1.DomainNode/Recommend"
 PROOF_KEYS = {call_proof.CERTIFICATE_KEY, call_proof.TARGET_KEY, call_proof.TIME_KEY, call_proof.NONCE_KEY, call_proof.PROOF_KEY}
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def _tls_flags(settings: TLSConfig) -> list[str]:

@@ -7,7 +7,6 @@ way the engine draws them (numpy's generator, users then items), so both start e
 """
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from tests.federation_harness import (
     RANK,
     Processes,
     node_data,
-    processes_fixture,
     seeds,
     wait_for_checkpoints,
     wait_for_domains,
@@ -165,11 +163,6 @@ def test_the_engine_follows_the_dense_reference_round_by_round(admm: ADMMParams)
 
 # ----- the same against real processes -----
 
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """Real processes, killed at the end of the test."""
-    yield from processes_fixture(tmp_path)
 
 
 def test_a_federation_of_real_processes_follows_the_dense_reference(tmp_path: Path, processes: Processes) -> None:

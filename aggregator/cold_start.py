@@ -88,3 +88,15 @@ def over_cap_detail(registrations: Mapping[str, Registration], counts: ColdStart
             takers = ", ".join(f"{name} {count}" for name, count in counts.served_to(holder).items() if count)
             parts.append(f"{holder} would serve {total} > cap {cap} ({takers})")
     return "; ".join(parts)
+
+
+def served_lines(registrations: Mapping[str, Registration], counts: ColdStartCounts) -> list[str]:
+    """One line per holder that serves receiver rows: how many, to whom, and its cap (the aggregator logs them)."""
+    lines = []
+    for holder in counts.domains:
+        served = {name: count for name, count in counts.served_to(holder).items() if count}
+        if served:
+            cap = served_cap(registrations[holder])
+            lines.append(f"{holder} serves {counts.total_served(holder)} receiver rows ({', '.join(f'to {name} {count}' for name, count in served.items())};"
+                         f" cap {'none' if cap is None else cap})")
+    return lines

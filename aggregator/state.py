@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdimf.aggregator.cold_start import ColdStartCounts, cold_start_counts, over_cap_detail, require_within_caps, served_cap
+from cdimf.aggregator.cold_start import ColdStartCounts, cold_start_counts, over_cap_detail, require_within_caps, served_cap, served_lines
 from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, SavedRun, StateError, elapsed_since
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
 from cdimf.common.atomic_files import StateFileError
@@ -177,12 +177,8 @@ class AggregatorState:
             raise StateError("UNAVAILABLE", f"the aggregator cannot save the registration: {error}") from error
         self.registrations = updated
         self._memberships_cache = (self._registrations_key(), memberships, counts)
-        for serving in counts.domains:
-            served = {name: count for name, count in counts.served_to(serving).items() if count}
-            if served:
-                cap = served_cap(updated[serving])
-                log.info("cold start: %s serves %d receiver rows (%s; cap %s)", serving, counts.total_served(serving),
-                         ", ".join(f"to {name} {count}" for name, count in served.items()), "none" if cap is None else cap)
+        for line in served_lines(updated, counts):
+            log.info("cold start: %s", line)
         return registration
 
     def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:

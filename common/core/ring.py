@@ -31,17 +31,28 @@ RING_VALUE_BOUND = 2 ** (RING_FRACTION_BITS + 25)
 RING_BLOCK_ROWS = 16384
 
 
-def encode_fixed(values: np.ndarray) -> np.ndarray:
+def encode_fixed(values: np.ndarray, *, first_row: int = 0) -> np.ndarray:
     """float32 (n, c) -> uint64 (n, c): round(v * 2^32) as int64 two's complement viewed as uint64.
 
-    ValueError naming the first row/col that is not finite or has |v| >= RING_LIMIT.
+    ValueError naming the first row/col that is not finite or has |v| >= RING_LIMIT (rows
+    numbered from first_row: a caller encoding a batch names the row of the whole matrix).
     """
     values = np.asarray(values)
+    out = np.empty(values.shape, dtype=RING)
+    encode_fixed_into(values, out, first_row=first_row)
+    return out
+
+
+def encode_fixed_into(values: np.ndarray, out: np.ndarray, *, first_row: int = 0) -> None:
+    """encode_fixed written into `out` (uint64, same shape, may be a strided view): no temporary of the whole matrix."""
     if values.dtype != FLOAT:
         raise ValueError(f"encode_fixed takes float32 values, got {values.dtype}")
     if values.ndim != 2:
         raise ValueError(f"encode_fixed takes a 2-d array (rows, cols), got shape {values.shape}")
-    out = np.empty(values.shape, dtype=np.int64)
+    _check_ring(out, "the encoding's output")
+    if out.shape != values.shape:
+        raise ValueError(f"output has shape {out.shape}, expected {values.shape}")
+    signed = out.view(np.int64)
     scale = FLOAT(RING_SCALE)
     for start in range(0, len(values), RING_BLOCK_ROWS):
         block = values[start : start + RING_BLOCK_ROWS]
@@ -50,7 +61,7 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
         if bad.any():
             row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
             raise ValueError(
-                f"row {start + int(row)}, col {int(col)}: value {float(block[row, col])} cannot be encoded "
+                f"row {first_row + start + int(row)}, col {int(col)}: value {float(block[row, col])} cannot be encoded "
                 f"(secure aggregation needs finite values with |v| < 2^25 = {int(RING_LIMIT)})"
             )
         # all in float32 and exact: scaling by a power of two is exact, rint of a float32 is exact
@@ -58,8 +69,7 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
         # int64 exactly; so no float64 temporary is needed
         scaled = block * scale
         np.rint(scaled, out=scaled)
-        out[start : start + len(block)] = scaled
-    return out.view(RING)
+        signed[start : start + len(block)] = scaled
 
 
 def _check_ring(array: np.ndarray, what: str) -> None:
@@ -137,10 +147,11 @@ def decode_mean(sums: np.ndarray, holders: np.ndarray) -> np.ndarray:
     if sums.ndim != 2 or holders.shape != (len(sums),):
         raise ValueError(f"sums {sums.shape} and holders {holders.shape} must be (n, c) and (n,)")
     mean = sums.view(np.int64).astype(np.float64)
-    # a power of two: exact
-    mean *= 1.0 / RING_SCALE
     held = holders > 0
-    np.divide(mean, holders[:, None], out=mean, where=held[:, None])
+    # one correctly rounded division by h * 2^32 (exact in float64): the same value as dividing
+    # by 2^32 (exact) then by h
+    divisor = np.where(held, holders * RING_SCALE, 1.0)
+    mean /= divisor[:, None]
     mean[~held] = 0.0
     return mean
 

@@ -8,6 +8,7 @@ runs the very same functions (ring_consensus), so both get the same Z bit for bi
 """
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 
@@ -113,21 +114,53 @@ def _is_every_row(rows: np.ndarray, n_rows: int) -> bool:
     return len(rows) == n_rows and (n_rows == 0 or bool(np.all(rows == np.arange(n_rows))))
 
 
+# ring_sums adds block by block, each block of the total about this many bytes: the total is
+# written once while in cache instead of zeroed and then re-read once per contribution
+RING_SUM_BLOCK_BYTES = 512 * 1024
+
+
 def ring_sums(contributions: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, cols: int) -> np.ndarray:
     """Per row the ring sum (uint64 (n_rows, cols)) over the contributions (rows, values) naming it.
 
     The aggregator's whole job in secure mode. Same contract as admm.consensus_mean: row ids unique
     within one contribution (a duplicate -> ValueError); rows nobody sent are 0. Summed in place
-    into one uint64 matrix, no float temporaries.
+    into one uint64 matrix in cache-sized blocks of rows, no float temporaries.
     """
-    total = np.zeros((n_rows, cols), dtype=RING)
+    parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+    scattered: list[tuple[np.ndarray, np.ndarray]] = []
+    block_rows = max(64, RING_SUM_BLOCK_BYTES // (8 * max(cols, 1)))
+    starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
     for rows, values in contributions:
         rows = np.asarray(rows)
         _check_ring(values, "a ring contribution")
         if values.shape != (len(rows), cols):
             raise ValueError(f"contribution has shape {values.shape}, expected ({len(rows)}, {cols})")
         _check_rows(rows, n_rows)
-        ring_sum_into(total, None if _is_every_row(rows, n_rows) else rows, values)
+        if _is_every_row(rows, n_rows):
+            parts.append((values, None, starts))
+            continue
+        if len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1])):
+            # rows in order are cut into views block by block
+            parts.append((values, rows, np.searchsorted(rows, starts)))
+        else:
+            # rows out of order: one scatter over the whole total after the blocks (gathering them
+            # block by block through a sort reads the values out of order, which was slower)
+            scattered.append((rows, values))
+    total = np.empty((n_rows, cols), dtype=RING)
+    # a loop over blocks of rows (n_rows / block_rows iterations), each one vectorised
+    for block, (start, stop) in enumerate(pairwise(starts)):
+        part_total = total[start:stop]
+        part_total[...] = 0
+        for values, ordered, cuts in parts:
+            if ordered is None:
+                np.add(part_total, values[start:stop], out=part_total)
+                continue
+            first, last = cuts[block], cuts[block + 1]
+            if first < last:
+                # rows are unique within one contribution, so fancy-index += adds each once
+                part_total[ordered[first:last] - start] += values[first:last]
+    for rows, values in scattered:
+        total[rows] += values
     return total
 
 

@@ -240,9 +240,8 @@ def test_sum_range_check_edges() -> None:
 
     words = [2**57 - 1, 2**57, TWO_64 - (2**57 - 1), TWO_64 - 2**57, 2**63 - 1, 2**63, TWO_64 - (2**63 - 1), 0, 1]
     holders = np.array([1, 1, 1, 1, 64, 64, 64, 0, 0])
-    offset, top = _sum_bounds(holders)
     sums = np.array(words, dtype=np.uint64)[:, None]
-    assert _within_bound(sums, offset, top).tolist() == [True, False, True, False, True, False, True, True, False]
+    assert _within_bound(sums, _sum_bounds(holders)).tolist() == [True, False, True, False, True, False, True, True, False]
 
 
 def test_mask_contribution_names_the_row_of_a_bad_value_in_a_later_batch() -> None:

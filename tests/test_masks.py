@@ -250,3 +250,15 @@ def test_mask_contribution_names_the_row_of_a_bad_value_in_a_later_batch() -> No
     values[8500, 1] = np.nan
     with pytest.raises(ValueError, match=r"row 8500, col 1"):
         mask_contribution(values, pseudonymize(range(9000), SECRET), SECRET, RUN, "books", 0)
+
+
+def test_no_contributor_accepts_only_zero_sums() -> None:
+    """An empty contributor list: an all-zero sum decodes to zero sums and zero holders; anything else is refused."""
+    ids = pseudonymize(range(4), SECRET)
+    zero = np.zeros((4, 3), dtype=np.uint64)
+    sums, holders = unmask_sum(zero, ids, [], lambda name: np.ones(4, dtype=bool), SECRET, RUN)
+    assert sums.tolist() == [[0, 0]] * 4 and holders.tolist() == [0] * 4
+    nonzero = zero.copy()
+    nonzero[1, 0] = 7
+    with pytest.raises(MaskedSumMismatch, match=r"^1 of 4 rows"):
+        unmask_sum(nonzero, ids, [], np.zeros((0, 4), dtype=bool), SECRET, RUN)

@@ -166,7 +166,8 @@ def mask_contribution(
     """uint64 (n, rank + 1): encode_fixed(values) then the check column, each word plus its mask.
 
     values float32 (n, rank) for the rows named by the (n, 32) pseudonyms. A domain must never send
-    two different contributions under one (run, round): the same masks would hide both.
+    two different contributions under one (run, round): the same masks on both would let the
+    aggregator subtract them and read the difference (a retry resends the same bytes).
     """
     row_ids = _check_row_ids(row_ids)
     if values.ndim != 2 or len(values) != len(row_ids):
@@ -202,9 +203,13 @@ def _holds_matrix(
     holds: Callable[[str], np.ndarray] | np.ndarray, contributors: Sequence[tuple[str, int]], n: int
 ) -> np.ndarray:
     """holds as a bool (k, n) matrix (a callable gives one domain's row flags)."""
-    matrix = np.stack([np.asarray(holds(domain), dtype=bool) for domain, _ in contributors]) if callable(holds) else np.asarray(holds, dtype=bool)
     if len(contributors) == 0:
+        # no contributor: every row must be an empty sum (0), which unmask_sum's range check verifies
         matrix = np.zeros((0, n), dtype=bool)
+    elif callable(holds):
+        matrix = np.stack([np.asarray(holds(domain), dtype=bool) for domain, _ in contributors])
+    else:
+        matrix = np.asarray(holds, dtype=bool)
     if matrix.shape != (len(contributors), n):
         raise ValueError(f"holds has shape {matrix.shape}, expected ({len(contributors)}, {n})")
     return matrix

@@ -450,7 +450,7 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
 
 def _node_status(args: argparse.Namespace) -> int:
     """A domain node's phase, run, round and solver backend from its DomainNode service."""
-    from cdimf.common.metric_labels import labelled_percent, shown
+    from cdimf.common.metric_labels import labelled_percent, privacy_shown, shown
     from cdimf.common.rpc.channels import open_channel
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
@@ -470,11 +470,13 @@ def _node_status(args: argparse.Namespace) -> int:
             print_json({"domain": status.domain, "run_id": status.run_id, "phase": status.phase, "round": status.round,
                         "epochs": status.epochs, "users": status.users, "items": status.items, "shared_rows": status.shared_rows,
                         "receiver_rows": status.receiver_rows, "connected": status.connected,
-                        "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid")})
+                        "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid"),
+                        "dp_epsilon": status.dp_epsilon, "dp_delta": status.dp_delta})
         else:
             print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
                   f"{status.users} users x {status.items} items, solver backend {status.solver_backend}, "
-                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip())
+                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}"
+                  f"  {privacy_shown(status.dp_epsilon, status.dp_delta)}".rstrip())
         return EXIT_OK
 
     return asyncio.run(main())

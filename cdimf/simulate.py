@@ -34,7 +34,7 @@ import grpc
 from pydantic import Field, model_validator
 
 from cdimf.common.config import FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
-from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, LocalIALSParams, PrivacyParams, StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.progress import say
 from cdimf.resources import embedded_pair
@@ -70,6 +70,7 @@ class SimulateConfig(StrictModel):
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
     k: int = Field(10, ge=1, le=1000, description="cut-off of the test metrics")
     validation: ValidationParams = Field(default_factory=ValidationParams, description="every node's per-round validation")
+    privacy: PrivacyParams = Field(default_factory=PrivacyParams, description="every node's clipping and noise of what it pushes (off by default)")
     work_dir: Path | None = Field(None, description="folder for certificates, state and logs (default: a temporary one, removed)")
     startup_timeout_s: float = Field(120.0, gt=0, description="how long a process may take to start listening")
 
@@ -337,6 +338,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "secret_file": str(secret_file),
                 "ials": ials.model_dump(mode="json"),
                 "validation": config.validation.model_dump(mode="json"),
+                "privacy": config.privacy.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))

@@ -76,6 +76,8 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             latest_metrics=progress.latest_metrics,
             connected=progress.connected,
             solver_backend=progress.solver_backend,
+            dp_epsilon=progress.dp_epsilon,
+            dp_delta=progress.dp_delta,
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:

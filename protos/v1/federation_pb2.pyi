@@ -1027,6 +1027,8 @@ class NodeStatus(_message.Message):
     LATEST_METRICS_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
     SOLVER_BACKEND_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
@@ -1042,6 +1044,10 @@ class NodeStatus(_message.Message):
     """whether the aggregator is reachable"""
     solver_backend: _builtins.str
     """the iALS backend its half-steps run on ("native", "numpy")"""
+    dp_epsilon: _builtins.float
+    """epsilon of what it pushed in the run so far (differential privacy)"""
+    dp_delta: _builtins.float
+    """its delta; 0: no noise, no guarantee"""
     @_builtins.property
     def latest_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -1059,10 +1065,12 @@ class NodeStatus(_message.Message):
         latest_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         connected: _builtins.bool = ...,
         solver_backend: _builtins.str = ...,
+        dp_epsilon: _builtins.float = ...,
+        dp_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "receiver_rows", b"receiver_rows", "round", b"round", "run_id", b"run_id", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "receiver_rows", b"receiver_rows", "round", b"round", "run_id", b"run_id", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,14 +73,16 @@ class CDIMFEngine:
         ]
         self.round = 0
         self.consensus: np.ndarray | None = None
+        # what each domain sent in the last round (after its privacy step): the aggregator's view
+        self.released: list[np.ndarray] = []
 
     def step(self) -> RoundReport:
         """One synchronous round over all domains."""
         for trainer, domain in zip(self.trainers, self.domains):
             trainer.local_epochs(domain.aggregation_period)
         # what leaves each domain: its X + U, clipped and noised under its privacy settings
-        contributions = [(m.shared_global, release(t.contribution(), d.privacy, d.name, self.round + 1))
-                         for m, t, d in zip(self.memberships, self.trainers, self.domains)]
+        self.released = [release(t.contribution(), d.privacy, d.name, self.round + 1) for t, d in zip(self.trainers, self.domains)]
+        contributions = [(m.shared_global, values) for m, values in zip(self.memberships, self.released)]
         z, _ = consensus(contributions, len(self.global_keys), self.rank, self.admm)
         for membership, trainer in zip(self.memberships, self.trainers):
             trainer.receive_consensus(z[membership.shared_global], z[membership.receiver_global])

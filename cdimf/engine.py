@@ -12,6 +12,7 @@ from cdimf.common.core.membership import AlignedMembership, align_memberships
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import ADMMParams, IALSParams, PrivacyParams
 from cdimf.common.core.privacy import release
+from cdimf.common.core.ring import ring_consensus
 from cdimf.common.core.sparse import row_counts
 
 
@@ -45,6 +46,7 @@ class CDIMFEngine:
         domains: Sequence[DomainInput],
         admm: ADMMParams,
         user_step: Literal["paper", "reference-code"] = "paper",
+        quantize: bool = False,
     ) -> None:
         if len(domains) < 1:
             raise ValueError("at least one domain is needed")
@@ -62,6 +64,9 @@ class CDIMFEngine:
             if domain.aggregation_period < 1:
                 raise ValueError(f"domain {domain.name}: aggregation_period must be >= 1")
         self.admm = admm
+        # quantize: the consensus of secure aggregation (fixed point in Z/2^64, common/core/ring.py),
+        # so an in-process run gives the Z of a federated masked run bit for bit
+        self.quantize = quantize
         self.rank = ranks.pop()
         self.domains = list(domains)
         holds = [row_counts(sp.csr_matrix(d.train)) > 0 for d in domains]
@@ -80,10 +85,11 @@ class CDIMFEngine:
         """One synchronous round over all domains."""
         for trainer, domain in zip(self.trainers, self.domains):
             trainer.local_epochs(domain.aggregation_period)
-        # what leaves each domain: its X + U, clipped and noised under its privacy settings
+        # what leaves each domain: its X + U, clipped and noised under its privacy settings (before any masking)
         self.released = [release(t.contribution(), d.privacy, d.name, self.round + 1) for t, d in zip(self.trainers, self.domains)]
         contributions = [(m.shared_global, values) for m, values in zip(self.memberships, self.released)]
-        z, _ = consensus(contributions, len(self.global_keys), self.rank, self.admm)
+        combine = ring_consensus if self.quantize else consensus
+        z, _ = combine(contributions, len(self.global_keys), self.rank, self.admm)
         for membership, trainer in zip(self.memberships, self.trainers):
             trainer.receive_consensus(z[membership.shared_global], z[membership.receiver_global])
         self.consensus = z

@@ -39,7 +39,7 @@ from tests.federation_harness import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def _analytic_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+def analytic_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """r-fold Gaussian RDP r * alpha / (2 z^2), converted at delta by Balle et al. 2020's bound, minimised over a fine alpha grid."""
     alphas = np.arange(1.02, 400.0, 0.005)
     rdp = rounds * alphas / (2.0 * noise_multiplier**2)
@@ -89,7 +89,7 @@ def test_seeded_noise_depends_on_seed_domain_and_round_only() -> None:
 def test_the_accountant_matches_the_analytic_gaussian_rdp(noise_multiplier: float, rounds: int) -> None:
     delta = 1e-5
     library = gaussian_epsilon(noise_multiplier, rounds, delta)
-    analytic = _analytic_epsilon(noise_multiplier, rounds, delta)
+    analytic = analytic_epsilon(noise_multiplier, rounds, delta)
     # the library minimises over a coarser grid of orders: never below the fine-grid optimum, and close to it
     assert analytic - 1e-9 <= library <= analytic * 1.03 + 1e-3
     # and below the classic conversion eps = c + 2 sqrt(c log(1/delta)) of RDP c * alpha (its optimum over alpha)
@@ -177,7 +177,7 @@ def test_a_dp_federation_reports_the_accounted_epsilon_everywhere_and_equals_the
     _, address = processes.aggregator()
     nodes = _start_nodes(processes, files, address)
     statuses, aggregator_status = asyncio.run(_run(address, nodes, tmp_path))
-    expected = _analytic_epsilon(MULTIPLIER, ROUNDS, DELTA)
+    expected = analytic_epsilon(MULTIPLIER, ROUNDS, DELTA)
     for domain in DOMAINS:
         status = statuses[domain]
         assert status.round == ROUNDS and status.dp_delta == DELTA
@@ -214,3 +214,4 @@ def test_a_dp_federation_reports_the_accounted_epsilon_everywhere_and_equals_the
     plain = CDIMFEngine([DomainInput(d.name, d.user_keys, d.train, d.params) for d in inputs], ADMMParams(rho=1.0))
     plain.run(ROUNDS)
     assert not np.allclose(plain.trainers[0].state.users, engine.trainers[0].state.users, atol=1e-3)
+

@@ -182,7 +182,7 @@ def main() -> None:
     popularity = np.asarray(train[known].sum(axis=0)).ravel().astype(np.float32)
     popularity_auc = mean_auc(lambda block: np.broadcast_to(popularity, (len(block), len(popularity))), train, attacked)
     lines = [f"Attack on cloth's training interactions, warm Sport & Cloth, engine, rank {args.rank}, {args.rounds} rounds; "
-             f"mean per-user AUC over {len(attacked)} attacked users (training items vs all other {train.shape[1]} items).",
+             f"mean per-user AUC over {len(attacked)} attacked users (training items vs the rest of its {train.shape[1]} items).",
              f"Fitted items: ridge least squares on the recovered rows of the {len(known)} users whose interactions the attacker knows.",
              f"Reference without any recovered row: item popularity among the known users, AUC {popularity_auc:.3f}; random scores: 0.5.", "",
              "| protection | epsilon (delta 1e-5) | aggregator, oracle items | aggregator, fitted items "

@@ -10,7 +10,8 @@ import scipy.sparse as sp
 from cdimf.common.core.admm import consensus
 from cdimf.common.core.membership import AlignedMembership, align_memberships
 from cdimf.common.core.model import DomainTrainer
-from cdimf.common.core.params import ADMMParams, IALSParams
+from cdimf.common.core.params import ADMMParams, IALSParams, PrivacyParams
+from cdimf.common.core.privacy import release
 from cdimf.common.core.ring import ring_consensus
 from cdimf.common.core.sparse import row_counts
 
@@ -24,6 +25,8 @@ class DomainInput:
     train: sp.csr_matrix
     params: IALSParams
     aggregation_period: int = 1
+    # clipping and noise of what the domain sends, as a node's [privacy] does (seeded alike)
+    privacy: PrivacyParams = field(default_factory=PrivacyParams)
 
 
 @dataclass
@@ -75,12 +78,16 @@ class CDIMFEngine:
         ]
         self.round = 0
         self.consensus: np.ndarray | None = None
+        # what each domain sent in the last round (after its privacy step): the aggregator's view
+        self.released: list[np.ndarray] = []
 
     def step(self) -> RoundReport:
         """One synchronous round over all domains."""
         for trainer, domain in zip(self.trainers, self.domains):
             trainer.local_epochs(domain.aggregation_period)
-        contributions = [(m.shared_global, t.contribution()) for m, t in zip(self.memberships, self.trainers)]
+        # what leaves each domain: its X + U, clipped and noised under its privacy settings (before any masking)
+        self.released = [release(t.contribution(), d.privacy, d.name, self.round + 1) for t, d in zip(self.trainers, self.domains)]
+        contributions = [(m.shared_global, values) for m, values in zip(self.memberships, self.released)]
         combine = ring_consensus if self.quantize else consensus
         z, _ = combine(contributions, len(self.global_keys), self.rank, self.admm)
         for membership, trainer in zip(self.memberships, self.trainers):

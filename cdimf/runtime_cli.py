@@ -470,7 +470,7 @@ async def check_health(target: str, tls: TLSConfig, service: str, timeout_s: flo
 
 def _node_status(args: argparse.Namespace) -> int:
     """A domain node's phase, run, round and solver backend from its DomainNode service."""
-    from cdimf.common.metric_labels import labelled_percent, shown
+    from cdimf.common.metric_labels import labelled_percent, privacy_shown, shown
     from cdimf.common.rpc.channels import open_channel
     from cdimf.protos.v1 import federation_pb2 as pb
     from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
@@ -492,11 +492,13 @@ def _node_status(args: argparse.Namespace) -> int:
                         "receiver_rows": status.receiver_rows, "connected": status.connected,
                         "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid"),
                         "served_to": dict(sorted(status.served_to.items())), "received_from": dict(sorted(status.received_from.items())),
-                        "registration_refused": status.registration_refused or None})
+                        "registration_refused": status.registration_refused or None,
+                        "dp_epsilon": status.dp_epsilon, "dp_delta": status.dp_delta})
         else:
             print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
                   f"{status.users} users x {status.items} items, solver backend {status.solver_backend}, "
-                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip())
+                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}"
+                  f"  {privacy_shown(status.dp_epsilon, status.dp_delta)}".rstrip())
             print(f"  cold start: others receive {sum(status.served_to.values())} of its users ({_per_domain(status.served_to)}); "
                   f"it receives {sum(status.received_from.values())} rows ({_per_domain(status.received_from)})")
             if status.registration_refused:

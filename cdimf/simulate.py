@@ -34,7 +34,7 @@ import grpc
 from pydantic import Field, model_validator
 
 from cdimf.common.config import ColdStartPolicy, FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
-from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, LocalIALSParams, PrivacyParams, StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.progress import say
 from cdimf.resources import embedded_pair
@@ -80,6 +80,7 @@ class SimulateConfig(StrictModel):
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")
     k: int = Field(10, ge=1, le=1000, description="cut-off of the test metrics")
     validation: ValidationParams = Field(default_factory=ValidationParams, description="every node's per-round validation")
+    privacy: PrivacyParams = Field(default_factory=PrivacyParams, description="every node's clipping and noise of what it pushes (off by default)")
     work_dir: Path | None = Field(None, description="folder for certificates, state and logs (default: a temporary one, removed)")
     startup_timeout_s: float = Field(120.0, gt=0, description="how long a process may take to start listening")
 
@@ -260,9 +261,13 @@ async def _drive(config: SimulateConfig, federation: Federation, aggregator: str
         """(domain, its Evaluate reply on the test split, or valid without one)."""
         async with open_channel(address, operator) as channel:
             split = "test" if next(d for d in config.domains if d.name == name).test_path is not None else "valid"
-            reply = await pb_grpc.DomainNodeStub(channel).Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
+            stub = pb_grpc.DomainNodeStub(channel)
+            reply = await stub.Evaluate(pb.EvaluateRequest(split=split, k=config.k), timeout=600.0)
+            # the node's (epsilon, delta) of what it pushed in the run (delta 0: no noise)
+            status = await stub.GetStatus(pb.StatusRequest(), timeout=30.0)
             return name, {"split": reply.split, "negatives": int(reply.negatives), "users": int(reply.users), "round": int(reply.round),
-                          "metrics": labelled_percent(reply.metrics, reply.split, reply.negatives)}
+                          "metrics": labelled_percent(reply.metrics, reply.split, reply.negatives),
+                          "dp_epsilon": status.dp_epsilon, "dp_delta": status.dp_delta}
 
     # every node evaluates in its own process: ask them all at once
     results = dict(await asyncio.gather(*(evaluated(name, address) for name, address in nodes.items())))
@@ -295,10 +300,12 @@ def format_results(results: dict[str, Any], k: int) -> str:
     """The results table: one row per domain, each metric labelled with its split and protocol, in %."""
     lines = [f"cdimf simulate: run {results['run_id']}, {results['rounds']} rounds, {results['train_seconds']:.1f} s, {results['transport']}"]
     from cdimf.common.core.evaluation import PAPER_NEGATIVES
+    from cdimf.common.metric_labels import privacy_shown
 
     for name, row in results["domains"].items():
         shown = "  ".join(f"{label} {value:.2f}%" for label, value in row["metrics"].items())
-        lines.append(f"{name:<12} {row['users']:>7} users  {shown}")
+        privacy = privacy_shown(row.get("dp_epsilon", 0.0), row.get("dp_delta", 0.0))
+        lines.append(f"{name:<12} {row['users']:>7} users  {shown}  {privacy}".rstrip())
     for name, row in results["domains"].items():
         if row["split"] == "test" and 0 < row["negatives"] < PAPER_NEGATIVES:
             # a node caps its negatives to what a small catalog holds; say so beside the numbers
@@ -347,6 +354,7 @@ def simulate(config: SimulateConfig, as_json: bool = False) -> dict[str, Any]:
                 "secret_file": str(secret_file),
                 "ials": ials.model_dump(mode="json"),
                 "validation": config.validation.model_dump(mode="json"),
+                "privacy": config.privacy.model_dump(mode="json"),
                 "tls": _tls_settings(tls_of[domain.name]),
             }
             started.append(federation.start(f"node-{domain.name}", ["serve-node"], settings, blas))

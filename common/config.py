@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from cdimf.common.core.params import ADMMParams, IALSParams, LocalIALSParams, StrictModel
+from cdimf.common.core.params import ADMMParams, IALSParams, LocalIALSParams, PrivacyParams, StrictModel
 from cdimf.common.security.names import shown, validate_party_name
 from cdimf.common.security.pseudonyms import load_secret
 from cdimf.common.toml_lines import key_lines
@@ -240,6 +240,7 @@ class NodeConfig(DomainFiles):
     checkpoint_retry_s: float = Field(60.0, ge=0, le=86_400,
                                       description="a checkpoint that cannot be written (full or read-only disk) is retried this long, then the node exits")
     validation: ValidationParams = Field(default_factory=ValidationParams)
+    privacy: PrivacyParams = Field(default_factory=PrivacyParams, description="clipping and Gaussian noise of the pushed X + U (off by default)")
     metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint; empty: none")
     exit_after_run: bool = Field(False, description="after a run finished: print the test table (999 negatives) and exit")
     cold_start: ColdStartPolicy = Field(default_factory=ColdStartPolicy, description="which of its users other domains' cold-start rows may receive")

@@ -9,7 +9,10 @@ from collections.abc import Mapping
 
 # keys a metrics report may carry besides metrics: the negatives it ranked against, the model's round
 NEGATIVES_KEY = "negatives"
-NOT_METRICS = frozenset({NEGATIVES_KEY, "round", "users"})
+# a node with differential privacy adds the (epsilon, delta) of what it pushed so far
+DP_EPSILON_KEY = "dp_epsilon"
+DP_DELTA_KEY = "dp_delta"
+NOT_METRICS = frozenset({NEGATIVES_KEY, "round", "users", DP_EPSILON_KEY, DP_DELTA_KEY})
 
 
 def protocol_of(negatives: int | None) -> str:
@@ -38,6 +41,13 @@ def labelled_percent(metrics: Mapping[str, float], split: str, negatives: int | 
             if name not in NOT_METRICS}
 
 
+def privacy_shown(epsilon: float, delta: float) -> str:
+    """`DP epsilon 2.8140 at delta 1e-05`, or "" when delta is 0 (no noise, no guarantee)."""
+    return f"DP epsilon {epsilon:.4f} at delta {delta:g}" if delta > 0 else ""
+
+
 def shown(metrics: Mapping[str, float], split: str, negatives: int | None = None) -> str:
-    """One line: `valid HR@10 (99 neg) 21.25%  valid NDCG@10 (99 neg) 12.00%`."""
-    return "  ".join(f"{label} {value:.2f}%" for label, value in labelled_percent(metrics, split, negatives).items())
+    """One line: `valid HR@10 (99 neg) 21.25%  valid NDCG@10 (99 neg) 12.00%`, and a report's DP epsilon when it has one."""
+    parts = [f"{label} {value:.2f}%" for label, value in labelled_percent(metrics, split, negatives).items()]
+    privacy = privacy_shown(metrics.get(DP_EPSILON_KEY, 0.0), metrics.get(DP_DELTA_KEY, 0.0))
+    return "  ".join([*parts, privacy] if privacy else parts)

@@ -17,7 +17,9 @@ awaited before the next push (and before the last round's report), so the aggreg
 sees round r + 1 from a node whose round r is not on disk.
 
 What leaves this process: headers, HMAC pseudonyms with holder flags, X + U of shared rows and
-validation metrics. Interaction data and user keys never do.
+validation metrics. Interaction data and user keys never do. With NodeConfig.privacy the rows
+of X + U are clipped and noised before they leave (`_outgoing`), and every round's epsilon at
+the configured delta is reported in GetStatus, the log, /metrics and the metrics report.
 
 Cold start: the node registers with its config's cold_start policy (whether, and how many of, its
 users other domains may receive as receiver rows). A registration the aggregator refuses for a
@@ -50,7 +52,9 @@ from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.ials import resolve_backend
 from cdimf.common.core.membership import Membership
 from cdimf.common.core.model import DomainTrainer
-from cdimf.common.metric_labels import NEGATIVES_KEY, labelled_percent, shown
+from cdimf.common.core.privacy import noise_std, release
+from cdimf.common.metric_labels import DP_DELTA_KEY, DP_EPSILON_KEY, NEGATIVES_KEY, labelled_percent, shown
+from cdimf.common.privacy_accounting import check_accountant, gaussian_epsilon
 from cdimf.common.rpc import metrics as prometheus
 from cdimf.common.rpc.aggregator_client import (
     AggregatorClient,
@@ -118,6 +122,9 @@ class Progress:
     served_to: dict[str, int] = field(default_factory=dict)
     received_from: dict[str, int] = field(default_factory=dict)
     registration_refused: str = ""
+    # (epsilon, delta) of what this node pushed in the run so far; delta 0: no noise, no guarantee
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
 
 
 class RunEnded(Exception):
@@ -148,10 +155,43 @@ class NodeRunner:
         self.progress = Progress(solver_backend=resolve_backend(config.ials.backend))
         log.info("domain %s: solver backend %s", config.domain, self.progress.solver_backend)
         prometheus.on_solver_backend(config.domain, self.progress.solver_backend)
+        self._announce_privacy()
         self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
         self._registered = False
         self._restore_model()
+
+    # ----- differential privacy -----
+
+    def _announce_privacy(self) -> None:
+        """Log what is done to the pushed rows; with noise, fail now when the accountant is missing."""
+        privacy = self.config.privacy
+        if privacy.clip_norm is None:
+            return
+        if not privacy.noisy:
+            log.warning("domain %s: rows clipped to norm %g but no noise: no differential privacy", self.config.domain, privacy.clip_norm)
+            return
+        check_accountant()
+        self.progress.dp_delta = privacy.delta
+        log.info("domain %s: differential privacy: rows clipped to norm %g, Gaussian noise multiplier %g (std %g), delta %g%s",
+                 self.config.domain, privacy.clip_norm, privacy.noise_multiplier, noise_std(privacy.clip_norm, privacy.noise_multiplier),
+                 privacy.delta, ", seeded noise (experiments only)" if privacy.noise_seed is not None else "")
+        prometheus.on_privacy(self.config.domain, 0.0, privacy.delta)
+
+    def _outgoing(self, round_index: int, contribution: np.ndarray) -> np.ndarray:
+        """The contribution as it leaves this node for round `round_index`: clipped and noised under NodeConfig.privacy."""
+        return release(contribution, self.config.privacy, self.config.domain, round_index)
+
+    def _account(self, rounds_released: int) -> dict[str, float]:
+        """Epsilon after `rounds_released` pushes, into progress, the log and /metrics; the keys for the metrics report."""
+        privacy = self.config.privacy
+        if not privacy.noisy:
+            return {}
+        epsilon = gaussian_epsilon(privacy.noise_multiplier, rounds_released, privacy.delta)
+        self.progress.dp_epsilon = epsilon
+        log.info("round %d: DP epsilon %.4f at delta %g", rounds_released, epsilon, privacy.delta)
+        prometheus.on_privacy(self.config.domain, epsilon, privacy.delta)
+        return {DP_EPSILON_KEY: epsilon, DP_DELTA_KEY: privacy.delta}
 
     # ----- model snapshots -----
 
@@ -357,7 +397,7 @@ class NodeRunner:
                 # never let the aggregator see round r+1 before round r is on disk: a node
                 # killed now resumes from the last checkpoint, as if it had never pushed
                 await self._checkpoint_written()
-                open_round = await self._push(run_id, open_round, trainer.contribution())
+                open_round = await self._push(run_id, open_round, self._outgoing(open_round, trainer.contribution()))
                 pushed_round = open_round
             self.progress.phase = "waiting"
             wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
@@ -435,6 +475,8 @@ class NodeRunner:
             await self._checkpoint_written()
         self._publish(run_id, round_index, trainer)
         self.progress.round = round_index
+        # each round released every shared row once (a re-push after a restart resends that round)
+        privacy_report = self._account(round_index)
         validation = self.config.validation
         metrics: dict[str, float] = {}
         if self.data.valid is not None and validation.due(round_index, rounds):
@@ -450,7 +492,7 @@ class NodeRunner:
         elif round_index < rounds:
             return
         try:
-            await self.client.report_metrics(run_id, round_index, metrics)
+            await self.client.report_metrics(run_id, round_index, {**metrics, **privacy_report})
         except (AlreadyAccepted, NotAcceptedNow) as error:
             # metrics are informative: a duplicate after a restart or an ended run must not stop training
             log.info("metrics of round %d not recorded: %s", round_index, error)

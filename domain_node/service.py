@@ -79,6 +79,8 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             served_to=progress.served_to,
             received_from=progress.received_from,
             registration_refused=progress.registration_refused,
+            dp_epsilon=progress.dp_epsilon,
+            dp_delta=progress.dp_delta,
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:

@@ -65,3 +65,30 @@ class ADMMParams(StrictModel):
         if self.prox == "l2" and self.lambda_z <= 0:
             raise ValueError("prox = 'l2' needs lambda_z > 0")
         return self
+
+
+class PrivacyParams(StrictModel):
+    """Differential privacy of what a domain sends (off by default): per-row clipping of X + U, then Gaussian noise.
+
+    The noise's standard deviation is noise_multiplier * 2 * clip_norm: one user's row replaced
+    by any other row of norm <= clip_norm moves the release by at most 2 * clip_norm (see
+    cdimf.common.core.privacy). Epsilon at `delta` over the rounds is the RDP accountant's for
+    the Gaussian mechanism of this noise multiplier (cdimf.common.privacy_accounting).
+    """
+
+    clip_norm: float | None = Field(None, gt=0, description="L2 bound of each pushed row of X + U; unset: no clipping")
+    noise_multiplier: float = Field(0.0, ge=0, le=1e6, description="Gaussian noise std over the sensitivity 2 * clip_norm; 0: no noise")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported per round")
+    noise_seed: int | None = Field(None, ge=0, description="seed of the noise, per (seed, domain, round): experiments only; unset: OS entropy")
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> "PrivacyParams":
+        """Noise is calibrated to the clipping bound: without one it protects nothing."""
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ValueError("noise_multiplier > 0 needs clip_norm (the noise is calibrated to the clipping bound)")
+        return self
+
+    @property
+    def noisy(self) -> bool:
+        """Whether Gaussian noise is added (then an epsilon is accounted)."""
+        return self.noise_multiplier > 0

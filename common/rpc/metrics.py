@@ -23,6 +23,8 @@ CONTRIBUTIONS_LATE = Counter("cdimf_contributions_late", "contributions accepted
 REFUSED = Counter("cdimf_refused_requests", "requests refused by the round rules, by call and status", ["call", "status"])
 REGISTRATIONS = Counter("cdimf_registrations", "domain registrations accepted", ["domain"])
 VALIDATION = Gauge("cdimf_validation_metric", "latest per-round validation metric of a domain", ["domain", "metric"])
+DP_EPSILON = Gauge("cdimf_dp_epsilon", "epsilon of what this node pushed in the run so far (at cdimf_dp_delta)", ["domain"])
+DP_DELTA = Gauge("cdimf_dp_delta", "delta of this node's reported epsilon", ["domain"])
 SOLVER_BACKEND = Gauge("cdimf_solver_backend", "1 for the iALS backend this node's half-steps run on", ["domain", "backend"])
 
 _round_opened = {"at": time.monotonic()}
@@ -94,3 +96,9 @@ def on_round_applied(domain: str) -> None:
 def on_solver_backend(domain: str, backend: str) -> None:
     """The solver backend a node runs on."""
     SOLVER_BACKEND.labels(domain, backend).set(1)
+
+
+def on_privacy(domain: str, epsilon: float, delta: float) -> None:
+    """A node's (epsilon, delta) of what it pushed so far."""
+    DP_EPSILON.labels(domain).set(epsilon)
+    DP_DELTA.labels(domain).set(delta)

@@ -1281,6 +1281,8 @@ class NodeStatus(_message.Message):
     LATEST_METRICS_FIELD_NUMBER: _builtins.int
     CONNECTED_FIELD_NUMBER: _builtins.int
     SOLVER_BACKEND_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
     SERVED_TO_FIELD_NUMBER: _builtins.int
     RECEIVED_FROM_FIELD_NUMBER: _builtins.int
     REGISTRATION_REFUSED_FIELD_NUMBER: _builtins.int
@@ -1299,6 +1301,10 @@ class NodeStatus(_message.Message):
     """whether the aggregator is reachable"""
     solver_backend: _builtins.str
     """the iALS backend its half-steps run on ("native", "numpy")"""
+    dp_epsilon: _builtins.float
+    """epsilon of what it pushed in the run so far (differential privacy)"""
+    dp_delta: _builtins.float
+    """its delta; 0: no noise, no guarantee"""
     registration_refused: _builtins.str
     """why the aggregator refused its registration ("" unless refused)"""
     @_builtins.property
@@ -1326,13 +1332,15 @@ class NodeStatus(_message.Message):
         latest_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         connected: _builtins.bool = ...,
         solver_backend: _builtins.str = ...,
+        dp_epsilon: _builtins.float = ...,
+        dp_delta: _builtins.float = ...,
         served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         registration_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "registration_refused", b"registration_refused", "round", b"round", "run_id", b"run_id", "served_to", b"served_to", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "registration_refused", b"registration_refused", "round", b"round", "run_id", b"run_id", "served_to", b"served_to", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

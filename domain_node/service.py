@@ -76,6 +76,7 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             latest_metrics=progress.latest_metrics,
             connected=progress.connected,
             solver_backend=progress.solver_backend,
+            error=progress.error,
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:

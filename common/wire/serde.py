@@ -53,6 +53,7 @@ def run_params_to_proto(params: RunParams) -> pb.RunParams:
         round_deadline_s=params.round_deadline_s,
         min_domains=params.min_domains,
         max_staleness=params.max_staleness,
+        secure_aggregation=params.secure_aggregation,
     )
 
 
@@ -69,6 +70,7 @@ def run_params_from_proto(message: pb.RunParams) -> RunParams:
         "round_deadline_s": message.round_deadline_s,
         "min_domains": message.min_domains or 1,
         "max_staleness": message.max_staleness,
+        "secure_aggregation": message.secure_aggregation,
     }
     return validate_config(RunParams, data, "run parameters")
 
@@ -304,11 +306,16 @@ class PushResult:
 
 @dataclass(frozen=True)
 class Consensus:
-    """Z of one round for this domain: shared rows then receiver rows (float32)."""
+    """Z of one round for this domain: shared rows then receiver rows (float32).
+
+    In a secure run: the masked ring sum of those rows (uint64, rank + 1 columns) instead.
+    contributors: the (domain, round tag) contributions the aggregator summed, in its order.
+    """
 
     round: int
     shared: np.ndarray
     receivers: np.ndarray
+    contributors: tuple[tuple[str, int], ...] = ()
 
 
 def receipt_from_proto(message: pb.Membership) -> RegistrationReceipt:
@@ -338,9 +345,9 @@ def push_result_from_proto(ack: pb.Ack) -> PushResult:
     return PushResult(ack.accepted_round, replayed=False)
 
 
-def consensus_from_wire(z: np.ndarray, header: pb.Header, shared: int) -> Consensus:
-    """A pulled Z (shared rows first) with the round its header names."""
-    return Consensus(header.round, z[:shared], z[shared:])
+def consensus_from_wire(z: np.ndarray, header: pb.Header, shared: int, contributors: Sequence[tuple[str, int]] = ()) -> Consensus:
+    """A pulled Z (shared rows first) with the round its header names and the contributions it holds."""
+    return Consensus(header.round, z[:shared], z[shared:], tuple(contributors))
 
 
 # ----- the operator's side: names and JSON -----

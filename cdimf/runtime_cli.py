@@ -470,11 +470,13 @@ def _node_status(args: argparse.Namespace) -> int:
             print_json({"domain": status.domain, "run_id": status.run_id, "phase": status.phase, "round": status.round,
                         "epochs": status.epochs, "users": status.users, "items": status.items, "shared_rows": status.shared_rows,
                         "receiver_rows": status.receiver_rows, "connected": status.connected,
-                        "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid")})
+                        "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid"),
+                        "error": status.error or None})
         else:
             print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
                   f"{status.users} users x {status.items} items, solver backend {status.solver_backend}, "
-                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip())
+                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip()
+                  + (f"\n  error: {status.error}" if status.error else ""))
         return EXIT_OK
 
     return asyncio.run(main())

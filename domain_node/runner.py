@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cdimf.common.atomic_files import remove_stale_temporaries
-from cdimf.common.config import NodeConfig, RunParams
+from cdimf.common.config import NodeConfig
 from cdimf.common.core.evaluation import evaluate
 from cdimf.common.core.ials import resolve_backend
 from cdimf.common.core.membership import Membership
@@ -149,6 +149,8 @@ class NodeRunner:
         self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
         self._registered = False
+        # the pseudonyms of the shared rows while a secure run is taken part in (None: plain pushes)
+        self._masked_rows: np.ndarray | None = None
         self._restore_model()
 
     # ----- model snapshots -----
@@ -322,6 +324,8 @@ class NodeRunner:
         pushed_round = 0
         need_epochs = True
         refused = 0
+        # a secure run masks each push over the pseudonyms of the shared rows
+        self._masked_rows = self.pseudonyms[view.shared_rows] if params.secure_aggregation else None
         while applied < params.rounds:
             if need_epochs:
                 await self._epoch_finished(trainer)
@@ -335,7 +339,7 @@ class NodeRunner:
                 # never let the aggregator see round r+1 before round r is on disk: a node
                 # killed now resumes from the last checkpoint, as if it had never pushed
                 await self._checkpoint_written()
-                open_round = await self._push(run_id, open_round, trainer.contribution(), params, view)
+                open_round = await self._push(run_id, open_round, trainer.contribution())
                 pushed_round = open_round
             self.progress.phase = "waiting"
             wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
@@ -388,18 +392,18 @@ class NodeRunner:
             await task
             self.progress.epochs = trainer.state.epochs
 
-    def _wire_contribution(self, values: np.ndarray, params: RunParams, view: Membership, run_id: str, round_index: int) -> tuple[np.ndarray, str]:
+    def _wire_contribution(self, values: np.ndarray, run_id: str, round_index: int) -> tuple[np.ndarray, str]:
         """What goes on the wire for X + U pushed as `round_index`, and its dtype: masked ring rows in a secure run, else X + U itself."""
-        if not params.secure_aggregation:
+        if self._masked_rows is None:
             return values, "float32"
-        return masked_contribution(values, self.pseudonyms[view.shared_rows], self._secret, run_id, self.config.domain, round_index), "ring64"
+        return masked_contribution(values, self._masked_rows, self._secret, run_id, self.config.domain, round_index), "ring64"
 
-    async def _push(self, run_id: str, round_index: int, values: np.ndarray, params: RunParams, view: Membership) -> int:
+    async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
         """Push a contribution for the open round; returns the round it was pushed as."""
         for _ in range(3):
             try:
                 # masked per round tag: a push moved to the open round is masked for that round
-                wire, dtype = self._wire_contribution(values, params, view, run_id, round_index)
+                wire, dtype = self._wire_contribution(values, run_id, round_index)
                 await self.client.push_contribution(run_id, round_index, wire, dtype)
                 prometheus.on_push(self.config.domain, wire.nbytes)
                 return round_index

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from cdimf.aggregator.rounds import Pulled
@@ -85,3 +86,33 @@ async def wait_for_checkpoints_of(folder: Path, domain: str, round_index: int, t
         assert time.monotonic() < give_up, f"{domain} did not apply round {round_index}"
         await asyncio.sleep(0.05)
 
+
+
+def test_a_secure_aggregator_refuses_a_float_push_over_grpc_and_keeps_its_state(tmp_path: Path) -> None:
+    """A float32 PushContribution to a secure run is INVALID_ARGUMENT saying the run is secure; a float32 pull asks for what it
+    cannot get and is refused the same way; the run holds no contribution after either."""
+    from cdimf.common.rpc.aggregator_client import AggregatorError
+    from cdimf.common.security.pseudonyms import pseudonymize
+
+    async def scenario() -> tuple[AggregatorError, AggregatorError, int]:
+        aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)))
+        try:
+            keys = [f"user-{index}" for index in range(5)]
+            async with AggregatorClient(aggregator.address, "sport", rpc_timeout_s=10, retry_for_s=5) as sport, \
+                    AggregatorClient(aggregator.address, "cloth", rpc_timeout_s=10, retry_for_s=5) as cloth:
+                for client in (sport, cloth):
+                    await client.register(pseudonymize(keys, b"a-federation-secret-for-tests"), np.ones(5, bool))
+                run = await sport.start_run(RunParams(rounds=2, rank=RANK, min_domains=2, secure_aggregation=True))
+                with pytest.raises(AggregatorError) as pushed:
+                    await sport.push_contribution(run.run_id, 1, np.zeros((5, RANK), np.float32))
+                with pytest.raises(AggregatorError) as pulled:
+                    await sport.pull_consensus(run.run_id, 1, 0.0, 5, 0, dtype="float32")
+                status = await sport.get_status()
+            return pushed.value, pulled.value, sum(domain.contributions for domain in status.domains)
+        finally:
+            await aggregator.stop(0.5)
+
+    pushed, pulled, contributions = asyncio.run(scenario())
+    assert pushed.code == grpc.StatusCode.INVALID_ARGUMENT and "is secure (secure_aggregation = true)" in pushed.details, pushed
+    assert pulled.code == grpc.StatusCode.INVALID_ARGUMENT and "is secure" in pulled.details, pulled
+    assert contributions == 0

@@ -7,6 +7,8 @@ Python integers: per row, the sum over the listed contributors holding it of rou
 divided by 2^32 and the holder count.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import RunParams
 from cdimf.common.security.masks import MaskedSumMismatch, mask_contribution
 from cdimf.common.security.pseudonyms import pseudonymize
-from cdimf.common.wire.serde import Consensus
+from cdimf.common.wire.serde import Consensus, run_info_to_json, status_to_proto
 from cdimf.domain_node.secure_exchange import unmasked_consensus
 from tests.aggregator_helpers import DOMAINS, RANK, SECRET, FakeClock, expect, registered
 
@@ -105,6 +107,9 @@ def test_rounds_closed_by_the_deadline_with_a_missing_and_a_stale_domain_decode_
     clock.now += DEADLINE_S + 0.1
     assert state.poll() == 2
     decodes(2, [("books", 1), ("cloth", 2), ("sport", 2)])
+    # and GetStatus / `cdimf status --json` show the list
+    shown = run_info_to_json(status_to_proto(state.status()).run)["consensus_contributors"]
+    assert shown == [{"domain": "books", "round": 1}, {"domain": "cloth", "round": 2}, {"domain": "sport", "round": 2}]
     push(state, run_id, "books", 2, sent)  # one round stale (max_staleness 1)
     push(state, run_id, "sport", 3, sent)
     clock.now += DEADLINE_S + 0.1
@@ -162,3 +167,30 @@ def test_a_secure_run_refuses_plain_contributions_and_a_plain_run_refuses_ring_o
     expect("INVALID_ARGUMENT", lambda: state.accept_contribution(plain_run, "sport", 1, ring))
     expect("INVALID_ARGUMENT", lambda: state.pull_encoding(plain_run, True))
     assert state.pull_encoding(plain_run, None) is False and state.run.tags == {}
+
+
+def test_a_restarted_aggregator_serves_the_same_masked_sum_and_list_and_refuses_a_float_one_on_disk(tmp_path: Path) -> None:
+    """A secure run saved at a round boundary comes back from its folder with the uint64 sum and its contributor list (it decodes
+    as before); a float32 matrix stored as a secure run's sum is refused naming the file."""
+    from cdimf.aggregator.store import RUN_FILE
+    from cdimf.common.atomic_files import StateFileError, read_arrays, write_arrays_atomically
+
+    state = registered(tmp_path)
+    run_id = secure_run(state)
+    sent: dict[tuple[str, int], np.ndarray] = {}
+    for name in DOMAINS:
+        push(state, run_id, name, 1, sent)
+    assert state.poll() == 1
+    before = pulled(state, run_id, "sport", 1)
+    again = registered(tmp_path)
+    after = pulled(again, run_id, "sport", 1)
+    assert after.contributors == before.contributors == (("books", 1), ("cloth", 1), ("sport", 1))
+    np.testing.assert_array_equal(after.shared, before.shared)
+    assert after.shared.dtype == np.uint64
+    _, z = decoded(again, run_id, "sport", 1)
+    np.testing.assert_array_equal(z, expected_z(again, "sport", list(after.contributors), sent))
+    saved = dict(read_arrays(tmp_path / RUN_FILE))
+    saved["consensus"] = saved["consensus"].astype(np.float32)
+    write_arrays_atomically(tmp_path / RUN_FILE, saved, False)
+    with pytest.raises(StateFileError, match="masked sum of a secure run is not a uint64 matrix"):
+        registered(tmp_path)

@@ -101,6 +101,10 @@ class RunBasics(Protocol):
     def consensus_round(self) -> int:
         """The round of the newest Z (0 before the first)."""
 
+    @property
+    def consensus_contributors(self) -> tuple[tuple[str, int], ...]:
+        """(domain, round tag) of the contributions the newest consensus holds."""
+
 
 class RunView(RunBasics, Protocol):
     """What the wire shows of the aggregator's current run."""
@@ -232,7 +236,13 @@ def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
         current_round=run.current_round,
         latest_consensus_round=run.consensus_round,
         admitted_domains=list(run.admitted),
+        consensus_contributors=_contributors_to_proto(run.consensus_contributors),
     )
+
+
+def _contributors_to_proto(contributors: Sequence[tuple[str, int]]) -> list[pb.Contributor]:
+    """(domain, round tag) pairs as Contributor messages."""
+    return [pb.Contributor(domain=domain, round=tag) for domain, tag in contributors]
 
 
 def event_to_proto(run: RunBasics, event: EventView) -> pb.RoundEvent:
@@ -367,7 +377,8 @@ def run_record_to_proto(run: "RecordView", with_events: bool) -> pb.RunRecord:
     """The wire form of a kept run (ListRuns), its events when asked for."""
     message = pb.RunRecord(
         info=pb.RunInfo(run_id=run.run_id, state=RUN_STATES[run.state], params=run_params_to_proto(run.params),
-                        current_round=run.current_round, latest_consensus_round=run.consensus_round, admitted_domains=list(run.domains)),
+                        current_round=run.current_round, latest_consensus_round=run.consensus_round, admitted_domains=list(run.domains),
+                        consensus_contributors=_contributors_to_proto(run.consensus_contributors)),
         started_unix_s=run.started_wall,
         stop_reason=run.stop_reason,
     )
@@ -416,6 +427,7 @@ def run_info_to_json(info: pb.RunInfo) -> dict[str, Any]:
         "consensus_round": int(info.latest_consensus_round),
         "domains": list(info.admitted_domains),
         "params": run_params_from_proto(info.params).model_dump(mode="json") if info.run_id else None,
+        "consensus_contributors": [{"domain": entry.domain, "round": int(entry.round)} for entry in info.consensus_contributors],
     }
 
 

@@ -545,6 +545,7 @@ class RunInfo(_message.Message):
     CURRENT_ROUND_FIELD_NUMBER: _builtins.int
     LATEST_CONSENSUS_ROUND_FIELD_NUMBER: _builtins.int
     ADMITTED_DOMAINS_FIELD_NUMBER: _builtins.int
+    CONSENSUS_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: Global___RunState.ValueType
     current_round: _builtins.int
@@ -557,6 +558,10 @@ class RunInfo(_message.Message):
 
     @_builtins.property
     def admitted_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def consensus_contributors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contributor]:
+        """the contributions the newest consensus (a secure run: masked sum) was computed from, in summation order"""
+
     def __init__(
         self,
         *,
@@ -566,10 +571,11 @@ class RunInfo(_message.Message):
         current_round: _builtins.int = ...,
         latest_consensus_round: _builtins.int = ...,
         admitted_domains: _abc.Iterable[_builtins.str] | None = ...,
+        consensus_contributors: _abc.Iterable[Global___Contributor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "consensus_contributors", b"consensus_contributors", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

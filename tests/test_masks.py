@@ -232,3 +232,22 @@ def test_masked_words_look_uniform_and_uncorrelated() -> None:
     for col in range(1, rank):
         words = masked[:, col].view(np.int64).astype(np.float64)
         assert abs(np.corrcoef(words, values[:, col])[0, 1]) < 0.1
+
+
+def test_sum_range_check_edges() -> None:
+    """|sum| < h * 2^57 is accepted and 2^57 * h refused, at h = 1 and h = 64; a row nobody holds must sum to 0."""
+    from cdimf.common.security.masks import _sum_bounds, _within_bound
+
+    words = [2**57 - 1, 2**57, TWO_64 - (2**57 - 1), TWO_64 - 2**57, 2**63 - 1, 2**63, TWO_64 - (2**63 - 1), 0, 1]
+    holders = np.array([1, 1, 1, 1, 64, 64, 64, 0, 0])
+    offset, top = _sum_bounds(holders)
+    sums = np.array(words, dtype=np.uint64)[:, None]
+    assert _within_bound(sums, offset, top).tolist() == [True, False, True, False, True, False, True, True, False]
+
+
+def test_mask_contribution_names_the_row_of_a_bad_value_in_a_later_batch() -> None:
+    """A NaN past the first batch of rows is reported at its row in the whole matrix."""
+    values = np.zeros((9000, 2), dtype=np.float32)
+    values[8500, 1] = np.nan
+    with pytest.raises(ValueError, match=r"row 8500, col 1"):
+        mask_contribution(values, pseudonymize(range(9000), SECRET), SECRET, RUN, "books", 0)

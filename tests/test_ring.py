@@ -159,3 +159,26 @@ def test_consensus_from_ring_is_blockwise_invariant() -> None:
     whole = consensus_from_ring(sums, holders, params)
     picked = rng.choice(50000, size=777, replace=False)
     np.testing.assert_array_equal(consensus_from_ring(sums[picked], holders[picked], params), whole[picked])
+
+
+def test_ring_sums_over_many_blocks_equal_a_row_by_row_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full, sorted partial, unsorted and empty contributions over many small blocks: each row's sum as Python ints mod 2^64."""
+    import cdimf.common.core.ring as ring
+
+    monkeypatch.setattr(ring, "RING_SUM_BLOCK_BYTES", 1)  # blocks of 64 rows
+    rng = np.random.default_rng(9)
+    n_rows, cols = 300, 3
+    sorted_rows = np.sort(rng.choice(n_rows, 120, replace=False))
+    parts = [
+        (np.arange(n_rows), rng.integers(0, TWO_64, (n_rows, cols), dtype=np.uint64)),
+        (sorted_rows, rng.integers(0, TWO_64, (120, cols), dtype=np.uint64)),
+        (rng.permutation(n_rows)[:200], rng.integers(0, TWO_64, (200, cols), dtype=np.uint64)),
+        (np.array([], dtype=np.int64), np.zeros((0, cols), dtype=np.uint64)),
+        (np.array([299]), np.full((1, cols), TWO_64 - 1, dtype=np.uint64)),
+    ]
+    expected = [[0] * cols for _ in range(n_rows)]
+    for rows, values in parts:
+        for position, row in enumerate(rows.tolist()):
+            for col in range(cols):
+                expected[row][col] = (expected[row][col] + int(values[position, col])) % TWO_64
+    assert ring_sums(parts, n_rows, cols).tolist() == expected

@@ -8,6 +8,7 @@ runs the very same functions (ring_consensus), so both get the same Z bit for bi
 """
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 
@@ -31,17 +32,28 @@ RING_VALUE_BOUND = 2 ** (RING_FRACTION_BITS + 25)
 RING_BLOCK_ROWS = 16384
 
 
-def encode_fixed(values: np.ndarray) -> np.ndarray:
+def encode_fixed(values: np.ndarray, *, first_row: int = 0) -> np.ndarray:
     """float32 (n, c) -> uint64 (n, c): round(v * 2^32) as int64 two's complement viewed as uint64.
 
-    ValueError naming the first row/col that is not finite or has |v| >= RING_LIMIT.
+    ValueError naming the first row/col that is not finite or has |v| >= RING_LIMIT (rows
+    numbered from first_row: a caller encoding a batch names the row of the whole matrix).
     """
     values = np.asarray(values)
+    out = np.empty(values.shape, dtype=RING)
+    encode_fixed_into(values, out, first_row=first_row)
+    return out
+
+
+def encode_fixed_into(values: np.ndarray, out: np.ndarray, *, first_row: int = 0) -> None:
+    """encode_fixed written into `out` (uint64, same shape, may be a strided view): no temporary of the whole matrix."""
     if values.dtype != FLOAT:
         raise ValueError(f"encode_fixed takes float32 values, got {values.dtype}")
     if values.ndim != 2:
         raise ValueError(f"encode_fixed takes a 2-d array (rows, cols), got shape {values.shape}")
-    out = np.empty(values.shape, dtype=np.int64)
+    _check_ring(out, "the encoding's output")
+    if out.shape != values.shape:
+        raise ValueError(f"output has shape {out.shape}, expected {values.shape}")
+    signed = out.view(np.int64)
     scale = FLOAT(RING_SCALE)
     for start in range(0, len(values), RING_BLOCK_ROWS):
         block = values[start : start + RING_BLOCK_ROWS]
@@ -50,7 +62,7 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
         if bad.any():
             row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
             raise ValueError(
-                f"row {start + int(row)}, col {int(col)}: value {float(block[row, col])} cannot be encoded "
+                f"row {first_row + start + int(row)}, col {int(col)}: value {float(block[row, col])} cannot be encoded "
                 f"(secure aggregation needs finite values with |v| < 2^25 = {int(RING_LIMIT)})"
             )
         # all in float32 and exact: scaling by a power of two is exact, rint of a float32 is exact
@@ -58,8 +70,7 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
         # int64 exactly; so no float64 temporary is needed
         scaled = block * scale
         np.rint(scaled, out=scaled)
-        out[start : start + len(block)] = scaled
-    return out.view(RING)
+        signed[start : start + len(block)] = scaled
 
 
 def _check_ring(array: np.ndarray, what: str) -> None:
@@ -103,21 +114,53 @@ def _is_every_row(rows: np.ndarray, n_rows: int) -> bool:
     return len(rows) == n_rows and (n_rows == 0 or bool(np.all(rows == np.arange(n_rows))))
 
 
+# ring_sums adds block by block, each block of the total about this many bytes: the total is
+# written once while in cache instead of zeroed and then re-read once per contribution
+RING_SUM_BLOCK_BYTES = 512 * 1024
+
+
 def ring_sums(contributions: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, cols: int) -> np.ndarray:
     """Per row the ring sum (uint64 (n_rows, cols)) over the contributions (rows, values) naming it.
 
     The aggregator's whole job in secure mode. Same contract as admm.consensus_mean: row ids unique
     within one contribution (a duplicate -> ValueError); rows nobody sent are 0. Summed in place
-    into one uint64 matrix, no float temporaries.
+    into one uint64 matrix in cache-sized blocks of rows, no float temporaries.
     """
-    total = np.zeros((n_rows, cols), dtype=RING)
+    parts: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+    scattered: list[tuple[np.ndarray, np.ndarray]] = []
+    block_rows = max(64, RING_SUM_BLOCK_BYTES // (8 * max(cols, 1)))
+    starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
     for rows, values in contributions:
         rows = np.asarray(rows)
         _check_ring(values, "a ring contribution")
         if values.shape != (len(rows), cols):
             raise ValueError(f"contribution has shape {values.shape}, expected ({len(rows)}, {cols})")
         _check_rows(rows, n_rows)
-        ring_sum_into(total, None if _is_every_row(rows, n_rows) else rows, values)
+        if _is_every_row(rows, n_rows):
+            parts.append((values, None, starts))
+            continue
+        if len(rows) < 2 or bool(np.all(rows[1:] > rows[:-1])):
+            # rows in order are cut into views block by block
+            parts.append((values, rows, np.searchsorted(rows, starts)))
+        else:
+            # rows out of order: one scatter over the whole total after the blocks (gathering them
+            # block by block through a sort reads the values out of order, which was slower)
+            scattered.append((rows, values))
+    total = np.empty((n_rows, cols), dtype=RING)
+    # a loop over blocks of rows (n_rows / block_rows iterations), each one vectorised
+    for block, (start, stop) in enumerate(pairwise(starts)):
+        part_total = total[start:stop]
+        part_total[...] = 0
+        for values, ordered, cuts in parts:
+            if ordered is None:
+                np.add(part_total, values[start:stop], out=part_total)
+                continue
+            first, last = cuts[block], cuts[block + 1]
+            if first < last:
+                # rows are unique within one contribution, so fancy-index += adds each once
+                part_total[ordered[first:last] - start] += values[first:last]
+    for rows, values in scattered:
+        total[rows] += values
     return total
 
 
@@ -137,10 +180,11 @@ def decode_mean(sums: np.ndarray, holders: np.ndarray) -> np.ndarray:
     if sums.ndim != 2 or holders.shape != (len(sums),):
         raise ValueError(f"sums {sums.shape} and holders {holders.shape} must be (n, c) and (n,)")
     mean = sums.view(np.int64).astype(np.float64)
-    # a power of two: exact
-    mean *= 1.0 / RING_SCALE
     held = holders > 0
-    np.divide(mean, holders[:, None], out=mean, where=held[:, None])
+    # one correctly rounded division by h * 2^32 (exact in float64): the same value as dividing
+    # by 2^32 (exact) then by h
+    divisor = np.where(held, holders * RING_SCALE, 1.0)
+    mean /= divisor[:, None]
     mean[~held] = 0.0
     return mean
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cdimf.common.core.ring import RING, RING_VALUE_BOUND, encode_fixed
+from cdimf.common.core.ring import RING, RING_VALUE_BOUND, encode_fixed_into
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, check_secret
 
 # Domain separation: a mask key of this protocol is never a key HKDF derived for another purpose.
@@ -27,8 +27,8 @@ KEY_BYTES = 32  # AES-256
 # index: 112 bits of an HMAC output make two rows' nonces collide with probability ~n^2 / 2^113.
 NONCE_BYTES = 14
 MAX_BLOCKS = 1 << 16  # the uint16 block index: up to 2^17 columns
-# rows of one AES call: about 32k rows x (rank + 1) words keeps a batch's buffers to a few MB per column pair
-MASK_BATCH_ROWS = 32768
+# rows of one AES call: 8192 rows x (rank + 1) words keeps a batch's buffers (~4 MB at rank 64) near the cache
+MASK_BATCH_ROWS = 8192
 
 
 class MaskedSumMismatch(ValueError):
@@ -59,23 +59,45 @@ def mask_key(secret: bytes, run_id: str, domain: str, round_index: int) -> bytes
     return _hkdf(secret, _fields(MASK_VERSION, run), _fields(MASK_VERSION, run, name, _round_bytes(round_index)))
 
 
-def _keystream_words(key: bytes, nonces: np.ndarray, cols: int) -> np.ndarray:
-    """uint64 (n, cols): AES-256 of counter blocks nonce_r || uint16 j, two little-endian words per block.
+class _Keystream:
+    """AES-256 keystream words of rows under one key: counter block nonce_r || uint16 j, two little-endian words each.
 
-    One AES call over all counter blocks of the batch: ECB over counters is CTR's keystream
-    with a per-row nonce, so no loop over rows.
+    ECB over counter blocks is CTR's keystream with a per-row nonce: one AES call per batch of
+    rows, no loop over rows. The counter and output buffers are reused from batch to batch.
     """
-    n = len(nonces)
-    blocks = (cols + 1) // 2
-    if blocks > MAX_BLOCKS:
-        raise ValueError(f"at most {2 * MAX_BLOCKS} mask columns, got {cols}")
-    counters = np.empty((n, blocks, 16), dtype=np.uint8)
-    counters[:, :, :NONCE_BYTES] = nonces[:, None, :]
-    counters[:, :, NONCE_BYTES:] = np.arange(blocks, dtype=">u2").view(np.uint8).reshape(blocks, 2)
-    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    stream = encryptor.update(counters.tobytes()) + encryptor.finalize()
-    words = np.frombuffer(stream, dtype="<u8").reshape(n, 2 * blocks)
-    return words[:, :cols].astype(RING)
+
+    def __init__(self, key: bytes, cols: int) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a mask key has {KEY_BYTES} bytes, got {len(key)}")
+        self.cols = cols
+        self.blocks = (cols + 1) // 2
+        if self.blocks > MAX_BLOCKS:
+            raise ValueError(f"at most {2 * MAX_BLOCKS} mask columns, got {cols}")
+        # ECB keeps no state between blocks, so one encryptor serves every batch
+        self.encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        # bytes 14 and 15 of block j (its big-endian index) are bits 48-63 of the block's second little-endian word
+        index = np.arange(self.blocks, dtype=np.uint64)
+        self.index_words = ((index >> np.uint64(8)) << np.uint64(48)) | ((index & np.uint64(0xFF)) << np.uint64(56))
+        self.counters = np.empty((0, self.blocks, 2), dtype="<u8")
+        self.stream = np.empty(0, dtype=np.uint8)
+
+    def words(self, nonces: np.ndarray) -> np.ndarray:
+        """uint64 (n, cols) keystream of the rows with these (n, NONCE_BYTES) nonces (a view, valid until the next call)."""
+        n = len(nonces)
+        if len(self.counters) < n:
+            self.counters = np.empty((n, self.blocks, 2), dtype="<u8")
+            # update_into wants room for one more block than it writes
+            self.stream = np.empty(self.counters.nbytes + 16, dtype=np.uint8)
+        counters = self.counters[:n]
+        # the nonce's 14 bytes as two little-endian words: bytes 0-7, and bytes 8-13 with 14-15 zero
+        padded = np.zeros((n, 16), dtype=np.uint8)
+        padded[:, :NONCE_BYTES] = nonces
+        nonce_words = padded.view("<u8")
+        counters[:, :, 0] = nonce_words[:, :1]
+        counters[:, :, 1] = nonce_words[:, 1:] | self.index_words
+        size = counters.nbytes
+        self.encryptor.update_into(counters.reshape(-1).view(np.uint8).data, self.stream[: size + 15].data)
+        return self.stream[:size].view("<u8").reshape(n, 2 * self.blocks)[:, : self.cols]
 
 
 def _check_row_ids(row_ids: np.ndarray) -> np.ndarray:
@@ -89,13 +111,12 @@ def _check_row_ids(row_ids: np.ndarray) -> np.ndarray:
 def row_masks(key: bytes, row_ids: np.ndarray, cols: int) -> np.ndarray:
     """uint64 (n, cols) mask words of the rows named by (n, 32) uint8 pseudonyms, under one mask key."""
     row_ids = _check_row_ids(row_ids)
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"a mask key has {KEY_BYTES} bytes, got {len(key)}")
+    stream = _Keystream(key, cols)
     masks = np.empty((len(row_ids), cols), dtype=RING)
     # batches bound the counter and keystream buffers (a loop over batches of rows, not rows)
     for start in range(0, len(row_ids), MASK_BATCH_ROWS):
         nonces = row_ids[start : start + MASK_BATCH_ROWS, :NONCE_BYTES]
-        masks[start : start + len(nonces)] = _keystream_words(key, nonces, cols)
+        masks[start : start + len(nonces)] = stream.words(nonces)
     return masks
 
 
@@ -110,16 +131,16 @@ def check_coefficients(secret: bytes, run_id: str, rank: int) -> np.ndarray:
         raise ValueError(f"rank must be >= 1, got {rank}")
     key = _hkdf(secret, _fields(CHECK_VERSION, run_id.encode("utf-8")), _fields(CHECK_VERSION, run_id.encode("utf-8"), b"coefficients"))
     # a single all-zero nonce: the coefficients are one keystream of `rank` words
-    return _keystream_words(key, np.zeros((1, NONCE_BYTES), dtype=np.uint8), rank)[0]
+    return _Keystream(key, rank).words(np.zeros((1, NONCE_BYTES), dtype=np.uint8))[0].astype(RING)
 
 
 def check_column(values: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
     """uint64 (n,) sum_j r_j * values[:, j] in Z/2^64 (linear: the check of a sum is the sum of the checks)."""
-    check = np.zeros(len(values), dtype=RING)
-    # a loop over the rank's columns (each a vectorised multiply-add over every row) keeps the
-    # temporaries to one column; uint64 products and sums wrap modulo 2^64
-    for col, coefficient in enumerate(coefficients):
-        check += values[:, col] * coefficient
+    check = np.empty(len(values), dtype=RING)
+    # in batches of rows; einsum's integer products and sums wrap modulo 2^64 like uint64 arithmetic
+    for start in range(0, len(values), MASK_BATCH_ROWS):
+        block = values[start : start + MASK_BATCH_ROWS]
+        check[start : start + len(block)] = np.einsum("ij,j->i", block, coefficients)
     return check
 
 
@@ -135,10 +156,17 @@ def mask_contribution(
     if values.ndim != 2 or len(values) != len(row_ids):
         raise ValueError(f"values {values.shape} do not match {len(row_ids)} row ids")
     rank = values.shape[1]
+    coefficients = check_coefficients(secret, run_id, rank)
+    stream = _Keystream(mask_key(secret, run_id, domain, round_index), rank + 1)
     masked = np.empty((len(values), rank + 1), dtype=RING)
-    masked[:, :rank] = encode_fixed(values)
-    masked[:, rank] = check_column(masked[:, :rank], check_coefficients(secret, run_id, rank))
-    masked += row_masks(mask_key(secret, run_id, domain, round_index), row_ids, rank + 1)
+    # the one output array is filled batch by batch: encoding, check and mask words of a batch are
+    # the only temporaries (a loop over batches of rows, each vectorised)
+    for start in range(0, len(values), MASK_BATCH_ROWS):
+        stop = min(start + MASK_BATCH_ROWS, len(values))
+        block = masked[start:stop]
+        encode_fixed_into(values[start:stop], block[:, :rank], first_row=start)
+        block[:, rank] = check_column(block[:, :rank], coefficients)
+        block += stream.words(row_ids[start:stop, :NONCE_BYTES])
     return masked
 
 
@@ -193,19 +221,30 @@ def unmask_sum(
         raise MaskedSumMismatch(f"contributions not of round {expected_round}: {list(contributors)}")
     holding = _holds_matrix(holds, contributors, len(row_ids))
     rank = masked_sum.shape[1] - 1
-    plain = masked_sum.copy()
-    # one pass per contributor (a handful of domains), each vectorised over its rows
-    for (domain, round_index), held in zip(contributors, holding):
-        rows = np.flatnonzero(held)
-        plain[rows] -= row_masks(mask_key(secret, run_id, domain, round_index), row_ids[rows], rank + 1)
-    sums = plain[:, :rank]
+    streams = [_Keystream(mask_key(secret, run_id, domain, round_index), rank + 1) for domain, round_index in contributors]
+    coefficients = check_coefficients(secret, run_id, rank)
     holders = holding.sum(axis=0, dtype=np.int64)
-    wrong = check_column(sums, check_coefficients(secret, run_id, rank)) != plain[:, rank]
-    wrong |= ~_within_bound(sums, holders)
+    offset, top = _sum_bounds(holders)
+    sums = np.empty((len(row_ids), rank), dtype=RING)
+    wrong = np.zeros(len(row_ids), dtype=bool)
+    # batches of rows (bounded temporaries), in each one pass per contributor (a handful of
+    # domains), vectorised over the rows it holds; masked_sum itself is only read
+    for start in range(0, len(row_ids), MASK_BATCH_ROWS):
+        stop = min(start + MASK_BATCH_ROWS, len(row_ids))
+        plain = masked_sum[start:stop].copy()
+        for stream, held in zip(streams, holding[:, start:stop]):
+            rows = np.flatnonzero(held)
+            if len(rows) == len(plain):
+                plain -= stream.words(row_ids[start:stop, :NONCE_BYTES])
+            elif len(rows):
+                plain[rows] -= stream.words(row_ids[start + rows, :NONCE_BYTES])
+        sums[start:stop] = plain[:, :rank]
+        wrong[start:stop] = check_column(plain[:, :rank], coefficients) != plain[:, rank]
+        wrong[start:stop] |= ~_within_bound(plain[:, :rank], offset[start:stop], top[start:stop])
     failed = int(wrong.sum())
     if failed:
         raise MaskedSumMismatch(f"{failed} of {len(row_ids)} rows fail the integrity check; contributors {list(contributors)}")
-    return np.ascontiguousarray(sums), holders
+    return sums, holders
 
 
 def _check_ring_matrix(masked_sum: np.ndarray, n: int) -> None:
@@ -214,10 +253,17 @@ def _check_ring_matrix(masked_sum: np.ndarray, n: int) -> None:
         raise ValueError(f"masked sum must be uint64 ({n}, rank + 1), got {masked_sum.dtype} {masked_sum.shape}")
 
 
-def _within_bound(sums: np.ndarray, holders: np.ndarray) -> np.ndarray:
-    """bool (n,): every |int64 sum| of the row below holders * RING_VALUE_BOUND (0 holders: the sum is 0)."""
-    signed = sums.view(np.int64)
-    # negating -2^63 wraps to itself, whose uint64 view is 2^63: the right magnitude
-    magnitude = np.where(signed < 0, -signed, signed).view(RING)
+def _sum_bounds(holders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (offset, top) with |s| < h * RING_VALUE_BOUND exactly when s + offset <= top in Z/2^64 (h = 0: s = 0)."""
+    # |s| < B means s in [-(B - 1), B - 1], i.e. s + (B - 1) in [0, 2B - 2] as uint64 (2B - 2 < 2^64 for B <= 2^63)
     bound = holders.astype(RING) * RING(RING_VALUE_BOUND)
-    return np.all(magnitude < bound[:, None], axis=1) | ((holders == 0) & np.all(sums == 0, axis=1))
+    held = holders > 0
+    offset = np.where(held, bound - RING(1), RING(0))
+    top = np.where(held, bound * RING(2) - RING(2), RING(0))
+    return offset, top
+
+
+def _within_bound(sums: np.ndarray, offset: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """bool (n,): every int64 sum of the row within what its holders can send (bounds from _sum_bounds)."""
+    shifted = sums + offset[:, None]
+    return np.all(shifted <= top[:, None], axis=1)

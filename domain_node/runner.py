@@ -341,7 +341,8 @@ class NodeRunner:
                 await self._checkpoint_written()
                 open_round = await self._push(run_id, open_round, trainer.contribution())
                 pushed_round = open_round
-            self.progress.phase = "waiting"
+            # a refusal stays shown until a sum unmasks
+            self.progress.phase = "refusing-masked-sum" if refused else "waiting"
             wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
             try:
                 z = await self.client.pull_consensus(run_id, applied + 1, wait_s, len(view.shared_rows), len(view.receiver_rows),
@@ -392,18 +393,20 @@ class NodeRunner:
             await task
             self.progress.epochs = trainer.state.epochs
 
-    def _wire_contribution(self, values: np.ndarray, run_id: str, round_index: int) -> tuple[np.ndarray, str]:
+    async def _wire_contribution(self, values: np.ndarray, run_id: str, round_index: int) -> tuple[np.ndarray, str]:
         """What goes on the wire for X + U pushed as `round_index`, and its dtype: masked ring rows in a secure run, else X + U itself."""
         if self._masked_rows is None:
             return values, "float32"
-        return masked_contribution(values, self._masked_rows, self._secret, run_id, self.config.domain, round_index), "ring64"
+        # AES over every shared row: off the event loop, like the solver
+        masked = await asyncio.to_thread(masked_contribution, values, self._masked_rows, self._secret, run_id, self.config.domain, round_index)
+        return masked, "ring64"
 
     async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
         """Push a contribution for the open round; returns the round it was pushed as."""
         for _ in range(3):
             try:
                 # masked per round tag: a push moved to the open round is masked for that round
-                wire, dtype = self._wire_contribution(values, run_id, round_index)
+                wire, dtype = await self._wire_contribution(values, run_id, round_index)
                 await self.client.push_contribution(run_id, round_index, wire, dtype)
                 prometheus.on_push(self.config.domain, wire.nbytes)
                 return round_index

@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdimf.aggregator.rounds import StateError
 from cdimf.aggregator.state import AggregatorState
 from cdimf.common.config import AggregatorConfig, ConfigError, RunParams
+from cdimf.common.core.membership import AlignedMembership
 from cdimf.common.rpc import metrics
 from cdimf.common.rpc.auth import Authorizer
 from cdimf.common.rpc.channels import bind_port, create_server, serve_until_signalled
@@ -58,6 +59,7 @@ from cdimf.common.wire.chunks import (
     wire_dtype,
 )
 from cdimf.common.wire.serde import (
+    cold_start_from_proto,
     event_to_proto,
     membership_to_proto,
     run_info_to_proto,
@@ -230,14 +232,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         registration = RegistrationAssembler()
         pseudonyms, holder, header = await self._assemble(context, registration.add, registration.result, first, request_iterator)
         domain = header.domain
+        try:
+            policy = cold_start_from_proto(registration.cold_start)
+        except ConfigError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"registration of {domain}: {error}")
+            raise
 
         def register() -> pb.Membership:
-            registration = self.state.register(domain, pseudonyms, holder)
+            registered = self.state.register(domain, pseudonyms, holder, policy)
             mine, frozen = self.state.membership_for(domain)
-            return membership_to_proto(mine, domain, registration.fingerprint, frozen)
+            counts = self.state.cold_start_counts()
+            return membership_to_proto(mine, domain, registered.fingerprint, frozen, counts.served_to(domain), counts.received_from(domain))
 
-        reply = await self._locked(context, register, in_thread=True)
-        log.info("domain %s registered %d rows", domain, reply.rows)
+        reply = await self._locked(context, register, in_thread=True, call="Register")
+        log.info("domain %s registered %d rows (cold start: %s; others receive %s; it receives %s)", domain, reply.rows, policy.describe(),
+                 dict(reply.served_to) or "none", dict(reply.received_from) or "none")
         metrics.on_registration(domain)
         self.changes.notify()
         return reply
@@ -246,8 +255,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Stream the domain's per-row roles and holder masks (the run's frozen membership when admitted)."""
         domain = request.header.domain
         await self._domain(context, domain)
-        mine, _ = await self._locked(context, lambda: self.state.membership_for(domain), in_thread=True)
-        for chunk in encode_membership(mine.roles, mine.holder_masks, list(mine.domains), request.header):
+        def seen() -> tuple[AlignedMembership, dict[str, int], dict[str, int]]:
+            """The membership the domain sees and its cold-start counts."""
+            mine, _ = self.state.membership_for(domain)
+            counts = self.state.cold_start_counts()
+            return mine, counts.served_to(domain), counts.received_from(domain)
+
+        mine, served_to, received_from = await self._locked(context, seen, in_thread=True)
+        for chunk in encode_membership(mine.roles, mine.holder_masks, list(mine.domains), request.header,
+                                       served_to=served_to, received_from=received_from):
             yield chunk
 
     async def WaitForRun(self, request: pb.WaitForRunRequest, context: grpc.aio.ServicerContext) -> pb.RunInfo:

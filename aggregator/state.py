@@ -7,6 +7,9 @@
   follow the rules of cdimf.aggregator.rounds. The run is saved to the RunStore when it starts,
   stops and whenever a round closes (before its Z is served).
 - Every refusal raises StateError with a status name and changes nothing.
+- Cold start is under the holders' control (cdimf.aggregator.cold_start): a registration after
+  which any holder would serve more receiver rows than its registered policy allows is refused
+  RESOURCE_EXHAUSTED, whichever side registers last.
 - A save that fails (a full or read-only disk) is never silent: the round stays closed in
   memory but its Z is not served, pushes are refused UNAVAILABLE, `persist_error` says why
   (health NOT_SERVING, GetStatus, a persist_failed event for followers) and `poll` retries the
@@ -17,15 +20,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from cdimf.aggregator.cold_start import ColdStartCounts, cold_start_counts, over_cap_detail, require_within_caps, served_cap, served_lines
 from cdimf.aggregator.rounds import Event, Pulled, PushOutcome, Run, SavedRun, StateError, elapsed_since
 from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registration, RunStore
 from cdimf.common.atomic_files import StateFileError
-from cdimf.common.config import RunParams
+from cdimf.common.config import ColdStartPolicy, RunParams
 from cdimf.common.core.membership import MAX_DOMAINS, AlignedMembership, align_memberships, sorted_unique
 from cdimf.common.security.names import is_party_name, shown
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
@@ -73,6 +77,10 @@ class DomainStatus:
     latest_contribution_round: int = 0
     contributions: int = 0
     latest_metrics: dict[str, float] = field(default_factory=dict)
+    served_to: dict[str, int] = field(default_factory=dict)
+    received_from: dict[str, int] = field(default_factory=dict)
+    cold_start: ColdStartPolicy = field(default_factory=ColdStartPolicy)
+    max_served_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,13 +132,14 @@ class AggregatorState:
         self.persist_error: str | None = None
         self._retry_at = 0.0
         # aligning a million pseudonyms takes seconds; registrations change rarely
-        self._memberships_cache: tuple[tuple[tuple[str, str], ...], dict[str, AlignedMembership]] | None = None
+        self._memberships_cache: tuple[tuple[tuple[str, str], ...], dict[str, AlignedMembership], ColdStartCounts] | None = None
         self._restore()
 
     # ----- registration and membership -----
 
-    def register(self, domain: str, pseudonyms: np.ndarray, holder: np.ndarray) -> Registration:
-        """Record a domain's rows; idempotent for the same rows, refused while a run uses other ones."""
+    def register(self, domain: str, pseudonyms: np.ndarray, holder: np.ndarray, cold_start: ColdStartPolicy | None = None) -> Registration:
+        """Record a domain's rows and cold-start policy; idempotent for the same ones, refused while a run uses other ones
+        or when a holder would serve more receiver rows than its policy allows."""
         if not domain:
             raise StateError("INVALID_ARGUMENT", "header.domain is empty")
         # the party-name rule of configs and certificates, so plaintext servers apply it too
@@ -142,22 +151,34 @@ class AggregatorState:
         keys = sortable_keys([pseudonyms])[0]
         if len(sorted_unique(keys)) != len(keys):
             raise StateError("INVALID_ARGUMENT", f"registration of {domain}: a pseudonym appears twice")
-        registration = Registration(domain, pseudonyms.copy(), holder.astype(bool), membership_fingerprint(pseudonyms, holder))
+        policy = cold_start if cold_start is not None else ColdStartPolicy()
+        registration = Registration(domain, pseudonyms.copy(), holder.astype(bool), membership_fingerprint(pseudonyms, holder), policy)
         previous = self.registrations.get(domain)
-        if previous is not None and previous.fingerprint == registration.fingerprint:
+        if previous is not None and previous.fingerprint == registration.fingerprint and previous.cold_start == policy:
             return previous
         if self.run is not None and self.run.state == "running" and domain in self.run.memberships:
+            changed = "rows" if previous is None or previous.fingerprint != registration.fingerprint else "cold-start policy"
             raise StateError(
-                "FAILED_PRECONDITION", f"domain {domain} is in running run {self.run.run_id} with other rows; stop the run before re-registering"
+                "FAILED_PRECONDITION", f"domain {domain} is in running run {self.run.run_id} with other {changed}; stop the run before re-registering"
             )
         if previous is None and len(self.registrations) >= MAX_DOMAINS:
             raise StateError("RESOURCE_EXHAUSTED", f"at most {MAX_DOMAINS} domains can register")
         updated = {**self.registrations, domain: registration}
+        memberships = memberships_of(updated)
+        counts = cold_start_counts(memberships)
+        try:
+            require_within_caps(updated, counts, domain)
+        except StateError as refusal:
+            log.warning("refused the registration of %s: %s [%s]", domain, refusal.message, over_cap_detail(updated, counts))
+            raise
         try:
             self.store.save_registrations(updated)
         except OSError as error:
             raise StateError("UNAVAILABLE", f"the aggregator cannot save the registration: {error}") from error
         self.registrations = updated
+        self._memberships_cache = (self._registrations_key(), memberships, counts)
+        for line in served_lines(updated, counts):
+            log.info("cold start: %s", line)
         return registration
 
     def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:
@@ -169,12 +190,25 @@ class AggregatorState:
             return run.memberships[domain], True
         return self.current_memberships()[domain], False
 
+    def _registrations_key(self) -> tuple[tuple[str, str], ...]:
+        """What the cached alignment depends on: every domain's name and fingerprint."""
+        return tuple((name, self.registrations[name].fingerprint) for name in sorted(self.registrations))
+
+    def _aligned(self) -> tuple[dict[str, AlignedMembership], ColdStartCounts]:
+        """Every registered domain's membership and the cold-start counts (cached until a registration changes)."""
+        key = self._registrations_key()
+        if self._memberships_cache is None or self._memberships_cache[0] != key:
+            memberships = memberships_of(self.registrations)
+            self._memberships_cache = (key, memberships, cold_start_counts(memberships))
+        return self._memberships_cache[1], self._memberships_cache[2]
+
     def current_memberships(self) -> dict[str, AlignedMembership]:
         """Every registered domain's membership (cached until a registration changes)."""
-        key = tuple((name, self.registrations[name].fingerprint) for name in sorted(self.registrations))
-        if self._memberships_cache is None or self._memberships_cache[0] != key:
-            self._memberships_cache = (key, memberships_of(self.registrations))
-        return self._memberships_cache[1]
+        return self._aligned()[0]
+
+    def cold_start_counts(self) -> ColdStartCounts:
+        """Receiver rows per domain pair over every registration: what the caps are checked against and the next run serves."""
+        return self._aligned()[1]
 
     # ----- runs -----
 
@@ -325,19 +359,22 @@ class AggregatorState:
     # ----- what the control API shows -----
 
     def status(self) -> Status:
-        """The current run and every registered domain, as plain numbers."""
+        """The current run and every registered domain, as plain numbers (cold-start counts over every registration)."""
         run = self.run
         domains = []
+        counts = self.cold_start_counts()
         for name, registration in sorted(self.registrations.items()):
+            base = DomainStatus(name, len(registration.holder), admitted=False, served_to=counts.served_to(name),
+                                received_from=counts.received_from(name), cold_start=registration.cold_start,
+                                max_served_rows=served_cap(registration))
             mine = run.memberships.get(name) if run is not None else None
             if run is None or mine is None:
-                domains.append(DomainStatus(name, len(registration.holder), admitted=False))
+                domains.append(base)
                 continue
             reported = run.metrics.get(name, {})
             domains.append(
-                DomainStatus(
-                    name,
-                    len(registration.holder),
+                replace(
+                    base,
                     admitted=True,
                     shared_rows=len(mine.shared_rows),
                     receiver_rows=len(mine.receiver_rows),

@@ -6,7 +6,7 @@ never between), so tests/test_run_store.py runs one suite against both.
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from cdimf.aggregator.rounds import Event, SavedRun
 from cdimf.common.atomic_files import StateFileError, read_arrays, read_arrays_or_npz, remove_stale_temporaries, write_arrays_atomically
-from cdimf.common.config import ConfigError, RunParams
+from cdimf.common.config import ColdStartPolicy, ConfigError, RunParams
 from cdimf.common.security.pseudonyms import membership_fingerprint
 
 # checksummed containers (cdimf.common.atomic_files); the .npz of earlier versions is still read
@@ -34,12 +34,13 @@ ARCHIVE_SUFFIX = ".arrays"
 
 @dataclass(frozen=True)
 class Registration:
-    """One domain's registered rows: pseudonyms (n, 32) uint8 and holder flags (n,) bool."""
+    """One domain's registered rows: pseudonyms (n, 32) uint8 and holder flags (n,) bool, and its cold-start policy."""
 
     domain: str
     pseudonyms: np.ndarray
     holder: np.ndarray
     fingerprint: str
+    cold_start: ColdStartPolicy = field(default_factory=ColdStartPolicy)
 
 
 class RunStore(Protocol):
@@ -118,9 +119,10 @@ class DirectoryRunStore:
             remove_stale_temporaries(self.directory / name)
 
     def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
-        """Write every domain's pseudonyms and holder flags atomically (names in a JSON header: never cut)."""
+        """Write every domain's pseudonyms, holder flags and cold-start policy atomically (names and policies in a JSON header: never cut)."""
         names = sorted(registrations)
-        arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps({"domains": names}).encode(), dtype=np.uint8)}
+        meta = {"domains": names, "cold_start": {name: registrations[name].cold_start.model_dump(mode="json") for name in names}}
+        arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         for index, name in enumerate(names):
             arrays[f"pseudonyms_{index}"] = registrations[name].pseudonyms
             arrays[f"holder_{index}"] = registrations[name].holder
@@ -142,12 +144,15 @@ class DirectoryRunStore:
             return registrations
         saved = read_arrays_or_npz(path)
         try:
-            names = json.loads(saved["meta"].tobytes())["domains"] if "meta" in saved else saved["domains"].tolist()
-            for index, name in enumerate(names):
+            meta = json.loads(saved["meta"].tobytes()) if "meta" in saved else {"domains": saved["domains"].tolist()}
+            # files of versions before cold-start policies hold none: those domains served without a cap
+            policies = meta.get("cold_start", {})
+            for index, name in enumerate(meta["domains"]):
                 pseudonyms, holder = saved[f"pseudonyms_{index}"], saved[f"holder_{index}"]
                 if pseudonyms.ndim != 2 or holder.shape != (len(pseudonyms),):
                     raise ValueError(f"rows of {name!r} are malformed")
-                registrations[str(name)] = Registration(str(name), pseudonyms, holder.astype(bool), membership_fingerprint(pseudonyms, holder))
+                policy = ColdStartPolicy.model_validate(policies.get(name, {}))
+                registrations[str(name)] = Registration(str(name), pseudonyms, holder.astype(bool), membership_fingerprint(pseudonyms, holder), policy)
         except (KeyError, ValueError, TypeError) as error:
             raise StateFileError(f"{path}: damaged registrations ({type(error).__name__}: {error}); {_START_OVER}") from error
         return registrations

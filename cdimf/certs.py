@@ -217,7 +217,7 @@ def _destination(planned: PlannedFile) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m cdimf.certs`."""
-    parser = configure_parser(argparse.ArgumentParser(prog="cdimf certs", description=__doc__))
+    parser = configure_parser(argparse.ArgumentParser(prog="cdimf certs", description=__doc__, allow_abbrev=False))
     return run(parser.parse_args(argv))
 
 

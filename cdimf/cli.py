@@ -60,6 +60,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", WholeNamesHelpFormatter)
+        # a prefix must not pass for a flag: `--secret x` silently taken as `--secret-file x` would
+        # read a file named after the secret
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

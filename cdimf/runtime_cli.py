@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from cdimf.arg_types import positive_int, positive_seconds
 from cdimf.common.config import (
     AggregatorConfig,
+    ColdStartPolicy,
     NodeConfig,
     RunParams,
     TLSConfig,
@@ -272,9 +273,28 @@ def _status(args: argparse.Namespace) -> int:
             print(f"  {domain.domain:<12} rows {domain.rows:>8}  shared {domain.shared_rows:>8}  "
                   f"admitted {str(domain.admitted).lower():<5}  last push {domain.latest_contribution_round:>4}  "
                   f"{shown(domain.latest_metrics, 'valid')}")
+        print("\n".join(cold_start_table(view["domains"])))
         return EXIT_OK
 
     return _with_aggregator_errors(main, args.json)
+
+
+def _per_domain(counts: Any) -> str:
+    """{domain: count} as "cloth 40, music 0" (or "none")."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) or "none"
+
+
+def cold_start_table(domains: list[dict[str, Any]]) -> list[str]:
+    """`cdimf status`'s cold-start lines: per holder its policy and cap, then the receiver rows each other domain takes of its users."""
+    names = [entry["domain"] for entry in domains]
+    lines = ["cold start: receiver rows served (row: holder, column: receiving domain)",
+             "  " + f"{'holder':<12} {'policy':<28} {'cap':>8} " + " ".join(f"{name:>10}" for name in names)]
+    for entry in domains:
+        described = ColdStartPolicy.model_validate(entry["cold_start"] or {}).describe()
+        cap = "-" if entry["max_served_rows"] is None else str(entry["max_served_rows"])
+        cells = " ".join(f"{'-' if name == entry['domain'] else entry['served_to'].get(name, 0):>10}" for name in names)
+        lines.append(f"  {entry['domain']:<12} {described:<28} {cap:>8} {cells}")
+    return lines
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -471,12 +491,18 @@ def _node_status(args: argparse.Namespace) -> int:
                         "epochs": status.epochs, "users": status.users, "items": status.items, "shared_rows": status.shared_rows,
                         "receiver_rows": status.receiver_rows, "connected": status.connected,
                         "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid"),
-                        "error": status.error or None})
+                        "served_to": dict(sorted(status.served_to.items())), "received_from": dict(sorted(status.received_from.items())),
+                        "registration_refused": status.registration_refused or None, "error": status.error or None})
         else:
             print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
                   f"{status.users} users x {status.items} items, solver backend {status.solver_backend}, "
-                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip()
-                  + (f"\n  error: {status.error}" if status.error else ""))
+                  f"{'connected' if status.connected else 'not connected'}  {shown(status.latest_metrics, 'valid')}".rstrip())
+            print(f"  cold start: others receive {sum(status.served_to.values())} of its users ({_per_domain(status.served_to)}); "
+                  f"it receives {sum(status.received_from.values())} rows ({_per_domain(status.received_from)})")
+            if status.error:
+                print(f"  error: {status.error}")
+            if status.registration_refused:
+                print(f"  registration refused: {status.registration_refused}")
         return EXIT_OK
 
     return asyncio.run(main())

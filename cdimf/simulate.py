@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from pydantic import Field, model_validator
 
-from cdimf.common.config import FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
+from cdimf.common.config import ColdStartPolicy, FederationDomain, RunParams, TLSConfig, ValidationParams, unique_domain_names
 from cdimf.common.core.params import ADMMParams, LocalIALSParams, StrictModel
 from cdimf.config_flags import add_model_flags, load_with_flags
 from cdimf.progress import say
@@ -42,11 +42,21 @@ from cdimf.resources import embedded_pair
 TERMINATE_GRACE_S = 5.0
 
 
-def _warm_pair() -> list[FederationDomain]:
+class SimulatedDomain(FederationDomain):
+    """One `[[domains]]` entry of simulate: a federation domain and its node's cold-start policy (its `[domains.cold_start]`)."""
+
+    cold_start: ColdStartPolicy = Field(default_factory=ColdStartPolicy, description="which of its users other domains' cold-start rows may receive")
+
+    def node_fields(self) -> dict[str, Any]:
+        """This domain's fields of a NodeConfig, its cold-start policy included."""
+        return {**super().node_fields(), "cold_start": self.cold_start.model_dump(mode="json")}
+
+
+def _warm_pair() -> list[SimulatedDomain]:
     """The embedded warm Sport&Cloth pair, one entry per domain."""
     warm_pair = embedded_pair("warm-start_sport_cloth")
     return [
-        FederationDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
+        SimulatedDomain(name=name, train_path=warm_pair / folder / "train.txt", test_path=warm_pair / folder / "test.txt", data_format="paper")
         for name, folder in (("sport", "sport_cloth"), ("cloth", "cloth_sport"))
     ]
 
@@ -64,7 +74,7 @@ def _warm_run() -> RunParams:
 class SimulateConfig(StrictModel):
     """A local federation: the domains' files, the local model, the run and the transport."""
 
-    domains: list[FederationDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
+    domains: list[SimulatedDomain] = Field(default_factory=_warm_pair, min_length=1, description="one node per domain")
     ials: LocalIALSParams = Field(default_factory=_warm_ials, description="every node's local model (its rank is run.rank)")
     run: RunParams = Field(default_factory=_warm_run)
     insecure: bool = Field(False, description="plaintext gRPC on loopback instead of throwaway mutual TLS")

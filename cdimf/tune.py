@@ -360,7 +360,7 @@ def summary(model: str, records: Sequence[TrialRecord], k: int, top: int = 5, ba
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one study per model, write the winners as a reproduce config, print the trials."""
-    parser = argparse.ArgumentParser(prog="cdimf tune", description=(__doc__ or "").splitlines()[0],
+    parser = argparse.ArgumentParser(prog="cdimf tune", allow_abbrev=False, description=(__doc__ or "").splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join((__doc__ or "").splitlines()[2:]))
     parser.add_argument("config", help="a shipped config by name or a reproduce config's path (TOML): the pair and the starting values")

@@ -185,6 +185,46 @@ def unique_domain_names(domains: Sequence[FederationDomain]) -> None:
         raise ValueError(f"domain names must be unique, got {names}")
 
 
+class ColdStartPolicy(StrictModel):
+    """Whether other domains may receive this domain's users as cold-start receiver rows, and how many at most.
+
+    A receiver row elsewhere gets the holder's user factors through Z: the holder decides. At most
+    one cap; none: every receiver is served. The aggregator enforces it at registration.
+    """
+
+    serve: bool = Field(True, description="serve this domain's users to other domains' cold-start receivers")
+    max_served: int | None = Field(None, ge=0, description="at most this many receiver rows, over all other domains; unset: no count cap")
+    max_served_fraction: float | None = Field(None, ge=0, le=1,
+                                              description="at most this fraction of this domain's users with interactions (rounded down); unset: none")
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> "ColdStartPolicy":
+        """A count or a fraction, not both: two caps would leave which one holds unclear."""
+        if self.max_served is not None and self.max_served_fraction is not None:
+            raise ValueError("give at most one of cold_start.max_served and cold_start.max_served_fraction")
+        return self
+
+    def cap(self, holder_rows: int) -> int | None:
+        """The most receiver rows this policy serves for a domain of `holder_rows` users with interactions (None: no cap)."""
+        if not self.serve:
+            return 0
+        if self.max_served is not None:
+            return self.max_served
+        if self.max_served_fraction is not None:
+            return int(self.max_served_fraction * holder_rows)
+        return None
+
+    def describe(self) -> str:
+        """The policy in words, as logs and refusals name it."""
+        if not self.serve:
+            return "serve = false"
+        if self.max_served is not None:
+            return f"max_served = {self.max_served}"
+        if self.max_served_fraction is not None:
+            return f"max_served_fraction = {self.max_served_fraction:g}"
+        return "serve, no cap"
+
+
 class NodeConfig(DomainFiles):
     """One domain node: its private data, its own server, the aggregator it dials, its secret."""
 
@@ -203,6 +243,7 @@ class NodeConfig(DomainFiles):
     validation: ValidationParams = Field(default_factory=ValidationParams)
     metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint; empty: none")
     exit_after_run: bool = Field(False, description="after a run finished: print the test table (999 negatives) and exit")
+    cold_start: ColdStartPolicy = Field(default_factory=ColdStartPolicy, description="which of its users other domains' cold-start rows may receive")
 
     @field_validator("domain")
     @classmethod

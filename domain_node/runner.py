@@ -22,6 +22,13 @@ masked (cdimf.domain_node.secure_exchange) and the pulled masked sum is unmasked
 that does not unmask is refused (not applied, logged, shown in status), pulled again up to
 MAX_REFUSED_SUMS times, then the node stops (health NOT_SERVING).
 
+Cold start: the node registers with its config's cold_start policy (whether, and how many of, its
+users other domains may receive as receiver rows). A registration the aggregator refuses for a
+holder's cap (this node's own, or another's) is reported in the phase "registration refused",
+in GetStatus and the log, and tried again every REFUSED_RETRY_S: the other side may re-register.
+How many of its users each other domain receives, and how many it receives, is logged and shown
+in GetStatus after each registration and at each run's start.
+
 Restarts: the checkpoint holds the state after the last applied Z; a restarted node redoes
 that round's local epochs (deterministic) and pushes again (the aggregator answers
 ALREADY_EXISTS when it already had the push), so the run equals the uninterrupted one. A
@@ -55,6 +62,7 @@ from cdimf.common.rpc.aggregator_client import (
     AlreadyAccepted,
     Backoff,
     NotAcceptedNow,
+    OverLimit,
     data_mismatch,
     gave_up,
     node_client,
@@ -83,6 +91,9 @@ WAIT_FOR_RUN_S = 30.0
 NODE_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
 # masked sums in a row that do not unmask before the node gives up on the run (each is pulled again after a backoff)
 MAX_REFUSED_SUMS = 5
+# a registration refused for a cold-start cap is tried again this often (not at the backoff's
+# pace: it stays refused until a domain re-registers, and each try sends every pseudonym)
+REFUSED_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,10 @@ class Progress:
     model: Model | None = None
     solver_backend: str = ""
     error: str = ""  # why the node cannot do its job now (status shows it); empty: nothing wrong
+    # cold start as the aggregator last said: how many of our users each domain receives, and we from each
+    served_to: dict[str, int] = field(default_factory=dict)
+    received_from: dict[str, int] = field(default_factory=dict)
+    registration_refused: str = ""
 
 
 class RunEnded(Exception):
@@ -198,6 +213,9 @@ class NodeRunner:
                         await asyncio.to_thread(self.print_test_table)
                     log.info("run %s %s: exiting (exit_after_run)", finished_run, self.progress.phase)
                     return
+            except OverLimit:
+                self._registered = False
+                await asyncio.sleep(REFUSED_RETRY_S)
             except AggregatorError as error:
                 # the aggregator may have lost its state: register again before anything else
                 self._registered = False
@@ -212,17 +230,26 @@ class NodeRunner:
             self.progress.phase = "registering"
             log.info("registering %d users with the aggregator at %s", len(self.pseudonyms), self.config.aggregator)
             try:
-                registered = await self.client.register(self.pseudonyms, self.holder)
+                registered = await self.client.register(self.pseudonyms, self.holder, self.config.cold_start)
             except NotAcceptedNow:
                 # the running run holds other rows of ours: with a checkpoint of it, our data
                 # changed under it, which no retry mends
                 self._refuse_changed_data()
                 raise
+            except OverLimit as error:
+                self.progress.connected = True
+                self.progress.phase = "registration refused"
+                if error.details != self.progress.registration_refused:
+                    log.error("the aggregator refused our registration: %s; trying again every %.0f s", error.details, REFUSED_RETRY_S)
+                self.progress.registration_refused = error.details
+                raise
             self.progress.connected = True
+            self.progress.registration_refused = ""
             if registered.fingerprint != self.fingerprint:
                 raise data_mismatch("Register", "the aggregator's fingerprint differs from ours")
             log.info("registered %d rows (%d shared, %d receivers); waiting for a run", registered.rows, registered.shared_rows,
                      registered.receiver_rows)
+            self._cold_start_counts(dict(registered.served_to), dict(registered.received_from))
             self._registered = True
         while True:
             if self.progress.phase not in ("finished", "stopped"):
@@ -235,6 +262,14 @@ class NodeRunner:
                 return info.run_id
             await self._take_part(info)
             return info.run_id
+
+    def _cold_start_counts(self, served_to: dict[str, int], received_from: dict[str, int]) -> None:
+        """Keep and log the aggregator's cold-start counts when they changed."""
+        if (served_to, received_from) == (self.progress.served_to, self.progress.received_from):
+            return
+        self.progress.served_to, self.progress.received_from = served_to, received_from
+        log.info("cold start (%s): others receive %d of our users (%s); we receive %d rows (%s)", self.config.cold_start.describe(),
+                 sum(served_to.values()), _per_domain(served_to), sum(received_from.values()), _per_domain(received_from))
 
     def print_test_table(self) -> None:
         """Print the current model's test HR@k / NDCG@k (the paper's protocol) as a labelled table on stdout."""
@@ -257,6 +292,7 @@ class NodeRunner:
         assert info.params is not None
         params = info.params
         view = await self.client.get_membership(info.run_id)
+        self._cold_start_counts(dict(view.served_to), dict(view.received_from))
         trainer = DomainTrainer(self.config.domain, self.data.train, self.config.model_params(params), params.admm.rho,
                                 view.shared_rows, view.receiver_rows)
         applied = self._resume(info, trainer, view)
@@ -478,3 +514,7 @@ class NodeRunner:
         """Close the aggregator channel."""
         await self.client.close()
 
+
+def _per_domain(counts: dict[str, int]) -> str:
+    """{domain: count} as "cloth 40, music 0" (or "none")."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) or "none"

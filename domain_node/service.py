@@ -60,7 +60,7 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
         return model
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
-        """Phase, run, round and latest validation metrics of this node."""
+        """Phase, run, round, latest validation metrics and cold-start counts of this node."""
         await self._authorize(context)
         progress = self.progress
         return pb.NodeStatus(
@@ -77,6 +77,9 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             connected=progress.connected,
             solver_backend=progress.solver_backend,
             error=progress.error,
+            served_to=progress.served_to,
+            received_from=progress.received_from,
+            registration_refused=progress.registration_refused,
         )
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateReply:

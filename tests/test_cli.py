@@ -257,19 +257,24 @@ def test_stop_ends_a_followed_run(tmp_path: Path, processes: Processes) -> None:
 
 
 def test_health_of_nothing_bad_options_and_certs(tmp_path: Path) -> None:
-    """health fails on a closed port; a bad field names its option (run and validation); certs is wired."""
+    """health fails on a closed port; a bad field names its option (run and validation); a flag's prefix is no flag; certs is wired."""
     with closed_port() as port:  # held bound, not listening, until every command ended
-        closed, bad, bad_validation, missing, certs = cdimf_all(
+        closed, bad, bad_validation, missing, prefix, tune_prefix, certs = cdimf_all(
             ["health", "--target", f"127.0.0.1:{port}", "--insecure", "--timeout-s", "1"],
             ["train", "--aggregator", "127.0.0.1:1", "--insecure", "--rounds", "0"],
             ["simulate", "--insecure", "--validation-every", "-1"],
             ["serve-node", "--domain", "sport", "--insecure"],
+            ["serve-node", "--domain", "sport", "--insecure", "--secret", "not-a-file"],
+            ["tune", "warm-sport-cloth", "--trial", "1"],
             ["certs", "--out", str(tmp_path / "pki"), "--domains", "sport,cloth", "--federation-secret"],
         )
     assert closed.returncode == 1 and "UNAVAILABLE" in closed.stdout
     assert bad.returncode == 2 and "--rounds" in bad.stderr
     assert bad_validation.returncode == 2 and "--validation-every" in bad_validation.stderr
     assert missing.returncode == 2 and "train_path" in missing.stderr
+    # argparse would otherwise take `--secret` for `--secret-file` and `--trial` for `--trials`
+    assert prefix.returncode == 2 and "unrecognized arguments: --secret not-a-file" in prefix.stderr, prefix.stderr
+    assert tune_prefix.returncode == 2 and "unrecognized arguments: --trial 1" in tune_prefix.stderr, tune_prefix.stderr
     assert certs.returncode == 0, certs.stderr
     assert {"ca.pem", "aggregator.pem", "sport.key", "cloth.pem", "operator.pem", "federation.secret"} <= {p.name for p in (tmp_path / "pki").iterdir()}
 

@@ -240,9 +240,8 @@ def test_sum_range_check_edges() -> None:
 
     words = [2**57 - 1, 2**57, TWO_64 - (2**57 - 1), TWO_64 - 2**57, 2**63 - 1, 2**63, TWO_64 - (2**63 - 1), 0, 1]
     holders = np.array([1, 1, 1, 1, 64, 64, 64, 0, 0])
-    offset, top = _sum_bounds(holders)
     sums = np.array(words, dtype=np.uint64)[:, None]
-    assert _within_bound(sums, offset, top).tolist() == [True, False, True, False, True, False, True, True, False]
+    assert _within_bound(sums, _sum_bounds(holders)).tolist() == [True, False, True, False, True, False, True, True, False]
 
 
 def test_mask_contribution_names_the_row_of_a_bad_value_in_a_later_batch() -> None:
@@ -251,3 +250,15 @@ def test_mask_contribution_names_the_row_of_a_bad_value_in_a_later_batch() -> No
     values[8500, 1] = np.nan
     with pytest.raises(ValueError, match=r"row 8500, col 1"):
         mask_contribution(values, pseudonymize(range(9000), SECRET), SECRET, RUN, "books", 0)
+
+
+def test_no_contributor_accepts_only_zero_sums() -> None:
+    """An empty contributor list: an all-zero sum decodes to zero sums and zero holders; anything else is refused."""
+    ids = pseudonymize(range(4), SECRET)
+    zero = np.zeros((4, 3), dtype=np.uint64)
+    sums, holders = unmask_sum(zero, ids, [], lambda name: np.ones(4, dtype=bool), SECRET, RUN)
+    assert sums.tolist() == [[0, 0]] * 4 and holders.tolist() == [0] * 4
+    nonzero = zero.copy()
+    nonzero[1, 0] = 7
+    with pytest.raises(MaskedSumMismatch, match=r"^1 of 4 rows"):
+        unmask_sum(nonzero, ids, [], np.zeros((0, 4), dtype=bool), SECRET, RUN)

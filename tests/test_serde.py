@@ -86,11 +86,18 @@ def test_status_json_has_numbers_lower_case_states_and_every_field() -> None:
     run = _Run("r", RunParams(run_id="r", rounds=5, rank=4))
     info = serde.run_info_to_proto(run)
     info.current_round = 6  # a finished run's open round is rounds + 1
-    status = pb.AggregatorStatus(run=info, shared_users=7, domains=[pb.DomainStatus(domain="sport", rows=3)])
+    capped = pb.DomainStatus(domain="cloth", rows=4, served_to={"sport": 2}, received_from={"sport": 0},
+                             cold_start=pb.ColdStartPolicy(serve=True, max_served=3), max_served_rows=3)
+    status = pb.AggregatorStatus(run=info, shared_users=7, domains=[pb.DomainStatus(domain="sport", rows=3), capped])
     shown = serde.status_to_json(status)
     assert shown["run"]["round"] == 5 and shown["run"]["rounds"] == 5 and shown["shared_users"] == 7
-    assert shown["domains"] == [{"domain": "sport", "rows": 3, "shared_rows": 0, "receiver_rows": 0, "admitted": False,
-                                 "latest_contribution_round": 0, "contributions": 0, "latest_metrics": {}}]
+    assert shown["domains"] == [
+        {"domain": "sport", "rows": 3, "shared_rows": 0, "receiver_rows": 0, "admitted": False, "latest_contribution_round": 0,
+         "contributions": 0, "latest_metrics": {}, "served_to": {}, "received_from": {}, "cold_start": None, "max_served_rows": None},
+        {"domain": "cloth", "rows": 4, "shared_rows": 0, "receiver_rows": 0, "admitted": False, "latest_contribution_round": 0,
+         "contributions": 0, "latest_metrics": {}, "served_to": {"sport": 2}, "received_from": {"sport": 0},
+         "cold_start": {"serve": True, "max_served": 3, "max_served_fraction": None}, "max_served_rows": 3},
+    ]
     idle = serde.status_to_json(pb.AggregatorStatus(run=serde.run_info_to_proto(None)))
     assert idle["run"]["state"] == "idle" and idle["run"]["run_id"] is None and idle["run"]["round"] == 0
 
@@ -100,6 +107,8 @@ def test_membership_summary_and_view() -> None:
     mine = Membership(("cloth", "sport"), roles, np.array([2, 3, 3, 1]), np.array([1, 3]), np.array([2]))
     registered = serde.receipt_from_proto(serde.membership_to_proto(mine, "sport", "f" * 8, frozen=True))
     assert registered == serde.RegistrationReceipt(("cloth", "sport"), 4, 2, 1, "f" * 8, True)
+    counted = serde.receipt_from_proto(serde.membership_to_proto(mine, "sport", "f" * 8, False, {"cloth": 5}, {"cloth": 1}))
+    assert (counted.served_to, counted.received_from) == ({"cloth": 5}, {"cloth": 1})
     view = serde.membership_from_wire(roles, np.array([2, 3, 3, 1]), ["cloth", "sport"])
     np.testing.assert_array_equal(view.shared_rows, [1, 3])
     np.testing.assert_array_equal(view.receiver_rows, [2])

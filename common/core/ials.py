@@ -103,6 +103,10 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+# partial Gramians per half-step: more than any thread count used (default_threads caps at 8)
+GRAM_LANES = 8
+
+
 def _row_blocks(n_rows: int, n_blocks: int) -> list[slice]:
     """n_blocks contiguous, near-equal row ranges covering range(n_rows) (fewer when rows are few)."""
     edges = np.linspace(0, n_rows, max(1, min(n_blocks, n_rows)) + 1).astype(np.int64)
@@ -122,8 +126,13 @@ def _gram64(factors: np.ndarray, n_threads: int) -> np.ndarray:
             gram += block.T @ block
         return gram
 
-    parts = run_parallel([partial(partial_gram, rows) for rows in _row_blocks(factors.shape[0], n_threads)], n_threads)
-    return np.sum(parts, axis=0) if parts else np.zeros((rank, rank), dtype=np.float64)
+    # A fixed split, whatever the thread count, summed in a fixed order: the Gramian (and so
+    # every factor) is the same bits with one thread or eight (BLAS reassociates otherwise)
+    parts = run_parallel([partial(partial_gram, rows) for rows in _row_blocks(factors.shape[0], GRAM_LANES)], n_threads)
+    total = np.zeros((rank, rank), dtype=np.float64)
+    for part in parts:
+        total += part
+    return total
 
 
 def _matmul_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, n_threads: int) -> np.ndarray:
@@ -133,7 +142,11 @@ def _matmul_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, n_threads
         """One range of rows of the product."""
         np.matmul(left[rows], right, out=out[rows])
 
-    run_parallel([partial(block_product, rows) for rows in _row_blocks(left.shape[0], n_threads)], n_threads)
+    # blocks of a fixed size, not one per thread: a GEMM's rounding may depend on how many rows
+    # it is given, so the rows are cut the same way for any thread count
+    block_rows = max(1, CHUNK_FLOATS // max(1, left.shape[1]))
+    blocks = [slice(lo, min(left.shape[0], lo + block_rows)) for lo in range(0, left.shape[0], block_rows)]
+    run_parallel([partial(block_product, rows) for rows in blocks], n_threads)
     return out
 
 

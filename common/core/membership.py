@@ -130,3 +130,19 @@ def align_memberships(
             )
         )
     return memberships, global_keys
+
+
+def served_matrix(memberships: Sequence[Membership]) -> np.ndarray:
+    """Cold-start rows per domain pair: entry [h, r] counts the receiver rows of domain r whose user domain h holds.
+
+    memberships[i] is domain i's (bit i of the holder masks). A receiver row held by two domains
+    counts for both holders: each of their factors reaches it through Z.
+    """
+    served = np.zeros((len(memberships), len(memberships)), dtype=np.int64)
+    bits = np.arange(len(memberships), dtype=np.uint64)
+    for receiver, mine in enumerate(memberships):
+        masks = mine.holder_masks[mine.receiver_rows]
+        if len(masks):
+            # one pass per holder bit over the receiver rows: a loop over domains, never rows
+            served[:, receiver] = [np.count_nonzero((masks >> bit) & np.uint64(1)) for bit in bits]
+    return served

@@ -37,17 +37,18 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cdimf.common.config import NodeConfig, RunParams
-from cdimf.common.core.membership import Membership
+from cdimf.common.config import ColdStartPolicy, NodeConfig, RunParams
 from cdimf.common.rpc.channels import create_channel, credentials_for
 from cdimf.common.rpc.fastpath import MatrixExchange
 from cdimf.common.rpc.heap import reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
 from cdimf.common.wire.serde import (
     Consensus,
+    NodeMembership,
     PushResult,
     RegistrationReceipt,
     RunInfo,
+    cold_start_to_proto,
     consensus_from_wire,
     membership_from_wire,
     push_result_from_proto,
@@ -88,6 +89,10 @@ class AlreadyAccepted(AggregatorError):
     """The aggregator already holds this contribution or report (a replay after a restart)."""
 
 
+class OverLimit(AggregatorError):
+    """Refused for a limit no retry soon lifts: a holder's cold-start cap (registration), the number of domains."""
+
+
 class DataMismatch(AggregatorError):
     """What came back does not fit this domain's data or membership (a malformed stream, another fingerprint)."""
 
@@ -97,6 +102,7 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[AggregatorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: NotAcceptedNow,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyAccepted,
     grpc.StatusCode.DATA_LOSS: DataMismatch,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverLimit,
 }
 
 
@@ -217,31 +223,36 @@ class AggregatorClient:
 
     # ----- node API -----
 
-    async def register(self, pseudonyms: np.ndarray, holder: np.ndarray) -> RegistrationReceipt:
-        """Register every row of this domain: (n, 32) pseudonyms and n holder flags, in row order."""
+    async def register(self, pseudonyms: np.ndarray, holder: np.ndarray, cold_start: ColdStartPolicy | None = None) -> RegistrationReceipt:
+        """Register every row of this domain: (n, 32) pseudonyms and n holder flags, in row order, and its cold-start policy.
+
+        cold_start None sends none (the aggregator applies the defaults: serve, no cap). A policy
+        that a holder's cap refuses raises AggregatorError RESOURCE_EXHAUSTED, its details the reason.
+        """
         header = self.header()
+        policy = cold_start_to_proto(cold_start) if cold_start is not None else None
 
         async def attempt() -> pb.Membership:
-            return await self.stub.Register(encode_registration(pseudonyms, holder, header), timeout=self.rpc_timeout_s)
+            return await self.stub.Register(encode_registration(pseudonyms, holder, header, cold_start=policy), timeout=self.rpc_timeout_s)
 
         return receipt_from_proto(await self._call("Register", attempt))
 
-    async def get_membership(self, run_id: str = "") -> Membership:
-        """The roles and holder masks of this domain's rows (the run's frozen membership once admitted)."""
+    async def get_membership(self, run_id: str = "") -> NodeMembership:
+        """The roles and holder masks of this domain's rows (the run's frozen membership once admitted) and its cold-start counts."""
         request = pb.GetMembershipRequest(header=self.header(run_id))
 
-        async def attempt() -> tuple[np.ndarray, np.ndarray, list[str]]:
+        async def attempt() -> NodeMembership:
             """One GetMembership stream, assembled."""
             assembler = MembershipAssembler()
             async for chunk in self.stub.GetMembership(request, timeout=self.rpc_timeout_s):
                 assembler.add(chunk)
-            return assembler.result()
+            roles, masks, domains = assembler.result()
+            return membership_from_wire(roles, masks, domains, assembler.served_to, assembler.received_from)
 
         try:
-            roles, masks, domains = await self._call("GetMembership", attempt)
+            return await self._call("GetMembership", attempt)
         except ChunkError as error:
             raise data_mismatch("GetMembership", str(error)) from error
-        return membership_from_wire(roles, masks, domains)
 
     async def wait_for_run(self, wait_s: float, after_run_id: str = "") -> RunInfo | None:
         """The current run other than `after_run_id`, waiting up to wait_s; None if none started."""

@@ -21,7 +21,7 @@ def server_main(
     argv: list[str] | None = None,
 ) -> int:
     """Load `model` from --config (+ CDIMF_* variables) and run serve(config, on_ready=...); exit status."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", help=f"TOML file with the {model.__name__} fields")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines or one JSON object per line")

@@ -27,8 +27,8 @@ KEY_BYTES = 32  # AES-256
 # index: 112 bits of an HMAC output make two rows' nonces collide with probability ~n^2 / 2^113.
 NONCE_BYTES = 14
 MAX_BLOCKS = 1 << 16  # the uint16 block index: up to 2^17 columns
-# rows of one AES call: 8192 rows x (rank + 1) words keeps a batch's buffers (~4 MB at rank 64) near the cache
-MASK_BATCH_ROWS = 8192
+# rows of one AES call: 4096 rows x (rank + 1) words keeps a batch's buffers (~2 MB at rank 64) near the cache
+MASK_BATCH_ROWS = 4096
 
 
 class MaskedSumMismatch(ValueError):
@@ -59,11 +59,31 @@ def mask_key(secret: bytes, run_id: str, domain: str, round_index: int) -> bytes
     return _hkdf(secret, _fields(MASK_VERSION, run), _fields(MASK_VERSION, run, name, _round_bytes(round_index)))
 
 
+def _counter_blocks(nonces: np.ndarray, blocks: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(n, blocks, 2) little-endian words: counter block j of row r is nonce_r || big-endian uint16 j.
+
+    Written into `out` when it has room (a buffer reused from batch to batch); the same counters
+    serve every key, so unmasking builds them once per batch for all contributors.
+    """
+    n = len(nonces)
+    counters = out[:n] if out is not None and len(out) >= n and out.shape[1] == blocks else np.empty((n, blocks, 2), dtype="<u8")
+    # bytes 14 and 15 of block j (its big-endian index) are bits 48-63 of the block's second little-endian word
+    index = np.arange(blocks, dtype=np.uint64)
+    index_words = ((index >> np.uint64(8)) << np.uint64(48)) | ((index & np.uint64(0xFF)) << np.uint64(56))
+    # the nonce's 14 bytes as two little-endian words: bytes 0-7, and bytes 8-13 with 14-15 zero
+    padded = np.zeros((n, 16), dtype=np.uint8)
+    padded[:, :NONCE_BYTES] = nonces
+    nonce_words = padded.view("<u8")
+    counters[:, :, 0] = nonce_words[:, :1]
+    counters[:, :, 1] = nonce_words[:, 1:] | index_words
+    return counters
+
+
 class _Keystream:
-    """AES-256 keystream words of rows under one key: counter block nonce_r || uint16 j, two little-endian words each.
+    """AES-256 keystream words of rows under one key, two little-endian words per counter block.
 
     ECB over counter blocks is CTR's keystream with a per-row nonce: one AES call per batch of
-    rows, no loop over rows. The counter and output buffers are reused from batch to batch.
+    rows, no loop over rows. The output buffer is reused from batch to batch.
     """
 
     def __init__(self, key: bytes, cols: int) -> None:
@@ -75,29 +95,25 @@ class _Keystream:
             raise ValueError(f"at most {2 * MAX_BLOCKS} mask columns, got {cols}")
         # ECB keeps no state between blocks, so one encryptor serves every batch
         self.encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-        # bytes 14 and 15 of block j (its big-endian index) are bits 48-63 of the block's second little-endian word
-        index = np.arange(self.blocks, dtype=np.uint64)
-        self.index_words = ((index >> np.uint64(8)) << np.uint64(48)) | ((index & np.uint64(0xFF)) << np.uint64(56))
         self.counters = np.empty((0, self.blocks, 2), dtype="<u8")
         self.stream = np.empty(0, dtype=np.uint8)
 
-    def words(self, nonces: np.ndarray) -> np.ndarray:
-        """uint64 (n, cols) keystream of the rows with these (n, NONCE_BYTES) nonces (a view, valid until the next call)."""
-        n = len(nonces)
-        if len(self.counters) < n:
-            self.counters = np.empty((n, self.blocks, 2), dtype="<u8")
+    def encrypt(self, counters: np.ndarray) -> np.ndarray:
+        """uint64 (n, cols) keystream of (n, blocks, 2) counter blocks (a view, valid until the next call)."""
+        n, size = len(counters), counters.nbytes
+        if len(self.stream) < size + 16:
             # update_into wants room for one more block than it writes
-            self.stream = np.empty(self.counters.nbytes + 16, dtype=np.uint8)
-        counters = self.counters[:n]
-        # the nonce's 14 bytes as two little-endian words: bytes 0-7, and bytes 8-13 with 14-15 zero
-        padded = np.zeros((n, 16), dtype=np.uint8)
-        padded[:, :NONCE_BYTES] = nonces
-        nonce_words = padded.view("<u8")
-        counters[:, :, 0] = nonce_words[:, :1]
-        counters[:, :, 1] = nonce_words[:, 1:] | self.index_words
-        size = counters.nbytes
+            self.stream = np.empty(size + 16, dtype=np.uint8)
+        counters = np.ascontiguousarray(counters)
         self.encryptor.update_into(counters.reshape(-1).view(np.uint8).data, self.stream[: size + 15].data)
         return self.stream[:size].view("<u8").reshape(n, 2 * self.blocks)[:, : self.cols]
+
+    def words(self, nonces: np.ndarray) -> np.ndarray:
+        """uint64 (n, cols) keystream of the rows with these (n, NONCE_BYTES) nonces (a view, valid until the next call)."""
+        counters = _counter_blocks(nonces, self.blocks, self.counters)
+        if len(counters) > len(self.counters):
+            self.counters = counters  # the larger buffer is kept for the next batch
+        return self.encrypt(counters)
 
 
 def _check_row_ids(row_ids: np.ndarray) -> np.ndarray:
@@ -150,7 +166,8 @@ def mask_contribution(
     """uint64 (n, rank + 1): encode_fixed(values) then the check column, each word plus its mask.
 
     values float32 (n, rank) for the rows named by the (n, 32) pseudonyms. A domain must never send
-    two different contributions under one (run, round): the same masks would hide both.
+    two different contributions under one (run, round): the same masks on both would let the
+    aggregator subtract them and read the difference (a retry resends the same bytes).
     """
     row_ids = _check_row_ids(row_ids)
     if values.ndim != 2 or len(values) != len(row_ids):
@@ -186,9 +203,13 @@ def _holds_matrix(
     holds: Callable[[str], np.ndarray] | np.ndarray, contributors: Sequence[tuple[str, int]], n: int
 ) -> np.ndarray:
     """holds as a bool (k, n) matrix (a callable gives one domain's row flags)."""
-    matrix = np.stack([np.asarray(holds(domain), dtype=bool) for domain, _ in contributors]) if callable(holds) else np.asarray(holds, dtype=bool)
     if len(contributors) == 0:
+        # no contributor: every row must be an empty sum (0), which unmask_sum's range check verifies
         matrix = np.zeros((0, n), dtype=bool)
+    elif callable(holds):
+        matrix = np.stack([np.asarray(holds(domain), dtype=bool) for domain, _ in contributors])
+    else:
+        matrix = np.asarray(holds, dtype=bool)
     if matrix.shape != (len(contributors), n):
         raise ValueError(f"holds has shape {matrix.shape}, expected ({len(contributors)}, {n})")
     return matrix
@@ -222,9 +243,11 @@ def unmask_sum(
     holding = _holds_matrix(holds, contributors, len(row_ids))
     rank = masked_sum.shape[1] - 1
     streams = [_Keystream(mask_key(secret, run_id, domain, round_index), rank + 1) for domain, round_index in contributors]
+    blocks = (rank + 2) // 2
+    counters: np.ndarray | None = None
     coefficients = check_coefficients(secret, run_id, rank)
     holders = holding.sum(axis=0, dtype=np.int64)
-    offset, top = _sum_bounds(holders)
+    largest = _sum_bounds(holders)
     sums = np.empty((len(row_ids), rank), dtype=RING)
     wrong = np.zeros(len(row_ids), dtype=bool)
     # batches of rows (bounded temporaries), in each one pass per contributor (a handful of
@@ -232,15 +255,16 @@ def unmask_sum(
     for start in range(0, len(row_ids), MASK_BATCH_ROWS):
         stop = min(start + MASK_BATCH_ROWS, len(row_ids))
         plain = masked_sum[start:stop].copy()
+        counters = _counter_blocks(row_ids[start:stop, :NONCE_BYTES], blocks, counters)
         for stream, held in zip(streams, holding[:, start:stop]):
             rows = np.flatnonzero(held)
             if len(rows) == len(plain):
-                plain -= stream.words(row_ids[start:stop, :NONCE_BYTES])
+                plain -= stream.encrypt(counters)
             elif len(rows):
-                plain[rows] -= stream.words(row_ids[start + rows, :NONCE_BYTES])
+                plain[rows] -= stream.encrypt(counters[rows])
         sums[start:stop] = plain[:, :rank]
         wrong[start:stop] = check_column(plain[:, :rank], coefficients) != plain[:, rank]
-        wrong[start:stop] |= ~_within_bound(plain[:, :rank], offset[start:stop], top[start:stop])
+        wrong[start:stop] |= ~_within_bound(plain[:, :rank], largest[start:stop])
     failed = int(wrong.sum())
     if failed:
         raise MaskedSumMismatch(f"{failed} of {len(row_ids)} rows fail the integrity check; contributors {list(contributors)}")
@@ -253,17 +277,15 @@ def _check_ring_matrix(masked_sum: np.ndarray, n: int) -> None:
         raise ValueError(f"masked sum must be uint64 ({n}, rank + 1), got {masked_sum.dtype} {masked_sum.shape}")
 
 
-def _sum_bounds(holders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row (offset, top) with |s| < h * RING_VALUE_BOUND exactly when s + offset <= top in Z/2^64 (h = 0: s = 0)."""
-    # |s| < B means s in [-(B - 1), B - 1], i.e. s + (B - 1) in [0, 2B - 2] as uint64 (2B - 2 < 2^64 for B <= 2^63)
-    bound = holders.astype(RING) * RING(RING_VALUE_BOUND)
-    held = holders > 0
-    offset = np.where(held, bound - RING(1), RING(0))
-    top = np.where(held, bound * RING(2) - RING(2), RING(0))
-    return offset, top
+def _sum_bounds(holders: np.ndarray) -> np.ndarray:
+    """int64 (n,) largest |sum| a row's holders can send: h * RING_VALUE_BOUND - 1 (h = 0: 0, the sum must be 0)."""
+    # h * 2^57 <= 2^63 fits uint64, and minus one fits int64
+    bound = holders.astype(RING) * RING(RING_VALUE_BOUND) - RING(1)
+    return np.where(holders > 0, bound.view(np.int64), 0)
 
 
-def _within_bound(sums: np.ndarray, offset: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """bool (n,): every int64 sum of the row within what its holders can send (bounds from _sum_bounds)."""
-    shifted = sums + offset[:, None]
-    return np.all(shifted <= top[:, None], axis=1)
+def _within_bound(sums: np.ndarray, largest: np.ndarray) -> np.ndarray:
+    """bool (n,): every int64 sum of the row in [-largest, largest] (largest from _sum_bounds)."""
+    signed = sums.view(np.int64)
+    # two reductions per row and no temporary of the block
+    return (signed.max(axis=1, initial=np.iinfo(np.int64).min) <= largest) & (signed.min(axis=1, initial=np.iinfo(np.int64).max) >= -largest)

@@ -9,7 +9,7 @@ message that says what was wrong; servers map it to INVALID_ARGUMENT.
 """
 
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -442,9 +442,10 @@ def decode_matrix(
 
 
 def encode_registration(
-    pseudonyms: np.ndarray, holder: np.ndarray, header: pb.Header | None = None, chunk_bytes: int = CHUNK_BYTES
+    pseudonyms: np.ndarray, holder: np.ndarray, header: pb.Header | None = None, chunk_bytes: int = CHUNK_BYTES,
+    cold_start: pb.ColdStartPolicy | None = None,
 ) -> Iterator[pb.PseudonymChunk]:
-    """Yield PseudonymChunk messages for a domain's rows: (n, 32) uint8 digests and n holder flags."""
+    """Yield PseudonymChunk messages for a domain's rows: (n, 32) uint8 digests and n holder flags (the policy on the first)."""
     pseudonyms = np.ascontiguousarray(pseudonyms, dtype=np.uint8)
     holder = np.asarray(holder, dtype=bool)
     if pseudonyms.ndim != 2 or pseudonyms.shape[1] != PSEUDONYM_BYTES:
@@ -464,6 +465,7 @@ def encode_registration(
             pseudonyms=digests,
             holder_flags=flags,
             crc32=zlib.crc32(flags, zlib.crc32(digests)),
+            cold_start=cold_start if offset == 0 else None,
         )
 
 
@@ -475,10 +477,16 @@ class RegistrationAssembler:
         self.max_rows = max_rows
         self.digests: list[bytes] = []
         self.flags: list[bytes] = []
+        # the first chunk's cold-start policy (None: it carried none, the defaults apply)
+        self.cold_start: pb.ColdStartPolicy | None = None
 
     def add(self, chunk: pb.PseudonymChunk) -> None:
-        """Check one chunk and keep its payload."""
+        """Check one chunk and keep its payload (and, from the first, the cold-start policy)."""
         index = self.stream.chunks
+        if chunk.HasField("cold_start"):
+            if index:
+                raise ChunkError(f"registration: chunk {index} carries a cold_start policy; only the first chunk may")
+            self.cold_start = chunk.cold_start
         if chunk.total_rows > self.max_rows:
             raise ChunkError(f"registration: {chunk.total_rows} rows exceed the limit of {self.max_rows}")
         self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
@@ -508,8 +516,10 @@ def encode_membership(
     domains: list[str],
     header: pb.Header | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    served_to: Mapping[str, int] | None = None,
+    received_from: Mapping[str, int] | None = None,
 ) -> Iterator[pb.MembershipChunk]:
-    """Yield MembershipChunk messages: one RowRole byte and one uint64 holder mask per row."""
+    """Yield MembershipChunk messages: one RowRole byte and one uint64 holder mask per row (the cold-start counts on the first)."""
     roles = np.asarray(roles, dtype=np.uint8)
     holder_masks = np.asarray(holder_masks, dtype="<u8")
     if roles.shape != holder_masks.shape or roles.ndim != 1:
@@ -525,6 +535,8 @@ def encode_membership(
             rows=rows,
             roles=roles[offset : offset + rows].tobytes(),
             holder_masks=holder_masks[offset : offset + rows].tobytes(),
+            served_to=served_to if offset == 0 and served_to else None,
+            received_from=received_from if offset == 0 and received_from else None,
         )
 
 
@@ -536,6 +548,8 @@ class MembershipAssembler:
         self.roles: list[bytes] = []
         self.masks: list[bytes] = []
         self.domains: list[str] = []
+        self.served_to: dict[str, int] = {}
+        self.received_from: dict[str, int] = {}
 
     def add(self, chunk: pb.MembershipChunk) -> None:
         """Check one chunk and keep its payload."""
@@ -543,6 +557,7 @@ class MembershipAssembler:
         self.stream.admit(chunk.header, chunk.total_rows, chunk.row_offset, chunk.rows)
         if index == 0:
             self.domains = list(chunk.domains)
+            self.served_to, self.received_from = dict(chunk.served_to), dict(chunk.received_from)
         roles, masks = chunk.roles, chunk.holder_masks
         if len(roles) != chunk.rows or len(masks) != 8 * chunk.rows:
             raise ChunkError(f"membership: chunk {index} payload does not match its {chunk.rows} rows")

@@ -9,12 +9,12 @@ in the proto's Prox enum (PROX_<NAME>); PROX_TO_WIRE below follows the enum.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from cdimf.common.config import RunParams, validate_config
+from cdimf.common.config import ColdStartPolicy, RunParams, validate_config
 from cdimf.common.core.membership import Membership
 from cdimf.common.metric_labels import labelled_percent
 from cdimf.protos.v1 import federation_pb2 as pb
@@ -73,6 +73,25 @@ def run_params_from_proto(message: pb.RunParams) -> RunParams:
         "secure_aggregation": message.secure_aggregation,
     }
     return validate_config(RunParams, data, "run parameters")
+
+
+# ----- cold-start policies -----
+
+
+def cold_start_to_proto(policy: ColdStartPolicy) -> pb.ColdStartPolicy:
+    """The wire form of a node's cold-start policy (a cap field is present only when set)."""
+    return pb.ColdStartPolicy(serve=policy.serve, max_served=policy.max_served, max_served_fraction=policy.max_served_fraction)
+
+
+def cold_start_from_proto(message: pb.ColdStartPolicy | None) -> ColdStartPolicy:
+    """Validate a registration's policy (None: it carried none, the defaults); ConfigError naming the bad field."""
+    if message is None:
+        return ColdStartPolicy()
+    data: dict[str, Any] = {"serve": message.serve}
+    for name in ("max_served", "max_served_fraction"):
+        if message.HasField(name):
+            data[name] = getattr(message, name)
+    return validate_config(ColdStartPolicy, data, "registration", table=("cold_start",))
 
 
 # ----- the aggregator's side: its state as messages -----
@@ -185,6 +204,22 @@ class DomainStatusView(Protocol):
     def latest_metrics(self) -> Mapping[str, float]:
         """Its newest reported validation metrics."""
 
+    @property
+    def served_to(self) -> Mapping[str, int]:
+        """How many of its users each other domain receives (cold start)."""
+
+    @property
+    def received_from(self) -> Mapping[str, int]:
+        """How many receiver rows it gets from each holder."""
+
+    @property
+    def cold_start(self) -> ColdStartPolicy:
+        """The cold-start policy it registered with."""
+
+    @property
+    def max_served_rows(self) -> int | None:
+        """Its cap in receiver rows (None: no cap)."""
+
 
 class StatusView(Protocol):
     """What GetStatus shows of the aggregator: the current run, its exchanged rows, every registered domain."""
@@ -220,6 +255,10 @@ def status_to_proto(status: StatusView) -> pb.AggregatorStatus:
                 latest_contribution_round=entry.latest_contribution_round,
                 contributions=entry.contributions,
                 latest_metrics=entry.latest_metrics,
+                served_to=entry.served_to,
+                received_from=entry.received_from,
+                cold_start=cold_start_to_proto(entry.cold_start),
+                max_served_rows=entry.max_served_rows,
             )
         )
     return message
@@ -261,9 +300,12 @@ def event_to_proto(run: RunBasics, event: EventView) -> pb.RoundEvent:
     )
 
 
-def membership_to_proto(mine: Membership, domain: str, fingerprint: str, frozen: bool) -> pb.Membership:
-    """The membership summary a Register call answers with."""
+def membership_to_proto(mine: Membership, domain: str, fingerprint: str, frozen: bool,
+                        served_to: Mapping[str, int] | None = None, received_from: Mapping[str, int] | None = None) -> pb.Membership:
+    """The membership summary a Register call answers with (and the domain's cold-start counts)."""
     return pb.Membership(
+        served_to=served_to,
+        received_from=received_from,
         domains=list(mine.domains),
         domain=domain,
         rows=len(mine.roles),
@@ -279,7 +321,7 @@ def membership_to_proto(mine: Membership, domain: str, fingerprint: str, frozen:
 
 @dataclass(frozen=True)
 class RegistrationReceipt:
-    """What the aggregator answers a registration with: row counts, fingerprint, whether a run froze it."""
+    """What the aggregator answers a registration with: row counts, fingerprint, whether a run froze it, cold-start counts."""
 
     domains: tuple[str, ...]
     rows: int
@@ -287,6 +329,16 @@ class RegistrationReceipt:
     receiver_rows: int
     fingerprint: str
     frozen: bool
+    served_to: Mapping[str, int] = field(default_factory=dict)
+    received_from: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeMembership(Membership):
+    """A domain's Membership as GetMembership tells it, with how many of its users others receive and it receives."""
+
+    served_to: Mapping[str, int] = field(default_factory=dict)
+    received_from: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -330,12 +382,16 @@ class Consensus:
 
 def receipt_from_proto(message: pb.Membership) -> RegistrationReceipt:
     """The summary of a Register reply."""
-    return RegistrationReceipt(tuple(message.domains), message.rows, message.shared_rows, message.receiver_rows, message.fingerprint, message.frozen)
+    return RegistrationReceipt(tuple(message.domains), message.rows, message.shared_rows, message.receiver_rows, message.fingerprint, message.frozen,
+                               dict(message.served_to), dict(message.received_from))
 
 
-def membership_from_wire(roles: np.ndarray, holder_masks: np.ndarray, domains: Sequence[str]) -> Membership:
-    """A GetMembership stream's assembled roles and masks as this domain's Membership."""
-    return Membership.from_roles(domains, roles, holder_masks)
+def membership_from_wire(roles: np.ndarray, holder_masks: np.ndarray, domains: Sequence[str],
+                         served_to: Mapping[str, int] | None = None, received_from: Mapping[str, int] | None = None) -> NodeMembership:
+    """A GetMembership stream's assembled roles, masks and cold-start counts as this domain's Membership."""
+    plain = Membership.from_roles(domains, roles, holder_masks)
+    return NodeMembership(plain.domains, plain.roles, plain.holder_masks, plain.shared_rows, plain.receiver_rows,
+                          dict(served_to or {}), dict(received_from or {}))
 
 
 def run_info_from_proto(message: pb.RunInfo) -> RunInfo:
@@ -475,7 +531,11 @@ def status_to_json(status: pb.AggregatorStatus) -> dict[str, Any]:
         "domains": [
             {"domain": entry.domain, "rows": int(entry.rows), "shared_rows": int(entry.shared_rows), "receiver_rows": int(entry.receiver_rows),
              "admitted": entry.admitted, "latest_contribution_round": int(entry.latest_contribution_round),
-             "contributions": int(entry.contributions), "latest_metrics": metrics_to_json(entry.latest_metrics)}
+             "contributions": int(entry.contributions), "latest_metrics": metrics_to_json(entry.latest_metrics),
+             "served_to": {name: int(count) for name, count in sorted(entry.served_to.items())},
+             "received_from": {name: int(count) for name, count in sorted(entry.received_from.items())},
+             "cold_start": cold_start_from_proto(entry.cold_start).model_dump(mode="json") if entry.HasField("cold_start") else None,
+             "max_served_rows": int(entry.max_served_rows) if entry.HasField("max_served_rows") else None}
             for entry in status.domains
         ],
     }

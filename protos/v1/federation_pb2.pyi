@@ -284,6 +284,7 @@ class PseudonymChunk(_message.Message):
     PSEUDONYMS_FIELD_NUMBER: _builtins.int
     HOLDER_FLAGS_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
+    COLD_START_FIELD_NUMBER: _builtins.int
     total_rows: _builtins.int
     row_offset: _builtins.int
     rows: _builtins.int
@@ -295,6 +296,12 @@ class PseudonymChunk(_message.Message):
     """zlib crc32 of pseudonyms followed by holder_flags"""
     @_builtins.property
     def header(self) -> Global___Header: ...
+    @_builtins.property
+    def cold_start(self) -> Global___ColdStartPolicy:
+        """First chunk only: whether and how many of this domain's users other domains may receive as
+        cold-start receiver rows. Absent: serve, no cap (what every version before it did).
+        """
+
     def __init__(
         self,
         *,
@@ -305,18 +312,98 @@ class PseudonymChunk(_message.Message):
         pseudonyms: _builtins.bytes = ...,
         holder_flags: _builtins.bytes = ...,
         crc32: _builtins.int = ...,
+        cold_start: Global___ColdStartPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cold_start", b"cold_start", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "header", b"header", "holder_flags", b"holder_flags", "pseudonyms", b"pseudonyms", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_start", b"cold_start", "crc32", b"crc32", "header", b"header", "holder_flags", b"holder_flags", "pseudonyms", b"pseudonyms", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PseudonymChunk: _TypeAlias = PseudonymChunk  # noqa: Y015
 
 @_typing.final
+class ColdStartPolicy(_message.Message):
+    """A holder's control of cold start: the receiver rows of other domains whose user it holds get
+    its factors through Z, so it says whether it serves them and how many at most (at most one cap).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVE_FIELD_NUMBER: _builtins.int
+    MAX_SERVED_FIELD_NUMBER: _builtins.int
+    MAX_SERVED_FRACTION_FIELD_NUMBER: _builtins.int
+    serve: _builtins.bool
+    """false: no other domain may register a receiver of its users"""
+    max_served: _builtins.int
+    """at most this many receiver rows (over all other domains)"""
+    max_served_fraction: _builtins.float
+    """at most this fraction of its holder rows (rounded down)"""
+    def __init__(
+        self,
+        *,
+        serve: _builtins.bool = ...,
+        max_served: _builtins.int | None = ...,
+        max_served_fraction: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_served", b"_max_served", "_max_served_fraction", b"_max_served_fraction", "max_served", b"max_served", "max_served_fraction", b"max_served_fraction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_served", b"_max_served", "_max_served_fraction", b"_max_served_fraction", "max_served", b"max_served", "max_served_fraction", b"max_served_fraction", "serve", b"serve"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_served: _TypeAlias = _typing.Literal["max_served"]  # noqa: Y015
+    _WhichOneofArgType__max_served: _TypeAlias = _typing.Literal["_max_served", b"_max_served"]  # noqa: Y015
+    _WhichOneofReturnType__max_served_fraction: _TypeAlias = _typing.Literal["max_served_fraction"]  # noqa: Y015
+    _WhichOneofArgType__max_served_fraction: _TypeAlias = _typing.Literal["_max_served_fraction", b"_max_served_fraction"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_served) -> _WhichOneofReturnType__max_served | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_served_fraction) -> _WhichOneofReturnType__max_served_fraction | None: ...
+
+Global___ColdStartPolicy: _TypeAlias = ColdStartPolicy  # noqa: Y015
+
+@_typing.final
 class Membership(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ServedToEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ReceivedFromEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     DOMAINS_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
@@ -325,6 +412,8 @@ class Membership(_message.Message):
     RECEIVER_ROWS_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     FROZEN_FIELD_NUMBER: _builtins.int
+    SERVED_TO_FIELD_NUMBER: _builtins.int
+    RECEIVED_FROM_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     """the domain this reply is about"""
     rows: _builtins.int
@@ -341,6 +430,15 @@ class Membership(_message.Message):
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """all registered domains; bit i of a holder mask is domains[i]"""
 
+    @_builtins.property
+    def served_to(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Cold start over every registration: how many of this domain's users each other domain
+        receives, and how many receiver rows it gets from each holder (a user two domains hold
+        counts for both).
+        """
+
+    @_builtins.property
+    def received_from(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -351,10 +449,12 @@ class Membership(_message.Message):
         receiver_rows: _builtins.int = ...,
         fingerprint: _builtins.str = ...,
         frozen: _builtins.bool = ...,
+        served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domains", b"domains", "fingerprint", b"fingerprint", "frozen", b"frozen", "receiver_rows", b"receiver_rows", "rows", b"rows", "shared_rows", b"shared_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domains", b"domains", "fingerprint", b"fingerprint", "frozen", b"frozen", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "rows", b"rows", "served_to", b"served_to", "shared_rows", b"shared_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,6 +486,46 @@ class MembershipChunk(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ServedToEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ReceivedFromEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HEADER_FIELD_NUMBER: _builtins.int
     DOMAINS_FIELD_NUMBER: _builtins.int
     TOTAL_ROWS_FIELD_NUMBER: _builtins.int
@@ -393,6 +533,8 @@ class MembershipChunk(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
     HOLDER_MASKS_FIELD_NUMBER: _builtins.int
+    SERVED_TO_FIELD_NUMBER: _builtins.int
+    RECEIVED_FROM_FIELD_NUMBER: _builtins.int
     total_rows: _builtins.int
     row_offset: _builtins.int
     rows: _builtins.int
@@ -406,6 +548,14 @@ class MembershipChunk(_message.Message):
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """only on the first chunk"""
 
+    @_builtins.property
+    def served_to(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """only on the first chunk; as in Membership"""
+
+    @_builtins.property
+    def received_from(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """only on the first chunk; as in Membership"""
+
     def __init__(
         self,
         *,
@@ -416,10 +566,12 @@ class MembershipChunk(_message.Message):
         rows: _builtins.int = ...,
         roles: _builtins.bytes = ...,
         holder_masks: _builtins.bytes = ...,
+        served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "header", b"header", "holder_masks", b"holder_masks", "roles", b"roles", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "header", b"header", "holder_masks", b"holder_masks", "received_from", b"received_from", "roles", b"roles", "row_offset", b"row_offset", "rows", b"rows", "served_to", b"served_to", "total_rows", b"total_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -758,6 +910,46 @@ class DomainStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ServedToEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ReceivedFromEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DOMAIN_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     SHARED_ROWS_FIELD_NUMBER: _builtins.int
@@ -766,6 +958,10 @@ class DomainStatus(_message.Message):
     LATEST_CONTRIBUTION_ROUND_FIELD_NUMBER: _builtins.int
     CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
     LATEST_METRICS_FIELD_NUMBER: _builtins.int
+    SERVED_TO_FIELD_NUMBER: _builtins.int
+    RECEIVED_FROM_FIELD_NUMBER: _builtins.int
+    COLD_START_FIELD_NUMBER: _builtins.int
+    MAX_SERVED_ROWS_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     rows: _builtins.int
     shared_rows: _builtins.int
@@ -774,8 +970,20 @@ class DomainStatus(_message.Message):
     latest_contribution_round: _builtins.int
     """tag of the latest accepted contribution, 0 = none"""
     contributions: _builtins.int
+    max_served_rows: _builtins.int
+    """its cap in rows (absent: none; 0 with serve = false)"""
     @_builtins.property
     def latest_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def served_to(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """cold start, as in Membership"""
+
+    @_builtins.property
+    def received_from(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def cold_start(self) -> Global___ColdStartPolicy:
+        """the policy the domain registered with"""
+
     def __init__(
         self,
         *,
@@ -787,12 +995,18 @@ class DomainStatus(_message.Message):
         latest_contribution_round: _builtins.int = ...,
         contributions: _builtins.int = ...,
         latest_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        cold_start: Global___ColdStartPolicy | None = ...,
+        max_served_rows: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_served_rows", b"_max_served_rows", "cold_start", b"cold_start", "max_served_rows", b"max_served_rows"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted", b"admitted", "contributions", b"contributions", "domain", b"domain", "latest_contribution_round", b"latest_contribution_round", "latest_metrics", b"latest_metrics", "receiver_rows", b"receiver_rows", "rows", b"rows", "shared_rows", b"shared_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_served_rows", b"_max_served_rows", "admitted", b"admitted", "cold_start", b"cold_start", "contributions", b"contributions", "domain", b"domain", "latest_contribution_round", b"latest_contribution_round", "latest_metrics", b"latest_metrics", "max_served_rows", b"max_served_rows", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "rows", b"rows", "served_to", b"served_to", "shared_rows", b"shared_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_served_rows: _TypeAlias = _typing.Literal["max_served_rows"]  # noqa: Y015
+    _WhichOneofArgType__max_served_rows: _TypeAlias = _typing.Literal["_max_served_rows", b"_max_served_rows"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_served_rows) -> _WhichOneofReturnType__max_served_rows | None: ...
 
 Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
 
@@ -1065,6 +1279,46 @@ class NodeStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ServedToEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ReceivedFromEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DOMAIN_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
@@ -1078,6 +1332,9 @@ class NodeStatus(_message.Message):
     CONNECTED_FIELD_NUMBER: _builtins.int
     SOLVER_BACKEND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SERVED_TO_FIELD_NUMBER: _builtins.int
+    RECEIVED_FROM_FIELD_NUMBER: _builtins.int
+    REGISTRATION_REFUSED_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
@@ -1095,8 +1352,18 @@ class NodeStatus(_message.Message):
     """the iALS backend its half-steps run on ("native", "numpy")"""
     error: _builtins.str
     """why the node cannot do its job now (e.g. a masked sum it refused); empty: none"""
+    registration_refused: _builtins.str
+    """why the aggregator refused its registration ("" unless refused)"""
     @_builtins.property
     def latest_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def served_to(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """how many of its users each other domain receives (as the aggregator last said)"""
+
+    @_builtins.property
+    def received_from(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """how many receiver rows it gets from each holder"""
+
     def __init__(
         self,
         *,
@@ -1113,10 +1380,13 @@ class NodeStatus(_message.Message):
         connected: _builtins.bool = ...,
         solver_backend: _builtins.str = ...,
         error: _builtins.str = ...,
+        served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        registration_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "error", b"error", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "receiver_rows", b"receiver_rows", "round", b"round", "run_id", b"run_id", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "epochs", b"epochs", "error", b"error", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "registration_refused", b"registration_refused", "round", b"round", "run_id", b"run_id", "served_to", b"served_to", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

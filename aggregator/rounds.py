@@ -6,7 +6,11 @@
 - Round c closes when every admitted domain reported, or when the deadline has passed and at
   least min_domains reported; then Z = prox(mean of each domain's latest accepted contribution)
   over holders (cdimf.common.core.admm.blockwise_consensus) and round c + 1 opens (the run
-  finishes after `rounds`).
+  finishes after `rounds`). The round records which contributions it used: [(domain, tag)].
+- A secure run (params.secure_aggregation) takes only masked ring contributions (uint64, rank + 1
+  columns) and keeps, in place of Z, their sum in Z/2^64 over holders (ring_sums): the
+  aggregator cannot decode it, and never applies the prox; each node unmasks the contributions
+  listed with the sum and applies the prox itself.
 - Every refusal raises StateError with a status name and changes nothing.
 
 Persistence is not here: the caller saves the run (SavedRun) where a rule says it changed.
@@ -21,6 +25,7 @@ import numpy as np
 from cdimf.common.config import RunParams
 from cdimf.common.core.admm import blockwise_consensus
 from cdimf.common.core.membership import AlignedMembership
+from cdimf.common.core.ring import ring_sums
 from cdimf.common.security.names import shown
 
 StatusName = Literal["INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE"]
@@ -65,15 +70,17 @@ class PushOutcome:
 
 @dataclass(frozen=True)
 class Pulled:
-    """A consensus ready for a pull: its round, Z itself and the rows of Z the domain receives.
+    """A consensus ready for a pull: its round, Z itself, the rows of Z the domain receives and the contributions it holds.
 
     Z is never modified in place (each round builds a new array), so it may be read after the
-    state moved on; the rows are gathered by whoever sends them, not copied here.
+    state moved on; the rows are gathered by whoever sends them, not copied here. In a secure
+    run z is the masked ring sum (uint64, rank + 1 columns).
     """
 
     round: int
     z: np.ndarray
     rows: np.ndarray
+    contributors: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class SavedRun:
     metrics: dict[str, dict[int, dict[str, float]]]
     events: tuple[Event, ...]
     stop_reason: str
+    # (domain, round tag) of the contributions the consensus holds, in summation order
+    consensus_contributors: tuple[tuple[str, int], ...] = ()
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -138,6 +147,13 @@ class Run:
     metrics: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     stop_reason: str = ""
+    # (domain, round tag) of the contributions the consensus holds, in summation order
+    consensus_contributors: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def secure(self) -> bool:
+        """Whether the run aggregates masked ring contributions (the aggregator never sees a plain one)."""
+        return self.params.secure_aggregation
 
     @property
     def admitted(self) -> tuple[str, ...]:
@@ -191,14 +207,24 @@ class Run:
                 f"contribution of round {tag} is {self.current_round - tag} rounds stale"
                 f" (open round {self.current_round}, max_staleness {self.params.max_staleness})",
             )
-        return len(mine.shared_rows), self.params.rank
+        # a secure push adds a linear check column to the masked rows
+        return len(mine.shared_rows), self.params.rank + 1 if self.secure else self.params.rank
+
+    def check_encoding(self, ring: bool) -> None:
+        """INVALID_ARGUMENT unless a contribution's wire type fits the run: ring elements in a secure run, floats otherwise."""
+        if ring and not self.secure:
+            raise StateError("INVALID_ARGUMENT", f"run {self.run_id} is not secure (secure_aggregation = false): push float32, not DTYPE_RING64")
+        if self.secure and not ring:
+            raise StateError("INVALID_ARGUMENT", f"run {self.run_id} is secure (secure_aggregation = true): push masked DTYPE_RING64 rows"
+                             f" with rank + 1 = {self.params.rank + 1} columns, never plain factors")
 
     def accept_contribution(self, domain: str, tag: int, values: np.ndarray) -> int:
         """Take a decoded contribution (re-checked: the round may have moved while it streamed); returns the open round it counts in."""
         expected = self.check_contribution(domain, tag)
         if values.shape != expected:
             raise StateError("INVALID_ARGUMENT", f"contribution of {domain} has shape {values.shape}, expected {expected}")
-        if values.dtype != np.float32 or not np.isfinite(values).all():
+        self.check_encoding(values.dtype == np.uint64)
+        if not self.secure and (values.dtype != np.float32 or not np.isfinite(values).all()):
             raise StateError("INVALID_ARGUMENT", f"contribution of {domain} must be finite float32")
         self.contributions[domain] = (tag, values)
         self.tags[domain] = tag
@@ -228,8 +254,13 @@ class Run:
         contributions = [
             (mine.shared_index, self.contributions[name][1]) for name, mine in self.memberships.items() if name in self.contributions
         ]
-        self.consensus = blockwise_consensus(contributions, self.exchanged_rows, self.params.rank, self.params.admm)
+        if self.secure:
+            # the masked sum only: nobody here can decode it, so mean and prox are the nodes' job
+            self.consensus = ring_sums(contributions, self.exchanged_rows, self.params.rank + 1)
+        else:
+            self.consensus = blockwise_consensus(contributions, self.exchanged_rows, self.params.rank, self.params.admm)
         self.consensus_round = closed
+        self.consensus_contributors = tuple((name, self.contributions[name][0]) for name in self.memberships if name in self.contributions)
         if self.params.round_deadline_s <= 0:
             # synchronous: the next round closes only on a fresh contribution from every domain, so
             # these are never used again (nor saved, see saved); held on, they would double the
@@ -256,7 +287,7 @@ class Run:
         """
         mine = self.membership(domain)
         if self.consensus is not None and self.consensus_round >= max(min_round, 1):
-            return Pulled(self.consensus_round, self.consensus, mine.pull_index)
+            return Pulled(self.consensus_round, self.consensus, mine.pull_index, self.consensus_contributors)
         if self.state != "running":
             raise StateError(
                 "FAILED_PRECONDITION", f"run {self.run_id} is {self.state} at round {self.consensus_round}; no consensus of round {min_round} will come"
@@ -314,6 +345,7 @@ class Run:
             metrics={d: {r: dict(m) for r, m in rounds.items()} for d, rounds in self.metrics.items()},
             events=tuple(self.events),
             stop_reason=self.stop_reason,
+            consensus_contributors=self.consensus_contributors,
         )
 
     @classmethod
@@ -329,5 +361,6 @@ class Run:
         run.metrics = {d: {r: dict(m) for r, m in rounds.items()} for d, rounds in saved.metrics.items()}
         run.events = list(saved.events)
         run.stop_reason = saved.stop_reason
+        run.consensus_contributors = saved.consensus_contributors
         run.round_opened_at = now
         return run

@@ -307,9 +307,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         header = fields.header
         await self._domain(context, header.domain)
-        rows, rank = await self._locked(context, lambda: self.state.check_contribution(header.run_id, header.domain, header.round),
+        ring = fields.dtype == pb.DTYPE_RING64
+        rows, cols = await self._locked(context, lambda: self.state.check_contribution(header.run_id, header.domain, header.round, ring),
                                         call="PushContribution")
-        assembler = MatrixAssembler(f"contribution of {header.domain}", expected_rows=rows, expected_cols=rank)
+        assembler = MatrixAssembler(f"contribution of {header.domain}", expected_rows=rows, expected_cols=cols)
         values, _ = await self._assemble(context, assembler.add_serialized, assembler.result, first, request_iterator)
         # The lock is taken here and, when this push completes the round, handed to the task
         # that closes it: nothing else runs on the state between the two, every later call
@@ -368,6 +369,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except ChunkError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise
+        # unspecified: whatever the run serves (a secure run's masked sum, else float32)
+        asked_ring = None if request.dtype == pb.DTYPE_UNSPECIFIED else dtype == pb.DTYPE_RING64
+        if await self._locked(context, lambda: self.state.pull_encoding(header.run_id, asked_ring)):
+            dtype = pb.DTYPE_RING64
         give_up = time.monotonic() + request.wait_s
 
         while True:
@@ -382,7 +387,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # outside the lock is safe even if the next round closes meanwhile
         reply_header = pb.Header(run_id=header.run_id, domain=header.domain, round=found.round)
         sent = 0
-        for chunk in encode_matrix_serialized(found.z, reply_header, dtype=dtype, row_index=found.rows):
+        for chunk in encode_matrix_serialized(found.z, reply_header, dtype=dtype, row_index=found.rows, contributors=found.contributors):
             sent += len(chunk)
             yield chunk
         metrics.on_pull(header.domain, sent)

@@ -273,11 +273,25 @@ class AggregatorState:
         if self.persist_error is not None:
             raise StateError("UNAVAILABLE", f"the aggregator cannot save its state ({self.persist_error}); it retries every {SAVE_RETRY_S:.0f} s")
 
-    def check_contribution(self, run_id: str, domain: str, tag: int) -> tuple[int, int]:
-        """Validate a push before its payload is read; returns the expected (rows, rank)."""
+    def check_contribution(self, run_id: str, domain: str, tag: int, ring: bool | None = None) -> tuple[int, int]:
+        """Validate a push before its payload is read (`ring`: whether it is DTYPE_RING64, when known); returns the expected (rows, columns)."""
         run = self._run(run_id)
         self._require_saved()
-        return run.check_contribution(domain, tag)
+        expected = run.check_contribution(domain, tag)
+        if ring is not None:
+            run.check_encoding(ring)
+        return expected
+
+    def pull_encoding(self, run_id: str, ring: bool | None) -> bool:
+        """Whether a pull of this run is served as ring elements (a secure run); `ring`: whether it asked for them (None: left to the run).
+
+        INVALID_ARGUMENT for ring elements of a plaintext run, or floats of a secure one.
+        """
+        run = self._run(run_id)
+        if ring is not None and ring != run.secure:
+            raise StateError("INVALID_ARGUMENT", f"run {run_id} is {'' if run.secure else 'not '}secure: pull with dtype "
+                             f"{'DTYPE_RING64 (the masked sum)' if run.secure else 'float32 or float16'}")
+        return run.secure
 
     def accept_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> PushOutcome:
         """Take a decoded contribution; closes the round (and saves the run) when that completes it."""

@@ -202,7 +202,11 @@ class DirectoryRunStore:
             raise StateFileError(f"{path}: damaged run description ({type(error).__name__}: {error}); {_START_OVER}") from error
         run = _from_meta(path, meta, saved)
         consensus = run.consensus
-        if consensus is not None and (consensus.dtype != np.float32 or consensus.ndim != 2 or not np.isfinite(consensus).all()):
+        if run.params.secure_aggregation:
+            # a secure run keeps the masked ring sum: any uint64 is a valid element
+            if consensus is not None and (consensus.dtype != np.uint64 or consensus.ndim != 2):
+                raise StateFileError(f"{path}: the stored masked sum of a secure run is not a uint64 matrix; {_START_OVER}")
+        elif consensus is not None and (consensus.dtype != np.float32 or consensus.ndim != 2 or not np.isfinite(consensus).all()):
             raise StateFileError(f"{path}: the stored consensus is not a finite float32 matrix; {_START_OVER}")
         return run
 
@@ -223,6 +227,7 @@ def _meta(run: SavedRun) -> dict[str, Any]:
         "metrics": {d: {str(r): m for r, m in rounds.items()} for d, rounds in run.metrics.items()},
         "events": [asdict(event) for event in run.events],
         "stop_reason": run.stop_reason,
+        "consensus_contributors": [[domain, tag] for domain, tag in run.consensus_contributors],
     }
 
 
@@ -256,4 +261,6 @@ def _saved_run(meta: dict[str, Any], params: RunParams, saved: Mapping[str, np.n
         metrics={d: {int(r): m for r, m in rounds.items()} for d, rounds in meta["metrics"].items()},
         events=tuple(Event(**event) for event in meta["events"]),
         stop_reason=meta["stop_reason"],
+        # absent from runs saved before contributor lists were kept
+        consensus_contributors=tuple((str(domain), int(tag)) for domain, tag in meta.get("consensus_contributors", [])),
     )

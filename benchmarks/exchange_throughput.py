@@ -1,6 +1,6 @@
 """Exchange throughput: push X+U and pull Z for N shared users x rank float32 over loopback.
 
-    python benchmarks/exchange_throughput.py [--users 1000000] [--rank 64] [--repeat 5] [--warmup 1]
+    python benchmarks/exchange_throughput.py [--users 1000000] [--rank 64] [--repeat 5] [--warmup 1] [--secure]
 
 Starts the aggregator (`python -m cdimf.aggregator`) and a baseline server as separate processes on
 127.0.0.1. The baseline streams the same number of raw 1 MiB byte messages through gRPC with no
@@ -18,6 +18,12 @@ still growing on a new channel (on our VMs the first pull ran at ~300 MB/s whate
 and the raw baseline's first pull is also ~35% slower). The second push is often as slow for
 the same reason; it is one of the measured rounds, so the medians include it.
 Targets: >= 500 MB/s each way, peak <= 3x held.
+
+--secure: after the plain run, a secure run (secure_aggregation) on the same aggregator, its rounds
+interleaved with plain ones (so load hits both alike): the node's whole cost each way, masking
+and pushing its X + U (ring64, rank + 1 columns), pulling the masked sum and unmasking it to Z
+(cdimf.domain_node.secure_exchange), against the plain push and pull of the same round. MB/s are
+of the float32 matrix in both modes, so the ratio is the cost of the masks.
 """
 
 import argparse
@@ -39,8 +45,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from cdimf.common.config import RunParams, TLSConfig  # noqa: E402
+from cdimf.common.core.membership import ROLE_SHARED, Membership  # noqa: E402
 from cdimf.common.rpc.aggregator_client import AggregatorClient  # noqa: E402
 from cdimf.common.rpc.channels import bind_port, create_channel, create_server  # noqa: E402
+from cdimf.domain_node.secure_exchange import masked_contribution, unmasked_consensus  # noqa: E402
+
+BENCH_SECRET = b"exchange-throughput-benchmark-secret"
 
 MB = 1e6
 RAW_CHUNK = 1 << 20
@@ -187,6 +197,42 @@ async def _measure(address: str, baseline_address: str, users: int, rank: int, r
     return times
 
 
+async def _measure_secure(address: str, users: int, rank: int, repeat: int) -> dict[str, list[float]]:
+    """After _measure's run: per round a plain run's push and pull, then a secure run's mask + push and pull + unmask (same users)."""
+    rng = np.random.default_rng(1)
+    digests = rng.integers(0, 256, (users, 32), dtype=np.uint8)  # the same stand-in pseudonyms _measure registered
+    sport, cloth = AggregatorClient(address, "sport", rpc_timeout_s=120), AggregatorClient(address, "cloth", rpc_timeout_s=120)
+    operator = AggregatorClient(address, rpc_timeout_s=300)
+    values = rng.standard_normal((users, rank)).astype(np.float32)
+    # every row held by both domains: bit 0 cloth, bit 1 sport (domain-name order)
+    view = Membership.from_roles(("cloth", "sport"), np.full(users, ROLE_SHARED, np.uint8), np.full(users, 3, np.uint64))
+    times: dict[str, list[float]] = {"plain_push": [], "plain_pull": [], "secure_push": [], "secure_pull": []}
+    for round_index in range(1, repeat + 1):
+        for secure in (False, True):
+            params = RunParams(run_id=f"{'secure' if secure else 'plain'}-{round_index}", rounds=1, rank=rank, secure_aggregation=secure)
+            run_id = (await operator.start_run(params)).run_id
+            start = time.perf_counter()
+            if secure:
+                wire = masked_contribution(values, digests, BENCH_SECRET, run_id, "sport", 1)
+                await sport.push_contribution(run_id, 1, wire, "ring64")
+            else:
+                await sport.push_contribution(run_id, 1, values)
+            times["secure_push" if secure else "plain_push"].append(time.perf_counter() - start)
+            other = masked_contribution(values, digests, BENCH_SECRET, run_id, "cloth", 1) if secure else values
+            await cloth.push_contribution(run_id, 1, other, "ring64" if secure else "float32")
+            await operator.get_status()  # waits for the close and its save
+            start = time.perf_counter()
+            z = await sport.pull_consensus(run_id, 1, 60.0, users, 0, dtype="ring64" if secure else "float32")
+            assert z is not None
+            if secure:
+                z = unmasked_consensus(z, view, digests, BENCH_SECRET, run_id, params)
+            times["secure_pull" if secure else "plain_pull"].append(time.perf_counter() - start)
+            assert z.shared.shape == (users, rank) and z.shared.dtype == np.float32
+    for client in (sport, cloth, operator):
+        await client.close()
+    return times
+
+
 def main() -> None:
     """Run the benchmark and print one results table (and --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +241,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="measured rounds (medians)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first, shown, not in the medians")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--secure", action="store_true", help="also measure secure aggregation (masked push, unmasked pull) against plain")
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline is not None:
@@ -216,6 +263,7 @@ def main() -> None:
                 _measure(f"127.0.0.1:{aggregator_port}", f"127.0.0.1:{baseline_port}", args.users, args.rank, args.warmup + args.repeat)
             )
             _, peak_rss = _peak_rss_bytes(aggregator.pid)
+            secure_times = asyncio.run(_measure_secure(f"127.0.0.1:{aggregator_port}", args.users, args.rank, args.repeat)) if args.secure else {}
         finally:
             for process in (aggregator, baseline):
                 process.terminate()
@@ -264,6 +312,17 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": load_after,
     }
+    if secure_times:
+        secure_median = {name: float(np.median(values)) for name, values in secure_times.items()}
+        results.update({
+            "secure_push_mb_s": nbytes / MB / secure_median["secure_push"],
+            "secure_pull_mb_s": nbytes / MB / secure_median["secure_pull"],
+            "plain_push_mb_s_same_rounds": nbytes / MB / secure_median["plain_push"],
+            "plain_pull_mb_s_same_rounds": nbytes / MB / secure_median["plain_pull"],
+            # per-round ratios of back-to-back plain and secure exchanges, median over rounds
+            "secure_push_vs_plain": float(np.median(np.array(secure_times["plain_push"]) / np.array(secure_times["secure_push"]))),
+            "secure_pull_vs_plain": float(np.median(np.array(secure_times["plain_pull"]) / np.array(secure_times["secure_pull"]))),
+        })
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -286,6 +345,11 @@ def main() -> None:
         print(f"  warm-up rounds      {shown} MB/s (not in the medians)")
         print(f"  measured rounds     push {' '.join(f'{v:.0f}' for v in results['push_rounds_mb_s'])}, "
               f"pull {' '.join(f'{v:.0f}' for v in results['pull_rounds_mb_s'])} MB/s")
+    if secure_times:
+        print(f"  secure push         {results['secure_push_mb_s']:8.0f} MB/s   (mask + push; {results['secure_push_vs_plain']:.2f}x the plain push "
+              f"of the same rounds, {results['plain_push_mb_s_same_rounds']:.0f} MB/s)")
+        print(f"  secure pull         {results['secure_pull_mb_s']:8.0f} MB/s   (pull + unmask + prox; {results['secure_pull_vs_plain']:.2f}x the plain "
+              f"pull of the same rounds, {results['plain_pull_mb_s_same_rounds']:.0f} MB/s)")
     print("  load average        before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f} (1/5/15 min; 2 cores)".format(*load_before, *load_after))
 
 

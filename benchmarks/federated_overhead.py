@@ -1,6 +1,6 @@
 """Federated overhead: `cdimf simulate` (separate processes, gRPC on loopback, mutual TLS) vs the in-process engine.
 
-    python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--repeats 3] [--insecure]
+    python benchmarks/federated_overhead.py [--rounds 10] [--rank 64] [--repeats 3] [--insecure] [--secure]
 
 The target: federated `cdimf simulate` on warm Sport&Cloth vs the in-process engine with
 the same config, wall-time ratio <= 1.10. Both arms do the same work with the simulation's
@@ -24,6 +24,11 @@ Load on a shared machine varies: --repeats N alternates the arms N times and rep
 (and the 1-minute load average before and after). The last two lines are the median whole-job
 ratios: `ratio_default_config=` for (b), simulate as shipped against the engine with the same
 config (the target), and `ratio_validation_off=` for (a), the exchange with nothing to dilute it.
+
+--secure: setting (a) also runs `cdimf simulate --secure-aggregation` in each repeat, between the
+other two arms; `ratio_secure_vs_plain=` is the median whole-job ratio of the secure simulation
+to the plain one of the same repeat (the cost of masking, ring sums and unmasking), and
+`ratio_secure_vs_engine=` the secure simulation against the engine.
 """
 
 import argparse
@@ -111,14 +116,14 @@ def engine_process_arm(rounds: int, rank: int, validation: ValidationParams) -> 
     return Timing(whole_s, inner["run_s"], inner["metrics"])
 
 
-def simulate_arm(rounds: int, rank: int, insecure: bool, validation: ValidationParams) -> tuple[Timing, str]:
-    """`cdimf simulate --rounds R --rank D --json` with the same validation settings; (timing, transport)."""
+def simulate_arm(rounds: int, rank: int, insecure: bool, validation: ValidationParams, secure: bool = False) -> tuple[Timing, str]:
+    """`cdimf simulate --rounds R --rank D --json` with the same validation settings (secure: with secure aggregation); (timing, transport)."""
     command = [sys.executable, "-m", "cdimf", "simulate", "--rounds", str(rounds), "--rank", str(rank), "--json",
-               *_validation_flags(validation), *(["--insecure"] if insecure else [])]
+               *_validation_flags(validation), *(["--insecure"] if insecure else []), *(["--secure-aggregation"] if secure else [])]
     whole_s, stdout = _timed(command)
     results = json.loads(stdout)
-    metrics = {name: {key: value for key, value in row.items() if key.startswith(("HR@", "NDCG@"))}
-               for name, row in results["domains"].items()}
+    # simulate labels its metrics in % ("test HR@10 (999 neg)": 12.5); the engine arm's are fractions keyed "HR@10"
+    metrics = {name: {label.split()[1]: value / 100 for label, value in row["metrics"].items()} for name, row in results["domains"].items()}
     return Timing(whole_s, results["train_seconds"], metrics), results["transport"]
 
 
@@ -129,6 +134,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="rank (default: the simulation's default)")
     parser.add_argument("--repeats", type=int, default=1, help="measure each arm this many times (alternating) and take medians")
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC instead of mutual TLS")
+    parser.add_argument("--secure", action="store_true", help="also time setting (a) with secure aggregation (masked exchange)")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine arm's child
     parser.add_argument("--validation-every", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--validation-negatives", type=int, default=ValidationParams().negatives, help=argparse.SUPPRESS)
@@ -146,6 +152,7 @@ def main() -> None:
     load_before = os.getloadavg()
     measured: dict[str, list[tuple[Timing, Timing]]] = {label: [] for label in settings}
     transport = ""
+    secure_runs: list[tuple[Timing, Timing, Timing]] = []  # (secure simulate, plain simulate, engine) of setting (a)
     for repeat in range(args.repeats):
         for label, validation in settings.items():
             # alternate which arm goes first, so that a drifting load favours neither
@@ -156,6 +163,11 @@ def main() -> None:
                 engine = engine_process_arm(rounds, config.run.rank, validation)
                 simulated, transport = simulate_arm(rounds, config.run.rank, args.insecure, validation)
             measured[label].append((simulated, engine))
+            if args.secure and validation.every == 0:
+                secured, _ = simulate_arm(rounds, config.run.rank, args.insecure, validation, secure=True)
+                secure_runs.append((secured, simulated, engine))
+                print(f"# repeat {repeat + 1} {label}: secure simulate {secured.whole_s:.2f} s, ratio to plain "
+                      f"{secured.whole_s / simulated.whole_s:.3f}", flush=True)
             print(f"# repeat {repeat + 1} {label}: simulate {simulated.whole_s:.2f} s, engine {engine.whole_s:.2f} s, "
                   f"ratio {simulated.whole_s / engine.whole_s:.3f}, 1-min load {os.getloadavg()[0]:.2f}", flush=True)
     load_after = os.getloadavg()
@@ -185,6 +197,14 @@ def main() -> None:
     # dilutes it, and on 2 cores the four processes compete for the CPU the engine has to itself.
     print(f"ratio_default_config={whole_ratio['(b) default validation']:.3f}  (target <= 1.10)")
     print(f"ratio_validation_off={whole_ratio['(a) validation off']:.3f}  (exchange overhead isolated)")
+    if secure_runs:
+        secured, plain, _ = secure_runs[0]
+        for name, metrics in plain.metrics.items():
+            print(f"  test {name:<6} HR@{k} plain {100 * metrics[f'HR@{k}']:.2f} secure {100 * secured.metrics[name][f'HR@{k}']:.2f}   "
+                  f"NDCG@{k} plain {100 * metrics[f'NDCG@{k}']:.2f} secure {100 * secured.metrics[name][f'NDCG@{k}']:.2f}")
+        print(f"ratio_secure_vs_plain={statistics.median(s.whole_s / p.whole_s for s, p, _ in secure_runs):.3f}  "
+              f"(run itself {statistics.median(s.run_s / p.run_s for s, p, _ in secure_runs):.3f}; validation off)")
+        print(f"ratio_secure_vs_engine={statistics.median(s.whole_s / e.whole_s for s, _, e in secure_runs):.3f}  (validation off)")
 
 
 if __name__ == "__main__":

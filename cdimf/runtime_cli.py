@@ -492,7 +492,7 @@ def _node_status(args: argparse.Namespace) -> int:
                         "receiver_rows": status.receiver_rows, "connected": status.connected,
                         "solver_backend": status.solver_backend, "latest_metrics": labelled_percent(status.latest_metrics, "valid"),
                         "served_to": dict(sorted(status.served_to.items())), "received_from": dict(sorted(status.received_from.items())),
-                        "registration_refused": status.registration_refused or None,
+                        "registration_refused": status.registration_refused or None, "error": status.error or None,
                         "dp_epsilon": status.dp_epsilon, "dp_delta": status.dp_delta})
         else:
             print(f"domain {status.domain}: {status.phase}, run {status.run_id or '-'} round {status.round}, "
@@ -501,6 +501,8 @@ def _node_status(args: argparse.Namespace) -> int:
                   f"  {privacy_shown(status.dp_epsilon, status.dp_delta)}".rstrip())
             print(f"  cold start: others receive {sum(status.served_to.values())} of its users ({_per_domain(status.served_to)}); "
                   f"it receives {sum(status.received_from.values())} rows ({_per_domain(status.received_from)})")
+            if status.error:
+                print(f"  error: {status.error}")
             if status.registration_refused:
                 print(f"  registration refused: {status.registration_refused}")
         return EXIT_OK

@@ -80,6 +80,7 @@ class RunParams(StrictModel):
     round_deadline_s: float = Field(0.0, ge=0, description="0: synchronous rounds (wait for every domain)")
     min_domains: int = Field(1, ge=1, le=64, description="domains a deadline needs to close a round")
     max_staleness: int = Field(0, ge=0, description="rounds a late contribution may lag behind")
+    secure_aggregation: bool = Field(False, description="the aggregator sees only masked ring sums; nodes unmask and apply the prox")
 
     @field_validator("run_id")
     @classmethod

@@ -19,7 +19,10 @@ sees round r + 1 from a node whose round r is not on disk.
 What leaves this process: headers, HMAC pseudonyms with holder flags, X + U of shared rows and
 validation metrics. Interaction data and user keys never do. With NodeConfig.privacy the rows
 of X + U are clipped and noised before they leave (`_outgoing`), and every round's epsilon at
-the configured delta is reported in GetStatus, the log, /metrics and the metrics report.
+the configured delta is reported in GetStatus, the log, /metrics and the metrics report. In a
+secure run X + U leaves only masked (cdimf.domain_node.secure_exchange; noise first, then the
+mask) and the pulled masked sum is unmasked here; a sum that does not unmask is refused (not applied, logged, shown in status), pulled again up to
+MAX_REFUSED_SUMS times, then the node stops (health NOT_SERVING).
 
 Cold start: the node registers with its config's cold_start policy (whether, and how many of, its
 users other domains may receive as receiver rows). A registration the aggregator refuses for a
@@ -68,6 +71,7 @@ from cdimf.common.rpc.aggregator_client import (
     gave_up,
     node_client,
 )
+from cdimf.common.security.masks import MaskedSumMismatch
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
 from cdimf.common.wire.serde import RunInfo
 from cdimf.domain_node.checkpoint import (
@@ -81,6 +85,7 @@ from cdimf.domain_node.checkpoint import (
     training_digest,
 )
 from cdimf.domain_node.node_data import NodeData
+from cdimf.domain_node.secure_exchange import masked_contribution, unmasked_consensus
 
 log = logging.getLogger("cdimf.node")
 # a synchronous pull is re-issued this often so that a dead stream is noticed and retried
@@ -88,6 +93,8 @@ SYNC_PULL_WAIT_S = 30.0
 WAIT_FOR_RUN_S = 30.0
 # a node retries the aggregator sooner than an operator's client: rounds wait on it
 NODE_BACKOFF = Backoff(initial_s=0.1, max_s=2.0)
+# masked sums in a row that do not unmask before the node gives up on the run (each is pulled again after a backoff)
+MAX_REFUSED_SUMS = 5
 # a registration refused for a cold-start cap is tried again this often (not at the backoff's
 # pace: it stays refused until a domain re-registers, and each try sends every pseudonym)
 REFUSED_RETRY_S = 30.0
@@ -118,6 +125,7 @@ class Progress:
     latest_metrics: dict[str, float] = field(default_factory=dict)
     model: Model | None = None
     solver_backend: str = ""
+    error: str = ""  # why the node cannot do its job now (status shows it); empty: nothing wrong
     # cold start as the aggregator last said: how many of our users each domain receives, and we from each
     served_to: dict[str, int] = field(default_factory=dict)
     received_from: dict[str, int] = field(default_factory=dict)
@@ -129,6 +137,10 @@ class Progress:
 
 class RunEnded(Exception):
     """The run was stopped (or ended) while this node was still in it."""
+
+
+class MaskedSumRefused(RuntimeError):
+    """Masked sums kept failing to unmask: this node cannot take part in the secure run (fatal)."""
 
 
 class NodeRunner:
@@ -145,7 +157,8 @@ class NodeRunner:
         self.data = data
         self.backoff = backoff
         self._rng = random.Random()
-        self.pseudonyms = pseudonymize(data.users.keys, config.federation_secret())
+        self._secret = config.federation_secret()
+        self.pseudonyms = pseudonymize(data.users.keys, self._secret)
         self.holder = data.holder
         self.fingerprint = membership_fingerprint(self.pseudonyms, self.holder)
         self.data_digest = training_digest(data.train)
@@ -159,6 +172,8 @@ class NodeRunner:
         self._checkpoint_task: asyncio.Future[Path] | None = None
         self._items_task: asyncio.Future[None] | None = None
         self._registered = False
+        # the pseudonyms of the shared rows while a secure run is taken part in (None: plain pushes)
+        self._masked_rows: np.ndarray | None = None
         self._restore_model()
 
     # ----- differential privacy -----
@@ -384,6 +399,9 @@ class NodeRunner:
         open_round = applied + 1
         pushed_round = 0
         need_epochs = True
+        refused = 0
+        # a secure run masks each push over the pseudonyms of the shared rows
+        self._masked_rows = self.pseudonyms[view.shared_rows] if params.secure_aggregation else None
         while applied < params.rounds:
             if need_epochs:
                 await self._epoch_finished(trainer)
@@ -399,10 +417,12 @@ class NodeRunner:
                 await self._checkpoint_written()
                 open_round = await self._push(run_id, open_round, self._outgoing(open_round, trainer.contribution()))
                 pushed_round = open_round
-            self.progress.phase = "waiting"
+            # a refusal stays shown until a sum unmasks
+            self.progress.phase = "refusing-masked-sum" if refused else "waiting"
             wait_s = deadline_s if deadline_s > 0 else SYNC_PULL_WAIT_S
             try:
-                z = await self.client.pull_consensus(run_id, applied + 1, wait_s, len(view.shared_rows), len(view.receiver_rows))
+                z = await self.client.pull_consensus(run_id, applied + 1, wait_s, len(view.shared_rows), len(view.receiver_rows),
+                                                     dtype="ring64" if params.secure_aggregation else "float32")
             except NotAcceptedNow:
                 current = await self._current(run_id)
                 # the aggregator restarted from an older state and lost our push: send it again
@@ -412,6 +432,15 @@ class NodeRunner:
                 # asynchronous tolerance: no Z before the deadline, keep training on the last one
                 need_epochs = deadline_s > 0
                 continue
+            if params.secure_aggregation:
+                try:
+                    z = await asyncio.to_thread(unmasked_consensus, z, view, self.pseudonyms, self._secret, run_id, params)
+                except MaskedSumMismatch as error:
+                    refused += 1
+                    await self._refuse_sum(z.round, error, refused)
+                    continue
+                refused = 0
+                self.progress.error = ""
             await self._epoch_finished(trainer)
             trainer.receive_consensus(z.shared, z.receivers)
             applied = z.round
@@ -423,6 +452,16 @@ class NodeRunner:
             need_epochs = True
             await self._end_of_round(run_id, applied, params.rounds, trainer, view)
 
+    async def _refuse_sum(self, round_index: int, error: MaskedSumMismatch, refused: int) -> None:
+        """Say that a masked sum was refused (log, status); pull again after a backoff, or stop after MAX_REFUSED_SUMS."""
+        self.progress.phase = "refusing-masked-sum"
+        self.progress.error = f"refused the masked sum of round {round_index} ({refused} of {MAX_REFUSED_SUMS}): {error}"
+        log.error("domain %s: %s", self.config.domain, self.progress.error)
+        if refused >= MAX_REFUSED_SUMS:
+            raise MaskedSumRefused(f"{MAX_REFUSED_SUMS} masked sums in a row did not unmask (last: round {round_index}: {error});"
+                                   " the aggregator's sums or contributor lists are wrong, or the nodes do not share one federation secret")
+        await asyncio.sleep(self.backoff.delay(refused, self._rng))
+
     async def _epoch_finished(self, trainer: DomainTrainer) -> None:
         """Wait for the item half-step that ran during the exchange, if any (its errors surface here)."""
         task, self._items_task = self._items_task, None
@@ -430,12 +469,22 @@ class NodeRunner:
             await task
             self.progress.epochs = trainer.state.epochs
 
+    async def _wire_contribution(self, values: np.ndarray, run_id: str, round_index: int) -> tuple[np.ndarray, str]:
+        """What goes on the wire for X + U pushed as `round_index`, and its dtype: masked ring rows in a secure run, else X + U itself."""
+        if self._masked_rows is None:
+            return values, "float32"
+        # AES over every shared row: off the event loop, like the solver
+        masked = await asyncio.to_thread(masked_contribution, values, self._masked_rows, self._secret, run_id, self.config.domain, round_index)
+        return masked, "ring64"
+
     async def _push(self, run_id: str, round_index: int, values: np.ndarray) -> int:
         """Push a contribution for the open round; returns the round it was pushed as."""
         for _ in range(3):
             try:
-                await self.client.push_contribution(run_id, round_index, values)
-                prometheus.on_push(self.config.domain, values.nbytes)
+                # masked per round tag: a push moved to the open round is masked for that round
+                wire, dtype = await self._wire_contribution(values, run_id, round_index)
+                await self.client.push_contribution(run_id, round_index, wire, dtype)
+                prometheus.on_push(self.config.domain, wire.nbytes)
                 return round_index
             except AlreadyAccepted:
                 return round_index  # pushed before a restart (ours or the aggregator's)

@@ -76,6 +76,7 @@ class DomainNodeService(pb_grpc.DomainNodeServicer):
             latest_metrics=progress.latest_metrics,
             connected=progress.connected,
             solver_backend=progress.solver_backend,
+            error=progress.error,
             served_to=progress.served_to,
             received_from=progress.received_from,
             registration_refused=progress.registration_refused,

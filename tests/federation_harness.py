@@ -255,3 +255,64 @@ async def wait_for_checkpoints(folder: Path, round_index: int, timeout_s: float 
             return found  # type: ignore[return-value]
         assert time.monotonic() < give_up, {d: (c.round if c else None) for d, c in found.items()}
         await asyncio.sleep(0.05)
+
+
+
+def runner_config(files: dict[str, dict[str, Path]], domain: str, aggregator: str, folder: Path) -> Any:
+    """The NodeConfig of an in-process NodeRunner of one test domain (plaintext loopback, state in folder/domain)."""
+    from pydantic import SecretStr
+
+    from cdimf.common.config import NodeConfig, TLSConfig
+
+    return NodeConfig(domain=domain, train_path=files[domain]["train"], test_path=files[domain].get("test"), data_format="csv",
+                      aggregator=aggregator, state_dir=folder / domain, secret=SecretStr(SECRET), ials=ials(seeds()[domain]),
+                      tls=TLSConfig(insecure=True))
+
+
+def hold_last_push(runner: Any, aggregator: Any, clock: Any, rounds: int, deadline_s: float, poll_s: float = 0.02) -> None:
+    """Make the runner's push of round `rounds` wait until that round closed without it (the test's clock passes its deadline)
+    and the run finished; earlier pushes go through as they are."""
+    push = runner._push
+    state = aggregator.service.state
+
+    async def late_push(run_id: str, round_index: int, values: np.ndarray) -> int:
+        """The push, held back on the last round until the run finished without it."""
+        if round_index >= rounds:
+            # the last round's deadline passes now: it closes on the other domains' pushes alone
+            clock.now += deadline_s + 1.0
+            aggregator.service.changes.notify()
+        give_up = time.monotonic() + 60
+        while round_index >= rounds and state.run is not None and state.run.state == "running":
+            assert time.monotonic() < give_up, "the last round did not close without the held-back domain"
+            await asyncio.sleep(poll_s)
+        return int(await push(run_id, round_index, values))
+
+    runner._push = late_push
+
+
+async def run_with_cloth_late_for_the_last_round(folder: Path, files: dict[str, dict[str, Path]], params: Any, clock: Any) -> tuple[Any, dict[str, Any]]:
+    """In-process aggregator on `clock` and both domains' NodeRunners over loopback gRPC, cloth's last push held back
+    (hold_last_push) until the run finished without it; returns (the aggregator's state, the runners) once both checkpointed the last round."""
+    from cdimf.aggregator.service import start_aggregator
+    from cdimf.common.config import AggregatorConfig, TLSConfig
+    from cdimf.domain_node.runner import NodeRunner
+
+    aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=folder / "aggregator", tls=TLSConfig(insecure=True)), clock=clock)
+    runners = {domain: NodeRunner(runner_config(files, domain, aggregator.address, folder), node_data(files, domain)) for domain in DOMAINS}
+    tasks = []
+    try:
+        hold_last_push(runners["cloth"], aggregator, clock, params.rounds, params.round_deadline_s)
+        tasks = [asyncio.create_task(runner.run()) for runner in runners.values()]
+        async with AggregatorClient(aggregator.address, rpc_timeout_s=10, retry_for_s=30) as control:
+            await wait_for_domains(control, 2)
+            run = await control.start_run(params)
+            _ = [event async for event in control.watch_run(run.run_id)]
+        await wait_for_checkpoints(folder, params.rounds, timeout_s=20.0)
+        return aggregator.service.state, runners
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for runner in runners.values():
+            await runner.close()
+        await aggregator.stop(0.5)

@@ -8,25 +8,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from pydantic import SecretStr
 
 from cdimf.aggregator.service import start_aggregator
-from cdimf.aggregator.state import AggregatorState
-from cdimf.common.config import AggregatorConfig, NodeConfig, RunParams, TLSConfig
+from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.domain_node.checkpoint import load_checkpoint
-from cdimf.domain_node.runner import NodeRunner
 from cdimf.protos.v1 import federation_pb2 as pb
 from cdimf.protos.v1 import federation_pb2_grpc as pb_grpc
 from tests.aggregator_helpers import FakeClock
 from tests.federation_harness import (
-    DOMAINS,
     RANK,
-    SECRET,
     Processes,
-    ials,
-    node_data,
-    seeds,
+    run_with_cloth_late_for_the_last_round,
     wait_for_checkpoints,
     wait_for_domains,
     write_domains,
@@ -140,52 +133,7 @@ def test_a_node_late_for_the_last_round_still_applies_the_final_consensus(tmp_pa
     params = RunParams(rounds=rounds, rank=RANK, round_deadline_s=DEADLINE_S, min_domains=1, max_staleness=2)
     clock = FakeClock()
 
-    def node_config(domain: str, aggregator: str) -> NodeConfig:
-        """The node config of one test domain (plaintext loopback, its own state folder)."""
-        return NodeConfig(domain=domain, train_path=files[domain]["train"], test_path=files[domain].get("test"), data_format="csv",
-                          aggregator=aggregator, state_dir=tmp_path / domain, secret=SecretStr(SECRET), ials=ials(seeds()[domain]),
-                          tls=TLSConfig(insecure=True))
-
-    async def scenario() -> tuple[AggregatorState, dict[str, NodeRunner]]:
-        """Both runners train the run; cloth's last push waits for the run to finish first."""
-        aggregator = await start_aggregator(AggregatorConfig(listen="127.0.0.1:0", state_dir=tmp_path / "aggregator", tls=TLSConfig(insecure=True)),
-                                            clock=clock)
-        state = aggregator.service.state
-        runners = {domain: NodeRunner(node_config(domain, aggregator.address), node_data(files, domain)) for domain in DOMAINS}
-        tasks = []
-        try:
-            cloth = runners["cloth"]
-            push = cloth._push
-
-            async def late_push(run_id: str, round_index: int, values: np.ndarray) -> int:
-                """cloth's push, held back on the last round until the run finished without it."""
-                if round_index >= rounds:
-                    # the last round's deadline passes now: it closes on sport's push alone
-                    clock.now += DEADLINE_S + 1.0
-                    aggregator.service.changes.notify()
-                give_up = time.monotonic() + 60
-                while round_index >= rounds and state.run is not None and state.run.state == "running":
-                    assert time.monotonic() < give_up, "the last round did not close without cloth"
-                    await asyncio.sleep(POLL_S)
-                return await push(run_id, round_index, values)
-
-            cloth._push = late_push  # type: ignore[method-assign]
-            tasks = [asyncio.create_task(runner.run()) for runner in runners.values()]
-            async with AggregatorClient(aggregator.address, rpc_timeout_s=10, retry_for_s=30) as control:
-                await wait_for_domains(control, 2)
-                run = await control.start_run(params)
-                _ = [event async for event in control.watch_run(run.run_id)]
-            await wait_for_checkpoints(tmp_path, rounds, timeout_s=10.0)
-            return state, runners
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for runner in runners.values():
-                await runner.close()
-            await aggregator.stop(0.5)
-
-    state, runners = asyncio.run(scenario())
+    state, runners = asyncio.run(run_with_cloth_late_for_the_last_round(tmp_path, files, params, clock))
     run = state.run
     assert run is not None and run.state == "finished"
     last = next(event for event in run.events if event.kind == "round_closed" and event.round == rounds)

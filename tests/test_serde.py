@@ -58,11 +58,14 @@ class _Run:
     current_round: int = 2
     consensus_round: int = 1
     admitted: tuple[str, ...] = ("cloth", "sport")
+    consensus_contributors: tuple[tuple[str, int], ...] = (("cloth", 1), ("sport", 1))
 
 
 def test_run_info_reaches_the_client_as_started() -> None:
     params = RunParams(run_id="r", rounds=3, rank=4, domain_aggregation_period={"cloth": 2})
-    info = serde.run_info_from_proto(serde.run_info_to_proto(_Run("r", params)))
+    message = serde.run_info_to_proto(_Run("r", params))
+    assert [(entry.domain, entry.round) for entry in message.consensus_contributors] == [("cloth", 1), ("sport", 1)]
+    info = serde.run_info_from_proto(message)
     assert info == serde.RunInfo("r", "running", params, 2, 1, ("cloth", "sport"))
     assert info.rounds == 3 and info.params is not None and info.params.period_for("cloth") == 2
     idle = serde.run_info_from_proto(serde.run_info_to_proto(None))

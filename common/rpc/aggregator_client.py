@@ -296,24 +296,27 @@ class AggregatorClient:
     ) -> Consensus | None:
         """Z of the newest round >= min_round, waiting up to wait_s; None when none came in time.
 
+        dtype "ring64" in a secure run: the masked sum (uint64, rank + 1 columns) and the
+        contributions it holds (Consensus.contributors), to be unmasked by the caller.
+
         `shared` and `receivers` are the row counts from the membership: the stream must hold
         exactly shared + receivers rows (a mismatch raises AggregatorError DATA_LOSS).
         """
         request = pb.PullRequest(header=self.header(run_id), min_round=min_round, wait_s=wait_s, dtype=wire_dtype(dtype))
 
-        async def attempt() -> tuple[np.ndarray, pb.Header]:
+        async def attempt() -> tuple[np.ndarray, pb.Header, tuple[tuple[str, int], ...]]:
             """One PullConsensus stream, assembled."""
             return await self._matrices.pull(request, "consensus", shared + receivers, timeout=wait_s + self._stream_timeout(0))
 
         try:
-            z, header = await self._call("PullConsensus", attempt)
+            z, header, contributors = await self._call("PullConsensus", attempt)
         except AggregatorError as error:
             if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
             raise
         except ChunkError as error:
             raise data_mismatch("PullConsensus", str(error)) from error
-        return consensus_from_wire(z, header, shared)
+        return consensus_from_wire(z, header, shared, contributors)
 
     async def report_metrics(self, run_id: str, round_index: int, metrics: dict[str, float]) -> None:
         """Report this domain's validation metrics of a round (shown by WatchRun)."""

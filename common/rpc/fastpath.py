@@ -72,9 +72,11 @@ class MatrixExchange:
         chunks: Iterator[bytes] = encode_matrix_serialized(values, header, dtype=dtype)
         return await self._push(chunks, timeout=timeout)
 
-    async def pull(self, request: pb.PullRequest, what: str, expected_rows: int, timeout: float) -> tuple[np.ndarray, pb.Header]:
-        """One PullConsensus stream, assembled into (matrix, header); ChunkError for a malformed stream."""
+    async def pull(self, request: pb.PullRequest, what: str, expected_rows: int, timeout: float
+                   ) -> tuple[np.ndarray, pb.Header, tuple[tuple[str, int], ...]]:
+        """One PullConsensus stream, assembled into (matrix, header, contributors); ChunkError for a malformed stream."""
         assembler = MatrixAssembler(what, expected_rows=expected_rows)
         async for message in self._pull(request, timeout=timeout):
             assembler.add_serialized(message)
-        return assembler.result()
+        matrix, header = assembler.result()
+        return matrix, header, assembler.contributors

@@ -1,7 +1,7 @@
 """Codec between numpy arrays and the chunked streams of the federation protocol.
 
 A matrix travels as MatrixChunk messages, each a slice of whole rows of raw little-endian
-float32 (or float16) with the total shape, its row offset, its row count, dtype and a 64-bit
+float32 (or float16; or uint64 ring elements in a secure run, DTYPE_RING64) with the total shape, its row offset, its row count, dtype and a 64-bit
 checksum of its bytes (matrix_checksum: a multilinear hash, 4-5x cheaper than zlib's crc32, which
 cost a third of the exchange throughput on both ends). Registrations (pseudonyms + holder flags) and memberships (roles + holder masks)
 travel the same way. Decoders check every chunk as it arrives and raise ChunkError with a
@@ -9,7 +9,7 @@ message that says what was wrong; servers map it to INVALID_ARGUMENT.
 """
 
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -27,8 +27,9 @@ DEFAULT_MAX_ELEMENTS = 1 << 31
 _DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_RING64: np.dtype("<u8"),
 }
-_DTYPE_BY_NAME = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+_DTYPE_BY_NAME = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "ring64": pb.DTYPE_RING64}
 
 
 _MASK64 = (1 << 64) - 1
@@ -71,7 +72,7 @@ class ChunkError(ValueError):
 
 
 def wire_dtype(name: str | int) -> pb.DType.ValueType:
-    """The proto DType for 'float32'/'float16' (or a DType value, DTYPE_UNSPECIFIED = float32)."""
+    """The proto DType for 'float32'/'float16'/'ring64' (or a DType value, DTYPE_UNSPECIFIED = float32)."""
     if isinstance(name, int):
         if name == pb.DTYPE_UNSPECIFIED:
             return pb.DTYPE_FLOAT32
@@ -112,6 +113,9 @@ def _matrix_blocks(
         raise ChunkError(f"expected a 2-D matrix, got shape {matrix.shape}")
     code = wire_dtype(dtype)
     item = _DTYPES[code]
+    if (code == pb.DTYPE_RING64) != (matrix.dtype == np.uint64):
+        # a float cast to ring elements (or back) would be silent garbage on the other side
+        raise ChunkError(f"a {matrix.dtype} matrix cannot be sent as {pb.DType.Name(code)}: ring64 is for uint64 matrices only")
     total_rows, cols = matrix.shape
     if row_index is not None:
         total_rows = len(row_index)
@@ -149,6 +153,7 @@ def encode_matrix(
     dtype: str | int = "float32",
     chunk_bytes: int = CHUNK_BYTES,
     row_index: np.ndarray | None = None,
+    contributors: Sequence[tuple[str, int]] = (),
 ) -> Iterator[pb.MatrixChunk]:
     """Yield the chunks of a 2-D float matrix (at least one chunk, even for 0 rows).
 
@@ -158,9 +163,12 @@ def encode_matrix(
     whole selection is never copied at once. The aggregator and the node send
     `encode_matrix_serialized` instead (the same bytes, fewer copies); this form is the reference
     it is checked against and what callers that edit messages (tests of bad input) start from.
+    `contributors` go on the first chunk.
     """
     for fields, block in _matrix_blocks(matrix, header, dtype, chunk_bytes, row_index):
         fields.data = block.tobytes()
+        if fields.row_offset == 0:
+            fields.contributors.extend(pb.Contributor(domain=domain, round=tag) for domain, tag in contributors)
         yield fields
 
 
@@ -179,22 +187,32 @@ def _varint_bytes(value: int) -> bytes:
 
 
 def encode_matrix_serialized(
-    matrix: np.ndarray, header: pb.Header | None = None, *, dtype: str | int = "float32", row_index: np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES
+    matrix: np.ndarray, header: pb.Header | None = None, *, dtype: str | int = "float32", row_index: np.ndarray | None = None,
+    chunk_bytes: int = CHUNK_BYTES, contributors: Sequence[tuple[str, int]] = (),
 ) -> Iterator[bytes]:
     """encode_matrix's chunks already serialised, byte for byte what SerializeToString would give.
 
     For a stream registered without a response serializer: the payload is copied once, from
     the rows into the message, where a MatrixChunk copies it into the message, into the
-    encoder's buffer and out again (three copies of every megabyte).
+    encoder's buffer and out again (three copies of every megabyte). `contributors` go on the
+    first chunk (a pulled consensus: the contributions its round used).
     """
     for fields, block in _matrix_blocks(matrix, header, dtype, chunk_bytes, row_index):
-        # protobuf writes fields in number order, data (the highest) last: the small fields'
-        # encoding followed by data's key, length and bytes is the whole message's encoding
-        # (proto3 leaves an empty data field out)
+        # protobuf writes fields in number order: the small fields before data (8), then data's
+        # key, length and bytes, then the contributors (9) of the first chunk, is the whole
+        # message's encoding (proto3 leaves an empty data field out)
+        tail = contributors_serialized(contributors) if fields.row_offset == 0 else b""
         if block.nbytes == 0:
-            yield fields.SerializeToString()
+            yield fields.SerializeToString() + tail
         else:
-            yield b"".join((fields.SerializeToString(), _DATA_KEY, _varint_bytes(block.nbytes), block.reshape(-1).view(np.uint8).data))
+            yield b"".join((fields.SerializeToString(), _DATA_KEY, _varint_bytes(block.nbytes), block.reshape(-1).view(np.uint8).data, tail))
+
+
+def contributors_serialized(contributors: Sequence[tuple[str, int]]) -> bytes:
+    """The encoding of a MatrixChunk's contributors field alone (appended to a chunk, it sets the field)."""
+    if not contributors:
+        return b""
+    return pb.MatrixChunk(contributors=[pb.Contributor(domain=domain, round=tag) for domain, tag in contributors]).SerializeToString()
 
 
 class _RowStream:
@@ -331,6 +349,8 @@ class MatrixAssembler:
         self.max_elements = max_elements
         self.matrix: np.ndarray | None = None
         self.dtype: int | None = None
+        # the first chunk's contributors (a pulled consensus): (domain, round tag) in its order
+        self.contributors: tuple[tuple[str, int], ...] = ()
         # set by the first refused chunk: the matrix may hold its rows, so no result is given
         self.refused = False
 
@@ -372,8 +392,12 @@ class MatrixAssembler:
         if len(data) != expected_bytes:
             raise ChunkError(f"{what}: chunk {index} holds {len(data)} bytes, {chunk.rows} x {chunk.cols} {item.name} need {expected_bytes}")
         if self.matrix is None:
-            self.matrix = np.empty((chunk.total_rows, chunk.cols), dtype=np.float32)
+            # floats decode to float32; ring elements stay uint64 (nothing to check but the sum)
+            self.matrix = np.empty((chunk.total_rows, chunk.cols), dtype=np.uint64 if chunk.dtype == pb.DTYPE_RING64 else np.float32)
             self.dtype = chunk.dtype
+            self.contributors = tuple((entry.domain, entry.round) for entry in chunk.contributors)
+        elif len(chunk.contributors):
+            raise ChunkError(f"{what}: chunk {index} carries contributors; only the first chunk may")
         block = np.frombuffer(data, dtype=item).reshape(chunk.rows, chunk.cols)
         target = self.matrix[chunk.row_offset : chunk.row_offset + chunk.rows]
         if item == target.dtype:
@@ -389,7 +413,7 @@ class MatrixAssembler:
         _check_sum(what, index, matrix_checksum(checked), chunk.checksum)
         # isfinite + all on a chunk still in cache is ~2x cheaper than a float32 sum, and cannot
         # be fooled by finite values whose sum overflows
-        if not np.isfinite(values).all():
+        if chunk.dtype != pb.DTYPE_RING64 and not np.isfinite(values).all():
             bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0]) + chunk.row_offset
             raise ChunkError(f"{what}: chunk {index} holds NaN or Inf (first at row {bad})")
         if values is block:

@@ -53,6 +53,7 @@ def run_params_to_proto(params: RunParams) -> pb.RunParams:
         round_deadline_s=params.round_deadline_s,
         min_domains=params.min_domains,
         max_staleness=params.max_staleness,
+        secure_aggregation=params.secure_aggregation,
     )
 
 
@@ -69,6 +70,7 @@ def run_params_from_proto(message: pb.RunParams) -> RunParams:
         "round_deadline_s": message.round_deadline_s,
         "min_domains": message.min_domains or 1,
         "max_staleness": message.max_staleness,
+        "secure_aggregation": message.secure_aggregation,
     }
     return validate_config(RunParams, data, "run parameters")
 
@@ -117,6 +119,10 @@ class RunBasics(Protocol):
     @property
     def consensus_round(self) -> int:
         """The round of the newest Z (0 before the first)."""
+
+    @property
+    def consensus_contributors(self) -> tuple[tuple[str, int], ...]:
+        """(domain, round tag) of the contributions the newest consensus holds."""
 
 
 class RunView(RunBasics, Protocol):
@@ -269,7 +275,13 @@ def run_info_to_proto(run: RunView | None) -> pb.RunInfo:
         current_round=run.current_round,
         latest_consensus_round=run.consensus_round,
         admitted_domains=list(run.admitted),
+        consensus_contributors=_contributors_to_proto(run.consensus_contributors),
     )
+
+
+def _contributors_to_proto(contributors: Sequence[tuple[str, int]]) -> list[pb.Contributor]:
+    """(domain, round tag) pairs as Contributor messages."""
+    return [pb.Contributor(domain=domain, round=tag) for domain, tag in contributors]
 
 
 def event_to_proto(run: RunBasics, event: EventView) -> pb.RoundEvent:
@@ -356,11 +368,16 @@ class PushResult:
 
 @dataclass(frozen=True)
 class Consensus:
-    """Z of one round for this domain: shared rows then receiver rows (float32)."""
+    """Z of one round for this domain: shared rows then receiver rows (float32).
+
+    In a secure run: the masked ring sum of those rows (uint64, rank + 1 columns) instead.
+    contributors: the (domain, round tag) contributions the aggregator summed, in its order.
+    """
 
     round: int
     shared: np.ndarray
     receivers: np.ndarray
+    contributors: tuple[tuple[str, int], ...] = ()
 
 
 def receipt_from_proto(message: pb.Membership) -> RegistrationReceipt:
@@ -394,9 +411,9 @@ def push_result_from_proto(ack: pb.Ack) -> PushResult:
     return PushResult(ack.accepted_round, replayed=False)
 
 
-def consensus_from_wire(z: np.ndarray, header: pb.Header, shared: int) -> Consensus:
-    """A pulled Z (shared rows first) with the round its header names."""
-    return Consensus(header.round, z[:shared], z[shared:])
+def consensus_from_wire(z: np.ndarray, header: pb.Header, shared: int, contributors: Sequence[tuple[str, int]] = ()) -> Consensus:
+    """A pulled Z (shared rows first) with the round its header names and the contributions it holds."""
+    return Consensus(header.round, z[:shared], z[shared:], tuple(contributors))
 
 
 # ----- the operator's side: names and JSON -----
@@ -416,7 +433,8 @@ def run_record_to_proto(run: "RecordView", with_events: bool) -> pb.RunRecord:
     """The wire form of a kept run (ListRuns), its events when asked for."""
     message = pb.RunRecord(
         info=pb.RunInfo(run_id=run.run_id, state=RUN_STATES[run.state], params=run_params_to_proto(run.params),
-                        current_round=run.current_round, latest_consensus_round=run.consensus_round, admitted_domains=list(run.domains)),
+                        current_round=run.current_round, latest_consensus_round=run.consensus_round, admitted_domains=list(run.domains),
+                        consensus_contributors=_contributors_to_proto(run.consensus_contributors)),
         started_unix_s=run.started_wall,
         stop_reason=run.stop_reason,
     )
@@ -465,6 +483,7 @@ def run_info_to_json(info: pb.RunInfo) -> dict[str, Any]:
         "consensus_round": int(info.latest_consensus_round),
         "domains": list(info.admitted_domains),
         "params": run_params_from_proto(info.params).model_dump(mode="json") if info.run_id else None,
+        "consensus_contributors": [{"domain": entry.domain, "round": int(entry.round)} for entry in info.consensus_contributors],
     }
 
 

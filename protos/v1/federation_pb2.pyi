@@ -49,6 +49,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     """raw little-endian IEEE float32"""
     DTYPE_FLOAT16: _DType.ValueType  # 2
     """raw little-endian IEEE float16 (decoded back to float32)"""
+    DTYPE_RING64: _DType.ValueType  # 3
+    """raw little-endian uint64: elements of the ring Z/2^64 (secure aggregation)"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper): ...
 
@@ -57,6 +59,8 @@ DTYPE_FLOAT32: DType.ValueType  # 1
 """raw little-endian IEEE float32"""
 DTYPE_FLOAT16: DType.ValueType  # 2
 """raw little-endian IEEE float16 (decoded back to float32)"""
+DTYPE_RING64: DType.ValueType  # 3
+"""raw little-endian uint64: elements of the ring Z/2^64 (secure aggregation)"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _RowRole:
@@ -186,6 +190,30 @@ class Header(_message.Message):
 Global___Header: _TypeAlias = Header  # noqa: Y015
 
 @_typing.final
+class Contributor(_message.Message):
+    """One contribution a masked sum holds: the domain and the round tag it pushed it as."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    round: _builtins.int
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Contributor: _TypeAlias = Contributor  # noqa: Y015
+
+@_typing.final
 class MatrixChunk(_message.Message):
     """One horizontal slice of a (total_rows x cols) matrix."""
 
@@ -199,6 +227,7 @@ class MatrixChunk(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     total_rows: _builtins.int
     cols: _builtins.int
     row_offset: _builtins.int
@@ -214,6 +243,13 @@ class MatrixChunk(_message.Message):
     data: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___Header: ...
+    @_builtins.property
+    def contributors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contributor]:
+        """PullConsensus, first chunk only: the contributions the consensus (or, in a secure run, the
+        masked sum) of this round was computed from, in the aggregator's summation order. A node of
+        a secure run removes exactly their masks.
+        """
+
     def __init__(
         self,
         *,
@@ -225,10 +261,11 @@ class MatrixChunk(_message.Message):
         dtype: Global___DType.ValueType = ...,
         checksum: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        contributors: _abc.Iterable[Global___Contributor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "cols", b"cols", "data", b"data", "dtype", b"dtype", "header", b"header", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "cols", b"cols", "contributors", b"contributors", "data", b"data", "dtype", b"dtype", "header", b"header", "row_offset", b"row_offset", "rows", b"rows", "total_rows", b"total_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -575,6 +612,7 @@ class RunParams(_message.Message):
     ROUND_DEADLINE_S_FIELD_NUMBER: _builtins.int
     MIN_DOMAINS_FIELD_NUMBER: _builtins.int
     MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """empty: the aggregator picks one"""
     rounds: _builtins.int
@@ -590,6 +628,11 @@ class RunParams(_message.Message):
     """a deadline closes a round only with this many"""
     max_staleness: _builtins.int
     """rounds a late contribution may lag behind"""
+    secure_aggregation: _builtins.bool
+    """the aggregator sees only masked sums: pushes are DTYPE_RING64 with rank + 1 columns (masked
+    fixed-point X + U and a linear check column), pulls return the masked sum and its
+    contributors, and each node removes the masks and applies the prox itself
+    """
     @_builtins.property
     def domain_aggregation_period(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """per-domain override"""
@@ -608,10 +651,11 @@ class RunParams(_message.Message):
         round_deadline_s: _builtins.float = ...,
         min_domains: _builtins.int = ...,
         max_staleness: _builtins.int = ...,
+        secure_aggregation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_period", b"aggregation_period", "domain_aggregation_period", b"domain_aggregation_period", "lambda_z", b"lambda_z", "max_staleness", b"max_staleness", "min_domains", b"min_domains", "prox", b"prox", "rank", b"rank", "rho", b"rho", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_period", b"aggregation_period", "domain_aggregation_period", b"domain_aggregation_period", "lambda_z", b"lambda_z", "max_staleness", b"max_staleness", "min_domains", b"min_domains", "prox", b"prox", "rank", b"rank", "rho", b"rho", "round_deadline_s", b"round_deadline_s", "rounds", b"rounds", "run_id", b"run_id", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -653,6 +697,7 @@ class RunInfo(_message.Message):
     CURRENT_ROUND_FIELD_NUMBER: _builtins.int
     LATEST_CONSENSUS_ROUND_FIELD_NUMBER: _builtins.int
     ADMITTED_DOMAINS_FIELD_NUMBER: _builtins.int
+    CONSENSUS_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: Global___RunState.ValueType
     current_round: _builtins.int
@@ -665,6 +710,10 @@ class RunInfo(_message.Message):
 
     @_builtins.property
     def admitted_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def consensus_contributors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Contributor]:
+        """the contributions the newest consensus (a secure run: masked sum) was computed from, in summation order"""
+
     def __init__(
         self,
         *,
@@ -674,10 +723,11 @@ class RunInfo(_message.Message):
         current_round: _builtins.int = ...,
         latest_consensus_round: _builtins.int = ...,
         admitted_domains: _abc.Iterable[_builtins.str] | None = ...,
+        consensus_contributors: _abc.Iterable[Global___Contributor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admitted_domains", b"admitted_domains", "consensus_contributors", b"consensus_contributors", "current_round", b"current_round", "latest_consensus_round", b"latest_consensus_round", "params", b"params", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1283,6 +1333,7 @@ class NodeStatus(_message.Message):
     SOLVER_BACKEND_FIELD_NUMBER: _builtins.int
     DP_EPSILON_FIELD_NUMBER: _builtins.int
     DP_DELTA_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     SERVED_TO_FIELD_NUMBER: _builtins.int
     RECEIVED_FROM_FIELD_NUMBER: _builtins.int
     REGISTRATION_REFUSED_FIELD_NUMBER: _builtins.int
@@ -1305,6 +1356,8 @@ class NodeStatus(_message.Message):
     """epsilon of what it pushed in the run so far (differential privacy)"""
     dp_delta: _builtins.float
     """its delta; 0: no noise, no guarantee"""
+    error: _builtins.str
+    """why the node cannot do its job now (e.g. a masked sum it refused); empty: none"""
     registration_refused: _builtins.str
     """why the aggregator refused its registration ("" unless refused)"""
     @_builtins.property
@@ -1334,13 +1387,14 @@ class NodeStatus(_message.Message):
         solver_backend: _builtins.str = ...,
         dp_epsilon: _builtins.float = ...,
         dp_delta: _builtins.float = ...,
+        error: _builtins.str = ...,
         served_to: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         received_from: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         registration_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "registration_refused", b"registration_refused", "round", b"round", "run_id", b"run_id", "served_to", b"served_to", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "domain", b"domain", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "error", b"error", "items", b"items", "latest_metrics", b"latest_metrics", "phase", b"phase", "received_from", b"received_from", "receiver_rows", b"receiver_rows", "registration_refused", b"registration_refused", "round", b"round", "run_id", b"run_id", "served_to", b"served_to", "shared_rows", b"shared_rows", "solver_backend", b"solver_backend", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from cdimf.common.config import RunParams
-from cdimf.common.core.admm import blockwise_consensus
+from cdimf.common.core.admm import BlockPlan, block_plan, blockwise_consensus, consensus_block_rows
 from cdimf.common.core.membership import AlignedMembership
 from cdimf.common.core.ring import ring_sums
 from cdimf.common.security.names import shown
@@ -147,6 +147,10 @@ class Run:
     metrics: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     stop_reason: str = ""
+    # (domain, block rows) -> where its shared rows fall among Z's blocks: derived from the frozen membership
+    # at the first close and kept (sorting a million row ids took a second of every close)
+    block_plans: dict[tuple[str, int], BlockPlan] = field(default_factory=dict, repr=False, compare=False)
+
     # (domain, round tag) of the contributions the consensus holds, in summation order
     consensus_contributors: tuple[tuple[str, int], ...] = ()
 
@@ -251,14 +255,20 @@ class Run:
     def close_round(self, now: float) -> int:
         """Z over the latest contributions, a round_closed event, the next round opened at `now`; returns the closed round."""
         closed = self.current_round
-        contributions = [
-            (mine.shared_index, self.contributions[name][1]) for name, mine in self.memberships.items() if name in self.contributions
-        ]
+        contributors_now = [name for name in self.memberships if name in self.contributions]
+        contributions = [(self.memberships[name].shared_index, self.contributions[name][1]) for name in contributors_now]
+        # The new Z replaces the last one: a pull still streaming that one holds its own
+        # reference, so ours goes first and one Z less is alive while the new one is computed.
+        # Should the computation fail, pulls wait (no Z of the open round is served) until a
+        # retried close succeeds.
+        self.consensus = None
         if self.secure:
             # the masked sum only: nobody here can decode it, so mean and prox are the nodes' job
             self.consensus = ring_sums(contributions, self.exchanged_rows, self.params.rank + 1)
         else:
-            self.consensus = blockwise_consensus(contributions, self.exchanged_rows, self.params.rank, self.params.admm)
+            block_rows = consensus_block_rows(self.params.rank)
+            plans = [self.block_plan(name, block_rows) for name in contributors_now]
+            self.consensus = blockwise_consensus(contributions, self.exchanged_rows, self.params.rank, self.params.admm, block_rows, plans)
         self.consensus_round = closed
         self.consensus_contributors = tuple((name, self.contributions[name][0]) for name in self.memberships if name in self.contributions)
         if self.params.round_deadline_s <= 0:
@@ -277,6 +287,14 @@ class Run:
             self.state = "finished"
             self.events.append(Event("run_finished", closed, elapsed_since(self.started_wall)))
         return closed
+
+    def block_plan(self, domain: str, block_rows: int) -> BlockPlan:
+        """Where a domain's shared rows fall among Z's blocks of `block_rows` rows (derived once per run)."""
+        plan = self.block_plans.get((domain, block_rows))
+        if plan is None:
+            plan = block_plan(self.memberships[domain].shared_index, self.exchanged_rows, block_rows)
+            self.block_plans[(domain, block_rows)] = plan
+        return plan
 
     def pull(self, domain: str, min_round: int) -> Pulled | None:
         """The newest Z for a domain if its round >= min_round; None means "not yet" (wait and ask again).

@@ -31,6 +31,7 @@ from cdimf.aggregator.store import DirectoryRunStore, MemoryRunStore, Registrati
 from cdimf.common.atomic_files import StateFileError
 from cdimf.common.config import ColdStartPolicy, RunParams
 from cdimf.common.core.membership import MAX_DOMAINS, AlignedMembership, align_memberships, sorted_unique
+from cdimf.common.heap import release_freed_memory
 from cdimf.common.security.names import is_party_name, shown
 from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membership_fingerprint
 
@@ -179,6 +180,8 @@ class AggregatorState:
         self._memberships_cache = (self._registrations_key(), memberships, counts)
         for line in served_lines(updated, counts):
             log.info("cold start: %s", line)
+        # checking and copying a million pseudonyms freed ~100 MiB of temporaries into the heap
+        release_freed_memory()
         return registration
 
     def membership_for(self, domain: str) -> tuple[AlignedMembership, bool]:
@@ -237,6 +240,8 @@ class AggregatorState:
         except OSError as error:
             raise StateError("UNAVAILABLE", f"the aggregator cannot save the new run: {error}") from error
         self.run = run
+        # aligning the memberships freed more temporaries than the memberships it keeps
+        release_freed_memory()
         return run
 
     def start_when_ready(self, params: RunParams) -> bool:
@@ -333,6 +338,8 @@ class AggregatorState:
             return None
         closed = run.close_round(self.clock())
         self._save_run()
+        # the consensus blocks' temporaries and, in synchronous runs, the contributions just let go
+        release_freed_memory()
         return closed
 
     def pull(self, run_id: str, domain: str, min_round: int) -> Pulled | None:
@@ -459,3 +466,4 @@ class AggregatorState:
             raise ValueError(f"run {saved.run_id} needs registrations of {missing} that the store lacks or holds differently")
         memberships = memberships_of({d: self.registrations[d] for d in saved.domains})
         self.run = Run.resumed(saved, memberships, self.clock())
+        release_freed_memory()

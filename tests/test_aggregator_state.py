@@ -1,5 +1,6 @@
 """The aggregator's round and membership bookkeeping, without gRPC: rules and rejections (persistence: test_run_store.py)."""
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from cdimf.aggregator.rounds import StateError
 from cdimf.aggregator.state import AggregatorState, sortable_keys
 from cdimf.common.config import RunParams
-from cdimf.common.core.admm import blockwise_consensus, consensus
+from cdimf.common.core.admm import block_plan, blockwise_consensus, consensus
 from cdimf.common.core.membership import ROLE_LOCAL, ROLE_RECEIVER, ROLE_SHARED, align_memberships, sorted_unique
 from cdimf.common.core.params import ADMMParams
 from cdimf.common.security.pseudonyms import pseudonymize
@@ -259,6 +260,33 @@ def test_blockwise_consensus_equals_the_one_shot_consensus_bit_for_bit(admm: ADM
         parts.append((index, rng.standard_normal((6000, rank)).astype(np.float32)))
     expected, _ = consensus(parts, n_rows, rank, admm)
     np.testing.assert_array_equal(blockwise_consensus(parts, n_rows, rank, admm, block_rows=333), expected)
+    # the plans a run keeps (sorted once per domain) give the same bits as plans derived per call
+    plans = [block_plan(index, n_rows, 333) for index, _ in parts]
+    np.testing.assert_array_equal(blockwise_consensus(parts, n_rows, rank, admm, block_rows=333, plans=plans), expected)
+    for plan, (index, _) in zip(plans, parts):
+        assert plan.order is not None and plan.order.dtype == np.int32
+        np.testing.assert_array_equal(plan.sorted_index, np.sort(index))
+    with pytest.raises(ValueError, match="does not fit"):
+        blockwise_consensus(parts, n_rows, rank, admm, block_rows=334, plans=plans)
+
+
+def test_a_run_sorts_each_domains_rows_once_and_reuses_the_plan_at_later_closes() -> None:
+    state = registered()
+    run = state.start_run(RunParams(rounds=3, rank=RANK))
+    for round_index in (1, 2):
+        pushed = {domain: contribution_of(state, domain, 10 * round_index + i) for i, domain in enumerate(run.admitted)}
+        for domain, values in pushed.items():
+            state.accept_contribution(run.run_id, domain, round_index, values)
+        # the one-shot consensus (no blocks, no plans) over the same pushes, in domain-name order
+        expected, _ = consensus([(run.memberships[d].shared_index, pushed[d]) for d in run.admitted], run.exchanged_rows, RANK, run.params.admm)
+        assert run.consensus is not None
+        np.testing.assert_array_equal(run.consensus, expected)
+        if round_index == 1:
+            kept = dict(run.block_plans)
+            assert sorted(domain for domain, _ in kept) == sorted(run.admitted)
+    assert run.consensus_round == 2
+    # the same objects: nothing was sorted again
+    assert all(run.block_plans[key] is plan for key, plan in kept.items()) and len(run.block_plans) == len(kept)
 
 
 def test_pseudonyms_sharing_a_prefix_are_still_told_apart() -> None:
@@ -282,3 +310,33 @@ def test_sorted_unique_matches_numpy() -> None:
     values = np.random.default_rng(2).integers(0, 50, 400)
     np.testing.assert_array_equal(sorted_unique(values), np.unique(values))
     assert len(sorted_unique(np.zeros(0, np.int64))) == 0
+
+
+def test_the_previous_z_is_let_go_before_the_next_one_is_computed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """While round 2's consensus runs, nothing holds round 1's Z any more (one Z less alive at the close).
+
+    On a directory store, as deployed: the in-memory store keeps its saved runs' arrays by design.
+    """
+    import gc
+    import weakref
+
+    from cdimf.aggregator import rounds
+
+    state = registered(tmp_path)
+    run = state.start_run(RunParams(rounds=3, rank=RANK))
+    for domain in run.admitted:
+        state.accept_contribution(run.run_id, domain, 1, contribution_of(state, domain, 1))
+    assert run.consensus is not None
+    first = weakref.ref(run.consensus)
+    seen: list[bool] = []
+    computing = rounds.blockwise_consensus
+
+    def watched(*args: object, **kwargs: object) -> np.ndarray:
+        gc.collect()
+        seen.append(run.consensus is None and first() is None)
+        return computing(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rounds, "blockwise_consensus", watched)
+    for domain in run.admitted:
+        state.accept_contribution(run.run_id, domain, 2, contribution_of(state, domain, 2))
+    assert seen == [True] and run.consensus_round == 2 and run.consensus is not None

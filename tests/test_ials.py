@@ -255,3 +255,12 @@ def test_the_backend_is_chosen_by_name_in_the_params_and_reported() -> None:
     trainer.users_half_step()
     expected = ials.solve_half_step(trainer.train, start, trainer.params.alpha, trainer.user_ridge, threads=1, backend="numpy")
     np.testing.assert_array_equal(trainer.state.users, expected)
+
+
+def test_factors_are_float32_normals_scaled_by_sigma_over_root_rank() -> None:
+    """Scaled in place, the factors are still exactly the float32 draws times float32(sigma / sqrt(rank))."""
+    draws = np.random.default_rng(5).standard_normal((300, 16), dtype=np.float32)
+    expected = draws * np.float32(0.5 / np.sqrt(16))
+    factors = ials.init_factors(300, 16, 0.5, 5)
+    assert factors.dtype == np.float32
+    np.testing.assert_array_equal(factors, expected)

@@ -54,3 +54,20 @@ def test_fingerprint_changes_with_pseudonyms_or_flags() -> None:
     assert base == membership_fingerprint(digests.copy(), np.array([True, False]))
     assert base != membership_fingerprint(digests, np.array([True, True]))
     assert base != membership_fingerprint(digests[::-1], np.array([True, False]))
+
+
+def test_pseudonyms_past_one_joined_block_are_each_keys_hmac() -> None:
+    """More keys than one joined block (and a generator): row i is HMAC-SHA256 of the context and key i."""
+    import hmac
+
+    from cdimf.common.security import pseudonyms
+
+    count = pseudonyms._BLOCK_KEYS + 3
+    keys = np.arange(count) * 7
+    digests = pseudonymize(keys, SECRET)
+    assert digests.shape == (count, 32) and digests.flags.owndata
+    for row in (0, pseudonyms._BLOCK_KEYS - 1, pseudonyms._BLOCK_KEYS, count - 1):
+        expected = hmac.digest(SECRET, b"cdimf.v1.user-pseudonym\x00" + str(int(keys[row])).encode(), "sha256")
+        assert digests[row].tobytes() == expected
+    np.testing.assert_array_equal(pseudonymize((str(int(k)) for k in keys), SECRET), digests)
+    assert pseudonymize([], SECRET).shape == (0, 32)

@@ -7,6 +7,7 @@ with weight rho.
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -105,25 +106,64 @@ def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray
 CONSENSUS_BLOCK_BYTES = 512 * 1024  # mutation: equivalent (block size: every row's consensus is the same in any block)
 
 
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where one domain's rows fall among Z's row blocks: what blockwise_consensus derives from its row ids alone.
+
+    order: the permutation that sorts the row ids (None: already increasing, the rows are cut
+    into views); sorted_index: the sorted ids; cuts: per block boundary, the first sorted row at
+    or after it. A run's memberships are frozen, so the aggregator derives it once per domain
+    and run instead of sorting a million ids at every round close.
+    """
+
+    order: np.ndarray | None
+    sorted_index: np.ndarray
+    cuts: np.ndarray
+
+
+def consensus_block_rows(rank: int) -> int:
+    """Rows per block of blockwise_consensus at this rank: about CONSENSUS_BLOCK_BYTES of float64, at least 64."""
+    return max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))  # mutation: equivalent (block size, at least 64 rows)
+
+
+def block_plan(index: np.ndarray, n_rows: int, block_rows: int) -> BlockPlan:
+    """The BlockPlan of one domain's row ids for blocks of `block_rows` rows of an n_rows Z."""
+    starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
+    # int32 where it fits: half the bytes of int64 for a plan the aggregator keeps all run long
+    narrow = np.int32 if max(len(index), n_rows) < 2**31 else np.int64
+    order = None if _is_increasing(index) else np.argsort(index, kind="stable").astype(narrow)
+    sorted_index = index if order is None else index[order].astype(narrow)
+    return BlockPlan(order, sorted_index, np.searchsorted(sorted_index, starts))
+
+
 def blockwise_consensus(
-    contributions: Sequence[tuple[np.ndarray, np.ndarray]], n_rows: int, rank: int, params: ADMMParams, block_rows: int | None = None
+    contributions: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_rows: int,
+    rank: int,
+    params: ADMMParams,
+    block_rows: int | None = None,
+    plans: Sequence[BlockPlan] | None = None,
 ) -> np.ndarray:
     """consensus() applied to blocks of rows: the same values, with one block's temporaries.
 
     Mean and prox are per row and the domains are summed in the same order, so Z is bit for bit
     the one-shot consensus, without a float64 copy of everything and in cache-sized passes.
-    block_rows None: rows of about CONSENSUS_BLOCK_BYTES of float64 at this rank.
+    block_rows None: consensus_block_rows(rank). plans: each contribution's BlockPlan for these
+    blocks (derived here when None).
     """
     if block_rows is None:
-        block_rows = max(64, CONSENSUS_BLOCK_BYTES // (8 * max(rank, 1)))  # mutation: equivalent (block size, at least 64 rows)
+        block_rows = consensus_block_rows(rank)
+    if plans is None:
+        plans = [block_plan(index, n_rows, block_rows) for index, _ in contributions]
+    if len(plans) != len(contributions):
+        raise ValueError(f"{len(plans)} block plans for {len(contributions)} contributions")
     z = np.empty((n_rows, rank), dtype=FLOAT)
     starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
-    parts: list[tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]] = []
-    for index, values in contributions:
-        # rows already in order (the usual layout) are cut into views instead of gathered
-        order = None if _is_increasing(index) else np.argsort(index, kind="stable")
-        sorted_index = index if order is None else index[order]
-        parts.append((order, sorted_index, np.searchsorted(sorted_index, starts), values))
+    parts = [(plan.order, plan.sorted_index, plan.cuts, values) for plan, (_, values) in zip(plans, contributions)]
+    for plan, (index, _) in zip(plans, contributions):
+        if len(plan.sorted_index) != len(index) or len(plan.cuts) != len(starts):
+            raise ValueError(f"a block plan of {len(plan.sorted_index)} rows and {len(plan.cuts)} cuts does not fit "
+                             f"{len(index)} rows in blocks of {block_rows} of {n_rows}")
     # a loop over blocks of rows (n_rows / block_rows iterations), each one vectorised
     for block, (start, stop) in enumerate(pairwise(starts)):
         block_parts = [

@@ -13,7 +13,8 @@
   listed with the sum and applies the prox itself.
 - Every refusal raises StateError with a status name and changes nothing.
 
-Persistence is not here: the caller saves the run (SavedRun) where a rule says it changed.
+Persistence is not here: the caller saves each contribution before accepting it and the run
+(SavedRun) where a rule says it changed.
 """
 
 import time
@@ -108,6 +109,9 @@ class SavedRun:
     stop_reason: str
     # (domain, round tag) of the contributions the consensus holds, in summation order
     consensus_contributors: tuple[tuple[str, int], ...] = ()
+    # domain -> (tag, values) of contributions accepted after this record was saved (each saved on
+    # arrival): a restart accepts them again, so nobody pushes again what it was acked for
+    arrived: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -224,18 +228,22 @@ class Run:
 
     def accept_contribution(self, domain: str, tag: int, values: np.ndarray) -> int:
         """Take a decoded contribution (re-checked: the round may have moved while it streamed); returns the open round it counts in."""
-        expected = self.check_contribution(domain, tag)
-        if values.shape != expected:
-            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} has shape {values.shape}, expected {expected}")
-        self.check_encoding(values.dtype == np.uint64)
-        if not self.secure and (values.dtype != np.float32 or not np.isfinite(values).all()):
-            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} must be finite float32")
+        self.check_values(domain, tag, values)
         self.contributions[domain] = (tag, values)
         self.tags[domain] = tag
         self.contribution_counts[domain] = self.contribution_counts.get(domain, 0) + 1
         if domain not in self.reported:
             self.reported.append(domain)
         return self.current_round
+
+    def check_values(self, domain: str, tag: int, values: np.ndarray) -> None:
+        """Everything accept_contribution checks, changing nothing (so the contribution can be saved before it is taken)."""
+        expected = self.check_contribution(domain, tag)
+        if values.shape != expected:
+            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} has shape {values.shape}, expected {expected}")
+        self.check_encoding(values.dtype == np.uint64)
+        if not self.secure and (values.dtype != np.float32 or not np.isfinite(values).all()):
+            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} must be finite float32")
 
     def deadline_at(self) -> float | None:
         """Clock time when the open round's deadline passes (None: synchronous or not running)."""
@@ -368,7 +376,11 @@ class Run:
 
     @classmethod
     def resumed(cls, saved: SavedRun, memberships: dict[str, AlignedMembership], now: float) -> "Run":
-        """A saved run brought back with its frozen memberships; its open round restarts at `now`."""
+        """A saved run brought back with its frozen memberships; its open round restarts at `now`.
+
+        The contributions that arrived after the record was saved are accepted again (domain-name
+        order, as rows are summed): StateError if one no longer fits (a state folder mixed up by hand).
+        """
         run = cls(saved.run_id, saved.params, memberships, state=saved.state, current_round=saved.current_round)
         run.consensus_round = saved.consensus_round
         run.consensus = saved.consensus
@@ -381,4 +393,7 @@ class Run:
         run.stop_reason = saved.stop_reason
         run.consensus_contributors = saved.consensus_contributors
         run.round_opened_at = now
+        for domain in sorted(saved.arrived):
+            tag, values = saved.arrived[domain]
+            run.accept_contribution(domain, tag, values)
         return run

@@ -109,6 +109,8 @@ class SavedRun:
     stop_reason: str
     # (domain, round tag) of the contributions the consensus holds, in summation order
     consensus_contributors: tuple[tuple[str, int], ...] = ()
+    # the domains that reported in the open round (empty at a close; a record saved mid-round has some)
+    reported: tuple[str, ...] = ()
     # domain -> (tag, values) of contributions accepted after this record was saved (each saved on
     # arrival): a restart accepts them again, so nobody pushes again what it was acked for
     arrived: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
@@ -351,11 +353,11 @@ class Run:
     def saved(self, fingerprints: dict[str, str]) -> SavedRun:
         """The run as a store keeps it (arrays shared, not copied: they are never modified in place).
 
-        Synchronous runs leave out the contributions: a round closes only when every domain sent
-        a fresh one, so after a restart the next Z never uses an older one (this cuts the
-        per-round write from one matrix per domain plus Z to Z alone). Their tags are kept.
+        Its contributions are those the run still holds: a synchronous run lets go of them at
+        each close (the next round closes on fresh ones only), so only a record saved mid-round
+        (a stop, a retried save) names any; a deadline run keeps them for later rounds. Each
+        is on disk already (saved on arrival): a record only names them.
         """
-        keep = self.params.round_deadline_s > 0
         return SavedRun(
             run_id=self.run_id,
             params=self.params,
@@ -365,7 +367,8 @@ class Run:
             consensus_round=self.consensus_round,
             consensus=self.consensus,
             tags=dict(self.tags),
-            contributions={d: values for d, (_, values) in self.contributions.items()} if keep else {},
+            contributions={d: values for d, (_, values) in self.contributions.items()},
+            reported=tuple(self.reported),
             contribution_counts=dict(self.contribution_counts),
             started_wall=self.started_wall,
             metrics={d: {r: dict(m) for r, m in rounds.items()} for d, rounds in self.metrics.items()},
@@ -393,6 +396,7 @@ class Run:
         run.stop_reason = saved.stop_reason
         run.consensus_contributors = saved.consensus_contributors
         run.round_opened_at = now
+        run.reported = list(saved.reported)
         for domain in sorted(saved.arrived):
             tag, values = saved.arrived[domain]
             run.accept_contribution(domain, tag, values)

@@ -394,6 +394,7 @@ def _meta(run: SavedRun) -> dict[str, Any]:
         "events": [asdict(event) for event in run.events],
         "stop_reason": run.stop_reason,
         "consensus_contributors": [[domain, tag] for domain, tag in run.consensus_contributors],
+        "reported": list(run.reported),
     }
 
 
@@ -429,4 +430,6 @@ def _saved_run(meta: dict[str, Any], params: RunParams, saved: Mapping[str, np.n
         stop_reason=meta["stop_reason"],
         # absent from runs saved before contributor lists were kept
         consensus_contributors=tuple((str(domain), int(tag)) for domain, tag in meta.get("consensus_contributors", [])),
+        # absent from runs of earlier versions, which saved records only at closes (nobody reported yet) and stops
+        reported=tuple(str(domain) for domain in meta.get("reported", [])),
     )

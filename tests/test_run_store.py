@@ -277,6 +277,34 @@ def test_a_contribution_that_cannot_be_saved_is_refused_unavailable_and_changes_
     assert state.take_contribution("r", "sport", 1, contribution_of(state, "sport", 0)) == 1
 
 
+def test_a_record_saved_mid_round_keeps_the_acked_contributions_and_who_reported(tmp_path: Path) -> None:
+    """The retried save after a refused contribution commits mid-round: killed after it, the restart still holds books'
+    acked push (books is not asked again) and the round closes on the others' pushes with the uninterrupted Z."""
+    params = RunParams(run_id="r", rounds=2, rank=RANK)
+    clock = FakeClock()
+    uninterrupted, state = registered(), registered(tmp_path, clock)
+    for each in (uninterrupted, state):
+        each.start_run(params)
+    pushes = {name: contribution_of(state, name, i) for i, name in enumerate(state.run.admitted)}
+    uninterrupted.accept_contribution("r", "books", 1, pushes["books"])
+    state.take_contribution("r", "books", 1, pushes["books"])
+    blocked = tmp_path / CONTRIBUTIONS_DIR / "sport.arrays"
+    blocked.mkdir()
+    expect("UNAVAILABLE", lambda: state.take_contribution("r", "sport", 1, pushes["sport"]))
+    blocked.rmdir()
+    clock.now += SAVE_RETRY_S
+    state.poll()
+    assert state.persist_error is None  # the retry committed the run mid-round
+    restarted = AggregatorState(tmp_path, clock=FakeClock())
+    assert restarted.run.reported == ["books"] and restarted.run.tags == {"books": 1}
+    expect("ALREADY_EXISTS", lambda: restarted.take_contribution("r", "books", 1, pushes["books"]))
+    for each in (uninterrupted, restarted):
+        for name in ("cloth", "sport"):
+            each.accept_contribution("r", name, 1, pushes[name])
+    assert restarted.run.consensus_round == 1
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+
+
 def test_a_z_file_whose_record_was_never_written_is_replaced_by_the_resumed_close(tmp_path: Path) -> None:
     """Killed between the Z file and the commit record: the record still names round 0, so the restart closes round 1 again."""
     params = RunParams(run_id="r", rounds=2, rank=RANK)
@@ -305,7 +333,8 @@ def test_contribution_files_of_an_earlier_run_are_ignored_then_removed(tmp_path:
     assert restarted.run.tags == {} and restarted.run.reported == []
     restarted.take_contribution("new", "cloth", 1, contribution_of(restarted, "cloth", 1))
     restarted.stop_run("new")
-    assert sorted(path.name for path in (tmp_path / CONTRIBUTIONS_DIR).iterdir()) == []
+    # the other run's file went at the commit; cloth's stays, named by the stopped run's record
+    assert sorted(path.name for path in (tmp_path / CONTRIBUTIONS_DIR).iterdir()) == ["cloth.arrays"]
 
 
 def test_a_kept_contribution_whose_file_is_missing_is_refused_naming_it(tmp_path: Path) -> None:

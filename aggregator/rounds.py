@@ -13,7 +13,8 @@
   listed with the sum and applies the prox itself.
 - Every refusal raises StateError with a status name and changes nothing.
 
-Persistence is not here: the caller saves the run (SavedRun) where a rule says it changed.
+Persistence is not here: the caller saves each contribution before accepting it and the run
+(SavedRun) where a rule says it changed.
 """
 
 import time
@@ -108,6 +109,11 @@ class SavedRun:
     stop_reason: str
     # (domain, round tag) of the contributions the consensus holds, in summation order
     consensus_contributors: tuple[tuple[str, int], ...] = ()
+    # the domains that reported in the open round (empty at a close; a record saved mid-round has some)
+    reported: tuple[str, ...] = ()
+    # domain -> (tag, values) of contributions accepted after this record was saved (each saved on
+    # arrival): a restart accepts them again, so nobody pushes again what it was acked for
+    arrived: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -224,18 +230,22 @@ class Run:
 
     def accept_contribution(self, domain: str, tag: int, values: np.ndarray) -> int:
         """Take a decoded contribution (re-checked: the round may have moved while it streamed); returns the open round it counts in."""
-        expected = self.check_contribution(domain, tag)
-        if values.shape != expected:
-            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} has shape {values.shape}, expected {expected}")
-        self.check_encoding(values.dtype == np.uint64)
-        if not self.secure and (values.dtype != np.float32 or not np.isfinite(values).all()):
-            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} must be finite float32")
+        self.check_values(domain, tag, values)
         self.contributions[domain] = (tag, values)
         self.tags[domain] = tag
         self.contribution_counts[domain] = self.contribution_counts.get(domain, 0) + 1
         if domain not in self.reported:
             self.reported.append(domain)
         return self.current_round
+
+    def check_values(self, domain: str, tag: int, values: np.ndarray) -> None:
+        """Everything accept_contribution checks, changing nothing (so the contribution can be saved before it is taken)."""
+        expected = self.check_contribution(domain, tag)
+        if values.shape != expected:
+            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} has shape {values.shape}, expected {expected}")
+        self.check_encoding(values.dtype == np.uint64)
+        if not self.secure and (values.dtype != np.float32 or not np.isfinite(values).all()):
+            raise StateError("INVALID_ARGUMENT", f"contribution of {domain} must be finite float32")
 
     def deadline_at(self) -> float | None:
         """Clock time when the open round's deadline passes (None: synchronous or not running)."""
@@ -343,11 +353,11 @@ class Run:
     def saved(self, fingerprints: dict[str, str]) -> SavedRun:
         """The run as a store keeps it (arrays shared, not copied: they are never modified in place).
 
-        Synchronous runs leave out the contributions: a round closes only when every domain sent
-        a fresh one, so after a restart the next Z never uses an older one (this cuts the
-        per-round write from one matrix per domain plus Z to Z alone). Their tags are kept.
+        Its contributions are those the run still holds: a synchronous run lets go of them at
+        each close (the next round closes on fresh ones only), so only a record saved mid-round
+        (a stop, a retried save) names any; a deadline run keeps them for later rounds. Each
+        is on disk already (saved on arrival): a record only names them.
         """
-        keep = self.params.round_deadline_s > 0
         return SavedRun(
             run_id=self.run_id,
             params=self.params,
@@ -357,7 +367,8 @@ class Run:
             consensus_round=self.consensus_round,
             consensus=self.consensus,
             tags=dict(self.tags),
-            contributions={d: values for d, (_, values) in self.contributions.items()} if keep else {},
+            contributions={d: values for d, (_, values) in self.contributions.items()},
+            reported=tuple(self.reported),
             contribution_counts=dict(self.contribution_counts),
             started_wall=self.started_wall,
             metrics={d: {r: dict(m) for r, m in rounds.items()} for d, rounds in self.metrics.items()},
@@ -368,7 +379,11 @@ class Run:
 
     @classmethod
     def resumed(cls, saved: SavedRun, memberships: dict[str, AlignedMembership], now: float) -> "Run":
-        """A saved run brought back with its frozen memberships; its open round restarts at `now`."""
+        """A saved run brought back with its frozen memberships; its open round restarts at `now`.
+
+        The contributions that arrived after the record was saved are accepted again (domain-name
+        order, as rows are summed): StateError if one no longer fits (a state folder mixed up by hand).
+        """
         run = cls(saved.run_id, saved.params, memberships, state=saved.state, current_round=saved.current_round)
         run.consensus_round = saved.consensus_round
         run.consensus = saved.consensus
@@ -381,4 +396,8 @@ class Run:
         run.stop_reason = saved.stop_reason
         run.consensus_contributors = saved.consensus_contributors
         run.round_opened_at = now
+        run.reported = list(saved.reported)
+        for domain in sorted(saved.arrived):
+            tag, values = saved.arrived[domain]
+            run.accept_contribution(domain, tag, values)
         return run

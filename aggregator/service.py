@@ -315,8 +315,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # The lock is taken here and, when this push completes the round, handed to the task
         # that closes it: nothing else runs on the state between the two, every later call
         # (a pull, the next round's push, a status) waits for the close and its save, and the
-        # ack does not (the contribution is in memory; a crash before the save loses it like
-        # any push of the open round, and the node is told to push it again).
+        # ack does not: the contribution itself is on disk before the ack (take_contribution), so
+        # a crash before the close loses nothing acked; the restart finishes the close.
         await self.lock.acquire()
         handed_over = False
         try:
@@ -324,6 +324,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 accepted_round = await asyncio.to_thread(self.state.take_contribution, header.run_id, header.domain, header.round, values)
             except StateError as error:
                 metrics.on_refused("PushContribution", error.status)
+                if self.state.persist_error is not None:
+                    self.changes.notify()  # the deadline loop retries the save on its own clock from now
                 await context.abort(grpc.StatusCode[error.status], error.message)
                 raise AssertionError("unreachable") from error
             if self.state.round_due():

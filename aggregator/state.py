@@ -4,14 +4,17 @@
   which are receivers, who holds what) comes from cdimf.common.core.membership.align_memberships
   over the pseudonyms, exactly as the in-process engine aligns raw keys.
 - StartRun admits the registered domains and freezes their membership; rounds count from 1 and
-  follow the rules of cdimf.aggregator.rounds. The run is saved to the RunStore when it starts,
-  stops and whenever a round closes (before its Z is served).
+  follow the rules of cdimf.aggregator.rounds. Each contribution is saved to the RunStore before
+  it is accepted (and acked); the run is committed when it starts, stops and whenever a round
+  closes (before its Z is served). A restart resumes with every acked contribution and closes
+  the open round at once when they complete it.
 - Every refusal raises StateError with a status name and changes nothing.
 - Cold start is under the holders' control (cdimf.aggregator.cold_start): a registration after
   which any holder would serve more receiver rows than its registered policy allows is refused
   RESOURCE_EXHAUSTED, whichever side registers last.
-- A save that fails (a full or read-only disk) is never silent: the round stays closed in
-  memory but its Z is not served, pushes are refused UNAVAILABLE, `persist_error` says why
+- A save that fails (a full or read-only disk) is never silent: a contribution that cannot be
+  saved is refused UNAVAILABLE; a closed round stays closed in memory but its Z is not served;
+  either way pushes are refused UNAVAILABLE, `persist_error` says why
   (health NOT_SERVING, GetStatus, a persist_failed event for followers) and `poll` retries the
   save every SAVE_RETRY_S until it succeeds; then Z is served and the run goes on, nothing lost.
 """
@@ -38,6 +41,7 @@ from cdimf.common.security.pseudonyms import PSEUDONYM_BYTES, as_keys, membershi
 log = logging.getLogger("cdimf.aggregator")
 # how often a failed save of the run is tried again
 SAVE_RETRY_S = 1.0
+_MOVE_AWAY = "restore the state folder from a backup, or move it away to start over (its run is then lost)"
 
 
 def sortable_keys(pseudonym_sets: list[np.ndarray]) -> list[np.ndarray]:
@@ -307,6 +311,19 @@ class AggregatorState:
         """Take a decoded contribution without closing the round it may complete (`poll` closes it); returns the round it counts in."""
         run = self._run(run_id)
         self._require_saved()
+        run.check_values(domain, tag, values)
+        # on disk before it is taken (and so before the ack): a restart resumes with it
+        try:
+            self.store.save_contribution(run.run_id, domain, tag, values)
+        except OSError as error:
+            # refused, so nothing unsaved is held; reported like a failed commit (health, status, a
+            # persist_failed event) and pushes wait until a retried commit shows the disk takes writes
+            log.error("cannot save the contribution of %s to round %d of run %s: %s; the push is refused and pushes wait"
+                      " until a save succeeds (retried every %.0f s)", domain, tag, run.run_id, error, SAVE_RETRY_S)
+            self._retry_at = self.clock() + SAVE_RETRY_S
+            self.persist_error = str(error)
+            run.events.append(Event("persist_failed", run.consensus_round, elapsed_since(run.started_wall), message=str(error)))
+            raise StateError("UNAVAILABLE", f"the aggregator cannot save the contribution: {error}") from error
         return run.accept_contribution(domain, tag, values)
 
     def round_due(self) -> bool:
@@ -465,5 +482,13 @@ class AggregatorState:
         if missing:
             raise ValueError(f"run {saved.run_id} needs registrations of {missing} that the store lacks or holds differently")
         memberships = memberships_of({d: self.registrations[d] for d in saved.domains})
-        self.run = Run.resumed(saved, memberships, self.clock())
+        try:
+            self.run = Run.resumed(saved, memberships, self.clock())
+        except StateError as error:
+            raise StateFileError(f"the contributions saved for run {saved.run_id} do not fit it ({error.message}); {_MOVE_AWAY}") from error
+        if saved.arrived:
+            log.info("run %s resumed at round %d with the contributions acked before the restart: %s", saved.run_id, self.run.current_round,
+                     ", ".join(f"{d} (round {tag})" for d, (tag, _) in sorted(saved.arrived.items())))
         release_freed_memory()
+        # every contribution of the open round was acked before the restart: finish its close now
+        self.poll()

@@ -1,7 +1,11 @@
 """Where the aggregator keeps registrations and its run: a RunStore protocol, in memory or in a directory.
 
-Both stores keep the same things (a store is written at registrations and at round boundaries,
-never between), so tests/test_run_store.py runs one suite against both.
+Both stores keep the same things, so tests/test_run_store.py runs one suite against both:
+registrations when they change; each contribution when it arrives, before its push is acked
+(one file per domain, its latest: the push of a round's last domain is as cheap as any other);
+and at round boundaries a commit record: the run's description, naming the Z file written
+just before it and the contributions it still uses. A restart reads the record, its Z, and
+the contributions that arrived after it (accepted again: nobody pushes twice what was acked).
 """
 
 import json
@@ -13,7 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from cdimf.aggregator.rounds import Event, SavedRun
-from cdimf.common.atomic_files import StateFileError, read_arrays, read_arrays_or_npz, remove_stale_temporaries, write_arrays_atomically
+from cdimf.common.atomic_files import (
+    StateFileError,
+    read_arrays,
+    read_arrays_or_npz,
+    remove_stale_temporaries,
+    write_arrays_atomically,
+)
 from cdimf.common.config import ColdStartPolicy, ConfigError, RunParams
 from cdimf.common.security.pseudonyms import membership_fingerprint
 
@@ -21,9 +31,14 @@ from cdimf.common.security.pseudonyms import membership_fingerprint
 # when it is the only one
 REGISTRATIONS_FILE = "registrations.arrays"
 LEGACY_REGISTRATIONS_FILE = "registrations.npz"
-# written every round before Z is served: the plain container (cdimf.common.atomic_files) skips the
-# zip CRC pass over Z; the .npz of earlier versions is still read when it is the only one
+# the commit record, written every round after its Z file and before Z is served: the run's
+# description only (runs of earlier versions held Z and the contributions in it, and still load);
+# the .npz of earlier versions is still read when it is the only one
 RUN_FILE = "run.arrays"
+# contributions/<domain>.arrays: a domain's latest accepted contribution, written before its ack
+CONTRIBUTIONS_DIR = "contributions"
+# consensus/<round>.arrays: the Z of a round, written before the record that names it
+CONSENSUS_DIR = "consensus"
 LEGACY_RUN_FILE = "run.npz"
 # what a refusal to resume tells the operator to do
 _START_OVER = "restore the folder from a backup, or move it away to start over (its run is then lost)"
@@ -54,12 +69,16 @@ class RunStore(Protocol):
         """The stored registrations (empty when none were saved)."""
         ...
 
+    def save_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> None:
+        """Keep a contribution durably before it is accepted (replacing the domain's previous one)."""
+        ...
+
     def save_run(self, run: SavedRun) -> None:
-        """Replace the stored run with this one."""
+        """Replace the stored run with this one (a commit: contributions it no longer uses may go)."""
         ...
 
     def load_run(self) -> SavedRun | None:
-        """The stored run, or None when none was saved."""
+        """The stored run with the contributions that arrived after it (SavedRun.arrived), or None when none was saved."""
         ...
 
     def archive_run(self, run: SavedRun) -> None:
@@ -78,6 +97,8 @@ class MemoryRunStore:
         self._registrations: dict[str, Registration] = {}
         self._run: SavedRun | None = None
         self._archive: dict[str, SavedRun] = {}
+        # domain -> (run id, tag, values): the latest saved contribution (the same array the run holds)
+        self._contributions: dict[str, tuple[str, int, np.ndarray]] = {}
 
     def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
         """Replace the stored registrations with these (registrations are immutable: no copy)."""
@@ -87,17 +108,28 @@ class MemoryRunStore:
         """The stored registrations."""
         return dict(self._registrations)
 
+    def save_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> None:
+        """Keep a reference to the contribution (never modified in place: no copy)."""
+        self._contributions[domain] = (run_id, tag, values)
+
     def save_run(self, run: SavedRun) -> None:
-        """Replace the stored run (a SavedRun is a snapshot already)."""
+        """Replace the stored run (a SavedRun is a snapshot already) and let go of contributions it no longer uses."""
         self._run = run
+        # held on, a synchronous run's used contributions would double the memory in the next round
+        self._contributions = {d: kept for d, kept in self._contributions.items() if not _consumed(run, d, kept[0], kept[1])}
 
     def load_run(self) -> SavedRun | None:
-        """The stored run, or None."""
-        return self._run
+        """The stored run and the contributions saved after it, or None."""
+        if self._run is None:
+            return None
+        run = self._run
+        arrived = {d: (tag, values) for d, (run_id, tag, values) in self._contributions.items()
+                   if run_id == run.run_id and d in run.fingerprints and tag > run.tags.get(d, 0)}
+        return replace(run, arrived=arrived)
 
     def archive_run(self, run: SavedRun) -> None:
         """Keep the run without its matrices."""
-        self._archive[run.run_id] = replace(run, consensus=None, contributions={})
+        self._archive[run.run_id] = replace(run, consensus=None, contributions={}, arrived={})
 
     def archived_runs(self) -> list[SavedRun]:
         """The archived runs, oldest first."""
@@ -117,6 +149,14 @@ class DirectoryRunStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         for name in (REGISTRATIONS_FILE, RUN_FILE):
             remove_stale_temporaries(self.directory / name)
+        for folder in (CONTRIBUTIONS_DIR, CONSENSUS_DIR):
+            # temp files of writes killed before their rename (of files that may not exist yet)
+            for stale in (self.directory / folder).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        # domain -> (run id, tag) of its contribution file, as written or read here
+        self._contribution_files: dict[str, tuple[str, int]] = {}
+        # (run id, round) of the Z file on disk that the next record may name without writing it again
+        self._consensus_file: tuple[str, int] | None = None
 
     def save_registrations(self, registrations: Mapping[str, Registration]) -> None:
         """Write every domain's pseudonyms, holder flags and cold-start policy atomically (names and policies in a JSON header: never cut)."""
@@ -157,18 +197,57 @@ class DirectoryRunStore:
             raise StateFileError(f"{path}: damaged registrations ({type(error).__name__}: {error}); {_START_OVER}") from error
         return registrations
 
-    def save_run(self, run: SavedRun) -> None:
-        """Write the run as one container: its description as JSON, Z and the kept contributions."""
-        arrays = {"meta": np.frombuffer(json.dumps(_meta(run)).encode(), dtype=np.uint8)}
-        if run.consensus is not None:
-            arrays["consensus"] = run.consensus
-        for index, name in enumerate(run.domains):
-            if name in run.contributions:
-                arrays[f"contribution_{index}"] = run.contributions[name]
-        write_arrays_atomically(self.directory / RUN_FILE, arrays, self.fsync)
-        # the new file is in place: an older-format run must never be restored instead of it
-        (self.directory / LEGACY_RUN_FILE).unlink(missing_ok=True)
+    def contribution_path(self, domain: str) -> Path:
+        """Where a domain's latest contribution is kept (domain names are party names: safe file names)."""
+        return self.directory / CONTRIBUTIONS_DIR / f"{domain}{ARCHIVE_SUFFIX}"
 
+    def consensus_path(self, round_index: int) -> Path:
+        """Where the Z of a round is kept until a later round's record replaces it."""
+        return self.directory / CONSENSUS_DIR / f"{round_index}{ARCHIVE_SUFFIX}"
+
+    def save_contribution(self, run_id: str, domain: str, tag: int, values: np.ndarray) -> None:
+        """Write contributions/<domain>.arrays atomically: the run, round tag and values, checksummed (StateWriteError on failure)."""
+        meta = {"run_id": run_id, "domain": domain, "tag": tag}
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), "values": values}
+        write_arrays_atomically(self.contribution_path(domain), arrays, self.fsync)
+        self._contribution_files[domain] = (run_id, tag)
+
+    def save_run(self, run: SavedRun) -> None:
+        """Commit the run: its Z file (once per round), then the record naming it; then drop the files it no longer needs.
+
+        The contributions are on disk already (save_contribution), so a round's close writes Z and
+        a few kilobytes. A crash between the two writes leaves the previous record in force and
+        the new Z file unnamed: the restart removes it and closes the round again from the same
+        contributions.
+        """
+        for domain, values in run.contributions.items():
+            # a kept contribution this store has no file of: one a run of an earlier version held
+            # inside its run file, or one taken before this store replaced another
+            if self._contribution_files.get(domain) != (run.run_id, run.tags[domain]):
+                self.save_contribution(run.run_id, domain, run.tags[domain], values)
+        meta = _meta(run)
+        if run.consensus is not None:
+            if self._consensus_file != (run.run_id, run.consensus_round):
+                z_meta = np.frombuffer(json.dumps({"run_id": run.run_id, "round": run.consensus_round}).encode(), dtype=np.uint8)
+                write_arrays_atomically(self.consensus_path(run.consensus_round), {"meta": z_meta, "consensus": run.consensus}, self.fsync)
+                self._consensus_file = (run.run_id, run.consensus_round)
+            meta["consensus_file"] = self.consensus_path(run.consensus_round).name
+        meta["kept_contributions"] = {d: run.tags[d] for d in run.contributions}
+        write_arrays_atomically(self.directory / RUN_FILE, {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}, self.fsync)
+        # the new record is in place: an older-format run must never be restored instead of it
+        (self.directory / LEGACY_RUN_FILE).unlink(missing_ok=True)
+        self._drop_unused(run)
+
+    def _drop_unused(self, run: SavedRun) -> None:
+        """Remove the Z files other than the record's and the contributions the run no longer uses (disk space only: a restart ignores them)."""
+        named = self.consensus_path(run.consensus_round).name if run.consensus is not None else None
+        for path in (self.directory / CONSENSUS_DIR).glob(f"*{ARCHIVE_SUFFIX}"):
+            if path.name != named:
+                path.unlink(missing_ok=True)
+        for domain, (run_id, tag) in list(self._contribution_files.items()):
+            if _consumed(run, domain, run_id, tag):
+                self.contribution_path(domain).unlink(missing_ok=True)
+                del self._contribution_files[domain]
     def archive_run(self, run: SavedRun) -> None:
         """Write runs/<run_id>.arrays atomically: the run's description and events, checksummed like every state file."""
         folder = self.directory / ARCHIVE_DIR
@@ -189,7 +268,11 @@ class DirectoryRunStore:
         return sorted(runs, key=lambda run: run.started_wall)
 
     def load_run(self) -> SavedRun | None:
-        """The run in the directory (the current container, else an earlier version's .npz), or None."""
+        """The run in the directory (the current record, else an earlier version's .npz) and the contributions that arrived after it, or None.
+
+        StateFileError naming the file for a damaged or missing file the run needs (its Z, a
+        contribution it still uses, or any contribution file: it may be one that was acked).
+        """
         path = self.directory / RUN_FILE
         if not path.exists():
             path = self.directory / LEGACY_RUN_FILE
@@ -200,7 +283,24 @@ class DirectoryRunStore:
             meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
         except (KeyError, ValueError, TypeError) as error:
             raise StateFileError(f"{path}: damaged run description ({type(error).__name__}: {error}); {_START_OVER}") from error
-        run = _from_meta(path, meta, saved)
+        arrays = dict(saved)
+        files = self._contribution_files_of(meta, path)
+        if "consensus_file" in meta:
+            arrays["consensus"] = self._consensus_of(meta, path)
+        kept: dict[str, Any] = meta.get("kept_contributions", {})
+        arrived: dict[str, tuple[int, np.ndarray]] = {}
+        domains = list(meta.get("domains", []))
+        for domain, (tag, values, file) in files.items():
+            if domain in kept and tag == kept[domain]:
+                arrays[f"contribution_{domains.index(domain)}"] = values
+            elif tag > int(meta.get("tags", {}).get(domain, 0)):
+                arrived[domain] = (tag, values)
+            elif domain in kept:
+                raise StateFileError(f"{file}: holds round {tag} of {domain}, the run needs round {kept[domain]}; {_START_OVER}")
+        missing = [d for d in kept if d not in files]
+        if missing:
+            raise StateFileError(f"{self.contribution_path(missing[0])}: missing, and run {meta.get('run_id')} still uses it; {_START_OVER}")
+        run = replace(_from_meta(path, meta, arrays), arrived=arrived)
         consensus = run.consensus
         if run.params.secure_aggregation:
             # a secure run keeps the masked ring sum: any uint64 is a valid element
@@ -209,6 +309,72 @@ class DirectoryRunStore:
         elif consensus is not None and (consensus.dtype != np.float32 or consensus.ndim != 2 or not np.isfinite(consensus).all()):
             raise StateFileError(f"{path}: the stored consensus is not a finite float32 matrix; {_START_OVER}")
         return run
+
+    def _consensus_of(self, meta: dict[str, Any], record: Path) -> np.ndarray:
+        """The Z file a record names, checked to be of its run and round; StateFileError naming it."""
+        path = self.directory / CONSENSUS_DIR / str(meta["consensus_file"])
+        if not path.exists():
+            raise StateFileError(f"{path}: missing, and {record} names it as the consensus of round {meta.get('consensus_round')}; {_START_OVER}")
+        stored = read_arrays(path)
+        try:
+            z_meta = json.loads(stored["meta"].tobytes())
+            consensus = stored["consensus"]
+        except (KeyError, ValueError, TypeError) as error:
+            raise StateFileError(f"{path}: damaged consensus file ({type(error).__name__}: {error}); {_START_OVER}") from error
+        if z_meta.get("run_id") != meta.get("run_id") or z_meta.get("round") != meta.get("consensus_round"):
+            raise StateFileError(f"{path}: holds run {z_meta.get('run_id')} round {z_meta.get('round')}, {record} names run "
+                                 f"{meta.get('run_id')} round {meta.get('consensus_round')}; {_START_OVER}")
+        # Z files of rounds the record does not name (a close killed before its record) go at the next commit
+        self._consensus_file = (str(meta["run_id"]), int(meta["consensus_round"]))
+        return consensus
+
+    def _contribution_files_of(self, meta: dict[str, Any], record: Path) -> dict[str, tuple[int, np.ndarray, Path]]:
+        """The contribution files of the record's run, by domain: (tag, values, path); those of other runs are left out.
+
+        A damaged file is refused naming it, whichever run it is of: it may hold an acked contribution.
+        """
+        found: dict[str, tuple[int, np.ndarray, Path]] = {}
+        self._contribution_files = {}
+        for path in sorted((self.directory / CONTRIBUTIONS_DIR).glob(f"*{ARCHIVE_SUFFIX}")):
+            try:
+                stored = read_arrays(path)
+            except StateFileError as error:
+                raise StateFileError(f"{error}; this contribution may have been acked: restore it from a backup, or move it away"
+                                     " (its domain is then asked to push that round again)") from error
+            try:
+                c_meta = json.loads(stored["meta"].tobytes())
+                run_id, domain, tag, values = str(c_meta["run_id"]), str(c_meta["domain"]), int(c_meta["tag"]), stored["values"]
+            except (KeyError, ValueError, TypeError) as error:
+                raise StateFileError(f"{path}: damaged contribution ({type(error).__name__}: {error}); move it away to drop it"
+                                     " (its domain is then asked to push that round again)") from error
+            if path != self.contribution_path(domain):
+                raise StateFileError(f"{path}: holds the contribution of {domain}; move it away")
+            self._contribution_files[domain] = (run_id, tag)
+            if run_id != meta.get("run_id") or domain not in meta.get("domains", []):
+                continue  # of an earlier run: never used again, removed at the next commit
+            found[domain] = (tag, values, path)
+        return found
+
+
+def stored_run_arrays(directory: Path | str) -> dict[str, np.ndarray]:
+    """The stored run's arrays in one mapping, read without changing anything (tools, tests): meta, consensus, contribution_<i> of the kept ones."""
+    folder = Path(directory)
+    arrays = read_arrays_or_npz(folder / RUN_FILE if (folder / RUN_FILE).exists() else folder / LEGACY_RUN_FILE)
+    meta = json.loads(arrays["meta"].tobytes())
+    if "consensus_file" in meta:
+        arrays["consensus"] = read_arrays(folder / CONSENSUS_DIR / meta["consensus_file"])["consensus"]
+    for domain, tag in meta.get("kept_contributions", {}).items():
+        stored = read_arrays(folder / CONTRIBUTIONS_DIR / f"{domain}{ARCHIVE_SUFFIX}")
+        if json.loads(stored["meta"].tobytes())["tag"] == tag:
+            arrays[f"contribution_{meta['domains'].index(domain)}"] = stored["values"]
+    return arrays
+
+
+def _consumed(run: SavedRun, domain: str, run_id: str, tag: int) -> bool:
+    """Whether a saved contribution is of no use after `run` was committed: of another run, or used and not kept."""
+    if run_id != run.run_id:
+        return True
+    return domain not in run.contributions and tag <= run.tags.get(domain, 0)
 
 
 def _meta(run: SavedRun) -> dict[str, Any]:
@@ -228,6 +394,7 @@ def _meta(run: SavedRun) -> dict[str, Any]:
         "events": [asdict(event) for event in run.events],
         "stop_reason": run.stop_reason,
         "consensus_contributors": [[domain, tag] for domain, tag in run.consensus_contributors],
+        "reported": list(run.reported),
     }
 
 
@@ -263,4 +430,6 @@ def _saved_run(meta: dict[str, Any], params: RunParams, saved: Mapping[str, np.n
         stop_reason=meta["stop_reason"],
         # absent from runs saved before contributor lists were kept
         consensus_contributors=tuple((str(domain), int(tag)) for domain, tag in meta.get("consensus_contributors", [])),
+        # absent from runs of earlier versions, which saved records only at closes (nobody reported yet) and stops
+        reported=tuple(str(domain) for domain in meta.get("reported", [])),
     )

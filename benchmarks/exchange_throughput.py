@@ -5,9 +5,10 @@
 Starts the aggregator (`python -m cdimf.aggregator`) and a baseline server as separate processes on
 127.0.0.1. The baseline streams the same number of raw 1 MiB byte messages through gRPC with no
 protobuf message, no checksum and no decoding (generic handlers, bytes in and out): what gRPC
-itself costs. Prints MB/s of the real push (X+U, one domain, round not closing), the push that
-closes the round, its ratio to the ordinary push (target >= 0.5x), the close that runs after
-that push's ack (consensus and the atomic state write; timed as the wait of the status call
+itself costs. Prints MB/s of the real push (X+U, one domain, round not closing; it includes the
+fsynced write of the contribution's file, which precedes every ack), the push that closes the
+round, its ratio to the ordinary push (target >= 0.5x), the close that runs after that push's
+ack (consensus, Z's file and the small commit record; timed as the wait of the status call
 sent right after the ack, which the close holds back, since no call sees the state before the
 close and its save are done), the pull of Z, the baseline both ways, the ratios, and the
 aggregator's peak memory (VmHWM) over the matrices it holds (two contributions + Z). Throughputs are medians over the rounds (best also shown), and the
@@ -332,7 +333,7 @@ def main() -> None:
           f"best {results['push_best_mb_s']:.0f}, target >= 500 MB/s)")
     print(f"  push closing round  {results['push_closing_round_mb_s']:8.0f} MB/s   ({results['closing_vs_ordinary_push']:.2f}x the ordinary push, "
           "target >= 0.5x; the close runs after its ack)")
-    print(f"  close after the ack {results['close_after_ack_s']:8.2f} s      (consensus + fsynced save of Z; pulls wait for it; "
+    print(f"  close after the ack {results['close_after_ack_s']:8.2f} s      (consensus + fsynced Z file and commit record; pulls wait for it; "
           f"push + close {results['closing_push_plus_close_mb_s']:.0f} MB/s)")
     print(f"  pull Z              {results['pull_mb_s']:8.0f} MB/s   ({results['pull_vs_baseline']:.2f}x the raw baseline, "
           f"best {results['pull_best_mb_s']:.0f}, target >= 500 MB/s)")

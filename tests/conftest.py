@@ -1,5 +1,6 @@
 """Suite-wide set-up: no CDIMF_* configuration from the caller's shell reaches the tests or the processes they start,
-and the `processes` fixture (real `cdimf` processes of one test) for every test file.
+the `processes` fixture (real `cdimf` processes of one test) and `aggregator_processes` (aggregator
+processes a test starts and kills itself) for every test file.
 
 The config loader reads CDIMF_<FIELD> variables, and every `cdimf` child inherits this process's
 environment unless a test builds its own, so one exported CDIMF_ROUNDS or CDIMF_TLS__INSECURE
@@ -8,6 +9,7 @@ in a developer's shell would change what many tests run. They are removed before
 """
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +39,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def processes(tmp_path: Path) -> Iterator[Processes]:
     """Real processes, killed at the end of the test."""
     yield from processes_fixture(tmp_path)
+
+
+@pytest.fixture
+def aggregator_processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Aggregator processes a test starts (and may kill and restart) itself, killed at its end."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)

@@ -24,8 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from cdimf.aggregator.store import RUN_FILE
-from cdimf.common.atomic_files import read_arrays
+from cdimf.aggregator.store import stored_run_arrays
 from cdimf.common.config import RunParams
 from cdimf.common.core.params import ADMMParams
 from cdimf.common.rpc.aggregator_client import AggregatorClient
@@ -220,7 +219,7 @@ def _collect(federation: Federation, rounds: int, outcome: Outcome) -> None:
         for name, values in (("users", state.users), ("items", state.items), ("duals", state.duals), ("consensus", state.consensus)):
             if values is not None:
                 outcome.arrays[f"{domain}.{name}"] = np.asarray(values)
-    stored = read_arrays(federation.folder / "aggregator" / RUN_FILE)
+    stored = stored_run_arrays(federation.folder / "aggregator")
     outcome.arrays["aggregator.consensus"] = stored["consensus"]
     final = {domain: load_checkpoint(federation.folder / domain) for domain in DOMAINS}
     outcome.missed_the_end = [domain for domain, checkpoint in final.items() if checkpoint is None or checkpoint.round < rounds]

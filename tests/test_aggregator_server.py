@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -419,21 +419,10 @@ def _spawn(port: int, state_dir: Path) -> tuple[subprocess.Popen[str], int]:
     return process, port_of(line.split(" ", 1)[1])
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    """Aggregator processes of one test, killed at its end."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(5)
-
-
-def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_path: Path, processes: list) -> None:
+def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_path: Path, aggregator_processes: list) -> None:
     """SIGKILL between rounds: a restarted aggregator resumes the run from its state and retrying clients finish it."""
     first, port = _spawn(0, tmp_path)  # the restart below comes back on the port this one got
-    processes.append(first)
+    aggregator_processes.append(first)
     address = f"127.0.0.1:{port}"
     admm = ADMMParams(rho=1.0, prox="l2", lambda_z=0.5)
     rng = np.random.default_rng(3)
@@ -451,13 +440,13 @@ def test_sigkilled_aggregator_restarts_from_its_state_and_nodes_reconnect(tmp_pa
             await client.push_contribution(run.run_id, 1, pushes[domain, 1])
         assert (await sport.pull_consensus(run.run_id, 1, 5.0, 3, 0)).round == 1
 
-        processes[0].send_signal(signal.SIGKILL)
-        processes[0].wait(5)
+        aggregator_processes[0].send_signal(signal.SIGKILL)
+        aggregator_processes[0].wait(5)
         # pushes while the aggregator is down retry with backoff until it is back
         pending = asyncio.ensure_future(sport.push_contribution(run.run_id, 2, pushes["sport", 2]))
         await asyncio.sleep(0.3)
         assert not pending.done()
-        processes.append((await asyncio.to_thread(_spawn, port, tmp_path))[0])
+        aggregator_processes.append((await asyncio.to_thread(_spawn, port, tmp_path))[0])
         assert (await pending).accepted_round == 2
         await cloth.push_contribution(run.run_id, 2, pushes["cloth", 2])
         z = await cloth.pull_consensus(run.run_id, 2, 5.0, 3, 0)

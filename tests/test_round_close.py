@@ -14,8 +14,7 @@ import pytest
 
 from cdimf.aggregator.rounds import SavedRun
 from cdimf.aggregator.service import start_aggregator
-from cdimf.aggregator.store import RUN_FILE, DirectoryRunStore
-from cdimf.common.atomic_files import read_arrays
+from cdimf.aggregator.store import DirectoryRunStore, stored_run_arrays
 from cdimf.common.config import AggregatorConfig, RunParams, TLSConfig
 from cdimf.common.rpc.aggregator_client import AggregatorClient
 from cdimf.common.security.pseudonyms import pseudonymize
@@ -69,7 +68,7 @@ def test_closing_push_is_acked_before_the_close_and_z_is_served_only_once_saved(
             expected = ((pushed["cloth"].astype(np.float64) + pushed["sport"]) / 2).astype(np.float32)
             np.testing.assert_array_equal(pulled.shared, expected)
             # the saved Z is in the exchanged-row order; sport's rows of it are what it pulled
-            on_disk = read_arrays(tmp_path / RUN_FILE)["consensus"]
+            on_disk = stored_run_arrays(tmp_path)["consensus"]
             np.testing.assert_array_equal(on_disk[running.state.run.memberships["sport"].shared_index], expected)
             assert reported.run.current_round == 2
         finally:

@@ -5,6 +5,7 @@ DirectoryRunStore over the same directory (read back from its files).
 """
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdimf.aggregator.rounds import SavedRun
-from cdimf.aggregator.state import AggregatorState
-from cdimf.aggregator.store import LEGACY_RUN_FILE, RUN_FILE, DirectoryRunStore, MemoryRunStore, RunStore
-from cdimf.common.atomic_files import read_arrays, write_arrays_atomically
+from cdimf.aggregator.rounds import SavedRun, StateError
+from cdimf.aggregator.state import SAVE_RETRY_S, AggregatorState
+from cdimf.aggregator.store import CONSENSUS_DIR, CONTRIBUTIONS_DIR, LEGACY_RUN_FILE, RUN_FILE, DirectoryRunStore, MemoryRunStore, RunStore
+from cdimf.common.atomic_files import StateFileError, read_arrays, write_arrays_atomically
 from cdimf.common.config import ConfigError, RunParams
 from cdimf.common.core.params import ADMMParams
 from cdimf.common.security.pseudonyms import membership_fingerprint, pseudonymize
@@ -111,19 +112,24 @@ def test_restart_resumes_from_the_last_round_and_equals_the_uninterrupted_run(tm
         for i, name in enumerate(run.admitted):
             pushes[name, 1] = contribution_of(state, name, i)
             state.accept_contribution("r", name, 1, pushes[name, 1])
-    # a push into round 2 that is not yet saved (rounds are saved when they close) is lost
-    saved.accept_contribution("r", "sport", 2, contribution_of(saved, "sport", 7))
+    # a push into round 2, acked after round 1's commit: saved on arrival, so the restart keeps it
+    pushes["sport", 2] = contribution_of(saved, "sport", 7)
+    saved.accept_contribution("r", "sport", 2, pushes["sport", 2])
     restarted = AggregatorState(store=reopen(), clock=FakeClock())
     assert [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
     run = restarted.run
     assert run is not None and run.run_id == "r" and run.current_round == 2 and run.consensus_round == 1
     np.testing.assert_array_equal(run.consensus, uninterrupted.run.consensus)
-    assert run.tags == {"books": 1, "cloth": 1, "sport": 1}
-    assert run.contributions == {}, "a synchronous run does not save contributions: the next round replaces them all"
-    expect("FAILED_PRECONDITION", lambda: consensus_for(restarted, "r", "sport", 2))  # push it again
+    assert run.tags == {"books": 1, "cloth": 1, "sport": 2} and run.reported == ["sport"]
+    assert sorted(run.contributions) == ["sport"], "only the open round's: a synchronous run never reuses round 1's"
+    np.testing.assert_array_equal(run.contributions["sport"][1], pushes["sport", 2])
+    assert consensus_for(restarted, "r", "sport", 2) is None  # acked: it waits for the others, never pushes again
+    expect("ALREADY_EXISTS", lambda: restarted.accept_contribution("r", "sport", 2, pushes["sport", 2]))
+    uninterrupted.accept_contribution("r", "sport", 2, pushes["sport", 2])
     for state in (uninterrupted, restarted):
         for i, name in enumerate(state.run.admitted):
-            state.accept_contribution("r", name, 2, contribution_of(state, name, 20 + i))
+            if name != "sport":
+                state.accept_contribution("r", name, 2, contribution_of(state, name, 20 + i))
     assert restarted.run.state == uninterrupted.run.state == "finished"
     np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
     again = AggregatorState(store=reopen())
@@ -180,8 +186,12 @@ def test_a_run_saved_as_npz_by_an_earlier_version_resumes_and_is_then_replaced(t
     state.start_run(RunParams(run_id="r", rounds=3, rank=FILE_RANK))
     _close_round(state, 1)
     assert state.run is not None and state.run.consensus is not None
-    np.savez(tmp_path / LEGACY_RUN_FILE, **read_arrays(tmp_path / RUN_FILE))
+    # the format of earlier versions: Z inside the run file, no consensus or contributions folder
+    meta = json.loads(read_arrays(tmp_path / RUN_FILE)["meta"].tobytes())
+    del meta["consensus_file"], meta["kept_contributions"]
+    np.savez(tmp_path / LEGACY_RUN_FILE, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), consensus=state.run.consensus)
     (tmp_path / RUN_FILE).unlink()
+    shutil.rmtree(tmp_path / CONSENSUS_DIR)
     restarted = AggregatorState(tmp_path)
     assert restarted.run is not None and (restarted.run.current_round, restarted.run.consensus_round) == (2, 1)
     np.testing.assert_array_equal(restarted.run.consensus, state.run.consensus)
@@ -203,3 +213,169 @@ def test_stored_run_parameters_that_no_longer_validate_are_a_config_error(tmp_pa
     write_arrays_atomically(tmp_path / RUN_FILE, arrays)
     with pytest.raises(ConfigError, match=RUN_FILE):
         AggregatorState(tmp_path)
+
+
+# ----- contributions saved as they arrive -----
+
+
+def test_a_restart_holding_every_contribution_of_the_open_round_closes_it_at_once(reopen: Callable[[], RunStore]) -> None:
+    """Killed after the last push was acked but before its close: the restart finishes the close, with the Z of the uninterrupted run."""
+    params = RunParams(run_id="r", rounds=2, rank=RANK)
+    uninterrupted, saved = registered(), registered(store=reopen())
+    for state in (uninterrupted, saved):
+        state.start_run(params)
+    for i, name in enumerate(saved.run.admitted):
+        values = contribution_of(saved, name, i)
+        uninterrupted.accept_contribution("r", name, 1, values)
+        saved.take_contribution("r", name, 1, values)  # taken, not closed: the close runs after the ack
+    assert saved.run.consensus_round == 0 and saved.round_due()
+    restarted = AggregatorState(store=reopen(), clock=FakeClock())
+    assert restarted.run.consensus_round == 1 and restarted.run.current_round == 2
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+    assert restarted.run.consensus_contributors == uninterrupted.run.consensus_contributors
+    assert restarted.run.contribution_counts == uninterrupted.run.contribution_counts
+
+
+def test_a_synchronous_run_lets_go_of_the_contributions_its_close_used(tmp_path: Path, reopen: Callable[[], RunStore]) -> None:
+    """One copy of each matrix: after the commit the store holds none of the used contributions (in memory or on disk)."""
+    store = reopen()
+    state = registered(store=store)
+    state.start_run(RunParams(run_id="r", rounds=2, rank=RANK))
+    for i, name in enumerate(state.run.admitted):
+        state.accept_contribution("r", name, 1, contribution_of(state, name, i))
+    assert state.run.consensus_round == 1 and state.run.contributions == {}
+    if isinstance(store, MemoryRunStore):
+        assert store._contributions == {}
+    else:
+        assert list((tmp_path / "state" / CONTRIBUTIONS_DIR).iterdir()) == []
+    loaded = reopen().load_run()
+    assert loaded is not None and loaded.contributions == {} and loaded.arrived == {}
+
+
+def test_a_contribution_that_cannot_be_saved_is_refused_unavailable_and_changes_nothing(tmp_path: Path) -> None:
+    """No ack without the file: a directory where the file goes (like a full disk) refuses the push, leaves the run as it
+    was and is reported like a failed save (persist_error, a persist_failed event) until a retried save succeeds."""
+    clock = FakeClock()
+    state = registered(tmp_path, clock)
+    state.start_run(RunParams(run_id="r", rounds=2, rank=RANK))
+    blocked = tmp_path / CONTRIBUTIONS_DIR / "sport.arrays"
+    blocked.mkdir(parents=True)
+    (blocked / "blocker").write_bytes(b"x")
+    before = (dict(state.run.tags), list(state.run.reported), dict(state.run.contribution_counts))
+    with pytest.raises(StateError) as refused:
+        state.take_contribution("r", "sport", 1, contribution_of(state, "sport", 0))
+    assert refused.value.status == "UNAVAILABLE" and str(blocked) in refused.value.message
+    assert (dict(state.run.tags), list(state.run.reported), dict(state.run.contribution_counts)) == before
+    assert state.persist_error is not None and str(blocked) in state.status().persistence_error
+    assert state.run.events[-1].kind == "persist_failed" and str(blocked) in state.run.events[-1].message
+    expect("UNAVAILABLE", lambda: state.check_contribution("r", "cloth", 1))
+    (blocked / "blocker").unlink()
+    blocked.rmdir()
+    clock.now += SAVE_RETRY_S
+    assert state.poll() is None and state.persist_error is None
+    assert state.run.events[-1].kind == "persist_recovered"
+    assert state.take_contribution("r", "sport", 1, contribution_of(state, "sport", 0)) == 1
+
+
+def test_a_record_saved_mid_round_keeps_the_acked_contributions_and_who_reported(tmp_path: Path) -> None:
+    """The retried save after a refused contribution commits mid-round: killed after it, the restart still holds books'
+    acked push (books is not asked again) and the round closes on the others' pushes with the uninterrupted Z."""
+    params = RunParams(run_id="r", rounds=2, rank=RANK)
+    clock = FakeClock()
+    uninterrupted, state = registered(), registered(tmp_path, clock)
+    for each in (uninterrupted, state):
+        each.start_run(params)
+    pushes = {name: contribution_of(state, name, i) for i, name in enumerate(state.run.admitted)}
+    uninterrupted.accept_contribution("r", "books", 1, pushes["books"])
+    state.take_contribution("r", "books", 1, pushes["books"])
+    blocked = tmp_path / CONTRIBUTIONS_DIR / "sport.arrays"
+    blocked.mkdir()
+    expect("UNAVAILABLE", lambda: state.take_contribution("r", "sport", 1, pushes["sport"]))
+    blocked.rmdir()
+    clock.now += SAVE_RETRY_S
+    state.poll()
+    assert state.persist_error is None  # the retry committed the run mid-round
+    restarted = AggregatorState(tmp_path, clock=FakeClock())
+    assert restarted.run.reported == ["books"] and restarted.run.tags == {"books": 1}
+    expect("ALREADY_EXISTS", lambda: restarted.take_contribution("r", "books", 1, pushes["books"]))
+    for each in (uninterrupted, restarted):
+        for name in ("cloth", "sport"):
+            each.accept_contribution("r", name, 1, pushes[name])
+    assert restarted.run.consensus_round == 1
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+
+
+def test_a_z_file_whose_record_was_never_written_is_replaced_by_the_resumed_close(tmp_path: Path) -> None:
+    """Killed between the Z file and the commit record: the record still names round 0, so the restart closes round 1 again."""
+    params = RunParams(run_id="r", rounds=2, rank=RANK)
+    uninterrupted, saved = registered(), registered(tmp_path)
+    for state in (uninterrupted, saved):
+        state.start_run(params)
+    for i, name in enumerate(saved.run.admitted):
+        values = contribution_of(saved, name, i)
+        uninterrupted.accept_contribution("r", name, 1, values)
+        saved.take_contribution("r", name, 1, values)
+    z_file = tmp_path / CONSENSUS_DIR / "1.arrays"
+    stale = np.full_like(uninterrupted.run.consensus, 7.0)
+    write_arrays_atomically(z_file, {"meta": np.frombuffer(json.dumps({"run_id": "r", "round": 1}).encode(), np.uint8), "consensus": stale})
+    restarted = AggregatorState(tmp_path, clock=FakeClock())
+    np.testing.assert_array_equal(restarted.run.consensus, uninterrupted.run.consensus)
+    np.testing.assert_array_equal(read_arrays(z_file)["consensus"], uninterrupted.run.consensus)
+    assert sorted(path.name for path in (tmp_path / CONSENSUS_DIR).iterdir()) == ["1.arrays"]
+
+
+def test_contribution_files_of_an_earlier_run_are_ignored_then_removed(tmp_path: Path) -> None:
+    """A leftover of another run (a kill before its commit removed it) never counts in this run."""
+    state = registered(tmp_path)
+    state.start_run(RunParams(run_id="new", rounds=2, rank=RANK))
+    DirectoryRunStore(tmp_path).save_contribution("old", "sport", 1, contribution_of(state, "sport", 0))
+    restarted = AggregatorState(tmp_path, clock=FakeClock())
+    assert restarted.run.tags == {} and restarted.run.reported == []
+    restarted.take_contribution("new", "cloth", 1, contribution_of(restarted, "cloth", 1))
+    restarted.stop_run("new")
+    # the other run's file went at the commit; cloth's stays, named by the stopped run's record
+    assert sorted(path.name for path in (tmp_path / CONTRIBUTIONS_DIR).iterdir()) == ["cloth.arrays"]
+
+
+def test_a_kept_contribution_whose_file_is_missing_is_refused_naming_it(tmp_path: Path) -> None:
+    """A deadline run's round 2 reuses a silent domain's round-1 values: without their file it cannot resume the same run."""
+    clock = FakeClock()
+    state = registered(tmp_path, clock)
+    state.start_run(RunParams(run_id="a", rounds=3, rank=RANK, round_deadline_s=5.0, min_domains=1))
+    for i, name in enumerate(state.run.admitted):
+        state.accept_contribution("a", name, 1, contribution_of(state, name, i))
+    assert state.run.consensus_round == 1 and sorted(state.run.contributions) == ["books", "cloth", "sport"]
+    path = tmp_path / CONTRIBUTIONS_DIR / "books.arrays"
+    path.unlink()
+    with pytest.raises(StateFileError) as refused:
+        AggregatorState(tmp_path)
+    assert str(refused.value).startswith(f"{path}: missing"), str(refused.value)
+
+
+def test_a_deadline_run_saved_by_an_earlier_version_keeps_its_contributions_over_two_restarts(tmp_path: Path) -> None:
+    """Contributions held inside an old run file are written to their own files at the first commit, so a second restart still has them."""
+    params = RunParams(run_id="a", rounds=3, rank=RANK, round_deadline_s=5.0, min_domains=1)
+    clocks = {"uninterrupted": FakeClock(), "saved": FakeClock()}
+    uninterrupted, saved = registered(clock=clocks["uninterrupted"]), registered(tmp_path, clocks["saved"])
+    for state in (uninterrupted, saved):
+        state.start_run(params)
+        for i, name in enumerate(state.run.admitted):
+            state.accept_contribution("a", name, 1, contribution_of(state, name, i))
+    # the format of earlier versions: Z and the kept contributions inside the run file, no folders
+    meta = json.loads(read_arrays(tmp_path / RUN_FILE)["meta"].tobytes())
+    old = {"consensus": saved.run.consensus, **{f"contribution_{i}": saved.run.contributions[name][1] for i, name in enumerate(meta["domains"])}}
+    del meta["consensus_file"], meta["kept_contributions"]
+    write_arrays_atomically(tmp_path / RUN_FILE, {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), **old})
+    shutil.rmtree(tmp_path / CONSENSUS_DIR)
+    shutil.rmtree(tmp_path / CONTRIBUTIONS_DIR)
+    for state, clock in ((uninterrupted, clocks["uninterrupted"]), (AggregatorState(tmp_path, clock=clocks["saved"]), clocks["saved"])):
+        state.accept_contribution("a", "sport", 2, contribution_of(state, "sport", 10))
+        clock.now += 6
+        assert state.poll() == 2  # books and cloth silent: their round-1 rows stay in Z
+    again = AggregatorState(tmp_path, clock=clocks["saved"])
+    assert sorted(again.run.contributions) == ["books", "cloth", "sport"]
+    for state, clock in ((uninterrupted, clocks["uninterrupted"]), (again, clocks["saved"])):
+        state.accept_contribution("a", "cloth", 3, contribution_of(state, "cloth", 11))
+        clock.now += 6
+        assert state.poll() == 3
+    np.testing.assert_array_equal(again.run.consensus, uninterrupted.run.consensus)

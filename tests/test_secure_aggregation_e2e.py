@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cdimf.common.atomic_files import read_arrays
+from cdimf.aggregator.store import stored_run_arrays
 from cdimf.common.core.params import ADMMParams, LocalIALSParams
 from cdimf.common.core.ring import RING_FRACTION_BITS
 from cdimf.domain_node.checkpoint import Checkpoint, load_checkpoint
@@ -172,7 +172,7 @@ def test_a_secure_federated_run_equals_the_quantized_engine_and_the_aggregator_s
     assert len(checkpoints["books"].receiver_rows) == len(COLD) and books.receiver_consensus is not None
     assert np.abs(books.receiver_consensus).max() > 1e-3
 
-    saved = read_arrays(state / "aggregator" / "run.arrays")
+    saved = stored_run_arrays(state / "aggregator")
     meta = json.loads(saved["meta"].tobytes())
     assert meta["params"]["secure_aggregation"] is True
     assert [tuple(entry) for entry in meta["consensus_contributors"]] == [(name, ROUNDS) for name in sorted(USERS)]

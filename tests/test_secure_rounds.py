@@ -172,7 +172,7 @@ def test_a_secure_run_refuses_plain_contributions_and_a_plain_run_refuses_ring_o
 def test_a_restarted_aggregator_serves_the_same_masked_sum_and_list_and_refuses_a_float_one_on_disk(tmp_path: Path) -> None:
     """A secure run saved at a round boundary comes back from its folder with the uint64 sum and its contributor list (it decodes
     as before); a float32 matrix stored as a secure run's sum is refused naming the file."""
-    from cdimf.aggregator.store import RUN_FILE
+    from cdimf.aggregator.store import CONSENSUS_DIR
     from cdimf.common.atomic_files import StateFileError, read_arrays, write_arrays_atomically
 
     state = registered(tmp_path)
@@ -189,8 +189,9 @@ def test_a_restarted_aggregator_serves_the_same_masked_sum_and_list_and_refuses_
     assert after.shared.dtype == np.uint64
     _, z = decoded(again, run_id, "sport", 1)
     np.testing.assert_array_equal(z, expected_z(again, "sport", list(after.contributors), sent))
-    saved = dict(read_arrays(tmp_path / RUN_FILE))
+    z_file = tmp_path / CONSENSUS_DIR / "1.arrays"
+    saved = dict(read_arrays(z_file))
     saved["consensus"] = saved["consensus"].astype(np.float32)
-    write_arrays_atomically(tmp_path / RUN_FILE, saved, False)
+    write_arrays_atomically(z_file, saved, False)
     with pytest.raises(StateFileError, match="masked sum of a secure run is not a uint64 matrix"):
         registered(tmp_path)

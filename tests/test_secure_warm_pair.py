@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cdimf.common.atomic_files import read_arrays
+from cdimf.aggregator.store import stored_run_arrays
 from tests.federation_harness import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,5 +35,5 @@ def test_the_warm_pair_secure_scores_within_a_tenth_of_a_point_of_plain(tmp_path
         for label, value in row["metrics"].items():
             assert abs(secure["domains"][name]["metrics"][label] - value) <= 0.1, (name, label)
         assert max(row["metrics"].values()) > 1.0  # a model that learned something: the comparison is not of zeros
-    saved = read_arrays(tmp_path / "secure" / "state" / "aggregator" / "run.arrays")
+    saved = stored_run_arrays(tmp_path / "secure" / "state" / "aggregator")
     assert saved["consensus"].dtype == np.uint64 and json.loads(saved["meta"].tobytes())["params"]["secure_aggregation"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cdimf.aggregator.state import SAVE_RETRY_S, AggregatorState
-from cdimf.aggregator.store import LEGACY_REGISTRATIONS_FILE, REGISTRATIONS_FILE, RUN_FILE
+from cdimf.aggregator.store import CONSENSUS_DIR, LEGACY_REGISTRATIONS_FILE, REGISTRATIONS_FILE, RUN_FILE
 from cdimf.common.atomic_files import StateFileError, StateWriteError, read_arrays, write_arrays_atomically
 from cdimf.common.config import RunParams
 from tests.aggregator_helpers import DOMAINS, RANK, FakeClock, consensus_for, contribution_of, expect, registered
@@ -37,7 +37,8 @@ def _flip_byte_in_consensus(path: Path) -> None:
 def test_a_damaged_run_file_is_refused_naming_it(tmp_path: Path, damage: str) -> None:
     """Never a silently different Z: the restart fails with the file's path and what is wrong with it."""
     _run_with_one_round(tmp_path)
-    path = tmp_path / RUN_FILE
+    # Z has its own file, named by the run file (the commit record) written after it
+    path = tmp_path / CONSENSUS_DIR / "1.arrays" if damage == "flipped byte in Z" else tmp_path / RUN_FILE
     whole = path.read_bytes()
     if damage == "flipped byte in Z":
         _flip_byte_in_consensus(path)
@@ -68,7 +69,7 @@ def test_a_damaged_registrations_file_is_refused_naming_it(tmp_path: Path, damag
 def test_a_stored_nan_consensus_is_refused_before_it_is_served(tmp_path: Path) -> None:
     """A Z that is not finite (written with a valid checksum) never reaches a pull."""
     _run_with_one_round(tmp_path)
-    path = tmp_path / RUN_FILE
+    path = tmp_path / CONSENSUS_DIR / "1.arrays"
     arrays = read_arrays(path)
     arrays["consensus"] = arrays["consensus"].copy()
     arrays["consensus"][0, 0] = np.nan

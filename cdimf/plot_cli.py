@@ -34,7 +34,7 @@ def reproduce_panels(document: dict[str, Any]) -> list[Panel]:
     """Each model's per-round validation metric in %, one line per model.
 
     A document without `"unit": "%"` is the earlier reproduce JSON, whose `validation` held fractions
-    and no label (the JSON committed under docs/results is one).
+    and no label (docs/results held such files until they were re-run in the labelled format).
     """
     from cdimf.figures import model_panel
 

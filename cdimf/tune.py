@@ -11,7 +11,8 @@ the training matrices and is scored after each round by the mean validation NDCG
 domains; it stops when that has not improved for [stopping] patience rounds, and the median
 pruner stops it early when its best so far falls below the median of earlier trials at the same
 round. Its value is its best round's NDCG@k. Validation rows get the test's number of negatives
-([evaluation] n_negatives) unless --valid-negatives says otherwise.
+([evaluation] n_negatives) unless --valid-negatives says otherwise; the written config's [stopping]
+valid_negatives is set to that number, so `cdimf reproduce` early-stops on the same protocol.
 
 The search space: rank (shared by the domains) up to --max-rank (512); each domain's own alpha
 (1e-3..1, log), lambda (1e-3..10, log) and nu (0..1), or one set for all with --shared-local
@@ -418,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if winner is not None:
             best[model] = winner
             tuned = with_params(tuned, model, winner.params)
+    # reproduce early-stops on [stopping] valid_negatives: it must be the protocol the trials were scored on, or
+    # reproduce picks (and refits for) another round count than the winner's and the tune's choice is not what ships.
+    # Writing the negatives rather than a fixed round count keeps reproduce choosing the round itself, so the same
+    # config still stops correctly when its data or seed changes; its rounds equal the trial's when nothing did.
+    tuned = tuned.model_copy(update={"stopping": tuned.stopping.model_copy(update={"valid_negatives": negatives})})
     tuned = tuned.model_copy(update={"title": config.title if config.title.endswith("(tuned)") else f"{config.title} (tuned)"})
     k = config.evaluation.k
     command = shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -425,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Tuned by `cdimf tune {command}` from {source.name}:",
         f"mean validation NDCG@{k} over the domains ({negatives} negatives per validation row), the best round by early",
         f"stopping ([stopping] patience {config.stopping.patience}, at most {config.stopping.max_rounds} rounds); the test files were never opened.",
+        f"[stopping] valid_negatives = {negatives}: `cdimf reproduce` early-stops on the protocol the trials were scored on.",
         f"Wall time {wall:.0f} s. Sections of models not tuned are the source config's.",
         "",
     ]

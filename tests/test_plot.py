@@ -133,8 +133,17 @@ def test_plot_the_shipped_warm_pairs_reproduce_json(tmp_path: Path) -> None:
     """The committed output of `cdimf reproduce warm-sport-cloth --json` plots its three models' early stopping."""
     done = cdimf("plot", str(REPO_ROOT / "docs" / "results" / "warm-sport-cloth.json"), "--out", str(tmp_path / "warm.png"), "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["panels"] == [{"title": "valid NDCG@10, mean over domains", "lines": ["ALS-separate", "ALS-joined", "CDIMF"]}]
+    assert json.loads(done.stdout)["panels"] == [{"title": "mean valid NDCG@10 (999 neg)", "lines": ["ALS-separate", "ALS-joined", "CDIMF"]}]
     check_png(tmp_path / "warm.png", 460, 360, 3)
+
+
+def test_plot_the_earlier_unlabelled_reproduce_json(tmp_path: Path) -> None:
+    """A reproduce JSON from before the labels (no "unit", validation as fractions) still plots, under the old title."""
+    old = {"title": "old run", "results": [{"model": "CDIMF", "rounds": 2, "validation": [0.1, 0.2, 0.15]}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    done = cdimf("plot", str(tmp_path / "old.json"), "--out", str(tmp_path / "old.png"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["panels"] == [{"title": "valid NDCG@10, mean over domains", "lines": ["CDIMF"]}]
 
 
 

@@ -38,18 +38,26 @@ def test_main_command_config_exists() -> None:
 
 
 def test_results_table_is_the_committed_reproduce_output() -> None:
-    """README's results table holds the numbers of the committed `cdimf reproduce ... --json` runs, both protocols, rounded."""
+    """README's results table holds the committed `cdimf reproduce ... --json` runs cell by cell: both sampled protocols and the full catalog."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| (warm|cold) \| ([A-Za-z-]+)[^|]*\|(.*)\|$", text, re.M)
     assert len(rows) == 5, rows
     for pair, model, cells in rows:
         run = json.loads((ROOT / "docs" / "results" / f"{pair}-sport-cloth.json").read_text(encoding="utf-8"))
+        assert run["unit"] == "%"  # the labelled format: values in %, each named by split and protocol
         result = next(r for r in run["results"] if r["model"] == model)
         shown = [cell.strip() for cell in cells.split("|")]
         expected = []
         for domain in ("sport", "cloth"):
             m = result["metrics"][domain]
             paper = run["paper"].get(model, {}).get(domain) if model == "CDIMF" else None
-            expected.append(f"{100 * m['HR@10']:.2f} / {100 * m['NDCG@10']:.2f}" + (f" ({paper[0]:.2f} / {paper[1]:.2f})" if paper else ""))
-            expected.append(f"{100 * m['unseen HR@10']:.2f} / {100 * m['unseen NDCG@10']:.2f}")
+            paper_cell = f" ({paper['test HR@10 (999 neg)']:.2f} / {paper['test NDCG@10 (999 neg)']:.2f})" if paper else ""
+            for protocol in ("999 neg", "999 unseen neg", "full catalog"):
+                expected.append(f"{m[f'test HR@10 ({protocol})']:.2f} / {m[f'test NDCG@10 ({protocol})']:.2f}"
+                                + (paper_cell if protocol == "999 neg" else ""))
+        # the validation score of the round the run chose (what the configs were chosen on), with its protocol
+        best = result["validation"][result["rounds"] - 1]
+        negatives = re.fullmatch(r"mean valid NDCG@10 \((\d+) neg\)", result["validation_metric"])
+        assert negatives, result["validation_metric"]
+        expected.append(f"{best:.2f} ({negatives.group(1)})")
         assert shown == [*expected, str(result["rounds"]), f"{result['seconds']:.0f}"], (pair, model)

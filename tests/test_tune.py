@@ -123,3 +123,50 @@ def test_tune_rejects_a_bad_flag_and_an_unknown_model(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-m", "cdimf", "tune", "warm-sport-cloth", *arguments],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert done.returncode == 2 and named in done.stderr
+
+
+def test_a_tuned_config_makes_reproduce_stop_on_the_tunes_protocol_and_round(tmp_path: Path) -> None:
+    """Source config stops on 5 negatives, tune scores 19: the written config early-stops on 19, at the winner's round."""
+    write_pair(tmp_path)
+    source = CONFIG.replace("max_rounds = 4\npatience = 2\nvalid_negatives = 19", "max_rounds = 8\npatience = 2\nvalid_negatives = 5")
+    assert source != CONFIG
+    (tmp_path / "pair.toml").write_text(source)
+    output = tmp_path / "tuned.toml"
+    stdout, stderr = StringIO(), StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        code = tune.main([str(tmp_path / "pair.toml"), "--models", "cdimf", "--trials", "3", "--startup-trials", "1",
+                          "--seed", "1", "--output", str(output), "--json"])
+    assert code == 0, stderr.getvalue()
+    report = json.loads(stdout.getvalue())
+    assert report["valid_negatives"] == 19  # [evaluation] n_negatives, not the source's [stopping] 5
+    tuned = load_reproduce_config(output)
+    assert tuned.stopping.valid_negatives == 19
+    assert "valid_negatives = 19" in output.read_text()
+    # reproduce, as a process, early-stops CDIMF on the tune's validation rows: the winner's curve, round by round
+    done = subprocess.run([sys.executable, "-m", "cdimf", "reproduce", str(output), "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = next(r for r in json.loads(done.stdout)["results"] if r["model"] == "CDIMF")
+    best = report["best"]["cdimf"]
+    assert result["validation_metric"] == "mean valid NDCG@10 (19 neg)"
+    assert result["rounds"] == best["rounds"]
+    assert result["validation"] == pytest.approx([100 * v for v in best["history"]], abs=1e-3)
+    # and the 5-negative protocol of the source config would have scored another curve (so this test can fail)
+    splits, _ = load_splits(tuned, with_test=False)
+    model = CDIMF([s.train for s in splits], tuned, splits[0].users.keys)
+    model.step()
+    five = [held_out(s, "valid", 5, tuned.evaluation.seed) for s in splits]
+    first = np.mean([brute_force_ndcg(u, i, h.candidates, h.users, s.train.toarray(), 10)
+                     for s, (u, i), h in zip(splits, model.vectors(), five)])
+    assert abs(100 * first - result["validation"][0]) > 1e-3
+
+
+def test_tune_valid_negatives_flag_is_written_as_the_stopping_protocol(tmp_path: Path) -> None:
+    """--valid-negatives 7: the trials are scored on 7 negatives and the written config stops on 7."""
+    write_pair(tmp_path)
+    (tmp_path / "pair.toml").write_text(CONFIG)
+    output = tmp_path / "tuned.toml"
+    with redirect_stdout(StringIO()), redirect_stderr(StringIO()):
+        assert tune.main([str(tmp_path / "pair.toml"), "--models", "joined", "--trials", "1", "--valid-negatives", "7",
+                          "--output", str(output)]) == 0
+    assert load_reproduce_config(output).stopping.valid_negatives == 7

@@ -174,6 +174,9 @@ def _stream_integer_columns(path: Path, stream: pa.NativeFile, delimiter: str, h
             text = batch.column(2)
             expected += int(pc.sum(pc.binary_length(text)).as_py())
             weights.append(pc.cast(text, pa.float64()).to_numpy().astype(np.float32))
+    # pyarrow's allocator keeps the freed parse buffers of every block (tens of MiB) for reuse:
+    # hand them back before the key columns are built, the load's largest step
+    pa.default_memory_pool().release_unused()
     if not users.size:
         return None
     user_column = integer_key_column(users.result())

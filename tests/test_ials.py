@@ -264,3 +264,37 @@ def test_factors_are_float32_normals_scaled_by_sigma_over_root_rank() -> None:
     factors = ials.init_factors(300, 16, 0.5, 5)
     assert factors.dtype == np.float32
     np.testing.assert_array_equal(factors, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_half_step_holds_one_result_sized_array(backend: str) -> None:
+    """Traced peak of a half-step with a proximal term on a few rows stays near one (rows, rank) result.
+
+    A proximal right-hand side held for every row, or a second array to rotate the result back
+    into, would each add another result-sized array: the bound below leaves room for neither.
+    """
+    import tracemalloc
+
+    n_rows, n_cols, rank = 100_000, 500, 64
+    rng = np.random.default_rng(21)
+    rows = rng.integers(0, n_rows, size=3 * n_rows)
+    cols = rng.integers(0, n_cols, size=3 * n_rows)
+    matrix = as_csr32(sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_rows, n_cols)))
+    matrix.data[:] = 1.0
+    fixed = ials.init_factors(n_cols, rank, 1.0, 22)
+    ridge = rng.uniform(0.05, 0.5, size=n_rows)
+    shared = np.sort(rng.choice(n_rows, size=200, replace=False))
+    prox = ials.Proximal(shared, rng.standard_normal((len(shared), rank)).astype(np.float32), 1.0)
+    result_bytes = n_rows * rank * 4
+    # the result, the rotated fixed side, per-row bookkeeping (ridge + rho, row maps, lengths,
+    # orders: under 64 bytes a row) and a solver chunk's and a rotation block's scratch
+    bound = result_bytes + (n_cols + 1) * rank * 4 + 64 * n_rows + 4 * ials.CHUNK_FLOATS * 4
+    assert bound < 2 * result_bytes  # so that one more result-sized array fails the test
+    tracemalloc.start()
+    try:
+        solved = ials.solve_half_step(matrix, fixed, 0.1, ridge, prox, threads=1, backend=backend)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert solved.shape == (n_rows, rank)
+    assert peak < bound, f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"

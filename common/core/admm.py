@@ -92,8 +92,11 @@ def consensus(
 
 def dual_update(duals: np.ndarray, local: np.ndarray, consensus_rows: np.ndarray) -> np.ndarray:
     """The domain's dual step U + X - Z for its shared rows (a new array)."""
-    # float32 in, float32 out: no further copy of a matrix of shared rows
-    return (duals + local - consensus_rows).astype(FLOAT, copy=False)
+    # one new array, summed into in place (U + X, then - Z: the same float32 operations as the
+    # expression, without its two (shared rows, rank) temporaries); the inputs are not written
+    updated = np.add(duals, local, dtype=FLOAT)
+    updated -= consensus_rows
+    return updated
 
 
 def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray:

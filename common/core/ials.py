@@ -154,6 +154,20 @@ def _matmul_rows(left: np.ndarray, right: np.ndarray, out: np.ndarray, n_threads
     return out
 
 
+def _matmul_rows_in_place(rows: np.ndarray, right: np.ndarray, n_threads: int) -> np.ndarray:
+    """rows = rows @ right (square right), a block of rows at a time, so only one block's product is extra."""
+
+    def block_product(block: slice) -> None:
+        """One range of rows, overwritten by its product."""
+        rows[block] = rows[block] @ right
+
+    # the same fixed blocks as _matmul_rows: the same GEMMs, so the same bits for any thread count
+    block_rows = max(1, CHUNK_FLOATS // max(1, rows.shape[1]))
+    blocks = [slice(lo, min(rows.shape[0], lo + block_rows)) for lo in range(0, rows.shape[0], block_rows)]
+    run_parallel([partial(block_product, block) for block in blocks], n_threads)
+    return rows
+
+
 def solve_half_step(
     interactions: sp.csr_matrix,
     fixed: np.ndarray,
@@ -230,14 +244,13 @@ def _solve_half_step(
     rotated = np.empty((n_cols + 1, rank), dtype=FLOAT)
     _matmul_rows(fixed, basis32, rotated[:n_cols], n_threads)
     rotated[n_cols] = 0.0  # the zero row that the numpy path pads with
-    extra = None
+    extra = extra_row = None
     if active is not None:
-        extra = np.zeros((n_rows, rank), dtype=FLOAT)
         # scaled in place: the same float32 products without a second (shared rows, rank) temporary
-        rotated_target = np.asarray(active.target, dtype=FLOAT) @ basis32
-        rotated_target *= FLOAT(active.rho)
-        extra[active.rows] = rotated_target
-        del rotated_target
+        extra = np.asarray(active.target, dtype=FLOAT) @ basis32
+        extra *= FLOAT(active.rho)
+        extra_row = np.full(n_rows, -1, dtype=np.int32)
+        extra_row[active.rows] = np.arange(len(active.rows), dtype=np.int32)
     systems = RowSystems(
         pattern=sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape),
         weighted=bool(data.size) and not np.all(data == 1.0),
@@ -245,15 +258,16 @@ def _solve_half_step(
         eigvals=eigvals,
         shift=shift,
         extra=extra,
+        extra_row=extra_row,
     )
     start = None
     if method == "cg":
         start = np.zeros((n_rows, rank), FLOAT) if initial is None else np.asarray(initial, FLOAT) @ basis32
     solved = _REGISTRY[chosen].solve(systems, start, cg_steps if method == "cg" else 0, n_threads)
-    # The systems are solved: their (n_rows, rank) right-hand-side term and CG start go before
-    # the rotated-back result is allocated (the node's peak, 256 MiB each at 1M users, rank 64).
-    del systems, extra, start
-    return _matmul_rows(solved, np.ascontiguousarray(basis32.T), np.empty_like(solved), n_threads)
+    # The systems are solved: their proximal right-hand sides and CG start go, and the result is
+    # rotated back in place (a second (n_rows, rank) array was the node's peak: 256 MiB at 1M users, rank 64).
+    del systems, extra, extra_row, start
+    return _matmul_rows_in_place(solved, np.ascontiguousarray(basis32.T), n_threads)
 
 
 def observed_residual_sq(interactions: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> float:

@@ -106,7 +106,8 @@ typedef struct {
     const float *rotated; /* (n_cols, d) */
     const float *eigvals; /* (d,) */
     const double *shift;  /* (n_rows,) ridge + rho */
-    const float *extra;   /* (n_rows, d) added to the right-hand side, or NULL */
+    const float *extra;   /* (n_extra, d) added to the right-hand sides of some rows, or NULL */
+    const int32_t *extra_row; /* (n_rows,) row r's row of extra, -1 for none (read only with extra) */
     const float *start;   /* (n_rows, d) CG warm start in the eigenbasis, or NULL */
     float *out;           /* (n_rows, d) */
     int64_t d;
@@ -123,11 +124,24 @@ static inline void prefetch_row(const problem *p, int64_t t, int64_t hi) {
     }
 }
 
+/* Row r's row of extra, or NULL: only the rows with a proximal term carry one, so no
+ * (n_rows, d) array of mostly zeros exists. */
+static inline const float *extra_of(const problem *p, int64_t r) {
+    if (!p->extra || p->extra_row[r] < 0) return NULL;
+    return p->extra + (int64_t)p->extra_row[r] * p->d;
+}
+
+/* b = extra_r, or zeros. */
+static inline void rhs_start(const problem *p, int64_t r, float *RESTRICT b) {
+    const float *e = extra_of(p, r);
+    if (e) memcpy(b, e, (size_t)p->d * sizeof(float));
+    else memset(b, 0, (size_t)p->d * sizeof(float));
+}
+
 /* The right-hand side V^T w + extra of row r into b. */
 static void row_rhs(const problem *p, int64_t r, float *RESTRICT b) {
     const int64_t d = p->d;
-    if (p->extra) memcpy(b, p->extra + r * d, (size_t)d * sizeof(float));
-    else memset(b, 0, (size_t)d * sizeof(float));
+    rhs_start(p, r, b);
     const int64_t hi = p->indptr[r + 1];
     for (int64_t t = p->indptr[r]; t < hi; ++t) {
         prefetch_row(p, t + PREFETCH_AHEAD, hi);
@@ -143,8 +157,7 @@ static int solve_dense(const problem *p, int64_t r, float *RESTRICT a, float *RE
     const float sh = (float)p->shift[r];
     memset(a, 0, (size_t)(d * d) * sizeof(float));
     for (int64_t k = 0; k < d; ++k) a[k * d + k] = p->eigvals[k] + sh;
-    if (p->extra) memcpy(b, p->extra + r * d, (size_t)d * sizeof(float));
-    else memset(b, 0, (size_t)d * sizeof(float));
+    rhs_start(p, r, b);
     int64_t t = lo;
     for (; t + 4 <= hi; t += 4) {
         for (int64_t ahead = 0; ahead < 4; ++ahead) prefetch_row(p, t + PREFETCH_AHEAD + ahead, hi);
@@ -296,8 +309,7 @@ static int solve_dense_tiled(const problem *p, int64_t r, float *RESTRICT a, flo
     float coef[TILE_ROWS];
     memset(a, 0, (size_t)(d * d) * sizeof(float));
     for (int64_t k = 0; k < d; ++k) a[k * d + k] = p->eigvals[k] + sh;
-    if (p->extra) memcpy(b, p->extra + r * d, (size_t)d * sizeof(float));
-    else memset(b, 0, (size_t)d * sizeof(float));
+    rhs_start(p, r, b);
     for (int64_t first = lo; first < hi; first += TILE_ROWS) {
         const int64_t count = hi - first < TILE_ROWS ? hi - first : TILE_ROWS;
         for (int64_t t = 0; t < count; ++t) {
@@ -422,8 +434,8 @@ static void solve_cg(const problem *p, int64_t r, float *RESTRICT res, float *RE
 int64_t ials_solve_rows(const int64_t *order, int64_t n_order, int64_t *cursor, int64_t block,
                         const int64_t *indptr, const int32_t *indices, const float *weights,
                         const float *rotated, const float *eigvals, const double *shift, const float *extra,
-                        const float *start, float *out, int64_t d, int64_t cg_steps, uint8_t *failed) {
-    problem p = {indptr, indices, weights, rotated, eigvals, shift, extra, start, out, d, cg_steps};
+                        const int32_t *extra_row, const float *start, float *out, int64_t d, int64_t cg_steps, uint8_t *failed) {
+    problem p = {indptr, indices, weights, rotated, eigvals, shift, extra, extra_row, start, out, d, cg_steps};
     size_t bytes = (size_t)(2 * d * d + 4 * d) * sizeof(float);
     float *scratch = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!scratch) return -1;

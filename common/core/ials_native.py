@@ -112,6 +112,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,  # eigvals
         ctypes.c_void_p,  # shift
         ctypes.c_void_p,  # extra or NULL
+        ctypes.c_void_p,  # extra_row (read only with extra)
         ctypes.c_void_p,  # start or NULL
         ctypes.c_void_p,  # out
         ctypes.c_int64,  # d
@@ -160,7 +161,8 @@ class RowKernel:
     rotated: np.ndarray  # float32 (>= n_cols, d)
     eigvals: np.ndarray  # float32 (d,)
     shift: np.ndarray  # float64 (n_rows,)
-    extra: np.ndarray | None  # float32 (n_rows, d) added to the right-hand sides
+    extra: np.ndarray | None  # float32 (n_extra, d) added to the right-hand sides of some rows
+    extra_row: np.ndarray | None  # int32 (n_rows,) each row's row of extra, -1 for none
     start: np.ndarray | None  # float32 (n_rows, d) CG warm start
     out: np.ndarray  # float32 (n_rows, d)
     cg_steps: int  # 0 solves exactly
@@ -183,6 +185,7 @@ class RowKernel:
             _address(self.eigvals),
             _address(self.shift),
             _address(self.extra),
+            _address(self.extra_row),
             _address(self.start),
             _address(self.out),
             self.rotated.shape[1],
@@ -215,6 +218,7 @@ def _solve_rows(
         eigvals=systems.eigvals.astype(FLOAT),
         shift=systems.shift,
         extra=systems.extra,
+        extra_row=systems.extra_row,
         start=start,
         out=out,
         cg_steps=cg_steps,

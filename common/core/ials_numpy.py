@@ -44,14 +44,19 @@ class RowSystems:
     rotated: np.ndarray  # (n_cols + 1, d) float32 factors in the eigenbasis, plus a zero row for padding
     eigvals: np.ndarray  # (d,) float64 eigenvalues of alpha*G
     shift: np.ndarray  # (n_rows,) float64 ridge + rho
-    extra: np.ndarray | None  # (n_rows, d) float32 rho*h in the eigenbasis, or None without a proximal term
+    # rho*h in the eigenbasis, float32, one row per proximal row only (an (n_rows, d) array would
+    # be mostly zeros: a quarter GiB at a million users, rank 64), or None without a proximal term
+    extra: np.ndarray | None
+    extra_row: np.ndarray | None  # (n_rows,) int32: each row's row of extra, -1 for none
 
     def rhs(self, rows: np.ndarray | None = None) -> np.ndarray:
         """V^T w + extra for all rows (or only `rows`), float32."""
         pattern = self.pattern if rows is None else self.pattern[rows]
         product = np.asarray(pattern @ self.rotated[: self.pattern.shape[1]], dtype=FLOAT)
-        if self.extra is not None:
-            product += self.extra if rows is None else self.extra[rows]
+        if self.extra is not None and self.extra_row is not None:
+            slots = self.extra_row if rows is None else self.extra_row[rows]
+            hit = np.flatnonzero(slots >= 0)
+            product[hit] += self.extra[slots[hit]]
         return product
 
 

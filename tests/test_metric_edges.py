@@ -93,3 +93,11 @@ def test_negatives_from_a_key_space_beyond_int32_stay_distinct_allowed_and_in_ra
     assert np.unique(negatives).size == n_negatives
     assert negatives.min() >= 0 and negatives.max() < n_items
     assert not set(negatives.tolist()) & {3, 7, 99_999}
+
+
+@pytest.mark.parametrize(("users", "items"), [([0, 1], [2]), ([0], [2, 1]), ([[0]], [[2]]), (0, 2)])
+def test_test_rows_must_be_equal_length_one_dimensional_arrays(users: object, items: object) -> None:
+    """Unequal lengths either way, 2-d and 0-d rows are all refused with the same message."""
+    train = _binary([(0, 0), (1, 1)], (2, 3))
+    with pytest.raises(ValueError, match="must be equal-length 1-d arrays"):
+        full_catalog_metrics(np.ones((2, 2)), np.ones((3, 2)), train, np.array(users), np.array(items))

@@ -101,3 +101,16 @@ def test_test_rows_must_be_equal_length_one_dimensional_arrays(users: object, it
     train = _binary([(0, 0), (1, 1)], (2, 3))
     with pytest.raises(ValueError, match="must be equal-length 1-d arrays"):
         full_catalog_metrics(np.ones((2, 2)), np.ones((3, 2)), train, np.array(users), np.array(items))
+
+
+@pytest.mark.parametrize(("users", "items", "message"), [
+    ([], [], "no test rows"),
+    ([-1], [0], "test_users holds indices outside"),
+    ([3], [0], "test_users holds indices outside"),
+    ([0], [-1], "test_items holds indices outside"),
+])
+def test_empty_rows_and_indices_just_outside_either_end_are_refused(users: list[int], items: list[int], message: str) -> None:
+    """No rows, user -1 or n_users + 1 (2 users) and item -1 are each refused with their own message."""
+    train = _binary([(0, 0), (1, 1)], (2, 3))
+    with pytest.raises(ValueError, match=message):
+        full_catalog_metrics(np.ones((2, 2)), np.ones((3, 2)), train, np.array(users, dtype=np.int64), np.array(items, dtype=np.int64))

@@ -114,3 +114,17 @@ def test_empty_rows_and_indices_just_outside_either_end_are_refused(users: list[
     train = _binary([(0, 0), (1, 1)], (2, 3))
     with pytest.raises(ValueError, match=message):
         full_catalog_metrics(np.ones((2, 2)), np.ones((3, 2)), train, np.array(users, dtype=np.int64), np.array(items, dtype=np.int64))
+
+
+def test_a_catalog_without_item_zero_is_valid_and_one_past_its_end_plus_one_is_refused() -> None:
+    """Catalog [1, 2] of 3 items: user 0 (trained on item 0) scores item 2 at 4, item 1 at 2, so its top 1 is its test item 2.
+
+    HR, NDCG and Recall@1 are then 1 and Coverage@1 is one of the catalog's two items; a catalog
+    naming item 4 of 3 is refused.
+    """
+    train = _binary([(0, 0), (1, 1)], (2, 3))
+    users, items = np.ones((2, 2)), np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    result = full_catalog_metrics(users, items, train, np.array([0]), np.array([2]), k=1, catalog=np.array([1, 2]))
+    assert result == {"HR@1": 1.0, "NDCG@1": 1.0, "Recall@1": 1.0, "Coverage@1": 0.5, "users": 1.0}
+    with pytest.raises(ValueError, match="catalog holds item indices outside"):
+        full_catalog_metrics(users, items, train, np.array([0]), np.array([2]), k=1, catalog=np.array([0, 4]))

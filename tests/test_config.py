@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, load_config
+from cdimf.common.config import AggregatorConfig, ConfigError, NodeConfig, Override, TLSConfig, load_config
 
 NODE_TOML = """
 domain = "sport"
@@ -96,3 +97,54 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(NodeConfig, tmp_path / "absent.toml", environ={})
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load_config(NodeConfig, _write(tmp_path, "domain = ", "broken.toml"), environ={})
+
+
+def test_a_value_set_as_a_table_names_its_full_dotted_path(tmp_path: Path) -> None:
+    """Setting a field below a plain value names the value's whole dotted path, one or two tables deep."""
+    path = _write(tmp_path, "[ials]\nrank = 32\n[run.domain_aggregation_period]\ncloth = 2\n", "agg.toml")
+    two_deep = Override(("ials", "rank", "x"), 1, "option --x")
+    with pytest.raises(ConfigError) as caught:
+        load_config(AggregatorConfig, path, environ={}, overrides=[two_deep])
+    assert str(caught.value) == "option --x: ials.rank is set as a value and as a table"
+    three_deep = Override(("run", "domain_aggregation_period", "cloth", "x"), 1, "option --y")
+    with pytest.raises(ConfigError) as caught:
+        load_config(AggregatorConfig, path, environ={}, overrides=[three_deep])
+    assert str(caught.value) == "option --y: run.domain_aggregation_period.cloth is set as a value and as a table"
+
+
+def test_a_table_read_alone_names_its_own_keys_line(tmp_path: Path) -> None:
+    """With table=, a bad key's line is that table's key's line, not a same-named key of another table."""
+    text = "[tls]\ninsecure = true\nca_file = 5\n[aa]\nca_file = 'a'\n[zz]\nca_file = 'z'\n"
+    path = _write(tmp_path, text, "tls.toml")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: field tls\.ca_file: "):
+        load_config(TLSConfig, path, environ={}, table="tls")
+
+
+class _Leaf(BaseModel):
+    """A table with a path, as an item of a list of tables."""
+
+    file: Path
+    label: str = ""
+
+
+class _Tree(BaseModel):
+    """Paths in a list of tables, beside lists, tables and text that are not paths."""
+
+    leaves: list[_Leaf] = []
+    names: list[str] = []
+    tags: dict[str, str] = {}
+    one: _Leaf | None = None
+    where: Path | None = None
+
+
+def test_relative_paths_in_a_list_of_tables_are_the_files(tmp_path: Path) -> None:
+    """Each table of a [[list]] gets its relative paths resolved; lists of text and plain tables stay as written."""
+    text = (
+        "names = ['rel/a']\nwhere = 'w.txt'\n[tags]\nt = 'rel/t'\n[one]\nfile = 'one.txt'\n"
+        "[[leaves]]\nfile = 'a.txt'\nlabel = 'rel/label'\n[[leaves]]\nfile = '/abs/b.txt'\n"
+    )
+    tree = load_config(_Tree, _write(tmp_path, text, "tree.toml"), environ={})
+    assert [leaf.file for leaf in tree.leaves] == [tmp_path / "a.txt", Path("/abs/b.txt")]
+    assert [leaf.label for leaf in tree.leaves] == ["rel/label", ""]
+    assert tree.names == ["rel/a"] and tree.tags == {"t": "rel/t"}
+    assert tree.one is not None and tree.one.file == tmp_path / "one.txt" and tree.where == tmp_path / "w.txt"

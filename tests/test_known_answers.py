@@ -5,6 +5,7 @@ file, or a literal of the protocol (1000 candidates, 300 s, HMAC-SHA256), never 
 function under test: a wrong formula shared by the code and its callers still fails here.
 """
 
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -17,8 +18,10 @@ import scipy.sparse as sp
 from cryptography.hazmat.primitives import serialization
 
 from cdimf.common.config import NodeConfig, ValidationParams
+from cdimf.common.core import ials
 from cdimf.common.core.admm import (
     ADMMParams,
+    block_plan,
     blockwise_consensus,
     consensus,
     consensus_mean,
@@ -28,7 +31,7 @@ from cdimf.common.core.admm import (
     proximal_target,
 )
 from cdimf.common.core.evaluation import draw_candidates
-from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, solve_half_step
+from cdimf.common.core.ials import Proximal, frequency_ridge, ials_loss, observed_residual_sq, solve_half_step
 from cdimf.common.core.metrics import sample_negatives, sampled_ranks
 from cdimf.common.core.model import DomainTrainer
 from cdimf.common.core.params import IALSParams
@@ -79,6 +82,8 @@ def test_frequency_ridge_is_lambda_times_count_plus_alpha_times_catalog_to_the_n
     np.testing.assert_allclose(trainer.item_ridge, [lam * (c + alpha * 9) ** nu for c in item_counts], rtol=1e-12)
     # one literal: 2 items of 10, lam 0.5, alpha 3, nu 1 -> 0.5 * (2 + 30) = 16
     assert frequency_ridge(np.array([2]), 10, lam=0.5, alpha=3.0, nu=1.0).tolist() == [16.0]
+    # the formula holds for a negative exponent too: 0.5 * 32 ** -1 = 1 / 64
+    assert frequency_ridge(np.array([2]), 10, lam=0.5, alpha=3.0, nu=-1.0).tolist() == [1 / 64]
 
 
 def test_a_users_half_step_solves_the_hand_built_system_with_the_frequency_ridge() -> None:
@@ -341,6 +346,72 @@ def test_blockwise_consensus_of_one_row_and_of_rows_not_filling_a_block() -> Non
         assert z[:, 0].tolist() == [2.0, 5.0, 3.0, 0.0, 4.0]
 
 
+def _mean_by_hand(contributions: list[tuple[np.ndarray, np.ndarray]], n_rows: int, rank: int) -> np.ndarray:
+    """The float64 mean over holders, row by row and domain by domain (rows nobody holds are 0)."""
+    total = np.zeros((n_rows, rank))
+    count = np.zeros(n_rows)
+    for rows, values in contributions:
+        for row, value in zip(rows.tolist(), values.astype(np.float64)):
+            total[row] += value
+            count[row] += 1
+    return np.array([total[row] / count[row] if count[row] else total[row] for row in range(n_rows)], np.float32)
+
+
+def test_blockwise_consensus_of_decreasing_and_first_smallest_row_ids_in_many_blocks() -> None:
+    """Row ids decreasing, or smallest first but unsorted, over hundreds of blocks: the mean by hand."""
+    rng = np.random.default_rng(3)
+    n_rows, rank = 600, 2
+    decreasing = np.arange(n_rows - 1, -1, -2)
+    first_smallest = np.array([0, 7, 3, 599, 12, 5, 400])
+    contributions = [(rows, rng.standard_normal((len(rows), rank)).astype(np.float32)) for rows in (decreasing, first_smallest)]
+    expected = _mean_by_hand(contributions, n_rows, rank)
+    for block_rows in (2, 5):
+        z = blockwise_consensus(contributions, n_rows, rank, ADMMParams(rho=1.0), block_rows)
+        np.testing.assert_allclose(z, expected, rtol=1e-6, atol=0)
+    # a permutation of every row with the first row first and the last last (not increasing)
+    permutation = np.array([0, *range(n_rows - 2, 0, -1), n_rows - 1])
+    values = rng.standard_normal((n_rows, rank)).astype(np.float32)
+    mean, holders = consensus_mean([(permutation, values)], n_rows, rank)
+    np.testing.assert_array_equal(mean[permutation], values)
+    assert holders.tolist() == [1] * n_rows
+
+
+def test_blockwise_consensus_of_three_hundred_domains() -> None:
+    """300 domains holding one row each of 4 (75 per row): the mean by hand; a plan fewer or more is refused."""
+    rng = np.random.default_rng(4)
+    contributions = [(np.array([domain % 4]), rng.standard_normal((1, 3)).astype(np.float32)) for domain in range(300)]
+    z = blockwise_consensus(contributions, 4, 3, ADMMParams(rho=1.0), 2)
+    np.testing.assert_allclose(z, _mean_by_hand(contributions, 4, 3), rtol=1e-5, atol=1e-7)
+    plans = [block_plan(rows, 4, 2) for rows, _ in contributions]
+    for wrong in (plans[:-1], [*plans, plans[0]]):
+        with pytest.raises(ValueError, match=rf"^{len(wrong)} block plans for 300 contributions$"):
+            blockwise_consensus(contributions, 4, 3, ADMMParams(rho=1.0), 2, wrong)
+
+
+def test_a_block_plan_of_other_rows_or_other_blocks_is_refused() -> None:
+    """A plan made for one row more or less, or for blocks of another size, does not fit; a plan is frozen."""
+    rows = np.array([5, 1, 3])
+    contribution = [(rows, np.ones((3, 1), np.float32))]
+    for plan, block_rows in [(block_plan(np.array([5, 1, 3, 0]), 8, 2), 2), (block_plan(np.array([5, 1]), 8, 2), 2),
+                             (block_plan(rows, 8, 2), 4), (block_plan(rows, 8, 4), 2)]:
+        with pytest.raises(ValueError, match=r"does not fit 3 rows in blocks of"):
+            blockwise_consensus(contribution, 8, 1, ADMMParams(rho=1.0), block_rows, [plan])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        block_plan(rows, 8, 2).order = None  # type: ignore[misc]
+
+
+def test_a_block_plan_holds_row_ids_beyond_int32_exactly_and_int32_below() -> None:
+    """Ids of a Z of 2**31 + 1 rows or more stay exact (int64); below 2**31 rows the plan is int32."""
+    for n_rows in (2**31, 2**31 + 1, 2**32 + 8):
+        index = np.array([n_rows - 1, 0, 5])
+        plan = block_plan(index, n_rows, 2**30)
+        assert plan.order is not None and plan.order.tolist() == [1, 2, 0]
+        assert plan.sorted_index.tolist() == [0, 5, n_rows - 1]
+    small = block_plan(np.array([2**31 - 2, 0]), 2**31 - 1, 2**30)
+    assert small.order is not None and small.order.dtype == np.int32 and small.sorted_index.dtype == np.int32
+    assert small.sorted_index.tolist() == [0, 2**31 - 2]
+
+
 def test_a_consensus_of_another_shape_is_refused_naming_both_shapes_and_changes_nothing() -> None:
     """Two shared rows at rank 2: a Z with a row or a column too many or too few is a ValueError
     naming both shapes, and the duals, the consensus and the exchange count stay as they were."""
@@ -444,3 +515,109 @@ def test_rows_of_another_dimension_a_receivers_z_copy_two_epochs_and_the_paper_s
     ridge, prox = trainer.user_system()
     assert prox is not None and prox.rho == 0.7  # the paper's step: rho on both sides
     np.testing.assert_array_equal(ridge, trainer.user_ridge)
+
+
+# ----- solve_half_step at its edges: one item, weights, methods, shapes -----
+
+
+def _one_item(weights: list[float]) -> sp.csr_matrix:
+    """Every user holds the one item, with these stored weights (zeros kept as stored entries)."""
+    n = len(weights)
+    return sp.csr_matrix((np.array(weights, np.float32), np.zeros(n, np.int32), np.arange(n + 1)), shape=(n, 1))
+
+
+def test_a_half_step_against_one_item_solves_its_rank_deficient_system_and_refuses_a_singular_one() -> None:
+    """One item at rank 2: alpha y y^T is singular but a ridge of 0.5 makes it solvable; no ridge, or a negative one, is refused."""
+    matrix = _one_item([1.0, 2.0, 1.0])
+    fixed = np.array([[0.6, -1.2]], np.float32)
+    ridge = np.full(3, 0.5)
+    solved = solve_half_step(matrix, fixed, 3.0, ridge, threads=1, backend="numpy")
+    np.testing.assert_allclose(solved, _dense_solve(matrix, fixed, 3.0, ridge), rtol=1e-5, atol=1e-6)
+    for bad in (np.zeros(3), np.array([-1.0, 0.5, 0.5])):
+        with pytest.raises(ValueError, match="singular"):
+            solve_half_step(matrix, fixed, 3.0, bad, threads=1, backend="numpy")
+
+
+@pytest.mark.parametrize("weights", [[2.0, 2.0, 2.0], [0.5, 0.5, 0.5], [1.0, 2.0, 1.0], [0.5, 1.0, 1.0], [0.0, 0.0, 0.0]])
+def test_weights_all_above_or_below_one_or_all_zero_enter_the_system(weights: list[float]) -> None:
+    """Stored weights all 2, all 0.5, ones and twos, halves and ones, all 0 (a proximal row keeps b nonzero): the float64 brute force."""
+    n_items = 4
+    indices = np.tile(np.arange(n_items, dtype=np.int32), 3)
+    matrix = sp.csr_matrix((np.repeat(np.array(weights, np.float32), n_items), indices, np.arange(0, 13, n_items)), shape=(3, n_items))
+    rng = np.random.default_rng(11)
+    fixed = rng.standard_normal((n_items, 3)).astype(np.float32)
+    ridge = np.full(3, 0.3)
+    rows, target = np.array([1]), rng.standard_normal((1, 3)).astype(np.float32)
+    solved = solve_half_step(matrix, fixed, 0.2, ridge, Proximal(rows, target, 1.5), threads=1, backend="numpy")
+    np.testing.assert_allclose(solved, _dense_solve(matrix, fixed, 0.2, ridge, rows, target, 1.5), rtol=1e-4, atol=1e-5)
+
+
+def test_a_half_step_takes_any_scipy_matrix_and_checks_cg_steps_only_for_cg() -> None:
+    """A coo or csc matrix solves as its csr; exact ignores cg_steps; cg needs one step or more, however its name was built."""
+    matrix = _interactions(6, 5, 0.4, seed=12, weighted=True)
+    fixed = np.random.default_rng(12).standard_normal((5, 3)).astype(np.float32)
+    ridge = np.full(6, 0.4)
+    expected = _dense_solve(matrix, fixed, 0.5, ridge)
+    for other in (matrix.tocoo(), matrix.tocsc()):
+        np.testing.assert_allclose(solve_half_step(other, fixed, 0.5, ridge, threads=1, backend="numpy"), expected, rtol=1e-4, atol=1e-5)
+    exact = solve_half_step(matrix, fixed, 0.5, ridge, threads=1, backend="numpy", method="exact", cg_steps=0)
+    np.testing.assert_allclose(exact, expected, rtol=1e-4, atol=1e-5)
+    one_step = solve_half_step(matrix, fixed, 0.5, ridge, threads=1, backend="numpy", method="cg", cg_steps=1)
+    assert one_step.shape == (6, 3) and np.all(np.isfinite(one_step)) and np.abs(one_step).max() > 1e-3
+    for name in ("cg", "".join(["c", "g"])):  # a literal, and a name read at run time (not interned)
+        with pytest.raises(ValueError, match=r"^cg_steps must be >= 1, got 0$"):
+            solve_half_step(matrix, fixed, 0.5, ridge, threads=1, backend="numpy", method=name, cg_steps=0)
+
+
+def test_a_half_step_refuses_factors_ridges_starts_and_proximal_terms_of_another_shape() -> None:
+    """Factors of one dimension, three, or a row too many; a ridge or a start too long; a target of another rank; rows outside."""
+    matrix = _interactions(4, 3, 0.5, seed=13)
+    fixed = np.ones((3, 2), np.float32)
+    ridge = np.ones(4)
+    for bad in (np.ones(3, np.float32), np.ones((3, 2, 1), np.float32), np.ones((4, 2), np.float32)):
+        with pytest.raises(ValueError, match=r"^fixed factors have shape"):
+            solve_half_step(matrix, bad, 0.5, ridge, backend="numpy")
+    with pytest.raises(ValueError, match=r"^ridge has shape \(5,\), expected \(4,\)$"):
+        solve_half_step(matrix, fixed, 0.5, np.ones(5), backend="numpy")
+    for start in (np.ones((5, 2), np.float32), np.ones((4, 3), np.float32)):
+        with pytest.raises(ValueError, match=r"^initial factors have shape"):
+            solve_half_step(matrix, fixed, 0.5, ridge, backend="numpy", method="cg", initial=start)
+    with pytest.raises(ValueError, match=r"^proximal target has rank 3, factors have 2$"):
+        solve_half_step(matrix, fixed, 0.5, ridge, Proximal(np.array([0, 1]), np.ones((2, 3), np.float32), 1.0), backend="numpy")
+    for row in (-1, 4):
+        with pytest.raises(ValueError, match=rf"^proximal rows must lie in \[0, 4\), got {row}\.\.{row}$"):
+            solve_half_step(matrix, fixed, 0.5, ridge, Proximal(np.array([row]), np.ones((1, 2), np.float32), 1.0), backend="numpy")
+
+
+def test_one_proximal_row_at_rank_300() -> None:
+    """A single shared row under the proximal term at a rank above 256: the float64 brute force."""
+    rank = 300
+    matrix = _interactions(5, 4, 0.5, seed=14)
+    rng = np.random.default_rng(14)
+    fixed = rng.standard_normal((4, rank)).astype(np.float32)
+    ridge = np.full(5, 1.0)
+    rows, target = np.array([2]), rng.standard_normal((1, rank)).astype(np.float32)
+    solved = solve_half_step(matrix, fixed, 0.1, ridge, Proximal(rows, target, 2.0), threads=1, backend="numpy")
+    expected = _dense_solve(matrix, fixed, 0.1, ridge, rows, target, 2.0)
+    np.testing.assert_allclose(solved, expected, rtol=1e-3, atol=1e-4)
+    assert np.abs(solved[2] - _dense_solve(matrix, fixed, 0.1, ridge)[2]).max() > 1e-2
+
+
+def test_the_gramian_in_chunks_not_aligned_to_its_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 4 rows over 8 lanes of 6 or 7 rows (starts not multiples of 4): the solve is still the brute force's."""
+    monkeypatch.setattr(ials, "CHUNK_FLOATS", 16)
+    matrix = _interactions(6, 50, 0.2, seed=15)
+    fixed = np.random.default_rng(15).standard_normal((50, 4)).astype(np.float32)
+    ridge = np.full(6, 0.2)
+    solved = solve_half_step(matrix, fixed, 2.0, ridge, threads=1, backend="numpy")
+    np.testing.assert_allclose(solved, _dense_solve(matrix, fixed, 2.0, ridge), rtol=1e-4, atol=1e-5)
+
+
+def test_the_observed_residual_of_more_entries_than_four_chunks() -> None:
+    """300,000 stored entries at rank 64 (chunks of 65,536): sum w (x.y - 1)^2 by dense float64."""
+    rng = np.random.default_rng(16)
+    weights = rng.uniform(0.5, 2.0, (1000, 300))
+    users = (rng.standard_normal((1000, 64)) / 8).astype(np.float32)
+    items = (rng.standard_normal((300, 64)) / 8).astype(np.float32)
+    expected = float(np.sum(weights * (users.astype(np.float64) @ items.astype(np.float64).T - 1.0) ** 2))
+    assert observed_residual_sq(sp.csr_matrix(weights), users, items) == pytest.approx(expected, rel=1e-10)

@@ -35,7 +35,7 @@ def consensus_mean(
         # every row once, in order (a fully shared block): the same sum without a gather and a scatter
         # (a block none of this domain's rows fall in has no rows: its ends are never read)
         ends = len(rows) == 0 or (rows[0] == 0 and rows[-1] == n_rows - 1)  # mutation: equivalent (a wrong end only skips the fast path)
-        if len(rows) == n_rows and ends and _is_increasing(rows):
+        if len(rows) == n_rows and ends and _is_increasing(rows):  # mutation: equivalent Eq_Gt,Eq_GtE,Eq_Is (only skips the fast path)
             total += values
             holders += 1
             continue
@@ -50,7 +50,7 @@ def consensus_mean(
 
 def _is_increasing(values: np.ndarray) -> bool:
     """Whether an array is strictly increasing."""
-    return bool(np.all(values[1:] > values[:-1]))
+    return bool(np.all(values[1:] > values[:-1]))  # mutation: equivalent Gt_Eq,Gt_GtE,Gt_Is (ids are unique: only skips a sort)
 
 
 def _has_repeats(values: np.ndarray) -> bool:
@@ -101,7 +101,7 @@ def dual_update(duals: np.ndarray, local: np.ndarray, consensus_rows: np.ndarray
 
 def proximal_target(consensus_rows: np.ndarray, duals: np.ndarray) -> np.ndarray:
     """The target h = Z - U that the domain's shared rows are pulled to with weight rho."""
-    return (consensus_rows - duals).astype(FLOAT, copy=False)
+    return (consensus_rows - duals).astype(FLOAT, copy=False)  # mutation: equivalent FalseWithTrue (a new array: its copy is equal)
 
 
 # blockwise_consensus works on blocks of rows whose float64 temporaries take about this many
@@ -133,7 +133,7 @@ def block_plan(index: np.ndarray, n_rows: int, block_rows: int) -> BlockPlan:
     """The BlockPlan of one domain's row ids for blocks of `block_rows` rows of an n_rows Z."""
     starts = np.arange(0, n_rows + block_rows, block_rows).clip(max=n_rows)
     # int32 where it fits: half the bytes of int64 for a plan the aggregator keeps all run long
-    narrow = np.int32 if max(len(index), n_rows) < 2**31 else np.int64
+    narrow = np.int32 if max(len(index), n_rows) < 2**31 else np.int64  # mutation: equivalent Lt_LtE (at 2**31 rows every id fits int32)
     order = None if _is_increasing(index) else np.argsort(index, kind="stable").astype(narrow)
     sorted_index = index if order is None else index[order].astype(narrow)
     return BlockPlan(order, sorted_index, np.searchsorted(sorted_index, starts))

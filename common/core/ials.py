@@ -113,14 +113,14 @@ GRAM_LANES = 8
 
 def _row_blocks(n_rows: int, n_blocks: int) -> list[slice]:
     """n_blocks contiguous, near-equal row ranges covering range(n_rows) (fewer when rows are few)."""
-    edges = np.linspace(0, n_rows, max(1, min(n_blocks, n_rows)) + 1).astype(np.int64)
+    edges = np.linspace(0, n_rows, max(1, min(n_blocks, n_rows)) + 1).astype(np.int64)  # mutation: equivalent Add_LShift (2n edges: more blocks, same rows)
     return [slice(int(lo), int(hi)) for lo, hi in pairwise(edges)]
 
 
 def _gram64(factors: np.ndarray, n_threads: int) -> np.ndarray:
     """factors^T factors accumulated in float64, a block at a time (no full float64 copy), split over threads."""
     rank = factors.shape[1]
-    step = max(1, CHUNK_FLOATS // max(1, rank))
+    step = max(1, CHUNK_FLOATS // max(1, rank))  # mutation: equivalent (rows per float64 block: any step >= 1 sums the same rows)
 
     def partial_gram(rows: slice) -> np.ndarray:
         """The Gramian of one range of rows."""
@@ -210,7 +210,7 @@ def _solve_half_step(
     """solve_half_step's body, run with BLAS pinned to one thread."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "cg" and cg_steps < 1:
+    if method == "cg" and cg_steps < 1:  # mutation: equivalent Eq_LtE (METHODS is exact, cg)
         raise ValueError(f"cg_steps must be >= 1, got {cg_steps}")
     chosen = resolve_backend(backend)
     csr = interactions if isinstance(interactions, sp.csr_matrix) else sp.csr_matrix(interactions)
@@ -227,7 +227,7 @@ def _solve_half_step(
             raise ValueError(f"proximal target has rank {prox.target.shape[1]}, factors have {rank}")
         if prox.rows.min() < 0 or prox.rows.max() >= n_rows:
             raise ValueError(f"proximal rows must lie in [0, {n_rows}), got {prox.rows.min()}..{prox.rows.max()}")
-    data = csr.data.astype(FLOAT, copy=False)
+    data = csr.data.astype(FLOAT, copy=False)  # mutation: equivalent FalseWithTrue (data is only read)
     if data.size and not np.all(data >= 0):
         raise ValueError("interaction weights must be non-negative (and not NaN)")
     fixed = np.ascontiguousarray(fixed, dtype=FLOAT)
@@ -235,7 +235,7 @@ def _solve_half_step(
     eigvals, basis = np.linalg.eigh(alpha * _gram64(fixed, n_threads))
     eigvals = np.clip(eigvals, 0.0, None)
     shift = ridge.astype(np.float64, copy=True)
-    active = prox if prox is not None and len(prox.rows) > 0 else None
+    active = prox if prox is not None and len(prox.rows) > 0 else None  # mutation: equivalent Gt_GtE,Gt_NotEq (an empty term adds nothing)
     if active is not None:
         shift[active.rows] += active.rho
     if n_rows and np.any(eigvals[0] + shift <= 0):
@@ -249,11 +249,11 @@ def _solve_half_step(
         # scaled in place: the same float32 products without a second (shared rows, rank) temporary
         extra = np.asarray(active.target, dtype=FLOAT) @ basis32
         extra *= FLOAT(active.rho)
-        extra_row = np.full(n_rows, -1, dtype=np.int32)
+        extra_row = np.full(n_rows, -1, dtype=np.int32)  # mutation: equivalent USub_Invert (a sentinel compared by sign only)
         extra_row[active.rows] = np.arange(len(active.rows), dtype=np.int32)
     systems = RowSystems(
         pattern=sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape),
-        weighted=bool(data.size) and not np.all(data == 1.0),
+        weighted=bool(data.size) and not np.all(data == 1.0),  # mutation: equivalent AndWithOr (weighting ones solves the same systems)
         rotated=rotated,
         eigvals=eigvals,
         shift=shift,
@@ -261,9 +261,9 @@ def _solve_half_step(
         extra_row=extra_row,
     )
     start = None
-    if method == "cg":
+    if method == "cg":  # mutation: equivalent Eq_LtE (METHODS is exact, cg)
         start = np.zeros((n_rows, rank), FLOAT) if initial is None else np.asarray(initial, FLOAT) @ basis32
-    solved = _REGISTRY[chosen].solve(systems, start, cg_steps if method == "cg" else 0, n_threads)
+    solved = _REGISTRY[chosen].solve(systems, start, cg_steps if method == "cg" else 0, n_threads)  # mutation: equivalent Eq_LtE (METHODS is exact, cg)
     # The systems are solved: their proximal right-hand sides and CG start go, and the result is
     # rotated back in place (a second (n_rows, rank) array was the node's peak: 256 MiB at 1M users, rank 64).
     del systems, extra, extra_row, start
@@ -275,7 +275,7 @@ def observed_residual_sq(interactions: sp.csr_matrix, users: np.ndarray, items: 
     csr = interactions
     rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
     total = 0.0
-    step = max(1, (1 << 22) // max(1, users.shape[1]))
+    step = max(1, (1 << 22) // max(1, users.shape[1]))  # mutation: equivalent (entries per chunk: any step >= 1 sums the same terms)
     for lo in range(0, csr.nnz, step):
         hi = min(csr.nnz, lo + step)
         pred = np.einsum("ij,ij->i", users[rows[lo:hi]], items[csr.indices[lo:hi]], dtype=np.float64)

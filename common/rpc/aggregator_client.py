@@ -40,7 +40,7 @@ import numpy as np
 from cdimf.common.config import ColdStartPolicy, NodeConfig, RunParams
 from cdimf.common.rpc.channels import create_channel, credentials_for
 from cdimf.common.rpc.fastpath import MatrixExchange
-from cdimf.common.rpc.heap import reuse_freed_chunk_memory
+from cdimf.common.rpc.heap import CLIENT_MMAP_THRESHOLD, CLIENT_TRIM_THRESHOLD, reuse_freed_chunk_memory
 from cdimf.common.wire.chunks import ChunkError, MembershipAssembler, encode_registration, wire_dtype
 from cdimf.common.wire.serde import (
     Consensus,
@@ -156,7 +156,8 @@ class AggregatorClient:
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        reuse_freed_chunk_memory()
+        # chunk buffers only: a node's matrices must go back to the system when freed (heap.py)
+        reuse_freed_chunk_memory(CLIENT_MMAP_THRESHOLD, CLIENT_TRIM_THRESHOLD)
         self.address = address
         # who hears about retries: what is retried, for how long, and when it gives up (default: the log)
         self.on_retry = on_retry if on_retry is not None else log.warning

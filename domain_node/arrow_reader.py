@@ -34,7 +34,7 @@ _RELEASE_EVERY = 8
 def _glibc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None off glibc."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
 

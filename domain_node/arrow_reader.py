@@ -5,6 +5,9 @@ distinct keys, so no per-row string survives the read. The CSV reader here only 
 caller validates, and re-reads a file with the exact reader when this one declines it.
 """
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,33 @@ _EDGE_SPACE = r"^[\s\x1c-\x1f\x85\xa0\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x
               r"[\s\x1c-\x1f\x85\xa0\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]$"
 _SCAN_BLOCK = 1 << 24
 _STREAM_BLOCK = 1 << 20
+_CODE_BLOCK = 1 << 20
+# pyarrow's allocator (mimalloc) keeps the parse buffers the reader threads freed, a block's
+# worth each time, until asked: handing them back every few blocks keeps ~60 MB off the peak
+_RELEASE_EVERY = 8
+
+
+def _glibc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None off glibc."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim()
+
+
+def return_free_memory() -> None:
+    """Hand memory that pyarrow's pool and the C heap hold free back to the system.
+
+    Both keep freed blocks for reuse: pyarrow's mimalloc the parse buffers of each block, and
+    glibc's heap the (raised-threshold, so heap-allocated) numpy temporaries of a few MB each.
+    Resident but unused, they would sit under every later step of the load, its peak included.
+    """
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Declined(Exception):
@@ -106,26 +136,68 @@ def _read_table(path: Path, delimiter: str, skip_rows: int, types: dict[str, pa.
     )
 
 
-def _digit_counts(values: np.ndarray) -> np.ndarray:
-    """Number of decimal digits of each non-negative integer written without leading zeros."""
-    return 1 + np.searchsorted(_POWERS_OF_TEN, values, side="right")
-
-
 _POWERS_OF_TEN = np.array([10 ** k for k in range(1, 19)], dtype=np.int64)
 
 
-def integer_key_column(values: np.ndarray) -> KeyColumn:
-    """Distinct sorted keys and int32 codes of non-negative integer keys (a dense table when the ids are compact)."""
+def _digits_written(column: KeyColumn) -> int:
+    """Total decimal digits of every row's key (keys sorted, non-negative, written without leading zeros).
+
+    Each row has one digit, plus one for each power of ten its key reaches; the keys are sorted,
+    so "reaches 10**k" is "code >= the first code whose key does". Counted in blocks: a few
+    passes over the int32 codes with 1 MB temporaries, where a per-key bincount would make
+    8 MB ones (per million keys) that the heap keeps.
+    """
+    total = len(column.codes)
+    for boundary in np.searchsorted(column.keys, _POWERS_OF_TEN).tolist():
+        if boundary >= len(column.keys):
+            break
+        for start in range(0, len(column.codes), _CODE_BLOCK):
+            total += int(np.count_nonzero(column.codes[start:start + _CODE_BLOCK] >= boundary))
+    return total
+
+
+def freeze(array: np.ndarray) -> np.ndarray:
+    """The array made read-only, with every numpy array it is a view of (so no writable alias is left)."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base.flags.writeable = False
+        base = base.base
+    return array
+
+
+def is_frozen(array: np.ndarray) -> bool:
+    """Whether no writable numpy array shares this one's data (it and its bases are read-only and end in numpy's own memory)."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        if base.base is None:
+            return True
+        base = base.base
+    return False
+
+
+def integer_key_column(values: np.ndarray, overwrite: bool = False) -> KeyColumn:
+    """Distinct sorted keys and int32 codes of non-negative integer keys (a dense table when the ids are compact).
+
+    With `overwrite`, an int32 `values` array becomes the codes in place: the load never holds
+    a row's key and its code at once (20 MB per 5M rows saved at the load's peak).
+    """
     if len(values) and int(values.max()) < 4 * len(values) + (1 << 20):
         present = np.zeros(int(values.max()) + 1, dtype=bool)
         present[values] = True
-        keys = np.flatnonzero(present)
+        keys = freeze(np.flatnonzero(present))  # already int64: no copy; frozen, so an IdMap can hold this very array
         # int32 ranks (the table is below 2**31 entries here): codes come out int32 with no int64 pass
         rank = np.cumsum(present, dtype=np.int32) - 1
         del present
-        return KeyColumn(keys.astype(np.int64), rank[values])
+        if overwrite and values.dtype == np.int32:
+            for start in range(0, len(values), _CODE_BLOCK):  # blocks, not rows: a 4 MB temporary each
+                block = values[start:start + _CODE_BLOCK]
+                block[:] = rank[block]
+            return KeyColumn(keys, values)
+        return KeyColumn(keys, rank[values])
     keys, codes = np.unique(values, return_inverse=True)
-    return KeyColumn(keys.astype(np.int64), codes.astype(np.int32))
+    return KeyColumn(keys.astype(np.int64, copy=False), codes.astype(np.int32, copy=False))
 
 
 def _integer_columns(path: Path, delimiter: str, header_bytes: int, n_fields: int) -> Columns | None:
@@ -138,7 +210,9 @@ def _integer_columns(path: Path, delimiter: str, header_bytes: int, n_fields: in
     the weights' text).
     """
     names = ["user", "item", "weight"][:n_fields]
-    types = {name: pa.int64() if name != "weight" else pa.string() for name in names}
+    # keys parsed straight to int32 (what they are kept as): a key beyond int32 fails the parse,
+    # and the caller reads the file as text instead
+    types = {name: pa.int32() if name != "weight" else pa.string() for name in names}
     # a plain file stream (not a memory map, whose pages would count as ours) in small blocks
     with pa.OSFile(str(path)) as stream:
         return _stream_integer_columns(path, stream, delimiter, header_bytes, names, types)
@@ -160,12 +234,14 @@ def _stream_integer_columns(path: Path, stream: pa.NativeFile, delimiter: str, h
     users, items = _Growing(np.int32, most_rows), _Growing(np.int32, most_rows)
     weights: list[np.ndarray] = []
     expected = header_bytes
-    limit = np.iinfo(np.int32).max
-    for batch in reader:
+    pool = pa.default_memory_pool()
+    for count, batch in enumerate(reader, 1):
+        if count % _RELEASE_EVERY == 0:
+            pool.release_unused()
         block_users, block_items = batch.column(0).to_numpy(), batch.column(1).to_numpy()
         if len(block_users) == 0:
             continue
-        if min(int(block_users.min()), int(block_items.min())) < 0 or max(int(block_users.max()), int(block_items.max())) > limit:
+        if min(int(block_users.min()), int(block_items.min())) < 0:
             return None
         users.append(block_users)
         items.append(block_items)
@@ -176,17 +252,18 @@ def _stream_integer_columns(path: Path, stream: pa.NativeFile, delimiter: str, h
             weights.append(pc.cast(text, pa.float64()).to_numpy().astype(np.float32))
     # pyarrow's allocator keeps the freed parse buffers of every block (tens of MiB) for reuse:
     # hand them back before the key columns are built, the load's largest step
-    pa.default_memory_pool().release_unused()
+    return_free_memory()
     if not users.size:
         return None
-    user_column = integer_key_column(users.result())
+    # the codes overwrite the keys in the reserved buffers (which stay the codes' storage)
+    user_column = integer_key_column(users.result(), overwrite=True)
     del users
-    item_column = integer_key_column(items.result())
+    item_column = integer_key_column(items.result(), overwrite=True)
     del items
-    for column in (user_column, item_column):  # digits per distinct key times its count: a pass over keys, not rows
-        expected += int(np.dot(_digit_counts(column.keys), np.bincount(column.codes, minlength=len(column.keys))))
+    expected += _digits_written(user_column) + _digits_written(item_column)
     if path.stat().st_size not in (expected, expected - 1):  # the last newline is optional
         return None
+    return_free_memory()  # the key columns' temporaries, before the caller's CSR build (the load's peak)
     return Columns(user_column, item_column, _concatenate(weights) if weights else None)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from cdimf.common.core.sparse import canonical_csr, pairs_to_csr
+from cdimf.common.core.sparse import canonical_csr, pairs_to_csr, pattern_csr
 from cdimf.domain_node import arrow_reader
 
 FLOAT = np.float32
@@ -88,7 +88,11 @@ def _canonical_integers(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct integers (sort and drop repeats: faster than np.unique's hashing on millions of ids)."""
+    """Sorted distinct int64 integers as a new array (sort and drop repeats: faster than np.unique's hashing)."""
+    if len(values) and bool(np.all(values[1:] > values[:-1])):
+        # already a vocabulary (the readers' keys are sorted and distinct): no sort, and no copy
+        # of an array nobody can write to (its own data, frozen)
+        return values if values.dtype == np.int64 and arrow_reader.is_frozen(values) else np.array(values, dtype=np.int64)
     values = np.sort(values)
     return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
 
@@ -118,7 +122,7 @@ class IdMap:
         """Map the unique keys to 0..n-1 in sorted order (numeric order when all keys are integers)."""
         keys = np.asarray(keys)
         if keys.dtype.kind in "iu" and (keys.size == 0 or int(keys.min()) >= 0):
-            return cls._of_numbers(_sorted_unique(keys.astype(np.int64)))
+            return cls._of_numbers(_sorted_unique(keys.astype(np.int64, copy=False)))
         lexical_keys = np.unique(_as_str(keys))
         canonical, values = _canonical_integers(lexical_keys)
         if lexical_keys.size and bool(canonical.all()):
@@ -320,7 +324,8 @@ def _check_keys(raw: RawInteractions, role: str, paper: bool) -> None:
 
 def _check_weights(raw: RawInteractions) -> None:
     """DataError at the first row whose weight is not a finite number > 0."""
-    bad = ~(np.isfinite(raw.weights) & (raw.weights > 0))
+    weights = raw.weights[:1] if len(raw) and raw.weights.strides[0] == 0 else raw.weights  # one value on every row
+    bad = ~(np.isfinite(weights) & (weights > 0))
     if bad.any():
         row = int(np.argmax(bad))
         raise DataError(raw.path, f"weight {_shown(str(raw.weights[row]))} must be a finite number > 0", raw.line_of(row))
@@ -329,14 +334,21 @@ def _check_weights(raw: RawInteractions) -> None:
 def _merge_duplicates(raw: RawInteractions, policy: str) -> RawInteractions:
     """Reject repeated (user, item) pairs, or sum their weights keeping the first line."""
     n = len(raw)
-    # cheap existence test: the CSR of the codes sums repeated pairs into one entry
-    probe = sp.csr_matrix((raw.weights, (raw.user_codes, raw.item_codes)), shape=(len(raw.user_keys), len(raw.item_keys)),
-                          dtype=FLOAT)
-    if probe.nnz == n:
-        probe.sort_indices()
+    shape = (len(raw.user_keys), len(raw.item_keys))
+    probe: sp.csr_matrix | None
+    if n and raw.weights.strides[0] == 0:
+        # one weight on every row (a file without weights): a sort of pair keys, no weights to carry
+        probe = pattern_csr(raw.user_codes, raw.item_codes, shape, float(raw.weights[0]))
+    else:
+        # cheap existence test: the CSR of the codes sums repeated pairs into one entry
+        probe = sp.csr_matrix((raw.weights, (raw.user_codes, raw.item_codes)), shape=shape, dtype=FLOAT)
+        if probe.nnz == n:
+            probe.sort_indices()
+        else:
+            probe = None
+    if probe is not None:
         return RawInteractions(raw.path, raw.user_keys, raw.user_codes, raw.item_keys, raw.item_codes, raw.weights,
                                raw.first_line, raw.row_lines, probe)
-    del probe
     pair_codes = raw.user_codes.astype(np.int64) * len(raw.item_keys) + raw.item_codes
     order = np.argsort(pair_codes, kind="stable")
     repeated = pair_codes[order][1:] == pair_codes[order][:-1]
@@ -505,14 +517,23 @@ def _read_exact(path: Path, fmt: str) -> RawInteractions:
     return RawInteractions(path, user_keys, user_codes, item_keys, item_codes, weights, first_data + 1)
 
 
+def _is_vocabulary(ids: IdMap, keys: np.ndarray) -> bool:
+    """Whether an integer IdMap holds exactly these integer keys in this order (it was made from them: the common case)."""
+    numbers = ids._numbers
+    return numbers is not None and keys.dtype.kind in "iu" and len(numbers) == len(keys) and bool(np.array_equal(numbers, keys))
+
+
 def _index_of_keys(raw: RawInteractions, role: str, ids: IdMap, hint: str) -> np.ndarray:
     """Each `role` key's index in an IdMap (one per vocabulary entry), or DataError at the line of the first unknown key."""
     keys, codes = (raw.user_keys, raw.user_codes) if role == "user" else (raw.item_keys, raw.item_codes)
+    index_type = np.int32 if len(ids) < np.iinfo(np.int32).max else np.int64
+    if _is_vocabulary(ids, keys):  # no search
+        return np.arange(len(keys), dtype=index_type)
     of_key = ids.index_of(keys, missing=-1)
     row = _first_row(of_key < 0, codes)
     if row is not None:
         raise DataError(raw.path, f"{role} {_shown(raw.key(role, row))} {hint}", raw.line_of(row))
-    return of_key.astype(np.int32 if len(ids) < np.iinfo(np.int32).max else np.int64)
+    return of_key.astype(index_type)
 
 
 def indices_or_error(raw: RawInteractions, role: str, ids: IdMap, hint: str) -> np.ndarray:
@@ -522,17 +543,23 @@ def indices_or_error(raw: RawInteractions, role: str, ids: IdMap, hint: str) -> 
 
 def to_csr(raw: RawInteractions, users: IdMap, items: IdMap) -> sp.csr_matrix:
     """Users x items float32 CSR of raw interactions; DataError at the line of an unknown key."""
+    matrix = raw.code_matrix
+    if matrix is not None and _is_vocabulary(users, raw.user_keys) and _is_vocabulary(items, raw.item_keys):
+        # the maps are the vocabularies themselves: the code matrix is the answer, with no new array
+        return sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), shape=matrix.shape)
     row_of_code = _index_of_keys(raw, "user", users, "is not in the user id map")
     col_of_code = _index_of_keys(raw, "item", items, "is not in the item id map")
-    matrix = raw.code_matrix
     if matrix is not None and bool(np.all(np.diff(row_of_code) > 0)) and bool(np.all(np.diff(col_of_code) > 0)):
         # both maps keep the vocabularies' order (sorted keys): the code matrix only needs its rows
         # spread out and its columns renamed, with no sort
-        counts = np.zeros(len(users), dtype=np.int64)
-        counts[row_of_code] = np.diff(matrix.indptr)
         index_type = np.int32 if max(matrix.nnz, len(items)) < np.iinfo(np.int32).max else np.int64
-        indptr = np.zeros(len(users) + 1, dtype=index_type)
-        np.cumsum(counts, out=indptr[1:])
+        if len(row_of_code) == len(users) and matrix.indptr.dtype == index_type:
+            indptr = matrix.indptr  # every user has rows here: the rows stay where they are
+        else:
+            counts = np.zeros(len(users), dtype=np.int64)
+            counts[row_of_code] = np.diff(matrix.indptr)
+            indptr = np.zeros(len(users) + 1, dtype=index_type)
+            np.cumsum(counts, out=indptr[1:])
         identity = len(col_of_code) == len(items)
         indices = matrix.indices if identity else col_of_code[matrix.indices]
         return sp.csr_matrix((matrix.data, indices.astype(index_type, copy=False), indptr), shape=(len(users), len(items)))
